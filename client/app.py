@@ -1,0 +1,116 @@
+"""Flower ClientApp: one hospital's node.
+
+Thin on purpose: unpack the message, call ``common``, pack the reply. What
+leaves the site is exactly:
+
+* train reply: the model weights (``arrays``), ``num-examples`` (training
+  cases), ``train-loss`` and ``train-seconds`` (``metrics``), the site's public
+  name (``site``);
+* evaluate reply: ``num-examples`` (test cases) and the mean ``dice``, ``iou``,
+  ``hd95``, ``sensitivity``, ``specificity`` (``metrics``), the site's name.
+
+A failure replies with a scrubbed error (kind of failure, case index) instead
+of the exception text, which could hold a path or a patient value.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
+
+from common.config import RunSettings, SiteSettings, fedseg_home, simulation_sites
+from common.data.site import load_site
+from common.data.synthetic import ensure_site
+from common.errors import scrub
+from common.metrics import METRICS
+from common.model import build_model, pick_device
+from common.training import evaluate, train
+
+log = logging.getLogger(__name__)
+
+TRAIN_METRICS = ("num-examples", "train-loss", "train-seconds")
+EVAL_METRICS = ("num-examples", *METRICS)
+
+app = ClientApp()
+
+
+def _setup(msg: Message, context: Context) -> tuple[RunSettings, SiteSettings, Path,
+                                                     torch.nn.Module, torch.device]:
+    settings = RunSettings.from_run_config(context.run_config)
+    site = SiteSettings.from_node_config(context.node_config, simulation_sites())
+    if site.threads:
+        torch.set_num_threads(site.threads)
+    data_dir = site.data_dir or ensure_site(
+        fedseg_home() / "synthetic",
+        site.partition_id,
+        settings.synthetic_train_cases,
+        settings.synthetic_test_cases,
+        settings.seed,
+    )
+    model = build_model(settings.model)
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    return settings, site, data_dir, model, pick_device(site.device)
+
+
+def _failed(msg: Message, context: Context, exc: Exception, what: str) -> Message:
+    log.error("%s failed at this site: %s", what, exc, exc_info=exc)  # local log only
+    return Message(
+        Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{what}: {scrub(exc)}"),
+        reply_to=msg,
+    )
+
+
+@app.train()
+def train_handler(msg: Message, context: Context) -> Message:
+    """Train the global model on this site's training cases."""
+    try:
+        settings, site, data_dir, model, device = _setup(msg, context)
+        server_round = int(msg.content["config"].get("server-round", 0))
+        cases = load_site(data_dir, "training")
+        seed = settings.seed * 1_000_003 + server_round * 1_009 + site.partition_id
+        result = train(model, cases, settings, device, seed=seed)
+    except Exception as exc:  # noqa: BLE001 - every failure leaves scrubbed
+        return _failed(msg, context, exc, "train")
+    metrics = MetricRecord(
+        {
+            "num-examples": result.num_cases,
+            "train-loss": result.mean_loss,
+            "train-seconds": result.seconds,
+        }
+    )
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(model.state_dict()),
+            "metrics": metrics,
+            "site": ConfigRecord({"name": site.name}),
+        }
+    )
+    return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate_handler(msg: Message, context: Context) -> Message:
+    """Score the global model on this site's test cases; reply with means only."""
+    try:
+        settings, site, data_dir, model, device = _setup(msg, context)
+        cases = load_site(data_dir, "test")
+        summary = evaluate(model, cases, settings, device).summary
+    except Exception as exc:  # noqa: BLE001
+        return _failed(msg, context, exc, "evaluate")
+    metrics = MetricRecord({k: float(summary[k]) for k in METRICS})
+    metrics["num-examples"] = int(summary["num-examples"])
+    content = RecordDict({"metrics": metrics, "site": ConfigRecord({"name": site.name})})
+    return Message(content, reply_to=msg)

@@ -1,0 +1,157 @@
+"""A hospital's data folder: which cases it holds, and loading them.
+
+Two layouts (see docs/data.md):
+
+* ``dataset.json`` in the MONAI / Medical Segmentation Decathlon form, with
+  ``training`` and ``test`` lists of ``{"image": ..., "label": ...}`` and paths
+  relative to the folder;
+* without it, ``imagesTr/`` + ``labelsTr/`` (and ``imagesTs/`` + ``labelsTs/``),
+  paired by file name (suffixes and an nnU-Net ``_0000`` channel tag ignored).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from common.data.readers import check_pair, read_image, read_label
+from common.errors import DataError, EmptyDatasetError, MissingLabelError
+
+log = logging.getLogger(__name__)
+
+SPLITS = {"training": ("imagesTr", "labelsTr"), "test": ("imagesTs", "labelsTs")}
+_SUFFIXES = (".nii.gz", ".nii", ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm")
+
+
+@dataclass(frozen=True)
+class CaseRef:
+    """Where one case's image and label are. ``case_id`` stays at the site."""
+
+    case_id: str
+    image: Path
+    label: Path | None
+
+
+@dataclass
+class Case:
+    """One loaded case: ``image`` C x spatial float32, ``label`` 1 x spatial uint8."""
+
+    case_id: str
+    image: np.ndarray
+    label: np.ndarray
+    spacing: tuple[float, ...]
+
+    @property
+    def spatial_dims(self) -> int:
+        return self.image.ndim - 1
+
+
+def case_key(name: str) -> str:
+    """File or folder name without its suffix and nnU-Net channel tag."""
+    lower = name.lower()
+    for suffix in _SUFFIXES:
+        if lower.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    if len(name) > 5 and name[-5] == "_" and name[-4:].isdigit():
+        name = name[:-5]
+    return name
+
+
+def list_cases(site_dir: Path, split: str) -> list[CaseRef]:
+    """The cases of ``split`` (``training`` or ``test``) in a site folder."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
+    site_dir = Path(site_dir)
+    if not site_dir.is_dir():
+        raise EmptyDatasetError(f"site folder {site_dir} does not exist or is not a folder")
+    datalist = site_dir / "dataset.json"
+    if datalist.is_file():
+        refs = _from_datalist(site_dir, datalist, split)
+    elif (site_dir / SPLITS[split][0]).is_dir():
+        refs = _from_folders(site_dir, *SPLITS[split])
+    else:
+        raise EmptyDatasetError(
+            f"site folder {site_dir} has no dataset.json and no {SPLITS[split][0]}/ folder; "
+            f"see docs/data.md for the layout"
+        )
+    if not refs:
+        raise EmptyDatasetError(f"site folder {site_dir} holds no {split} case")
+    return refs
+
+
+def _from_datalist(site_dir: Path, datalist: Path, split: str) -> list[CaseRef]:
+    try:
+        spec = json.loads(datalist.read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot read {datalist}: {exc}") from None
+    entries = spec.get(split, []) if isinstance(spec, dict) else None
+    if not isinstance(entries, list):
+        raise DataError(f"{datalist}: '{split}' must be a list of {{image, label}} entries")
+    refs = []
+    for i, entry in enumerate(entries):
+        if isinstance(entry, str):  # Decathlon test lists hold bare image paths
+            entry = {"image": entry}
+        image = entry.get("image") if isinstance(entry, dict) else None
+        if isinstance(image, list):
+            image = image[0] if len(image) == 1 else image
+        if not isinstance(image, str):
+            raise DataError(
+                f"{datalist}: {split} entry {i} needs one 'image' path (multi-channel "
+                f"inputs are not supported yet)",
+                case_index=i,
+            )
+        label = entry.get("label")
+        refs.append(
+            CaseRef(
+                case_id=case_key(Path(image).name),
+                image=(site_dir / image).resolve(),
+                label=(site_dir / label).resolve() if isinstance(label, str) else None,
+            )
+        )
+    return refs
+
+
+def _from_folders(site_dir: Path, images: str, labels: str) -> list[CaseRef]:
+    label_dir = site_dir / labels
+    label_files = (
+        {case_key(p.name): p for p in label_dir.iterdir() if not p.name.startswith(".")}
+        if label_dir.is_dir()
+        else {}
+    )
+    refs = []
+    for image in sorted((site_dir / images).iterdir()):
+        if image.name.startswith("."):
+            continue
+        key = case_key(image.name)
+        refs.append(CaseRef(case_id=key, image=image, label=label_files.get(key)))
+    return refs
+
+
+def load_case(ref: CaseRef, index: int) -> Case:
+    """Read and check one case; errors name the case (locally) and its index."""
+    try:
+        if ref.label is None:
+            raise MissingLabelError("no label file for this image")
+        image, meta = read_image(ref.image)
+        label = read_label(ref.label, meta)
+        check_pair(image, label)
+        if not np.isfinite(image).all():
+            raise DataError("image holds NaN or infinite values")
+    except DataError as exc:
+        exc.case, exc.case_index = ref.case_id, index
+        exc.args = (f"case {ref.case_id!r}: {exc.problem}",)
+        raise
+    return Case(ref.case_id, image, label, meta.spacing)
+
+
+def load_site(site_dir: Path, split: str) -> list[Case]:
+    """Load every case of a split; the first bad case stops the load with its error."""
+    refs = list_cases(site_dir, split)
+    cases = [load_case(ref, i) for i, ref in enumerate(refs)]
+    log.info("loaded %d %s cases from %s", len(cases), split, site_dir)
+    return cases

@@ -1,0 +1,93 @@
+"""From loaded cases to network inputs, with MONAI's transforms.
+
+Every image is normalised on its own (z-score per channel, over the whole case)
+so scanners with different intensity scales meet the network on one scale.
+A 2D network sees 3D cases as their axial slices; a 3D network sees volumes.
+Training draws random patches, half of them centred on foreground to offset
+the class imbalance of small structures; inference runs a sliding window at
+full resolution.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from monai.transforms import (
+    Compose,
+    NormalizeIntensity,
+    RandCropByPosNegLabeld,
+    RandFlipd,
+    RandRotate90d,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    SpatialPadd,
+)
+
+from common.data.site import Case
+
+LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+CHANNEL = {"red": 0, "green": 1, "blue": 2}
+
+
+def select_channels(image: np.ndarray, mode: str) -> np.ndarray:
+    """``C x spatial`` to the channels the model takes (``grey``: 1, ``rgb``: 3,
+    ``red``/``green``/``blue``: that one channel of a colour image)."""
+    c = image.shape[0]
+    if mode == "rgb":
+        return image if c == 3 else np.repeat(image[:1], 3, axis=0)
+    if c == 1:
+        return image
+    if mode == "grey":
+        return np.tensordot(LUMA, image[:3], axes=1)[None].astype(np.float32)
+    return image[CHANNEL[mode] : CHANNEL[mode] + 1]
+
+
+def normalise(image: np.ndarray) -> np.ndarray:
+    """Z-score per channel over the whole case."""
+    return np.asarray(NormalizeIntensity(channel_wise=True)(image), dtype=np.float32)
+
+
+def prepare(case: Case, channels: str) -> tuple[np.ndarray, np.ndarray]:
+    """A case's model-ready ``(image, label)``: channels selected, normalised."""
+    return normalise(select_channels(case.image, channels)), case.label
+
+
+def training_items(
+    cases: list[Case], spatial_dims: int, channels: str
+) -> list[dict[str, np.ndarray]]:
+    """``{"image", "label"}`` items: whole 2D images, or 2D slices of 3D cases
+    for a 2D network, or whole volumes for a 3D network."""
+    items = []
+    for case in cases:
+        image, label = prepare(case, channels)
+        if case.spatial_dims == spatial_dims:
+            items.append({"image": image, "label": label})
+        elif case.spatial_dims == 3 and spatial_dims == 2:
+            items.extend(
+                {"image": image[..., k], "label": label[..., k]} for k in range(image.shape[-1])
+            )
+        else:
+            raise ValueError(
+                f"a {spatial_dims}D model cannot train on {case.spatial_dims}D case "
+                f"{case.case_id!r}"
+            )
+    return items
+
+
+def training_transform(patch_size: int, spatial_dims: int, samples: int) -> Compose:
+    """Pad to the patch, draw ``samples`` patches (half on foreground), augment."""
+    patch = (patch_size,) * spatial_dims
+    keys = ("image", "label")
+    return Compose(
+        [
+            SpatialPadd(keys, spatial_size=patch),
+            RandCropByPosNegLabeld(
+                keys, label_key="label", spatial_size=patch, pos=1, neg=1,
+                num_samples=samples, allow_smaller=True,
+            ),
+            RandFlipd(keys, prob=0.5, spatial_axis=0),
+            RandFlipd(keys, prob=0.5, spatial_axis=1),
+            RandRotate90d(keys, prob=0.5, spatial_axes=(0, 1)),
+            RandScaleIntensityd("image", factors=0.1, prob=0.5),
+            RandShiftIntensityd("image", offsets=0.1, prob=0.5),
+        ]
+    )

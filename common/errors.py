@@ -1,0 +1,112 @@
+"""One exception hierarchy for fedseg.
+
+Every error raised at a site has two faces:
+
+* ``str(err)``: the full message for the site's own log. It may name the case
+  folder, the file and what the library said, because it stays in the hospital.
+* ``err.scrubbed()``: what may leave the site (Flower forwards a client's
+  exception text to the server). It says what kind of failure happened and, for
+  data errors, which case by its position in the site's list, never a path, a
+  file name or a value read from the data.
+"""
+
+from __future__ import annotations
+
+
+class FedsegError(Exception):
+    """Base class of every error fedseg raises on purpose."""
+
+    kind = "error"
+
+    def scrubbed(self) -> str:
+        """Text that may cross the network: the kind of failure, nothing else."""
+        return f"fedseg {self.kind}"
+
+
+class ConfigError(FedsegError, ValueError):
+    """A setting is missing or out of range. Settings are not patient data."""
+
+    kind = "configuration error"
+
+    def scrubbed(self) -> str:
+        return f"fedseg {self.kind}: {self}"
+
+
+class DataError(FedsegError):
+    """A site's data cannot be used.
+
+    Parameters
+    ----------
+    problem:
+        What is wrong, in words a hospital engineer can act on.
+    case:
+        The case's identifier (its file or folder name), for the local log only.
+    case_index:
+        The case's position in the site's list; the only locator that may leave
+        the site.
+    """
+
+    kind = "data error"
+
+    def __init__(self, problem: str, *, case: str | None = None, case_index: int | None = None):
+        self.problem = problem
+        self.case = case
+        self.case_index = case_index
+        where = f"case {case!r}: " if case is not None else ""
+        super().__init__(f"{where}{problem}")
+
+    def scrubbed(self) -> str:
+        where = f" in case #{self.case_index}" if self.case_index is not None else ""
+        return f"fedseg {self.kind}{where} ({self.category})"
+
+    @property
+    def category(self) -> str:
+        return "invalid data"
+
+
+class UnreadableFileError(DataError):
+    """A file exists but no reader can decode it."""
+
+    @property
+    def category(self) -> str:
+        return "unreadable file"
+
+
+class ShapeMismatchError(DataError):
+    """An image and its label do not cover the same grid."""
+
+    @property
+    def category(self) -> str:
+        return "image and label shapes differ"
+
+
+class MissingLabelError(DataError):
+    """An image has no label file."""
+
+    @property
+    def category(self) -> str:
+        return "missing label"
+
+
+class EmptyDatasetError(DataError):
+    """A site folder holds no usable case for the requested split."""
+
+    @property
+    def category(self) -> str:
+        return "empty dataset"
+
+
+class UnsupportedFormatError(DataError):
+    """A file's format is not one fedseg reads."""
+
+    @property
+    def category(self) -> str:
+        return "unsupported format"
+
+
+def scrub(exc: BaseException) -> str:
+    """What may leave a site for any exception: fedseg's own scrubbed text, or
+    only the exception's type for anything else (its text may hold a path)."""
+    if isinstance(exc, FedsegError):
+        return exc.scrubbed()
+    return f"internal error ({type(exc).__name__})"

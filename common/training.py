@@ -1,0 +1,137 @@
+"""Local training and evaluation of the shared U-Net at one site.
+
+Plain functions over a model and loaded cases: no Flower here. CUDA when the
+site has it (with mixed precision), else the CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from monai.data import DataLoader, Dataset
+from monai.inferers import sliding_window_inference
+from monai.losses import DiceCELoss
+from monai.utils import set_determinism
+
+from common.config import RunSettings
+from common.data.site import Case
+from common.data.transforms import prepare, training_items, training_transform
+from common.errors import EmptyDatasetError
+from common.metrics import case_metrics, summarize
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    num_cases: int  # FedAvg's weight: cases, not batches or patches
+    mean_loss: float
+    steps: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    per_case: list[dict[str, float]]
+    seconds: float
+
+    @property
+    def summary(self) -> dict[str, float]:
+        return summarize(self.per_case)
+
+
+def _autocast(device: torch.device):
+    return torch.autocast(device_type=device.type, dtype=torch.float16,
+                          enabled=device.type == "cuda")
+
+
+def train(
+    model: torch.nn.Module,
+    cases: list[Case],
+    settings: RunSettings,
+    device: torch.device,
+    seed: int = 0,
+) -> TrainResult:
+    """Train ``model`` in place for ``settings.local_epochs`` passes over ``cases``."""
+    if not cases:
+        raise EmptyDatasetError("no training case to train on")
+    start = time.perf_counter()
+    set_determinism(seed=seed)
+    dims = settings.model.spatial_dims
+    items = training_items(cases, dims, settings.input_channels)
+    loader = DataLoader(
+        Dataset(items, transform=training_transform(settings.patch_size, dims,
+                                                    settings.patches_per_image)),
+        batch_size=max(1, settings.batch_size // settings.patches_per_image),
+        shuffle=True,
+        num_workers=0,
+    )
+    model.to(device).train()
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
+    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
+    losses = []
+    with warnings.catch_warnings():
+        # RandCropByPosNegLabel warns on slices without foreground; it falls back
+        # to background patches, which is what we want there.
+        warnings.simplefilter("ignore")
+        for _epoch in range(settings.local_epochs):
+            for batch in loader:
+                image = batch["image"].to(device)
+                label = batch["label"].to(device)
+                optimizer.zero_grad(set_to_none=True)
+                with _autocast(device):
+                    loss = loss_fn(model(image), label)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                losses.append(float(loss.detach()))
+    seconds = time.perf_counter() - start
+    log.info("trained %d steps on %d cases in %.1f s", len(losses), len(cases), seconds)
+    return TrainResult(len(cases), float(np.mean(losses)), len(losses), seconds)
+
+
+@torch.no_grad()
+def predict(
+    model: torch.nn.Module, image: np.ndarray, settings: RunSettings, device: torch.device
+) -> np.ndarray:
+    """Label map ``1 x spatial`` (uint8) of a prepared image ``C x spatial``,
+    by sliding-window inference at full resolution (slice by slice for a 2D
+    model on a volume)."""
+    model.to(device).eval()
+    dims = settings.model.spatial_dims
+    roi = (settings.patch_size,) * dims
+
+    def infer(x: np.ndarray) -> np.ndarray:
+        inputs = torch.as_tensor(x, device=device)[None]
+        with _autocast(device):
+            logits = sliding_window_inference(
+                inputs, roi, sw_batch_size=8, predictor=model, overlap=0.25, mode="gaussian"
+            )
+        return logits.argmax(dim=1).to(torch.uint8).cpu().numpy()  # 1 x spatial
+
+    if image.ndim - 1 == dims:
+        return infer(image)
+    if image.ndim - 1 == 3 and dims == 2:
+        return np.stack([infer(image[..., k]) for k in range(image.shape[-1])], axis=-1)
+    raise ValueError(f"a {dims}D model cannot segment a {image.ndim - 1}D image")
+
+
+def evaluate(
+    model: torch.nn.Module, cases: list[Case], settings: RunSettings, device: torch.device
+) -> EvalResult:
+    """Score ``model`` on ``cases``; per-case metrics (they stay at the site)."""
+    if not cases:
+        raise EmptyDatasetError("no test case to evaluate on")
+    start = time.perf_counter()
+    per_case = []
+    for case in cases:
+        image, label = prepare(case, settings.input_channels)
+        pred = predict(model, image, settings, device)
+        per_case.append(case_metrics(pred, label, case.spacing))
+    return EvalResult(per_case, time.perf_counter() - start)

@@ -1,0 +1,1 @@
+"""The coordinator side: a Flower ServerApp, the run folder and the ``fedseg`` CLI."""

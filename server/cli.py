@@ -1,0 +1,232 @@
+"""The ``fedseg`` command line: thin commands over ``server`` and ``common``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from common.config import RunSettings, fedseg_home
+from common.errors import FedsegError
+from common.metrics import METRICS
+
+console = Console(highlight=False)
+
+DEMO_SITES = 3
+DEMO_ROUNDS = 5
+
+
+def _round_line(row: dict[str, Any]) -> None:
+    def fmt(v: float | None) -> str:
+        return "  n/a" if v is None else f"{v:.3f}"
+
+    sites = "  ".join(f"{s} [bold]{fmt(d)}[/]" for s, d in row["dice"].items())
+    fails = f"  [red]{len(row['failures'])} failure(s)[/]" if row["failures"] else ""
+    console.print(
+        f"round {row['round']:>3}  Dice mean [bold cyan]{fmt(row['dice_mean'])}[/]  "
+        f"{sites}  loss {fmt(row['train_loss'])}  {row['seconds']:.1f} s{fails}"
+    )
+
+
+def _summary_table(summary: dict[str, Any]) -> Table:
+    table = Table(title=f"run {summary['run']}: round {summary['final']['round']}")
+    table.add_column("site")
+    for m in METRICS:
+        table.add_column(m + (" (mm)" if m == "hd95" else ""), justify="right")
+    table.add_column("cases", justify="right")
+    rows = dict(summary["final"]["sites"])
+    for site, vals in rows.items():
+        table.add_row(site, *[_fmt(vals.get(m)) for m in METRICS],
+                      str(vals.get("num-examples", "")))
+    table.add_row("[bold]all (case-weighted)[/]",
+                  *[_fmt(summary["final"]["overall"].get(m)) for m in METRICS], "")
+    return table
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, attr in (("num-rounds", "rounds"), ("local-epochs", "local_epochs"),
+                      ("learning-rate", "lr"), ("patch-size", "patch_size"),
+                      ("input-channels", "channels"), ("seed", "seed"),
+                      ("min-nodes", "min_nodes"), ("fraction-train", "fraction_train")):
+        value = getattr(args, attr, None)
+        if value is not None:
+            out[key] = value
+    for item in args.config or []:
+        key, _, value = item.partition("=")
+        if not _:
+            raise FedsegError(f"--config takes key=value, got {item!r}")
+        out[key.strip()] = _parse_scalar(value.strip())
+    return out
+
+
+def _parse_scalar(text: str) -> Any:
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text.strip("\"'")
+
+
+def _run(sites: list, run_dir: Path, overrides: dict[str, Any], resume: bool,
+         threads: int) -> dict[str, Any]:
+    from server.simulation import simulate
+
+    if resume:
+        state = json.loads((run_dir / "summary.json").read_text()) if (
+            run_dir / "summary.json").exists() else None
+        saved = _saved_config(run_dir)
+        overrides = {**saved, **overrides, "resume": True}
+        done = state["rounds_completed"] if state else "?"
+        console.print(f"resuming [bold]{run_dir}[/] after round {done}")
+    elif (run_dir / "metrics.jsonl").exists():
+        raise FedsegError(f"{run_dir} already holds a run: pass --resume {run_dir} to continue "
+                          f"it, or choose another --out")
+    settings = RunSettings.from_run_config({**overrides, "run-name": run_dir.name})
+    console.print(
+        f"[bold]fedseg[/] {len(sites)} hospitals, {settings.num_rounds} rounds, "
+        f"{settings.local_epochs} local epoch(s), run folder [bold]{run_dir}[/]"
+    )
+    start = time.perf_counter()
+    summary = simulate(sites, run_dir, overrides, on_round=_round_line, threads_per_client=threads)
+    console.print(_summary_table(summary))
+    console.print(
+        f"Dice: first round {_fmt(summary['dice_first_round'])} -> final "
+        f"{_fmt(summary['dice_final'])}   wall time {time.perf_counter() - start:.0f} s   "
+        f"run folder {run_dir}"
+    )
+    return summary
+
+
+def _saved_config(run_dir: Path) -> dict[str, Any]:
+    import torch
+
+    ckpt = run_dir / "checkpoint.pt"
+    if not ckpt.exists():
+        raise FedsegError(f"cannot resume {run_dir}: no checkpoint.pt (no round finished)")
+    return dict(torch.load(ckpt, map_location="cpu", weights_only=True)["config"])
+
+
+def _default_out(prefix: str) -> Path:
+    return Path("runs") / f"{prefix}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from common.data.synthetic import write_federation
+    from server.simulation import Site
+
+    root = fedseg_home() / "demo-data"
+    folders = write_federation(root, args.sites, n_train=6, n_test=3, seed=args.seed or 0)
+    console.print(f"wrote {args.sites} synthetic hospitals (DICOM series, DICOM SEG and NIfTI "
+                  f"labels, different scanners) under {root}")
+    sites = [Site(f.name, f) for f in folders]
+    overrides = _overrides(args)
+    overrides.setdefault("num-rounds", DEMO_ROUNDS)
+    run_dir = Path(args.out) if args.out else _default_out("demo")
+    summary = _run(sites, run_dir, overrides, resume=False, threads=args.threads)
+    return 0 if summary["rounds_completed"] == summary["rounds_planned"] else 1
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from server.simulation import Site
+
+    if args.resume:
+        run_dir = Path(args.resume)
+    else:
+        run_dir = Path(args.out) if args.out else _default_out("sim")
+    folders = [Path(p) for p in args.site_dirs]
+    names = args.names.split(",") if args.names else [f.resolve().name for f in folders]
+    if len(names) != len(folders):
+        raise FedsegError(f"--names gives {len(names)} names for {len(folders)} site folders")
+    for folder in folders:
+        if not folder.is_dir():
+            raise FedsegError(f"site folder {folder} does not exist")
+    overrides = _overrides(args)
+    overrides.setdefault("min-nodes", min(2, len(folders)))
+    summary = _run([Site(n, f) for n, f in zip(names, folders, strict=True)], run_dir,
+                   overrides, resume=bool(args.resume), threads=args.threads)
+    return 0 if summary["rounds_completed"] == summary["rounds_planned"] else 1
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from common.data.synthetic import write_federation
+
+    folders = write_federation(Path(args.out), args.sites, args.train, args.test, args.seed)
+    for f in folders:
+        console.print(str(f))
+    return 0
+
+
+def _common_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rounds", type=int, help="federated rounds (num-rounds)")
+    p.add_argument("--local-epochs", type=int, help="local epochs per round")
+    p.add_argument("--lr", type=float, help="learning rate")
+    p.add_argument("--patch-size", type=int, help="training patch / sliding window, pixels")
+    p.add_argument("--channels", choices=["grey", "rgb", "red", "green", "blue"],
+                   help="input channels taken from colour images")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--min-nodes", type=int, help="fewest nodes a round needs")
+    p.add_argument("--fraction-train", type=float)
+    p.add_argument("--config", action="append", metavar="KEY=VALUE",
+                   help="any other run-config key (repeatable)")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads per simulated hospital")
+    p.add_argument("--out", help="run folder (default runs/<kind>-<time>)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedseg", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="three synthetic hospitals, a few rounds, on this machine")
+    p.add_argument("--sites", type=int, default=DEMO_SITES)
+    _common_run_options(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("simulate", help="one simulated hospital per site folder")
+    p.add_argument("site_dirs", nargs="+", metavar="SITE_DIR")
+    p.add_argument("--names", help="comma-separated site names (default: folder names)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its folder")
+    _common_run_options(p)
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("synth", help="write synthetic hospitals (DICOM) to a folder")
+    p.add_argument("out")
+    p.add_argument("--sites", type=int, default=3)
+    p.add_argument("--train", type=int, default=6)
+    p.add_argument("--test", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_synth)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    try:
+        return int(args.func(args))
+    except FedsegError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        return 2
+    except KeyboardInterrupt:
+        console.print("[yellow]stopped; continue with --resume RUN_DIR[/]")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""The run folder: everything a coordinator reads after (or during) a run.
+
+``runs/<name>/`` holds
+
+* ``metrics.jsonl``: one JSON object per round (``round``, ``dice`` per site,
+  ``dice_mean``, every metric per site under ``sites``, ``train_loss``,
+  ``seconds``, ``bytes_up``, ``bytes_down``, ``failures``);
+* ``checkpoint.pt``: the global model after the last completed round, with its
+  round number and settings (what ``--resume`` continues from);
+* ``final_model.pt``: the global model's state dict when the run ends;
+* ``summary.json``: the final metrics per site and overall, and totals;
+* ``dice.png``: Dice per site over rounds.
+
+No site path or patient value is written here: sites appear by their public name.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord
+
+from common.config import RunSettings
+from common.errors import ConfigError
+from common.metrics import METRICS
+from server.strategy import RoundRecord, mean_of
+
+RUNS_DIR_ENV = "FEDSEG_RUNS_DIR"
+
+
+def runs_root() -> Path:
+    """Where run folders go: ``$FEDSEG_RUNS_DIR``, else ``./runs``."""
+    return Path(os.environ.get(RUNS_DIR_ENV, "runs")).resolve()
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def read_metrics(folder: Path) -> list[dict[str, Any]]:
+    """The rounds recorded so far (complete lines only)."""
+    path = Path(folder) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            break  # a line cut short by a crash: ignore it and what follows
+    return rows
+
+
+class RunFolder:
+    """A run's folder; created fresh, or reopened to resume."""
+
+    def __init__(self, path: Path, settings: RunSettings, last_round: int,
+                 history: list[dict[str, Any]]) -> None:
+        self.path = path
+        self.settings = settings
+        self.last_round = last_round
+        self.history = history
+        self._clock = time.perf_counter()
+
+    @classmethod
+    def open(cls, root: Path, settings: RunSettings) -> RunFolder:
+        name = settings.run_name or datetime.now().strftime("%Y%m%d-%H%M%S")
+        path = Path(root) / name
+        if settings.resume:
+            if not (path / "checkpoint.pt").exists():
+                raise ConfigError(
+                    f"cannot resume run {name!r}: it has no checkpoint.pt (no round finished)"
+                )
+            saved = torch.load(path / "checkpoint.pt", map_location="cpu", weights_only=True)
+            saved_model = RunSettings.from_run_config(saved["config"]).model
+            if saved_model != settings.model:
+                raise ConfigError(
+                    f"cannot resume run {name!r}: its model was {saved_model}, "
+                    f"this run asks for {settings.model}"
+                )
+            last = int(saved["round"])
+            history = [row for row in read_metrics(path) if row["round"] <= last]
+            _atomic_write(path / "metrics.jsonl",
+                          "".join(json.dumps(r) + "\n" for r in history).encode())
+            return cls(path, settings, last, history)
+        if (path / "metrics.jsonl").exists():
+            raise ConfigError(
+                f"run folder {name!r} already holds a run; resume it or choose another name"
+            )
+        path.mkdir(parents=True, exist_ok=True)
+        return cls(path, settings, 0, [])
+
+    def checkpoint_arrays(self) -> ArrayRecord | None:
+        if self.last_round == 0:
+            return None
+        saved = torch.load(self.path / "checkpoint.pt", map_location="cpu", weights_only=True)
+        return ArrayRecord(saved["state_dict"])
+
+    def record_round(self, server_round: int, arrays: ArrayRecord, rec: RoundRecord
+                     ) -> dict[str, Any]:
+        """Save the global model and append the round's line."""
+        now = time.perf_counter()
+        seconds, self._clock = now - self._clock, now
+        state = arrays.to_torch_state_dict()
+        buffer_path = self.path / ".checkpoint.pt.tmp"
+        torch.save({"round": server_round, "state_dict": state,
+                    "config": self.settings.to_run_config()}, buffer_path)
+        os.replace(buffer_path, self.path / "checkpoint.pt")
+        row = {
+            "round": server_round,
+            "dice": {site: m["dice"] for site, m in sorted(rec.evaluate.items())},
+            "dice_mean": mean_of(rec.evaluate, "dice"),
+            "train_loss": mean_of(rec.train, "train-loss"),
+            "train_loss_sites": {s: m["train-loss"] for s, m in sorted(rec.train.items())},
+            "sites": {site: {k: m[k] for k in (*METRICS, "num-examples") if k in m}
+                      for site, m in sorted(rec.evaluate.items())},
+            "seconds": round(seconds, 3),
+            "train_seconds": {s: m.get("train-seconds") for s, m in sorted(rec.train.items())},
+            "bytes_up": rec.bytes_up,
+            "bytes_down": rec.bytes_down,
+            "failures": rec.failures,
+        }
+        row = _json_safe(row)
+        with open(self.path / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        self.history.append(row)
+        self.last_round = server_round
+        self.plot()
+        return row
+
+    def finish(self, final_arrays: ArrayRecord | None) -> dict[str, Any]:
+        """Write ``final_model.pt``, ``summary.json`` and ``dice.png``."""
+        if final_arrays is None:
+            final_arrays = self.checkpoint_arrays()
+        if final_arrays is not None:
+            torch.save(final_arrays.to_torch_state_dict(), self.path / "final_model.pt")
+        summary = self.summary()
+        _atomic_write(self.path / "summary.json", json.dumps(summary, indent=2).encode())
+        self.plot()
+        return summary
+
+    def summary(self) -> dict[str, Any]:
+        last = next((r for r in reversed(self.history) if r["sites"]), None)
+        sites = last["sites"] if last else {}
+        overall = {m: mean_of({s: {k: (v if v is not None else math.nan)
+                                   for k, v in vals.items()} for s, vals in sites.items()}, m)
+                   for m in METRICS}
+        first = self.history[0]["dice_mean"] if self.history else None
+        return _json_safe({
+            "run": self.path.name,
+            "rounds_completed": self.last_round,
+            "rounds_planned": self.settings.num_rounds,
+            "final": {"round": last["round"] if last else None, "sites": sites,
+                      "overall": overall},
+            "dice_first_round": first,
+            "dice_final": overall["dice"],
+            "seconds_total": round(sum(r["seconds"] for r in self.history), 3),
+            "bytes_up_total": sum(r["bytes_up"] for r in self.history),
+            "bytes_down_total": sum(r["bytes_down"] for r in self.history),
+            "config": self.settings.to_run_config(),
+        })
+
+    def plot(self) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+        sites = sorted({s for r in self.history for s in r["dice"]})
+        for site in sites:
+            pts = [(r["round"], r["dice"][site]) for r in self.history
+                   if r["dice"].get(site) is not None]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", label=site)
+        pts = [(r["round"], r["dice_mean"]) for r in self.history if r["dice_mean"] is not None]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), "k--", label="mean (case-weighted)")
+        ax.set(xlabel="round", ylabel="Dice (test cases)", ylim=(0, 1),
+               title=f"fedseg run {self.path.name}")
+        ax.grid(alpha=0.3)
+        if sites:
+            ax.legend(loc="lower right", fontsize="small")
+        fig.tight_layout()
+        tmp = self.path / ".dice.png.tmp.png"
+        fig.savefig(tmp)
+        plt.close(fig)
+        os.replace(tmp, self.path / "dice.png")

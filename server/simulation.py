@@ -1,0 +1,223 @@
+"""Run a simulated federation on this machine through Flower's own runtime.
+
+``simulate`` starts a private SuperLink in simulation mode on free 127.0.0.1
+ports, submits the app with ``flwr run`` (the same ServerApp and ClientApp a
+deployment runs), follows the run folder while it runs and stops the SuperLink
+(and Ray under it) by process group when done, also on error or Ctrl-C.
+
+The site folders reach the simulated nodes through a local file named in the
+``FEDSEG_SIM_SITES`` environment variable of that SuperLink, never through run
+config (which in a deployment would travel to every hospital).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from common.config import SIM_SITES_ENV, fedseg_home
+from common.errors import ConfigError, FedsegError
+from server.runs import RUNS_DIR_ENV, read_metrics
+
+APP_DIR = Path(__file__).resolve().parents[1]
+
+
+class SimulationError(FedsegError):
+    kind = "simulation error"
+
+
+@dataclass(frozen=True)
+class Site:
+    name: str
+    data_dir: Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return json.dumps(str(value))
+
+
+def runtime_env(threads_per_client: int) -> dict[str, str]:
+    """Environment for Flower's processes: everything under FEDSEG_HOME, no
+    telemetry, no run-time dependency installation, bounded CPU threads."""
+    home = fedseg_home()
+    env = dict(os.environ)
+    env.update(
+        FEDSEG_HOME=str(home),
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        OMP_NUM_THREADS=str(threads_per_client),
+        FEDSEG_THREADS=str(threads_per_client),
+        MPLCONFIGDIR=str(home / "matplotlib"),
+        RAY_USAGE_STATS_ENABLED="0",
+        RAY_DEDUP_LOGS="0",
+        PYTHONUNBUFFERED="1",
+    )
+    ray_tmp = home / "ray"
+    if len(str(ray_tmp)) <= 48:  # Ray's unix sockets must fit in 107 characters
+        env["RAY_TMPDIR"] = str(ray_tmp)
+    bin_dir = str(Path(sys.executable).parent)
+    env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
+    return env
+
+
+def stop_process_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM the process group started for ``proc``, then SIGKILL what is left."""
+    if proc.poll() is None or _group_alive(proc.pid):
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline and _group_alive(proc.pid):
+                time.sleep(0.1)
+                proc.poll()
+            if not _group_alive(proc.pid):
+                break
+    proc.wait(timeout=5)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def simulate(
+    sites: Sequence[Site],
+    run_dir: Path,
+    run_config: Mapping[str, Any],
+    *,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+    threads_per_client: int = 1,
+    timeout: float | None = None,
+) -> dict[str, Any]:
+    """Run one simulated federation, one node per site; returns ``summary.json``.
+
+    ``run_dir`` is the run folder (``runs/<name>``); ``run_config`` overrides
+    ``[tool.flwr.app.config]`` (``run-name`` is set from ``run_dir``).
+    """
+    if not sites:
+        raise ConfigError("a simulation needs at least one site folder")
+    names = [s.name for s in sites]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"site names must be unique, got {names}")
+    home = fedseg_home()
+    run_dir = Path(run_dir).resolve()
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    port, control, fleet = free_port(), free_port(), free_port()
+    work = home / "sim" / f"{run_dir.name}-{port}"
+    work.mkdir(parents=True, exist_ok=True)
+    manifest = work / "sites.json"
+    manifest.write_text(json.dumps(
+        [{"name": s.name, "data_dir": str(Path(s.data_dir).resolve())} for s in sites]))
+
+    env = runtime_env(threads_per_client)
+    env[SIM_SITES_ENV] = str(manifest)
+    env[RUNS_DIR_ENV] = str(run_dir.parent)
+    env["FLWR_HOME"] = str(work / "flwr")
+    (work / "flwr").mkdir(exist_ok=True)
+    (work / "flwr" / "config.toml").write_text(
+        '[superlink]\ndefault = "fedseg-sim"\n\n'
+        f'[superlink.fedseg-sim]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+    )
+    log_path = work / "flower.log"
+    overrides = {**run_config, "run-name": run_dir.name}
+    federation = {
+        "num-supernodes": len(sites),
+        "client-resources-num-cpus": threads_per_client,
+    }
+    superlink_cmd = [
+        "flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
+        "--host", "127.0.0.1", "--port", str(port),
+        "--control-api-address", f"127.0.0.1:{control}",
+        "--fleet-api-address", f"127.0.0.1:{fleet}",
+        "--disable-runtime-dependency-installation",
+    ]
+    run_cmd = [
+        "flwr", "run", str(APP_DIR), "fedseg-sim", "--stream",
+        "--run-config", " ".join(f"{k}={_toml_value(v)}" for k, v in overrides.items()),
+        "--federation-config", " ".join(f"{k}={v}" for k, v in federation.items()),
+    ]
+    with open(log_path, "ab") as log_file:
+        superlink = subprocess.Popen(
+            superlink_cmd, env=env, cwd=work, stdout=log_file, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        runner = None
+        try:
+            _wait_for_port(port, superlink, log_path)
+            runner = subprocess.Popen(
+                run_cmd, env=env, cwd=work, stdout=log_file, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            _follow(runner, run_dir, on_round, timeout, log_path)
+        finally:
+            if runner is not None:
+                stop_process_group(runner)
+            stop_process_group(superlink)
+    summary_path = run_dir / "summary.json"
+    if runner.returncode != 0 or not summary_path.exists():
+        raise SimulationError(
+            f"the simulation did not finish (flwr run exit code {runner.returncode}); "
+            f"Flower's log: {log_path}"
+        )
+    shutil.rmtree(work / "flwr", ignore_errors=True)
+    return json.loads(summary_path.read_text())
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen, log_path: Path, limit: float = 60) -> None:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SimulationError(f"flower-superlink exited with code {proc.returncode}; "
+                                  f"see {log_path}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise SimulationError(f"flower-superlink did not open port {port} within {limit:.0f} s")
+
+
+def _follow(proc: subprocess.Popen, run_dir: Path,
+            on_round: Callable[[dict[str, Any]], None] | None,
+            timeout: float | None, log_path: Path) -> None:
+    seen = {row["round"] for row in read_metrics(run_dir)}
+    deadline = time.monotonic() + timeout if timeout else None
+    while True:
+        done = proc.poll() is not None
+        for row in read_metrics(run_dir):
+            if row["round"] not in seen:
+                seen.add(row["round"])
+                if on_round:
+                    on_round(row)
+        if done:
+            return
+        if deadline and time.monotonic() > deadline:
+            raise SimulationError(f"the simulation ran past {timeout:.0f} s; see {log_path}")
+        time.sleep(0.5)

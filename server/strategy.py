@@ -78,7 +78,8 @@ class SiteRecorder(Strategy):
                     msg.error.reason)
                 continue
             rec.bytes_up += content_bytes(msg.content)
-            metrics = {k: float(v) for k, v in msg.content["metrics"].items()}
+            metrics = {k: int(v) if k == "num-examples" else float(v)
+                       for k, v in msg.content["metrics"].items()}
             (rec.train if phase == "train" else rec.evaluate)[name] = metrics
         return replies
 

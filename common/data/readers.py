@@ -316,20 +316,27 @@ def _read_seg(path: Path, image_meta: ImageMeta) -> np.ndarray:
             warnings.simplefilter("ignore")
             seg = hd.seg.Segmentation.from_dataset(ds, copy=False)
             if image_meta.source_uids:
+                referenced = {uid for _, _, uid in seg.get_source_image_uids()}
+                if not referenced & set(image_meta.source_uids):
+                    raise UnsupportedFormatError(
+                        f"DICOM SEG {path.name} does not reference any slice of its image "
+                        f"series: it belongs to another series"
+                    )
                 pixels = seg.get_pixels_by_source_instance(
                     source_sop_instance_uids=image_meta.source_uids,
-                    combine_segments=True,
-                    relabel=True,
+                    combine_segments=False,
                     ignore_spatial_locations=True,
                     assert_missing_frames_are_empty=True,
-                )  # slices x rows x cols, in the image's slice order
+                )  # slices x rows x cols x segments, in the image's slice order
             else:
-                pixels = seg.get_volume(combine_segments=True, relabel=True).array
+                pixels = seg.get_volume(combine_segments=False).array
+            pixels = np.asarray(pixels).any(axis=-1)  # all segments: one foreground
+    except DataError:
+        raise
     except Exception as exc:
         raise UnreadableFileError(
             f"cannot read DICOM SEG {path.name} against its image: {exc}"
         ) from None
-    pixels = np.asarray(pixels) > 0
     if image_meta.transform is not None and pixels.ndim == 3:
         volume = np.transpose(pixels, (2, 1, 0))
         if len(image_meta.source_uids) > 1:

@@ -1,0 +1,107 @@
+"""Real Flower simulations (SuperLink in simulation mode, Ray, the real apps)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from common.data.synthetic import write_federation
+from server.runs import read_metrics
+from server.simulation import APP_DIR, Site, runtime_env, simulate
+from tests.federation.conftest import processes_matching, stop_pids
+
+pytestmark = pytest.mark.federation
+
+SMALL = {"local-epochs": 2, "synthetic-train-cases": 3, "synthetic-test-cases": 2, "seed": 0}
+
+
+@pytest.fixture(scope="module")
+def two_sites(tmp_path_factory) -> list[Site]:
+    folders = write_federation(tmp_path_factory.mktemp("fed"), 2, n_train=4, n_test=2, seed=1)
+    return [Site(f"site-{i}", f) for i, f in enumerate(folders)]
+
+
+def test_federation_trains_and_resumes(two_sites, tmp_path, no_leftover_processes):
+    run_dir = tmp_path / "runs" / "fed"
+    seen = []
+    summary = simulate(two_sites, run_dir, {**SMALL, "num-rounds": 2},
+                       on_round=seen.append, timeout=400)
+    assert [r["round"] for r in seen] == [1, 2]
+    for row in seen:  # every site reported every round, with every metric
+        assert set(row["dice"]) == {"site-0", "site-1"}
+        for site in ("site-0", "site-1"):
+            assert set(row["sites"][site]) >= {"dice", "iou", "hd95", "sensitivity",
+                                               "specificity", "num-examples"}
+            assert row["sites"][site]["num-examples"] == 2
+        assert row["failures"] == []
+        assert row["bytes_up"] > 2 * 6_000_000 and row["bytes_down"] > row["bytes_up"]
+    for name in ("metrics.jsonl", "summary.json", "final_model.pt", "dice.png"):
+        assert (run_dir / name).exists(), name
+    assert summary["rounds_completed"] == 2
+
+    # Continue the stopped run to round 4: rounds 1-2 are kept, 3-4 are new.
+    summary = simulate(two_sites, run_dir, {**SMALL, "num-rounds": 4, "resume": True},
+                       timeout=400)
+    rows = read_metrics(run_dir)
+    assert [r["round"] for r in rows] == [1, 2, 3, 4]
+    assert rows[:2] == seen
+    assert summary["rounds_completed"] == 4
+    assert rows[-1]["dice_mean"] > rows[0]["dice_mean"] + 0.1  # the global model learned
+    final = summary["final"]["sites"]
+    assert set(final) == {"site-0", "site-1"}
+
+
+def test_fedseg_simulate_command(two_sites, tmp_path, no_leftover_processes):
+    out = tmp_path / "cli-run"
+    cmd = [sys.executable, "-m", "server.cli", "simulate",
+           *(str(s.data_dir) for s in two_sites), "--rounds", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=APP_DIR,
+                          env=runtime_env(1))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "round   1" in proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["final"]["sites"]) == {s.data_dir.name for s in two_sites}
+    # a second run into the same folder is refused instead of overwriting it
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=APP_DIR,
+                           env=runtime_env(1))
+    assert again.returncode == 2 and "--resume" in again.stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_flwr_run_against_a_local_simulation_connection(tmp_path, no_leftover_processes):
+    """``flwr run .`` as Flower documents it; nodes without data-dir use synthetic sites."""
+    flwr_home = tmp_path / "flwr-home"
+    flwr_home.mkdir()
+    (flwr_home / "config.toml").write_text(
+        '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n')
+    env = runtime_env(1)
+    http_port, control_port = _free_port(), _free_port()
+    env.update(FLWR_HOME=str(flwr_home), FEDSEG_RUNS_DIR=str(tmp_path / "runs"),
+               FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(http_port),
+               FLWR_LOCAL_CONTROL_API_PORT=str(control_port))
+    env.pop("FEDSEG_SIM_SITES", None)
+    cmd = ["flwr", "run", ".", "local", "--stream",
+           "--run-config", 'num-rounds=1 run-name="flwr-run" synthetic-train-cases=2 '
+                           'synthetic-test-cases=1',
+           "--federation-config", "num-supernodes=2 client-resources-num-cpus=1"]
+    try:
+        proc = subprocess.run(cmd, cwd=APP_DIR, env=env, capture_output=True, text=True,
+                              timeout=400)
+    finally:
+        # The :local: connection leaves a detached SuperLink behind: stop it by PID.
+        stop_pids(list(processes_matching(str(flwr_home))))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = read_metrics(tmp_path / "runs" / "flwr-run")
+    assert len(rows) == 1 and set(rows[0]["dice"]) == {"hospital-0", "hospital-1"}
+    assert os.path.exists(tmp_path / "runs" / "flwr-run" / "summary.json")

@@ -1,0 +1,111 @@
+"""The ClientApp's handlers, called directly with built messages: what leaves a site."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.common.serde import message_to_proto
+from flwr.supercore.task_identity import TaskIdentity
+
+from client.app import EVAL_METRICS, TRAIN_METRICS, evaluate_handler, train_handler
+from common.config import RunSettings
+from common.data.site import list_cases
+from common.model import build_model
+
+RUN_CONFIG = {"local-epochs": 1, "seed": 0}
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
+
+
+def context(data_dir: Path, name: str = "hospital-a") -> Context:
+    return Context(run_id=1, node_id=7, node_config={"data-dir": str(data_dir), "site-name": name},
+                   state=RecordDict(), run_config=dict(RUN_CONFIG))
+
+
+def message(kind: str, model: torch.nn.Module) -> Message:
+    content = RecordDict({"arrays": ArrayRecord(model.state_dict()),
+                          "config": ConfigRecord({"server-round": 1})})
+    return Message(content=content, dst_node_id=7, message_type=kind)
+
+
+def wire_bytes(reply: Message) -> bytes:
+    return message_to_proto(reply).SerializeToString()
+
+
+def secrets_of(site: Path) -> list[bytes]:
+    """Strings that would identify the site's data if they left it."""
+    cases = list_cases(site, "training") + list_cases(site, "test")
+    values = [str(site), site.name, "SYNTHETIC^", "SYN-"]
+    values += [c.case_id for c in cases] + [c.image.name for c in cases]
+    return [v.encode() for v in values]
+
+
+@pytest.fixture
+def model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model(RunSettings.from_run_config(RUN_CONFIG).model)
+
+
+def test_train_reply_holds_weights_and_named_numbers_only(synthetic_sites, model):
+    site = synthetic_sites[1]
+    reply = train_handler(message(MessageType.TRAIN, model), context(site))
+    assert not reply.has_error()
+    assert set(reply.content.keys()) == {"arrays", "metrics", "site"}
+    assert set(reply.content["metrics"].keys()) == set(TRAIN_METRICS)
+    assert reply.content["metrics"]["num-examples"] == len(list_cases(site, "training"))
+    assert dict(reply.content["site"]) == {"name": "hospital-a"}
+    arrays = reply.content["arrays"].to_torch_state_dict()
+    before = model.state_dict()
+    assert arrays.keys() == before.keys()
+    assert all(arrays[k].shape == before[k].shape for k in before)
+    assert any(not torch.equal(arrays[k], before[k]) for k in before)  # it trained
+    raw = wire_bytes(reply)
+    assert not [s for s in secrets_of(site) if s in raw]
+
+
+def test_evaluate_reply_holds_aggregate_metrics_only(synthetic_sites, model):
+    site = synthetic_sites[0]
+    reply = evaluate_handler(message(MessageType.EVALUATE, model), context(site))
+    assert not reply.has_error()
+    assert set(reply.content.keys()) == {"metrics", "site"}
+    metrics = reply.content["metrics"]
+    assert set(metrics.keys()) == set(EVAL_METRICS)
+    assert metrics["num-examples"] == len(list_cases(site, "test"))
+    assert 0.0 <= metrics["dice"] <= 1.0
+    assert not reply.content.array_records  # no weights, no per-case numbers
+    raw = wire_bytes(reply)
+    assert not [s for s in secrets_of(site) if s in raw]
+
+
+def test_a_failing_site_sends_a_scrubbed_error(tmp_path, model):
+    site = tmp_path / "DOE_JANE_1961"
+    (site / "imagesTr").mkdir(parents=True)
+    (site / "imagesTr" / "DOE_JANE_ct.nii.gz").write_bytes(b"not a nifti")
+    (site / "labelsTr").mkdir()
+    (site / "labelsTr" / "DOE_JANE_ct.nii.gz").write_bytes(b"not a nifti")
+    reply = train_handler(message(MessageType.TRAIN, model), context(site))
+    assert reply.has_error()
+    assert reply.error.reason == "train: fedseg data error in case #0 (unreadable file)"
+    assert b"DOE" not in wire_bytes(reply)
+
+
+def test_the_data_folder_comes_from_node_config_not_run_config(synthetic_sites, model):
+    ctx = context(synthetic_sites[0])
+    ctx.run_config["data-dir"] = "/nonexistent"  # ignored: run config is not per site
+    reply = evaluate_handler(message(MessageType.EVALUATE, model), ctx)
+    assert not reply.has_error()
+
+
+def test_mismatched_model_is_a_scrubbed_error(synthetic_sites):
+    other = build_model(RunSettings.from_run_config({"model-channels": "8,16"}).model)
+    reply = train_handler(message(MessageType.TRAIN, other), context(synthetic_sites[0]))
+    assert reply.has_error()
+    assert reply.error.reason == "train: internal error (RuntimeError)"

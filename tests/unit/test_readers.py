@@ -1,0 +1,188 @@
+"""Readers on real files from ../shared/data (pydicom's and highdicom's test
+files, the retina sites) and on NIfTI written here."""
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+
+from common.data.readers import ImageMeta, read_image, read_label
+from common.errors import DataError, UnreadableFileError, UnsupportedFormatError
+
+TF = "pydicom_testfiles/test_files"
+PD = "pydicom_data/data"
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        f"{TF}/MR_small_RLE.dcm",  # RLE lossless
+        f"{TF}/MR_small_jp2klossless.dcm",  # JPEG 2000 lossless
+        f"{TF}/MR_small_jpeg_ls_lossless.dcm",  # JPEG-LS lossless
+        f"{TF}/MR_small_bigendian.dcm",  # explicit VR big endian
+        f"{TF}/MR_small_implicit.dcm",  # implicit VR little endian
+        f"{TF}/MR_small_expb.dcm",
+    ],
+)
+def test_lossless_transfer_syntaxes_decode_to_the_same_pixels(dicom_dir, name):
+    reference, _ = read_image(dicom_dir / f"{TF}/MR_small.dcm")
+    image, meta = read_image(dicom_dir / name)
+    assert image.shape == reference.shape == (1, 64, 64)
+    np.testing.assert_array_equal(image, reference)
+    assert meta.spacing == pytest.approx((0.3125, 0.3125))
+
+
+def test_ct_slice_gets_hounsfield_units(dicom_dir):
+    path = dicom_dir / f"{TF}/CT_small.dcm"
+    image, _ = read_image(path)
+    ds = pydicom.dcmread(path)
+    raw = ds.pixel_array.astype(np.float32)
+    expected = raw * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    np.testing.assert_allclose(image[0], expected)
+
+
+def test_rgb_dicom_is_channels_first(dicom_dir):
+    image, _ = read_image(dicom_dir / f"{TF}/SC_rgb_jpeg_dcmtk.dcm")
+    assert image.shape[0] == 3 and image.ndim == 3
+
+
+def test_multiframe_dicom_is_a_volume(dicom_dir):
+    image, meta = read_image(dicom_dir / f"{PD}/emri_small.dcm")
+    ds = pydicom.dcmread(dicom_dir / f"{PD}/emri_small.dcm")
+    assert image.shape == (1, ds.Rows, ds.Columns, int(ds.NumberOfFrames))
+    assert len(meta.spacing) == 3
+
+
+def test_file_without_preamble_is_still_parsed_as_dicom(dicom_dir):
+    # An RT dose file written without preamble or meta header: read as DICOM
+    # (not refused as "not DICOM"), then refused for having no pixel data.
+    with pytest.raises(UnreadableFileError, match="holds no pixel data"):
+        read_image(dicom_dir / f"{TF}/ExplVR_LitEndNoMeta.dcm")
+
+
+def test_dicom_series_folder_and_its_seg_line_up(dicom_dir):
+    series = dicom_dir / f"{TF}/dicomdirtests/77654033/CT2"  # 4 slices, no file suffix
+    image, meta = read_image(series)
+    assert image.shape == (1, 16, 16, 4)
+    assert len(meta.source_uids) == 4
+    label = read_label(dicom_dir / "highdicom_seg/test_files/seg_image_ct_binary.dcm", meta)
+    assert label.shape == image.shape
+    assert set(np.unique(label)) == {0, 1}
+    # The SEG covers three of the four slices; the slice it omits is empty.
+    per_slice = label[0].sum(axis=(0, 1))
+    assert (per_slice > 0).sum() == 3
+
+
+def test_overlapping_segments_merge_to_one_foreground(dicom_dir):
+    import highdicom as hd
+
+    series = dicom_dir / f"{TF}/dicomdirtests/77654033/CT2"
+    _, meta = read_image(series)
+    path = dicom_dir / "highdicom_seg/test_files/seg_image_ct_binary_overlap.dcm"
+    label = read_label(path, meta)
+    seg = hd.seg.segread(path)
+    per_segment = [
+        seg.get_pixels_by_source_instance(meta.source_uids, segment_numbers=[n],
+                                          ignore_spatial_locations=True,
+                                          assert_missing_frames_are_empty=True).sum()
+        for n in seg.segment_numbers
+    ]
+    assert len(per_segment) == 2
+    # the union is at least each segment and less than their sum (they overlap)
+    assert max(per_segment) <= label.sum() < sum(per_segment)
+
+
+@pytest.mark.parametrize(
+    ("name", "error"),
+    [
+        (f"{TF}/MR_truncated.dcm", UnreadableFileError),  # truncated pixel data
+        (f"{TF}/JPEG-lossy.dcm", UnreadableFileError),  # 12-bit lossy JPEG: no decoder
+        (f"{PD}/emri_small_jpeg_2k_lossless_too_short.dcm", UnreadableFileError),
+        (f"{TF}/rtplan.dcm", UnreadableFileError),  # no pixel data
+        (f"{PD}/liver.dcm", UnsupportedFormatError),  # a SEG given as image
+        (f"{TF}/README.txt", UnsupportedFormatError),  # not DICOM at all
+    ],
+)
+def test_broken_or_wrong_files_get_a_clear_error(dicom_dir, name, error):
+    path = dicom_dir / name
+    with pytest.raises(error) as info:
+        read_image(path)
+    assert path.name in str(info.value)
+    assert "Traceback" not in str(info.value)
+
+
+def test_rtstruct_label_says_to_export_seg(dicom_dir):
+    with pytest.raises(UnsupportedFormatError, match="RTSTRUCT"):
+        read_label(dicom_dir / "rtutils_ct_rtstruct/mock_data/rt.dcm", ImageMeta("dicom", (1, 1)))
+
+
+def test_missing_file_is_a_data_error(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        read_image(tmp_path / "nothing.png")
+
+
+def test_chase_png_label_and_jpeg_image(retina_dir):
+    site = retina_dir / "chase_db1"
+    image, _ = read_image(site / "Image_01L.jpg")
+    label = read_label(site / "Image_01L_1stHO.png", ImageMeta("pil", (1, 1)))
+    assert image.shape == (3, 960, 999)
+    assert label.shape == (1, 960, 999)
+    assert set(np.unique(label)) == {0, 1}
+    assert 0.03 < label.mean() < 0.15  # vessels are a small fraction of the image
+
+
+def test_stare_jpeg_label_noise_is_binarised_at_half_max(retina_dir):
+    site = retina_dir / "stare"
+    path = next((site / "labels-ah-jpg").iterdir())
+    raw = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(path).convert("L"))
+    assert len(np.unique(raw)) > 2  # JPEG ringing: many grey values
+    label = read_label(path, ImageMeta("pil", (1, 1)))
+    np.testing.assert_array_equal(label[0], (raw > raw.max() / 2).astype(np.uint8))
+
+
+def test_nifti_image_and_label_are_reoriented_together(tmp_path):
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(6, 5, 4)).astype(np.float32)
+    mask = (image > 1).astype(np.uint8)
+    affine = np.diag([-2.0, 1.0, 3.0, 1.0])  # x runs right to left: LAS
+    nib.save(nib.Nifti1Image(image, affine), str(tmp_path / "img.nii.gz"))
+    nib.save(nib.Nifti1Image(mask, affine), str(tmp_path / "lbl.nii.gz"))
+    read, meta = read_image(tmp_path / "img.nii.gz")
+    label = read_label(tmp_path / "lbl.nii.gz", meta)
+    np.testing.assert_allclose(read[0], image[::-1])  # flipped to RAS
+    np.testing.assert_array_equal(label[0], mask[::-1])
+    assert meta.spacing == (2.0, 1.0, 3.0)
+
+
+def test_png_label_with_255_foreground(tmp_path):
+    from PIL import Image
+
+    arr = np.zeros((8, 8), np.uint8)
+    arr[2:4, 2:5] = 255
+    Image.fromarray(arr).save(tmp_path / "m.png")
+    label = read_label(tmp_path / "m.png", ImageMeta("pil", (1, 1)))
+    assert label.sum() == 6 and label.max() == 1
+
+
+def test_unreadable_png_names_the_file(tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with pytest.raises(UnreadableFileError, match="broken.png"):
+        read_image(bad)
+
+
+def test_seg_of_another_series_is_refused(dicom_dir):
+    series = dicom_dir / f"{TF}/dicomdirtests/77654033/CT2"
+    _, meta = read_image(series)
+    with pytest.raises(UnsupportedFormatError, match="another series"):
+        read_label(dicom_dir / f"{PD}/liver.dcm", meta)
+
+
+@pytest.mark.parametrize("name", ["liver_nonbyte_aligned_rle.dcm",
+                                  "liver_nonbyte_aligned_deflate.dcm"])
+def test_seg_that_does_not_decode_fails_clearly(dicom_dir, name):
+    with pytest.raises(DataError) as info:
+        read_label(Path(dicom_dir / f"{PD}/{name}"), ImageMeta("dicom", (1.0, 1.0)))
+    assert name in str(info.value)

@@ -1,0 +1,87 @@
+"""The run folder: rounds, summary, plot, resume."""
+
+import json
+import math
+
+import pytest
+import torch
+from flwr.app import ArrayRecord
+
+from common.config import RunSettings
+from common.errors import ConfigError
+from common.model import build_model
+from server.runs import RunFolder, read_metrics
+from server.strategy import RoundRecord
+
+CFG = {"model-channels": "4,8", "patch-size": 16, "num-rounds": 3, "run-name": "r1"}
+
+
+def round_record(dice_a: float, dice_b: float) -> RoundRecord:
+    metrics = {"iou": 0.5, "hd95": math.nan, "sensitivity": 0.7, "specificity": 0.99}
+    return RoundRecord(
+        train={"a": {"num-examples": 4, "train-loss": 1.0, "train-seconds": 1.0},
+               "b": {"num-examples": 2, "train-loss": 0.4, "train-seconds": 1.0}},
+        evaluate={"a": {"dice": dice_a, "num-examples": 3, **metrics},
+                  "b": {"dice": dice_b, "num-examples": 1, **metrics}},
+        bytes_down=100, bytes_up=50,
+    )
+
+
+def arrays(seed: int) -> ArrayRecord:
+    torch.manual_seed(seed)
+    return ArrayRecord(build_model(RunSettings.from_run_config(CFG).model).state_dict())
+
+
+def test_rounds_summary_and_plot(tmp_path):
+    run = RunFolder.open(tmp_path, RunSettings.from_run_config(CFG))
+    run.record_round(1, arrays(1), round_record(0.2, 0.6))
+    row = run.record_round(2, arrays(2), round_record(0.5, 0.9))
+    assert row["dice"] == {"a": 0.5, "b": 0.9}
+    assert row["dice_mean"] == pytest.approx((0.5 * 3 + 0.9) / 4)
+    assert row["train_loss"] == pytest.approx((1.0 * 4 + 0.4 * 2) / 6)
+    assert row["sites"]["a"]["hd95"] is None  # undefined, written as null
+    summary = run.finish(None)
+    folder = tmp_path / "r1"
+    for name in ("metrics.jsonl", "summary.json", "final_model.pt", "dice.png", "checkpoint.pt"):
+        assert (folder / name).exists(), name
+    assert json.loads((folder / "summary.json").read_text()) == summary
+    assert summary["rounds_completed"] == 2
+    assert set(summary["final"]["overall"]) == {"dice", "iou", "hd95", "sensitivity",
+                                                "specificity"}
+    assert summary["dice_first_round"] < summary["dice_final"]
+    final = torch.load(folder / "final_model.pt", weights_only=True)
+    assert all(torch.equal(final[k], v) for k, v in arrays(2).to_torch_state_dict().items())
+
+
+def test_resume_continues_after_the_last_saved_round(tmp_path):
+    settings = RunSettings.from_run_config(CFG)
+    run = RunFolder.open(tmp_path, settings)
+    run.record_round(1, arrays(1), round_record(0.2, 0.6))
+    run.record_round(2, arrays(2), round_record(0.3, 0.7))
+    with open(tmp_path / "r1" / "metrics.jsonl", "a") as fh:
+        fh.write('{"round": 3, "dice": {"a"')  # a line cut short by a crash
+    resumed = RunFolder.open(tmp_path, RunSettings.from_run_config({**CFG, "resume": True}))
+    assert resumed.last_round == 2
+    assert [r["round"] for r in read_metrics(tmp_path / "r1")] == [1, 2]
+    restored = resumed.checkpoint_arrays().to_torch_state_dict()
+    assert all(torch.equal(restored[k], v) for k, v in arrays(2).to_torch_state_dict().items())
+
+
+def test_a_finished_folder_is_not_overwritten(tmp_path):
+    run = RunFolder.open(tmp_path, RunSettings.from_run_config(CFG))
+    run.record_round(1, arrays(1), round_record(0.2, 0.6))
+    with pytest.raises(ConfigError, match="already holds a run"):
+        RunFolder.open(tmp_path, RunSettings.from_run_config(CFG))
+
+
+def test_resume_refuses_another_model(tmp_path):
+    run = RunFolder.open(tmp_path, RunSettings.from_run_config(CFG))
+    run.record_round(1, arrays(1), round_record(0.2, 0.6))
+    with pytest.raises(ConfigError, match="its model was"):
+        RunFolder.open(tmp_path, RunSettings.from_run_config(
+            {**CFG, "resume": True, "model-channels": "4,8,16"}))
+
+
+def test_resume_without_checkpoint(tmp_path):
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        RunFolder.open(tmp_path, RunSettings.from_run_config({**CFG, "resume": True}))

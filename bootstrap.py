@@ -67,7 +67,7 @@ def setup() -> None:
 
 
 def main(argv: list[str]) -> int:
-    if sys.version_info < (3, 11):
+    if sys.version_info < (3, 11):  # noqa: UP036 - this file runs before any venv
         print("bootstrap: fedseg needs Python 3.11 or newer", file=sys.stderr)
         return 2
     command, rest = (argv[0], argv[1:]) if argv else ("demo", [])

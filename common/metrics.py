@@ -19,10 +19,10 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 import torch
 from monai.metrics import (
+    compute_confusion_matrix_metric,
     compute_dice,
     compute_hausdorff_distance,
     compute_iou,
-    compute_confusion_matrix_metric,
     get_confusion_matrix,
 )
 from monai.networks.utils import one_hot
@@ -37,7 +37,8 @@ def case_metrics(
 ) -> dict[str, float]:
     """Metrics of one case.
 
-    ``pred`` and ``label``: binary masks ``1 x spatial`` of the same shape. ``spacing``: voxel size per spatial axis, for HD95 in mm.
+    ``pred`` and ``label``: binary masks ``1 x spatial`` of the same shape.
+    ``spacing``: voxel size per spatial axis, for HD95 in mm.
     """
     pred, label = np.asarray(pred), np.asarray(label)
     if pred.shape != label.shape or pred.shape[0] != 1:

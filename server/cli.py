@@ -21,18 +21,20 @@ from common.metrics import METRICS
 console = Console(highlight=False)
 
 DEMO_SITES = 3
-DEMO_ROUNDS = 5
+DEMO_ROUNDS = 6
+DEMO_LOCAL_EPOCHS = 2
 
 
 def _round_line(row: dict[str, Any]) -> None:
     def fmt(v: float | None) -> str:
         return "  n/a" if v is None else f"{v:.3f}"
 
-    sites = "  ".join(f"{s} [bold]{fmt(d)}[/]" for s, d in row["dice"].items())
+    sites = " ".join(f"{s} {fmt(d)}" for s, d in row["dice"].items())
     fails = f"  [red]{len(row['failures'])} failure(s)[/]" if row["failures"] else ""
     console.print(
-        f"round {row['round']:>3}  Dice mean [bold cyan]{fmt(row['dice_mean'])}[/]  "
-        f"{sites}  loss {fmt(row['train_loss'])}  {row['seconds']:.1f} s{fails}"
+        f"round {row['round']:>3}  Dice [bold cyan]{fmt(row['dice_mean'])}[/]  ({sites})  "
+        f"loss {fmt(row['train_loss'])}  {row['seconds']:.1f} s{fails}",
+        soft_wrap=True,
     )
 
 
@@ -40,13 +42,13 @@ def _summary_table(summary: dict[str, Any]) -> Table:
     table = Table(title=f"run {summary['run']}: round {summary['final']['round']}")
     table.add_column("site")
     for m in METRICS:
-        table.add_column(m + (" (mm)" if m == "hd95" else ""), justify="right")
+        table.add_column(m, justify="right")
     table.add_column("cases", justify="right")
     rows = dict(summary["final"]["sites"])
     for site, vals in rows.items():
         table.add_row(site, *[_fmt(vals.get(m)) for m in METRICS],
                       str(vals.get("num-examples", "")))
-    table.add_row("[bold]all (case-weighted)[/]",
+    table.add_row("[bold]all sites[/]",
                   *[_fmt(summary["final"]["overall"].get(m)) for m in METRICS], "")
     return table
 
@@ -108,7 +110,8 @@ def _run(sites: list, run_dir: Path, overrides: dict[str, Any], resume: bool,
     console.print(
         f"Dice: first round {_fmt(summary['dice_first_round'])} -> final "
         f"{_fmt(summary['dice_final'])}   wall time {time.perf_counter() - start:.0f} s   "
-        f"run folder {run_dir}"
+        f"run folder {run_dir}",
+        soft_wrap=True,
     )
     return summary
 
@@ -137,6 +140,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     sites = [Site(f.name, f) for f in folders]
     overrides = _overrides(args)
     overrides.setdefault("num-rounds", DEMO_ROUNDS)
+    overrides.setdefault("local-epochs", DEMO_LOCAL_EPOCHS)
     run_dir = Path(args.out) if args.out else _default_out("demo")
     summary = _run(sites, run_dir, overrides, resume=False, threads=args.threads)
     return 0 if summary["rounds_completed"] == summary["rounds_planned"] else 1

@@ -195,6 +195,9 @@ class RunFolder:
         pts = [(r["round"], r["dice_mean"]) for r in self.history if r["dice_mean"] is not None]
         if pts:
             ax.plot(*zip(*pts, strict=True), "k--", label="mean (case-weighted)")
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set(xlabel="round", ylabel="Dice (test cases)", ylim=(0, 1),
                title=f"fedseg run {self.path.name}")
         ax.grid(alpha=0.3)

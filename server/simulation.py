@@ -148,10 +148,16 @@ def simulate(
     )
     log_path = work / "flower.log"
     overrides = {**run_config, "run-name": run_dir.name}
-    federation = {
+    federation: dict[str, Any] = {
         "num-supernodes": len(sites),
         "client-resources-num-cpus": threads_per_client,
     }
+    gpus = _gpu_count()
+    if gpus:
+        # Ray hides GPUs from actors that reserve none: share the GPUs between the
+        # simulated hospitals so each trains on CUDA.
+        federation["client-resources-num-gpus"] = round(min(1.0, gpus / len(sites)), 3)
+        federation["init-args-num-gpus"] = gpus
     superlink_cmd = [
         "flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
         "--host", "127.0.0.1", "--port", str(port),
@@ -189,6 +195,12 @@ def simulate(
         )
     shutil.rmtree(work / "flwr", ignore_errors=True)
     return json.loads(summary_path.read_text())
+
+
+def _gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def _wait_for_port(port: int, proc: subprocess.Popen, log_path: Path, limit: float = 60) -> None:

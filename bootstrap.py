@@ -40,6 +40,8 @@ def environment() -> dict[str, str]:
         FLWR_DISABLE_UPDATE_CHECK="1",
         FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
         RAY_USAGE_STATS_ENABLED="0",
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",  # keep Ray's services on 127.0.0.1
+        TORCHINDUCTOR_CACHE_DIR=str(HOME / "torchinductor"),
         PIP_CACHE_DIR=str(HOME / "pip-cache"),
         XDG_CACHE_HOME=str(HOME / "cache"),
         MPLCONFIGDIR=str(HOME / "matplotlib"),

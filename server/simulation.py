@@ -70,6 +70,10 @@ def runtime_env(threads_per_client: int) -> dict[str, str]:
         FEDSEG_THREADS=str(threads_per_client),
         MPLCONFIGDIR=str(home / "matplotlib"),
         RAY_USAGE_STATS_ENABLED="0",
+        # Ray on Linux picks the machine's outward address for its own services;
+        # this keeps a single-machine simulation on 127.0.0.1.
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+        TORCHINDUCTOR_CACHE_DIR=str(home / "torchinductor"),
         RAY_DEDUP_LOGS="0",
         PYTHONUNBUFFERED="1",
     )

@@ -13,7 +13,10 @@ SHARED = Path(os.environ.get("FEDSEG_SHARED_DATA", ROOT.parent / "shared" / "dat
 # Keep everything the tests write inside the project (Flower's home, Ray, caches).
 os.environ.setdefault("FEDSEG_HOME", str(ROOT / ".fedseg"))
 os.environ.setdefault("MPLCONFIGDIR", str(Path(os.environ["FEDSEG_HOME"]) / "matplotlib"))
+os.environ.setdefault("FLWR_HOME", str(Path(os.environ["FEDSEG_HOME"]) / "flwr"))
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
+                      str(Path(os.environ["FEDSEG_HOME"]) / "torchinductor"))
 
 
 def _shared(sub: str) -> Path:

@@ -134,7 +134,7 @@ def simulate(
     home = fedseg_home()
     run_dir = Path(run_dir).resolve()
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    port, control, fleet = free_port(), free_port(), free_port()
+    port = free_port()
     work = home / "sim" / f"{run_dir.name}-{port}"
     work.mkdir(parents=True, exist_ok=True)
     manifest = work / "sites.json"
@@ -164,9 +164,7 @@ def simulate(
         federation["init-args-num-gpus"] = gpus
     superlink_cmd = [
         "flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
-        "--host", "127.0.0.1", "--port", str(port),
-        "--control-api-address", f"127.0.0.1:{control}",
-        "--fleet-api-address", f"127.0.0.1:{fleet}",
+        "--host", "127.0.0.1", "--port", str(port),  # one port: Fleet, Control, Runtime
         "--disable-runtime-dependency-installation",
     ]
     run_cmd = [

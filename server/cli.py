@@ -21,6 +21,7 @@ from common.metrics import METRICS
 console = Console(highlight=False)
 
 DEMO_SITES = 3
+DEFAULT_PORT = 9093
 DEMO_ROUNDS = 6
 DEMO_LOCAL_EPOCHS = 2
 
@@ -176,7 +177,120 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def _common_run_options(p: argparse.ArgumentParser) -> None:
+# ------------------------------------------------------------------ deployment
+
+
+def _warn_insecure(what: str) -> None:
+    console.print(f"[bold yellow]warning:[/] {what} runs WITHOUT TLS"
+                  + (" and without node authentication" if what == "the SuperLink" else "")
+                  + ": anyone on the network can read and inject traffic. Use only for a "
+                    "test on one machine.")
+
+
+def cmd_provision(args: argparse.Namespace) -> int:
+    from server.provision import provision
+
+    hosts = list(dict.fromkeys([*args.host, "localhost", "127.0.0.1"]))
+    result = provision(Path(args.out), hosts, args.hospital, force=args.force, days=args.days)
+    for path, audience in result.written:
+        console.print(f"wrote {path}  [dim]->[/] {audience}", soft_wrap=True)
+    for path in result.kept:
+        console.print(f"kept existing {path} (pass --force to replace)")
+    console.print("Private keys (*.key) are mode 0600: move each only to its owner, over a "
+                  "channel you trust. SuperLink certificate names: " + ", ".join(hosts))
+    return 0
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from server.provision import hospital_keypair
+
+    result = hospital_keypair(Path(args.out), args.name, force=args.force)
+    for path, _ in result.written:
+        console.print(str(path))
+    if result.kept:
+        console.print(f"kept existing {result.kept[0]} (pass --force to rotate it)")
+        return 1
+    console.print(f"Send {args.name}.pub to the coordinator; {args.name}.key stays here.")
+    return 0
+
+
+def cmd_superlink(args: argparse.Namespace) -> int:
+    import os
+
+    from server.deployment import State, superlink_command, superlink_env, write_connection
+
+    state = State(Path(args.state).resolve()).ensure()
+    certs = Path(args.certs).resolve() if args.certs else None
+    cmd = superlink_command(state, certs=certs, host=args.host, port=args.port,
+                            insecure=args.insecure)
+    if args.insecure:
+        _warn_insecure("the SuperLink")
+    local = "127.0.0.1" if args.host in ("0.0.0.0", "::", "127.0.0.1") else args.host
+    address = args.cli_address or f"{local}:{args.port}"
+    write_connection(state, address, certs / "ca.crt" if certs else None, args.insecure)
+    console.print(f"SuperLink on {args.host}:{args.port} (hospitals connect here; nothing else "
+                  f"needs to be open), state in {state.root}, run folders in {state.runs}")
+    env = superlink_env(state)
+    os.execvpe(cmd[0], cmd, env)  # the SuperLink takes over this process (systemd-friendly)
+    return 0  # pragma: no cover
+
+
+def cmd_hospital(args: argparse.Namespace) -> int:
+    from server import deployment
+
+    state = deployment.State(Path(args.state).resolve())
+    if args.action == "register":
+        entry = deployment.register(state, Path(args.public_key), args.name)
+        console.print(f"registered {args.name}: node {entry['node_id']}, key "
+                      f"{entry['fingerprint']}")
+    elif args.action == "list":
+        table = Table(title="hospitals")
+        for col in ("name", "node id", "key", "status", "registered"):
+            table.add_column(col, overflow="fold")
+        for row in deployment.hospitals(state):
+            table.add_row(row["name"], row["node_id"], row["fingerprint"], row["status"],
+                          row["registered"])
+        console.print(table)
+    else:
+        entry = deployment.remove(state, args.name_or_key)
+        console.print(f"removed {entry['name']} (node {entry['node_id']}): its key is no "
+                      f"longer accepted")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from server import deployment
+
+    state = deployment.State(Path(args.state).resolve())
+    overrides = _overrides(args)
+    if args.resume:
+        overrides = {**_saved_config(state.runs / args.name), **overrides, "resume": True}
+    name = args.name or datetime.now().strftime("run-%Y%m%d-%H%M%S")
+    console.print(f"[bold]fedseg[/] run {name} on the SuperLink of {state.root}")
+    start = time.perf_counter()
+    summary = deployment.launch(state, name, overrides, on_round=_round_line)
+    console.print(_summary_table(summary))
+    console.print(f"wall time {time.perf_counter() - start:.0f} s   run folder "
+                  f"{state.runs / name}", soft_wrap=True)
+    return 0 if summary["rounds_completed"] == summary["rounds_planned"] else 1
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    from client.node import NodeSettings, preflight, run_node
+    from server.deployment import base_env
+
+    settings = NodeSettings(
+        superlink=args.superlink, data_dir=Path(args.data_dir), name=args.name,
+        key=Path(args.key) if args.key else None, ca=Path(args.ca) if args.ca else None,
+        insecure=args.insecure, threads=args.threads or 0, device=args.device, port=args.port,
+        max_wait=args.max_wait)
+    if args.insecure:
+        _warn_insecure("this node")
+    preflight(settings)
+    return run_node(settings, base_env())
+
+
+def _common_run_options(p: argparse.ArgumentParser, local: bool = True) -> None:
     p.add_argument("--rounds", type=int, help="federated rounds (num-rounds)")
     p.add_argument("--local-epochs", type=int, help="local epochs per round")
     p.add_argument("--lr", type=float, help="learning rate")
@@ -188,8 +302,10 @@ def _common_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fraction-train", type=float)
     p.add_argument("--config", action="append", metavar="KEY=VALUE",
                    help="any other run-config key (repeatable)")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads per simulated hospital")
-    p.add_argument("--out", help="run folder (default runs/<kind>-<time>)")
+    if local:
+        p.add_argument("--threads", type=int, default=1,
+                       help="CPU threads per simulated hospital")
+        p.add_argument("--out", help="run folder (default runs/<kind>-<time>)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -216,6 +332,64 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("provision", help="coordinator: CA, SuperLink certificate, hospital keys")
+    p.add_argument("out", help="folder to write (ca/, superlink/, hospitals/<name>/)")
+    p.add_argument("--host", action="append", default=[], required=True,
+                   help="a name or IP hospitals reach the SuperLink by (repeatable)")
+    p.add_argument("--hospital", action="append", default=[], metavar="NAME",
+                   help="make a key pair for this hospital (repeatable)")
+    p.add_argument("--days", type=int, default=825, help="certificate validity")
+    p.add_argument("--force", action="store_true", help="replace existing keys and certificates")
+    p.set_defaults(func=cmd_provision)
+
+    p = sub.add_parser("keygen", help="hospital: make this hospital's own key pair")
+    p.add_argument("out")
+    p.add_argument("--name", required=True)
+    p.add_argument("--force", action="store_true", help="replace an existing key (rotation)")
+    p.set_defaults(func=cmd_keygen)
+
+    p = sub.add_parser("superlink", help="coordinator: run the SuperLink (TLS, node auth)")
+    p.add_argument("--certs", help="the superlink/ folder from fedseg provision")
+    p.add_argument("--state", default="federation", help="state folder (default ./federation)")
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT)
+    p.add_argument("--cli-address", help="host:port this machine's flwr CLI uses "
+                   "(default 127.0.0.1:PORT)")
+    p.add_argument("--insecure", action="store_true", help="no TLS, no node authentication")
+    p.set_defaults(func=cmd_superlink)
+
+    p = sub.add_parser("hospital", help="coordinator: register, list, remove hospitals' keys")
+    hsub = p.add_subparsers(dest="action", required=True)
+    h = hsub.add_parser("register")
+    h.add_argument("public_key")
+    h.add_argument("--name", required=True)
+    h = hsub.add_parser("list")
+    h = hsub.add_parser("remove")
+    h.add_argument("name_or_key", help="the hospital's name or its .pub file")
+    for h in hsub.choices.values():
+        h.add_argument("--state", default="federation")
+    p.set_defaults(func=cmd_hospital)
+
+    p = sub.add_parser("run", help="coordinator: launch a run on the SuperLink and follow it")
+    p.add_argument("--state", default="federation")
+    p.add_argument("--name", help="run folder name (default run-<time>)")
+    p.add_argument("--resume", action="store_true", help="continue run --name")
+    _common_run_options(p, local=False)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("node", help="hospital: run this hospital's SuperNode")
+    p.add_argument("--superlink", required=True, help="host:port of the SuperLink")
+    p.add_argument("--data-dir", required=True, help="this hospital's site folder")
+    p.add_argument("--name", required=True, help="this hospital's public name")
+    p.add_argument("--key", help="this hospital's private key (OpenSSH ECDSA)")
+    p.add_argument("--ca", help="the federation's CA certificate")
+    p.add_argument("--threads", type=int, help="CPU threads for training (default: all)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda:N")
+    p.add_argument("--port", type=int, default=9094, help="local Runtime API port")
+    p.add_argument("--max-wait", type=float, help="give up connecting after this many seconds")
+    p.add_argument("--insecure", action="store_true", help="no TLS (test only)")
+    p.set_defaults(func=cmd_node)
     return parser
 
 

@@ -1,0 +1,255 @@
+"""The coordinator's side of a deployment on Flower's Deployment Engine.
+
+Thin wrappers over Flower's own binaries: ``flower-superlink`` for the server,
+``flwr supernode register|list|unregister`` for hospitals' keys and ``flwr run``
+for a run. fedseg adds what a coordinator needs around them: one state folder,
+secure defaults, a record of which key belongs to which hospital, and a run
+that is followed to its run folder.
+
+State folder layout (``--state``, default ``./federation``)::
+
+    superlink.db        Flower's SuperLink state (registered nodes, runs)
+    flwr/config.toml    the connection the flwr CLI uses to reach the SuperLink
+    hospitals.json      hospital name -> node id, key fingerprint, registration time
+    runs/<name>/        run folders written by the ServerApp
+    logs/               the SuperLink's log
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from common.errors import ConfigError, FedsegError
+from server.runs import RUNS_DIR_ENV, read_metrics
+
+APP_DIR = Path(__file__).resolve().parents[1]
+CONNECTION = "fedseg"
+DEFAULT_PORT = 9093
+
+
+class DeploymentError(FedsegError):
+    kind = "deployment error"
+
+
+@dataclass(frozen=True)
+class State:
+    """The coordinator's state folder."""
+
+    root: Path
+
+    @property
+    def flwr_home(self) -> Path:
+        return self.root / "flwr"
+
+    @property
+    def database(self) -> Path:
+        return self.root / "superlink.db"
+
+    @property
+    def runs(self) -> Path:
+        return self.root / "runs"
+
+    @property
+    def registry(self) -> Path:
+        return self.root / "hospitals.json"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    def ensure(self) -> State:
+        for path in (self.root, self.flwr_home, self.runs, self.logs):
+            path.mkdir(parents=True, exist_ok=True)
+        return self
+
+
+def base_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Environment for Flower's processes: no telemetry, no run-time installs,
+    this Python's scripts first on PATH (SuperNodes spawn ``flower-superexec``)."""
+    env = dict(os.environ)
+    env.update(
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        PYTHONUNBUFFERED="1",
+    )
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env.update(extra or {})
+    return env
+
+
+def superlink_command(state: State, *, certs: Path | None, host: str, port: int,
+                      insecure: bool) -> list[str]:
+    """``flower-superlink`` with TLS, node authentication, a persistent state
+    database and no run-time dependency installation."""
+    cmd = ["flower-superlink", "--host", host, "--port", str(port),
+           "--database", str(state.database), "--disable-runtime-dependency-installation",
+           "--log-file", str(state.logs / "superlink.log")]
+    if insecure:
+        return [*cmd, "--insecure"]
+    if certs is None:
+        raise ConfigError("the SuperLink needs --certs (the folder `fedseg provision` wrote "
+                          "as superlink/), or --insecure for a test on one machine")
+    files = {name: Path(certs) / name for name in ("ca.crt", "server.pem", "server.key")}
+    missing = [str(p) for p in files.values() if not p.is_file()]
+    if missing:
+        raise ConfigError(f"missing certificate files: {', '.join(missing)}")
+    return [*cmd, "--ssl-ca-certfile", str(files["ca.crt"]),
+            "--ssl-certfile", str(files["server.pem"]),
+            "--ssl-keyfile", str(files["server.key"]), "--enable-supernode-auth"]
+
+
+def write_connection(state: State, address: str, ca: Path | None, insecure: bool) -> None:
+    """The flwr CLI's connection to this SuperLink, in the state folder's FLWR_HOME."""
+    lines = ['[superlink]', f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]",
+             f'address = "{address}"']
+    if insecure:
+        lines.append("insecure = true")
+    elif ca is not None:
+        lines.append(f'root-certificates = "{Path(ca).resolve()}"')
+    state.ensure()
+    (state.flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
+
+
+def _flwr(state: State, *args: str, timeout: float = 60) -> dict[str, Any]:
+    """Call the flwr CLI with JSON output; raise with Flower's message on failure."""
+    if not (state.flwr_home / "config.toml").exists():
+        raise ConfigError(f"{state.root} has no SuperLink connection: start the SuperLink "
+                          f"with `fedseg superlink --state {state.root}` first")
+    proc = subprocess.run(["flwr", *args, "--format", "json"], capture_output=True, text=True,
+                          env=base_env({"FLWR_HOME": str(state.flwr_home)}), timeout=timeout)
+    try:
+        out = json.loads(proc.stdout)
+    except ValueError:
+        raise DeploymentError(f"flwr {args[0]} {args[1]} failed: "
+                              f"{(proc.stdout + proc.stderr).strip()[-800:]}") from None
+    if not out.get("success", False):
+        message = out.get("error-message", "unknown error").split("\n")[-1]
+        raise DeploymentError(f"flwr {args[0]} {args[1]}: {message}")
+    return out
+
+
+def key_fingerprint(public_key_file: Path) -> str:
+    """SHA256 fingerprint of an OpenSSH public key, as ``ssh-keygen -l`` prints it."""
+    try:
+        blob = base64.b64decode(Path(public_key_file).read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        raise ConfigError(f"{public_key_file} is not an OpenSSH public key file") from None
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+
+
+def _registry(state: State) -> dict[str, dict[str, Any]]:
+    return json.loads(state.registry.read_text()) if state.registry.exists() else {}
+
+
+def _save_registry(state: State, registry: dict[str, dict[str, Any]]) -> None:
+    tmp = state.registry.with_suffix(".tmp")
+    tmp.write_text(json.dumps(registry, indent=2))
+    os.replace(tmp, state.registry)
+
+
+def register(state: State, public_key: Path, name: str) -> dict[str, Any]:
+    """Register a hospital's public key at the SuperLink under ``name``."""
+    registry = _registry(state)
+    if name in registry:
+        raise ConfigError(f"a hospital named {name!r} is registered already "
+                          f"(node {registry[name]['node_id']}); remove it first to replace "
+                          f"its key")
+    fingerprint = key_fingerprint(public_key)
+    out = _flwr(state, "supernode", "register", str(public_key), CONNECTION, "--name", name)
+    registry[name] = {"node_id": str(out["node-id"]), "fingerprint": fingerprint,
+                      "registered": datetime.now(UTC).isoformat(timespec="seconds")}
+    _save_registry(state, registry)
+    return registry[name]
+
+
+def hospitals(state: State) -> list[dict[str, Any]]:
+    """Registered hospitals with Flower's view of each node (status, last online)."""
+    nodes = {str(n["node-id"]): n for n in _flwr(state, "supernode", "list", CONNECTION)["nodes"]}
+    rows = []
+    for name, entry in sorted(_registry(state).items()):
+        node = nodes.get(entry["node_id"], {})
+        rows.append({"name": name, **entry, "status": node.get("status", "unknown"),
+                     "online_at": node.get("online-at", "N/A")})
+    return rows
+
+
+def remove(state: State, name_or_key: str) -> dict[str, Any]:
+    """Unregister a hospital, named by its name or its public key file."""
+    registry = _registry(state)
+    name = name_or_key
+    if name not in registry and Path(name_or_key).is_file():
+        fingerprint = key_fingerprint(Path(name_or_key))
+        name = next((n for n, e in registry.items() if e["fingerprint"] == fingerprint), "")
+    if name not in registry:
+        raise ConfigError(f"no registered hospital {name_or_key!r}; see `fedseg hospital list`")
+    _flwr(state, "supernode", "unregister", registry[name]["node_id"], CONNECTION)
+    entry = registry.pop(name)
+    _save_registry(state, registry)
+    return {"name": name, **entry}
+
+
+def launch(state: State, run_dir_name: str, overrides: Mapping[str, Any], *,
+           on_round: Callable[[dict[str, Any]], None] | None = None,
+           log_path: Path | None = None, timeout: float | None = None) -> dict[str, Any]:
+    """Submit a run with ``flwr run`` and follow it until its summary is written.
+
+    The ServerApp runs in the SuperLink's process tree and writes
+    ``<state>/runs/<name>/``; this reads the same folder, so launch runs on the
+    coordinator's machine.
+    """
+    from server.simulation import _toml_value
+
+    run_dir = state.runs / run_dir_name
+    if (run_dir / "metrics.jsonl").exists() and not overrides.get("resume"):
+        raise ConfigError(f"{run_dir} already holds a run: resume it or choose another name")
+    config = {**overrides, "run-name": run_dir_name}
+    cmd = ["flwr", "run", str(APP_DIR), CONNECTION, "--stream",
+           "--run-config", " ".join(f"{k}={_toml_value(v)}" for k, v in config.items())]
+    log_path = log_path or state.logs / f"run-{run_dir_name}.log"
+    seen = {r["round"] for r in read_metrics(run_dir)}
+    deadline = time.monotonic() + timeout if timeout else None
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=state.root,
+                                env=base_env({"FLWR_HOME": str(state.flwr_home)}),
+                                start_new_session=True)
+        try:
+            while True:
+                done = proc.poll() is not None
+                for row in read_metrics(run_dir):
+                    if row["round"] not in seen:
+                        seen.add(row["round"])
+                        if on_round:
+                            on_round(row)
+                if done:
+                    break
+                if deadline and time.monotonic() > deadline:
+                    raise DeploymentError(f"the run passed {timeout:.0f} s; see {log_path}")
+                time.sleep(0.5)
+        finally:
+            if proc.poll() is None:
+                from server.simulation import stop_process_group
+
+                stop_process_group(proc)
+    summary = run_dir / "summary.json"
+    if proc.returncode != 0 or not summary.exists():
+        raise DeploymentError(f"the run did not finish (flwr run exit code {proc.returncode});"
+                              f" see {log_path} and {state.logs / 'superlink.log'}")
+    return json.loads(summary.read_text())
+
+
+def superlink_env(state: State) -> dict[str, str]:
+    """The SuperLink's environment: the ServerApp it starts writes run folders
+    into the state folder."""
+    return base_env({RUNS_DIR_ENV: str(state.runs), "FLWR_HOME": str(state.flwr_home)})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from datetime import datetime
@@ -290,6 +291,44 @@ def cmd_node(args: argparse.Namespace) -> int:
     return run_node(settings, base_env())
 
 
+def cmd_bench_deploy(args: argparse.Namespace) -> int:
+    """Wall time per round of a TLS deployment on this machine, split into the
+    hospitals' local training and everything else."""
+    import platform
+    import tempfile
+
+    from common.data.synthetic import write_federation
+    from server.localfed import LocalFederation
+
+    work = Path(tempfile.mkdtemp(prefix="bench-deploy-", dir=fedseg_home()))
+    sites = write_federation(work / "data", args.hospitals, n_train=6, n_test=3)
+    console.print(f"TLS deployment on 127.0.0.1: {args.hospitals} hospitals, "
+                  f"{args.rounds} rounds, {args.threads} thread(s) each; work folder {work}")
+    with LocalFederation(work, sites, threads=args.threads) as fed:
+        summary = fed.run("bench", {"num-rounds": args.rounds, "local-epochs": 1},
+                          on_round=_round_line)
+    from server.runs import read_metrics
+
+    rows = read_metrics(fed.state.runs / "bench")
+    table = Table(title="seconds per round")
+    for col in ("round", "wall", "training (slowest site)", "everything else", "share"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        train = max(v for v in r["train_seconds"].values() if v is not None)
+        table.add_row(str(r["round"]), f"{r['seconds']:.1f}", f"{train:.1f}",
+                      f"{r['seconds'] - train:.1f}", f"{train / r['seconds']:.0%}")
+    steady = rows[1:] or rows
+    wall = sum(r["seconds"] for r in steady) / len(steady)
+    train = sum(max(r["train_seconds"].values()) for r in steady) / len(steady)
+    table.add_row("mean, rounds 2+" if rows[1:] else "mean", f"{wall:.1f}", f"{train:.1f}",
+                  f"{wall - train:.1f}", f"{train / wall:.0%}")
+    console.print(table)
+    console.print(f"machine: {platform.machine()}, {os.cpu_count()} cores, "
+                  f"{platform.python_implementation()} {platform.python_version()}; "
+                  f"final Dice {_fmt(summary['dice_final'])}", soft_wrap=True)
+    return 0
+
+
 def _common_run_options(p: argparse.ArgumentParser, local: bool = True) -> None:
     p.add_argument("--rounds", type=int, help="federated rounds (num-rounds)")
     p.add_argument("--local-epochs", type=int, help="local epochs per round")
@@ -377,6 +416,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue run --name")
     _common_run_options(p, local=False)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("bench", help="measurements (see docs/performance.md)")
+    bsub = p.add_subparsers(dest="bench", required=True)
+    b = bsub.add_parser("deploy", help="seconds per round of a TLS deployment on this machine")
+    b.add_argument("--rounds", type=int, default=3)
+    b.add_argument("--hospitals", type=int, default=2)
+    b.add_argument("--threads", type=int, default=1, help="CPU threads per hospital")
+    b.set_defaults(func=cmd_bench_deploy)
 
     p = sub.add_parser("node", help="hospital: run this hospital's SuperNode")
     p.add_argument("--superlink", required=True, help="host:port of the SuperLink")

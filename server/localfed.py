@@ -1,0 +1,112 @@
+"""A whole deployment on one machine, on 127.0.0.1: for tests and benchmarks.
+
+Runs the same commands a coordinator and hospitals run (``fedseg superlink``,
+``fedseg hospital register``, ``fedseg node``) as real processes, with TLS and
+node authentication, and stops every process it started, by process group,
+when it leaves its ``with`` block, also on error.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from server import deployment
+from server.provision import provision
+from server.simulation import free_port, stop_process_group
+
+
+class LocalFederation:
+    """``with LocalFederation(work, sites) as fed: fed.run(...)``."""
+
+    def __init__(self, work: Path, sites: list[Path], names: list[str] | None = None,
+                 threads: int = 1, insecure: bool = False) -> None:
+        self.work = Path(work)
+        self.sites = [Path(s) for s in sites]
+        self.names = names or [f"hospital-{chr(ord('a') + i)}" for i in range(len(sites))]
+        self.threads = threads
+        self.insecure = insecure
+        self.port = free_port()
+        self.state = deployment.State(self.work / "state")
+        self.certs = self.work / "certs"
+        self.processes: list[subprocess.Popen] = []
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def fedseg(self, *args: str, log: str) -> subprocess.Popen:
+        """Start a ``fedseg`` command as its own process group."""
+        out = open(self.work / log, "ab")
+        proc = subprocess.Popen([sys.executable, "-m", "server.cli", *args], stdout=out,
+                                stderr=subprocess.STDOUT, env=deployment.base_env(),
+                                cwd=self.work, start_new_session=True)
+        out.close()
+        self.processes.append(proc)
+        return proc
+
+    def __enter__(self) -> LocalFederation:
+        self.work.mkdir(parents=True, exist_ok=True)
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self) -> None:
+        provision(self.certs, ["127.0.0.1", "localhost"], self.names)
+        link = ["superlink", "--state", str(self.state.root), "--host", "127.0.0.1",
+                "--port", str(self.port)]
+        link += ["--insecure"] if self.insecure else ["--certs", str(self.certs / "superlink")]
+        superlink = self.fedseg(*link, log="superlink.out")
+        self._wait_for_port(superlink)
+        if not self.insecure:
+            for name in self.names:
+                deployment.register(self.state, self.key(name).with_suffix(".pub"), name)
+        for i, (name, site) in enumerate(zip(self.names, self.sites, strict=True)):
+            self.start_node(name, site, log=f"node-{name}.out", port=free_port(), index=i)
+
+    def key(self, name: str) -> Path:
+        return self.certs / "hospitals" / name / f"{name}.key"
+
+    def start_node(self, name: str, site: Path, log: str, port: int, index: int = 0,
+                   key: Path | None = None, insecure: bool | None = None,
+                   extra: tuple[str, ...] = ()) -> subprocess.Popen:
+        insecure = self.insecure if insecure is None else insecure
+        args = ["node", "--superlink", self.address, "--data-dir", str(site), "--name", name,
+                "--threads", str(self.threads), "--port", str(port), *extra]
+        if insecure:
+            args.append("--insecure")
+        else:
+            args += ["--key", str(key or self.key(name)), "--ca", str(self.certs / "ca" /
+                                                                      "ca.crt")]
+        return self.fedseg(*args, log=log)
+
+    def _wait_for_port(self, proc: subprocess.Popen, limit: float = 60) -> None:
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the SuperLink exited ({proc.returncode}); see "
+                                   f"{self.work / 'superlink.out'}")
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.2)
+        raise RuntimeError(f"the SuperLink did not open port {self.port} in {limit:.0f} s")
+
+    def run(self, name: str, overrides: dict[str, Any], timeout: float = 900,
+            on_round=None) -> dict[str, Any]:
+        return deployment.launch(self.state, name, overrides, on_round=on_round,
+                                 timeout=timeout)
+
+    def stop(self) -> None:
+        for proc in reversed(self.processes):  # nodes first, the SuperLink last
+            stop_process_group(proc)
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -23,7 +23,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -31,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import ConfigError, FedsegError
-from server.runs import RUNS_DIR_ENV, read_metrics
+from server.processes import run_and_follow, run_config_arg
+from server.runs import RUNS_DIR_ENV
 
 APP_DIR = Path(__file__).resolve().parents[1]
 CONNECTION = "fedseg"
@@ -209,42 +209,20 @@ def launch(state: State, run_dir_name: str, overrides: Mapping[str, Any], *,
     ``<state>/runs/<name>/``; this reads the same folder, so launch runs on the
     coordinator's machine.
     """
-    from server.simulation import _toml_value
-
     run_dir = state.runs / run_dir_name
     if (run_dir / "metrics.jsonl").exists() and not overrides.get("resume"):
         raise ConfigError(f"{run_dir} already holds a run: resume it or choose another name")
     config = {**overrides, "run-name": run_dir_name}
     cmd = ["flwr", "run", str(APP_DIR), CONNECTION, "--stream",
-           "--run-config", " ".join(f"{k}={_toml_value(v)}" for k, v in config.items())]
+           "--run-config", run_config_arg(config)]
     log_path = log_path or state.logs / f"run-{run_dir_name}.log"
-    seen = {r["round"] for r in read_metrics(run_dir)}
-    deadline = time.monotonic() + timeout if timeout else None
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=state.root,
-                                env=base_env({"FLWR_HOME": str(state.flwr_home)}),
-                                start_new_session=True)
-        try:
-            while True:
-                done = proc.poll() is not None
-                for row in read_metrics(run_dir):
-                    if row["round"] not in seen:
-                        seen.add(row["round"])
-                        if on_round:
-                            on_round(row)
-                if done:
-                    break
-                if deadline and time.monotonic() > deadline:
-                    raise DeploymentError(f"the run passed {timeout:.0f} s; see {log_path}")
-                time.sleep(0.5)
-        finally:
-            if proc.poll() is None:
-                from server.simulation import stop_process_group
-
-                stop_process_group(proc)
+        code = run_and_follow(cmd, env=base_env({"FLWR_HOME": str(state.flwr_home)}),
+                              cwd=state.root, log=log, run_dir=run_dir, on_round=on_round,
+                              timeout=timeout)
     summary = run_dir / "summary.json"
-    if proc.returncode != 0 or not summary.exists():
-        raise DeploymentError(f"the run did not finish (flwr run exit code {proc.returncode});"
+    if code != 0 or not summary.exists():
+        raise DeploymentError(f"the run did not finish (flwr run exit code {code});"
                               f" see {log_path} and {state.logs / 'superlink.log'}")
     return json.loads(summary.read_text())
 

@@ -8,16 +8,14 @@ when it leaves its ``with`` block, also on error.
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from server import deployment
+from server.processes import free_port, stop_process_group, wait_for_port
 from server.provision import provision
-from server.simulation import free_port, stop_process_group
 
 
 class LocalFederation:
@@ -64,7 +62,7 @@ class LocalFederation:
                 "--port", str(self.port)]
         link += ["--insecure"] if self.insecure else ["--certs", str(self.certs / "superlink")]
         superlink = self.fedseg(*link, log="superlink.out")
-        self._wait_for_port(superlink)
+        wait_for_port(self.port, superlink, "the SuperLink", self.work / "superlink.out")
         if not self.insecure:
             for name in self.names:
                 deployment.register(self.state, self.key(name).with_suffix(".pub"), name)
@@ -86,18 +84,6 @@ class LocalFederation:
             args += ["--key", str(key or self.key(name)), "--ca", str(self.certs / "ca" /
                                                                       "ca.crt")]
         return self.fedseg(*args, log=log)
-
-    def _wait_for_port(self, proc: subprocess.Popen, limit: float = 60) -> None:
-        deadline = time.monotonic() + limit
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the SuperLink exited ({proc.returncode}); see "
-                                   f"{self.work / 'superlink.out'}")
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return
-            time.sleep(0.2)
-        raise RuntimeError(f"the SuperLink did not open port {self.port} in {limit:.0f} s")
 
     def run(self, name: str, overrides: dict[str, Any], timeout: float = 900,
             on_round=None) -> dict[str, Any]:

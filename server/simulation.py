@@ -15,11 +15,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +24,14 @@ from typing import Any
 
 from common.config import SIM_SITES_ENV, fedseg_home
 from common.errors import ConfigError, FedsegError
-from server.runs import RUNS_DIR_ENV, read_metrics
+from server.processes import (
+    free_port,
+    run_and_follow,
+    run_config_arg,
+    stop_process_group,
+    wait_for_port,
+)
+from server.runs import RUNS_DIR_ENV
 
 APP_DIR = Path(__file__).resolve().parents[1]
 
@@ -40,20 +44,6 @@ class SimulationError(FedsegError):
 class Site:
     name: str
     data_dir: Path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    return json.dumps(str(value))
 
 
 def runtime_env(threads_per_client: int) -> dict[str, str]:
@@ -83,33 +73,6 @@ def runtime_env(threads_per_client: int) -> dict[str, str]:
     bin_dir = str(Path(sys.executable).parent)
     env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
     return env
-
-
-def stop_process_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    """SIGTERM the process group started for ``proc``, then SIGKILL what is left."""
-    if proc.poll() is None or _group_alive(proc.pid):
-        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                break
-            deadline = time.monotonic() + wait
-            while time.monotonic() < deadline and _group_alive(proc.pid):
-                time.sleep(0.1)
-                proc.poll()
-            if not _group_alive(proc.pid):
-                break
-    proc.wait(timeout=5)
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
 
 
 def simulate(
@@ -169,7 +132,7 @@ def simulate(
     ]
     run_cmd = [
         "flwr", "run", str(APP_DIR), "fedseg-sim", "--stream",
-        "--run-config", " ".join(f"{k}={_toml_value(v)}" for k, v in overrides.items()),
+        "--run-config", run_config_arg(overrides),
         "--federation-config", " ".join(f"{k}={v}" for k, v in federation.items()),
     ]
     with open(log_path, "ab") as log_file:
@@ -177,22 +140,17 @@ def simulate(
             superlink_cmd, env=env, cwd=work, stdout=log_file, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        runner = None
+        code = None
         try:
-            _wait_for_port(port, superlink, log_path)
-            runner = subprocess.Popen(
-                run_cmd, env=env, cwd=work, stdout=log_file, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-            _follow(runner, run_dir, on_round, timeout, log_path)
+            wait_for_port(port, superlink, "flower-superlink", log_path)
+            code = run_and_follow(run_cmd, env=env, cwd=work, log=log_file, run_dir=run_dir,
+                                  on_round=on_round, timeout=timeout)
         finally:
-            if runner is not None:
-                stop_process_group(runner)
             stop_process_group(superlink)
     summary_path = run_dir / "summary.json"
-    if runner.returncode != 0 or not summary_path.exists():
+    if code != 0 or not summary_path.exists():
         raise SimulationError(
-            f"the simulation did not finish (flwr run exit code {runner.returncode}); "
+            f"the simulation did not finish (flwr run exit code {code}); "
             f"Flower's log: {log_path}"
         )
     shutil.rmtree(work / "flwr", ignore_errors=True)
@@ -205,33 +163,3 @@ def _gpu_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def _wait_for_port(port: int, proc: subprocess.Popen, log_path: Path, limit: float = 60) -> None:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SimulationError(f"flower-superlink exited with code {proc.returncode}; "
-                                  f"see {log_path}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise SimulationError(f"flower-superlink did not open port {port} within {limit:.0f} s")
-
-
-def _follow(proc: subprocess.Popen, run_dir: Path,
-            on_round: Callable[[dict[str, Any]], None] | None,
-            timeout: float | None, log_path: Path) -> None:
-    seen = {row["round"] for row in read_metrics(run_dir)}
-    deadline = time.monotonic() + timeout if timeout else None
-    while True:
-        done = proc.poll() is not None
-        for row in read_metrics(run_dir):
-            if row["round"] not in seen:
-                seen.add(row["round"])
-                if on_round:
-                    on_round(row)
-        if done:
-            return
-        if deadline and time.monotonic() > deadline:
-            raise SimulationError(f"the simulation ran past {timeout:.0f} s; see {log_path}")
-        time.sleep(0.5)

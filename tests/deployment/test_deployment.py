@@ -10,8 +10,8 @@ import pytest
 from common.data.synthetic import write_federation
 from server.deployment import base_env
 from server.localfed import LocalFederation
+from server.processes import free_port, stop_process_group
 from server.provision import hospital_keypair
-from server.simulation import free_port, stop_process_group
 from tests.federation.conftest import FLOWER_PROCESSES, processes_matching
 
 pytestmark = pytest.mark.federation

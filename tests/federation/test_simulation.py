@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 
 from common.data.synthetic import write_federation
+from server.processes import free_port
 from server.runs import read_metrics
 from server.simulation import APP_DIR, Site, runtime_env, simulate
 from tests.federation.conftest import processes_matching, stop_pids
@@ -72,12 +72,6 @@ def test_fedseg_simulate_command(two_sites, tmp_path, no_leftover_processes):
     assert again.returncode == 2 and "--resume" in again.stdout
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_flwr_run_against_a_local_simulation_connection(tmp_path, no_leftover_processes):
     """``flwr run .`` as Flower documents it; nodes without data-dir use synthetic sites."""
     flwr_home = tmp_path / "flwr-home"
@@ -85,7 +79,7 @@ def test_flwr_run_against_a_local_simulation_connection(tmp_path, no_leftover_pr
     (flwr_home / "config.toml").write_text(
         '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n')
     env = runtime_env(1)
-    http_port, control_port = _free_port(), _free_port()
+    http_port, control_port = free_port(), free_port()
     env.update(FLWR_HOME=str(flwr_home), FEDSEG_RUNS_DIR=str(tmp_path / "runs"),
                FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(http_port),
                FLWR_LOCAL_CONTROL_API_PORT=str(control_port))

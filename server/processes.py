@@ -1,0 +1,110 @@
+"""Starting, following and stopping Flower's processes (shared by simulation,
+deployment and the one-machine federation)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import IO, Any
+
+from common.errors import FedsegError
+from server.runs import read_metrics
+
+
+class ProcessError(FedsegError):
+    kind = "process error"
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def toml_value(value: Any) -> str:
+    """A scalar as ``flwr run --run-config`` reads it."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return json.dumps(str(value))
+
+
+def run_config_arg(config: Mapping[str, Any]) -> str:
+    return " ".join(f"{k}={toml_value(v)}" for k, v in config.items())
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def stop_process_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM the process group started for ``proc`` (``start_new_session``),
+    then SIGKILL what is left; Flower's helpers can outlive their parent."""
+    if proc.poll() is None or _group_alive(proc.pid):
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline and _group_alive(proc.pid):
+                time.sleep(0.1)
+                proc.poll()
+            if not _group_alive(proc.pid):
+                break
+    proc.wait(timeout=5)
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, what: str, log_path: Path,
+                  limit: float = 60) -> None:
+    """Wait until ``proc`` listens on 127.0.0.1:``port``."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ProcessError(f"{what} exited with code {proc.returncode}; see {log_path}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise ProcessError(f"{what} did not open port {port} within {limit:.0f} s; see {log_path}")
+
+
+def run_and_follow(cmd: list[str], *, env: Mapping[str, str], cwd: Path, log: IO[bytes],
+                   run_dir: Path, on_round: Callable[[dict[str, Any]], None] | None,
+                   timeout: float | None) -> int:
+    """Run ``cmd`` (``flwr run ... --stream``) and call ``on_round`` with each new
+    line of ``run_dir/metrics.jsonl`` until it exits; returns its exit code.
+    The command's process group is stopped on timeout, error or Ctrl-C."""
+    seen = {row["round"] for row in read_metrics(run_dir)}
+    deadline = time.monotonic() + timeout if timeout else None
+    proc = subprocess.Popen(cmd, env=dict(env), cwd=cwd, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        while True:
+            done = proc.poll() is not None
+            for row in read_metrics(run_dir):
+                if row["round"] not in seen:
+                    seen.add(row["round"])
+                    if on_round:
+                        on_round(row)
+            if done:
+                return proc.returncode
+            if deadline and time.monotonic() > deadline:
+                raise ProcessError(f"the run passed its time limit of {timeout:.0f} s")
+            time.sleep(0.5)
+    finally:
+        stop_process_group(proc)

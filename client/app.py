@@ -29,6 +29,8 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
+from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.constant import ErrorCode
 
 from common.config import RunSettings, SiteSettings, fedseg_home, simulation_sites
@@ -73,7 +75,18 @@ def _failed(msg: Message, context: Context, exc: Exception, what: str) -> Messag
     )
 
 
-@app.train()
+def privacy_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Client-side DP: clip this site's update (Flower's clipping mods) when the
+    run asks for it; the server wrapper adds the noise to the aggregate."""
+    dp = str(context.run_config.get("dp", "off"))
+    if dp == "client-fixed":
+        return fixedclipping_mod(msg, context, call_next)
+    if dp == "client-adaptive":
+        return adaptiveclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+@app.train(mods=[privacy_mod])
 def train_handler(msg: Message, context: Context) -> Message:
     """Train the global model on this site's training cases."""
     try:

@@ -21,6 +21,7 @@ from typing import Any
 from common.errors import ConfigError
 
 INPUT_CHANNELS = {"grey": 1, "rgb": 3, "red": 1, "green": 1, "blue": 1}
+DP_MODES = ("off", "server-fixed", "server-adaptive", "client-fixed", "client-adaptive")
 
 
 def _get(cfg: Mapping[str, Any], key: str, kind: type, default: Any) -> Any:
@@ -87,6 +88,14 @@ class RunSettings:
     patches_per_image: int = 2
     synthetic_train_cases: int = 6
     synthetic_test_cases: int = 3
+    # Privacy (see docs/privacy.md)
+    secure_aggregation: bool = False
+    dp: str = "off"
+    dp_noise_multiplier: float = 1.0
+    dp_clipping_norm: float = 1.0  # the initial norm for adaptive clipping
+    dp_delta: float = 1e-5
+    dp_max_epsilon: float = 0.0  # 0: no budget
+    dp_clipped_count_stddev: float = 0.0  # adaptive clipping; 0: max(nodes/20, noise)
     model: ModelSettings = field(default_factory=ModelSettings)
 
     def __post_init__(self) -> None:
@@ -106,6 +115,16 @@ class RunSettings:
              f"{len(self.model.channels)} U-Net levels, got {self.patch_size}"),
             ("/" not in self.run_name and "\\" not in self.run_name and self.run_name != "..",
              "run-name is a name, not a path"),
+            (self.dp in DP_MODES, f"dp must be one of {', '.join(DP_MODES)}"),
+            (self.dp_noise_multiplier >= 0, "dp-noise-multiplier must be >= 0"),
+            (self.dp_clipping_norm > 0, "dp-clipping-norm must be positive"),
+            (0 < self.dp_delta < 1, "dp-delta must be in (0, 1)"),
+            (self.dp_max_epsilon >= 0, "dp-max-epsilon must be >= 0 (0: no budget)"),
+            (not (self.dp_max_epsilon and self.dp == "off"),
+             "dp-max-epsilon needs differential privacy on (dp = client-fixed, ...)"),
+            (not (self.secure_aggregation and self.dp.startswith("server")),
+             "server-side DP clipping needs every update in the clear, which secure "
+             "aggregation hides: use dp = client-fixed or client-adaptive with it"),
         ]
         for ok, message in checks:
             if not ok:
@@ -145,6 +164,13 @@ class RunSettings:
             patches_per_image=_get(cfg, "patches-per-image", int, 2),
             synthetic_train_cases=_get(cfg, "synthetic-train-cases", int, 6),
             synthetic_test_cases=_get(cfg, "synthetic-test-cases", int, 3),
+            secure_aggregation=_get(cfg, "secure-aggregation", bool, False),
+            dp=str(cfg.get("dp", "off")),
+            dp_noise_multiplier=_get(cfg, "dp-noise-multiplier", float, 1.0),
+            dp_clipping_norm=_get(cfg, "dp-clipping-norm", float, 1.0),
+            dp_delta=_get(cfg, "dp-delta", float, 1e-5),
+            dp_max_epsilon=_get(cfg, "dp-max-epsilon", float, 0.0),
+            dp_clipped_count_stddev=_get(cfg, "dp-clipped-count-stddev", float, 0.0),
             model=model,
         )
 

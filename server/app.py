@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from logging import INFO
+import time
+from logging import INFO, WARNING
 
 import torch
 from flwr.app import ArrayRecord, Context, MetricRecord
@@ -10,9 +11,11 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import RunSettings
+from common.errors import ConfigError
 from common.model import build_model
+from common.privacy.accounting import PrivacyLedger
 from server.runs import RunFolder, runs_root
-from server.strategy import build_strategy
+from server.strategy import PrivacyBudgetExhausted, build_strategy
 
 app = ServerApp()
 
@@ -22,9 +25,22 @@ def format_round(row: dict) -> str:
                       for s, d in row["dice"].items())
     mean = row["dice_mean"]
     loss = row["train_loss"]
+    eps = f"  epsilon {row['epsilon']:.3f}" if row.get("epsilon") is not None else ""
     return (f"round {row['round']:>3}  dice mean {mean if mean is None else f'{mean:.3f}'}"
             f"  [{sites}]  train loss {loss if loss is None else f'{loss:.3f}'}"
-            f"  {row['seconds']:.1f} s")
+            f"  {row['seconds']:.1f} s{eps}")
+
+
+def nodes_per_round(grid: Grid, settings: RunSettings, wait: float = 600) -> int:
+    """Nodes each round samples, once ``min-nodes`` are connected (DP scales its
+    noise to this number)."""
+    deadline = time.monotonic() + wait
+    while len(list(grid.get_node_ids())) < settings.min_nodes:
+        if time.monotonic() > deadline:
+            raise ConfigError(f"fewer than min-nodes={settings.min_nodes} nodes connected "
+                              f"within {wait:.0f} s")
+        time.sleep(1.0)
+    return max(int(len(list(grid.get_node_ids())) * settings.fraction_train), settings.min_nodes)
 
 
 @app.main()
@@ -34,23 +50,29 @@ def main(grid: Grid, context: Context) -> None:
     torch.manual_seed(settings.seed)
     arrays = run.checkpoint_arrays() or ArrayRecord(build_model(settings.model).state_dict())
     done = run.last_round
-    strategy = build_strategy(settings)
+    ledger = None
+    if settings.dp != "off":
+        ledger = PrivacyLedger(settings.dp_noise_multiplier, settings.dp_delta,
+                               settings.dp_max_epsilon, releases=run.dp_releases())
+    strategy = build_strategy(settings, nodes_per_round(grid, settings), ledger)
     log(INFO, "fedseg run %s: rounds %d..%d", run.path.name, done + 1, settings.num_rounds)
 
     def end_of_round(server_round: int, global_arrays: ArrayRecord) -> MetricRecord | None:
         if server_round > 0:  # round 0 is the initial model, before any training
             row = run.record_round(done + server_round, global_arrays,
-                                   strategy.rounds.pop(server_round))
+                                   strategy.rounds.pop(server_round), ledger)
             log(INFO, "fedseg %s", format_round(row))
         return None
 
-    result = None
+    result, stopped = None, None
     if done < settings.num_rounds:
-        result = strategy.start(
-            grid=grid,
-            initial_arrays=arrays,
-            num_rounds=settings.num_rounds - done,
-            evaluate_fn=end_of_round,
-        )
-    run.finish(result.arrays if result is not None and len(result.arrays) else None)
+        try:
+            result = strategy.start(grid=grid, initial_arrays=arrays,
+                                    num_rounds=settings.num_rounds - done,
+                                    evaluate_fn=end_of_round)
+        except PrivacyBudgetExhausted as exc:
+            stopped = f"privacy budget: {exc}"
+            log(WARNING, "fedseg run %s stopped: %s", run.path.name, stopped)
+    final = result.arrays if result is not None and len(result.arrays) else None
+    run.finish(final, stopped=stopped, ledger=ledger)
     log(INFO, "fedseg run folder: %s", run.path)

@@ -30,6 +30,7 @@ from flwr.app import ArrayRecord
 from common.config import RunSettings
 from common.errors import ConfigError
 from common.metrics import METRICS
+from common.privacy.accounting import PrivacyLedger
 from server.strategy import RoundRecord, mean_of
 
 RUNS_DIR_ENV = "FEDSEG_RUNS_DIR"
@@ -115,8 +116,12 @@ class RunFolder:
         saved = torch.load(self.path / "checkpoint.pt", map_location="cpu", weights_only=True)
         return ArrayRecord(saved["state_dict"])
 
-    def record_round(self, server_round: int, arrays: ArrayRecord, rec: RoundRecord
-                     ) -> dict[str, Any]:
+    def dp_releases(self) -> int:
+        """DP releases so far (for the accountant when a run resumes)."""
+        return int(self.history[-1].get("dp_releases") or 0) if self.history else 0
+
+    def record_round(self, server_round: int, arrays: ArrayRecord, rec: RoundRecord,
+                     ledger: PrivacyLedger | None = None) -> dict[str, Any]:
         """Save the global model and append the round's line."""
         now = time.perf_counter()
         seconds, self._clock = now - self._clock, now
@@ -138,6 +143,8 @@ class RunFolder:
             "bytes_up": rec.bytes_up,
             "bytes_down": rec.bytes_down,
             "failures": rec.failures,
+            "epsilon": ledger.epsilon if ledger else None,
+            "dp_releases": ledger.releases if ledger else None,
         }
         row = _json_safe(row)
         with open(self.path / "metrics.jsonl", "a") as fh:
@@ -147,18 +154,21 @@ class RunFolder:
         self.plot()
         return row
 
-    def finish(self, final_arrays: ArrayRecord | None) -> dict[str, Any]:
-        """Write ``final_model.pt``, ``summary.json`` and ``dice.png``."""
+    def finish(self, final_arrays: ArrayRecord | None, stopped: str | None = None,
+               ledger: PrivacyLedger | None = None) -> dict[str, Any]:
+        """Write ``final_model.pt``, ``summary.json`` and ``dice.png``.
+        ``stopped``: why the run ended before its planned rounds, if it did."""
         if final_arrays is None:
             final_arrays = self.checkpoint_arrays()
         if final_arrays is not None:
             torch.save(final_arrays.to_torch_state_dict(), self.path / "final_model.pt")
-        summary = self.summary()
+        summary = self.summary(stopped, ledger)
         _atomic_write(self.path / "summary.json", json.dumps(summary, indent=2).encode())
         self.plot()
         return summary
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self, stopped: str | None = None, ledger: PrivacyLedger | None = None
+                ) -> dict[str, Any]:
         last = next((r for r in reversed(self.history) if r["sites"]), None)
         sites = last["sites"] if last else {}
         overall = {m: mean_of({s: {k: (v if v is not None else math.nan)
@@ -176,6 +186,19 @@ class RunFolder:
             "seconds_total": round(sum(r["seconds"] for r in self.history), 3),
             "bytes_up_total": sum(r["bytes_up"] for r in self.history),
             "bytes_down_total": sum(r["bytes_down"] for r in self.history),
+            "stopped": stopped,
+            "privacy": {
+                "secure_aggregation": self.settings.secure_aggregation,
+                "dp": self.settings.dp,
+                "noise_multiplier": self.settings.dp_noise_multiplier if ledger else None,
+                "clipping_norm": self.settings.dp_clipping_norm if ledger else None,
+                "delta": self.settings.dp_delta if ledger else None,
+                "epsilon": ledger.epsilon if ledger else None,
+                "max_epsilon": self.settings.dp_max_epsilon or None,
+                "dp_releases": ledger.releases if ledger else None,
+                "accountant": "RDP (dp-accounting), add-or-remove-one, no sampling "
+                              "amplification" if ledger else None,
+            },
             "config": self.settings.to_run_config(),
         })
 

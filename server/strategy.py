@@ -1,24 +1,50 @@
-"""The server's strategy: Flower's FedAvg, wrapped to record each site's numbers.
+"""The server's strategy: Flower's FedAvg and DP wrappers, plus fedseg's own
+wrappers for what a coordinator needs around them.
 
-The wrapper follows Flower's own pattern for features (the DP wrappers take any
-strategy): it delegates every step to the inner strategy and only looks at the
-messages going out and coming back, so Flower's round loop is used as it is.
+Everything here follows Flower's own pattern for features (the DP wrappers take
+any strategy): a wrapper delegates every step to the strategy inside it and
+only looks at, or filters, the messages going out and coming back, so Flower's
+round loop runs as it is. From the outside in:
+
+* ``SiteRecorder``: per-site metrics, failures and bytes of each round;
+* ``PrivacyBudget``: counts DP releases and stops before the budget is exceeded;
+* ``UpdateChecks``: leaves out replies with non-finite values, wrong shapes or
+  missing weights, naming the site;
+* Flower's DP wrapper (server- or client-side, fixed or adaptive clipping), when on;
+* Flower's ``FedAvg``, weighted by training cases (uniformly under DP).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from logging import WARNING
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, Strategy
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideAdaptiveClipping,
+    DifferentialPrivacyClientSideFixedClipping,
+    DifferentialPrivacyServerSideAdaptiveClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAvg,
+    Strategy,
+)
 
 from common.config import RunSettings
+from common.errors import FedsegError
 from common.metrics import METRICS, combine
+from common.privacy.accounting import PrivacyLedger
+from common.privacy.checks import update_problem
+
+UNIFORM_WEIGHT = "dp-unit-weight"
+
+
+class PrivacyBudgetExhausted(FedsegError):
+    kind = "privacy budget exhausted"
 
 
 def content_bytes(content: RecordDict) -> int:
@@ -41,6 +67,32 @@ def aggregate_site_metrics(records: list[RecordDict], weighted_by_key: str) -> M
     return MetricRecord({k: float(v) for k, v in out.items()})
 
 
+class StrategyWrapper(Strategy):
+    """Delegates every step to ``inner``; subclasses override what they watch."""
+
+    def __init__(self, inner: Strategy) -> None:
+        self.inner = inner
+
+    def summary(self) -> None:
+        self.inner.summary()
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        return self.inner.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return self.inner.aggregate_train(server_round, replies)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
+                           ) -> MetricRecord | None:
+        return self.inner.aggregate_evaluate(server_round, replies)
+
+
 @dataclass
 class RoundRecord:
     """What one round brought back, per site."""
@@ -52,24 +104,28 @@ class RoundRecord:
     bytes_up: int = 0
 
 
-class SiteRecorder(Strategy):
-    """Wrap a strategy; record per-site metrics, failures and bytes of each round."""
+class SiteRecorder(StrategyWrapper):
+    """Record per-site metrics, failures and bytes of each round."""
 
     def __init__(self, inner: Strategy) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.rounds: dict[int, RoundRecord] = {}
 
-    def _round(self, server_round: int) -> RoundRecord:
+    def round(self, server_round: int) -> RoundRecord:
         return self.rounds.setdefault(server_round, RoundRecord())
+
+    def note_failure(self, server_round: int, text: str) -> None:
+        self.round(server_round).failures.append(text)
 
     def _sent(self, server_round: int, messages: Iterable[Message]) -> list[Message]:
         messages = list(messages)
-        self._round(server_round).bytes_down += sum(content_bytes(m.content) for m in messages)
+        self.round(server_round).bytes_down += sum(content_bytes(m.content) for m in messages)
         return messages
 
-    def _received(self, server_round: int, replies: Iterable[Message], phase: str) -> list[Message]:
+    def _received(self, server_round: int, replies: Iterable[Message], phase: str
+                  ) -> list[Message]:
         replies = list(replies)
-        rec = self._round(server_round)
+        rec = self.round(server_round)
         for msg in replies:
             name = site_name(msg)
             if msg.has_error():
@@ -78,51 +134,155 @@ class SiteRecorder(Strategy):
                     msg.error.reason)
                 continue
             rec.bytes_up += content_bytes(msg.content)
-            metrics = {k: int(v) if k == "num-examples" else float(v)
-                       for k, v in msg.content["metrics"].items()}
-            (rec.train if phase == "train" else rec.evaluate)[name] = metrics
+            metrics = next(iter(msg.content.metric_records.values()), {})
+            values = {k: int(v) if k == "num-examples" else float(v) for k, v in metrics.items()
+                      if isinstance(v, int | float) and k != UNIFORM_WEIGHT}
+            (rec.train if phase == "train" else rec.evaluate)[name] = values
         return replies
 
-    def summary(self) -> None:
-        self.inner.summary()
+    def configure_train(self, server_round, arrays, config, grid):
+        return self._sent(server_round, super().configure_train(server_round, arrays, config,
+                                                                grid))
 
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return self._sent(server_round,
-                          self.inner.configure_train(server_round, arrays, config, grid))
+    def aggregate_train(self, server_round, replies):
+        return super().aggregate_train(server_round,
+                                       self._received(server_round, replies, "train"))
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        return self.inner.aggregate_train(
-            server_round, self._received(server_round, replies, "train"))
+    def configure_evaluate(self, server_round, arrays, config, grid):
+        return self._sent(server_round, super().configure_evaluate(server_round, arrays,
+                                                                   config, grid))
 
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return self._sent(server_round,
-                          self.inner.configure_evaluate(server_round, arrays, config, grid))
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        return self.inner.aggregate_evaluate(
-            server_round, self._received(server_round, replies, "evaluate"))
+    def aggregate_evaluate(self, server_round, replies):
+        return super().aggregate_evaluate(server_round,
+                                          self._received(server_round, replies, "evaluate"))
 
 
-def build_strategy(settings: RunSettings) -> SiteRecorder:
-    """FedAvg weighted by each site's number of training cases."""
-    inner = FedAvg(
+class UpdateChecks(StrategyWrapper):
+    """Leave out train replies that are unfit to aggregate (non-finite values,
+    wrong shapes, missing weights or case count); name the site in the log."""
+
+    def __init__(self, inner: Strategy, on_reject: Callable[[int, str], None] | None = None,
+                 uniform_weights: bool = False) -> None:
+        super().__init__(inner)
+        self.on_reject = on_reject
+        self.uniform_weights = uniform_weights
+        self.reference: dict[str, tuple[tuple[int, ...], str]] = {}
+
+    def configure_train(self, server_round, arrays, config, grid):
+        self.reference = {k: (tuple(a.shape), str(a.dtype)) for k, a in arrays.items()}
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def problem(self, msg: Message) -> str | None:
+        content = msg.content
+        if len(content.array_records) != 1:
+            return f"{len(content.array_records)} weight records instead of one"
+        if len(content.metric_records) != 1:
+            return f"{len(content.metric_records)} metric records instead of one"
+        n = next(iter(content.metric_records.values())).get("num-examples")
+        if not isinstance(n, int | float) or not math.isfinite(n) or n <= 0:
+            return "no positive case count (num-examples)"
+        record = next(iter(content.array_records.values()))
+        try:
+            update = {k: np.asarray(v.numpy()) for k, v in record.items()}
+        except Exception:  # noqa: BLE001 - an undecodable array is a broken update
+            return "weights that cannot be decoded"
+        return update_problem(update, self.reference)
+
+    def _weigh_uniformly(self, msg: Message) -> None:
+        """Under DP every site's update counts the same (the noise is scaled to
+        one site's clipped update out of ``num_sampled``)."""
+        if self.uniform_weights and not msg.has_error() and msg.content.metric_records:
+            next(iter(msg.content.metric_records.values()))[UNIFORM_WEIGHT] = 1
+
+    def aggregate_evaluate(self, server_round, replies):
+        replies = list(replies)
+        for msg in replies:
+            self._weigh_uniformly(msg)
+        return super().aggregate_evaluate(server_round, replies)
+
+    def aggregate_train(self, server_round, replies):
+        kept = []
+        for msg in replies:
+            if not msg.has_error():
+                problem = self.problem(msg)
+                if problem is not None:
+                    text = f"update from {site_name(msg)} left out: {problem}"
+                    log(WARNING, "round %d: %s", server_round, text)
+                    if self.on_reject:
+                        self.on_reject(server_round, text)
+                    continue
+                self._weigh_uniformly(msg)
+            kept.append(msg)
+        return super().aggregate_train(server_round, kept)
+
+
+class PrivacyBudget(StrategyWrapper):
+    """Count DP releases (rounds that produced a new global model) and refuse
+    to start a round whose release would exceed the epsilon budget."""
+
+    def __init__(self, inner: Strategy, ledger: PrivacyLedger) -> None:
+        super().__init__(inner)
+        self.ledger = ledger
+
+    def configure_train(self, server_round, arrays, config, grid):
+        if not self.ledger.next_round_fits():
+            raise PrivacyBudgetExhausted(
+                f"the next round would raise epsilon from {self.ledger.epsilon:.3f} to "
+                f"{self.ledger.epsilon_after(self.ledger.releases + 1):.3f}, over the budget "
+                f"of {self.ledger.max_epsilon} (delta {self.ledger.delta})")
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round, replies):
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if arrays is not None:
+            self.ledger.releases += 1
+        return arrays, metrics
+
+
+def dp_wrapper(settings: RunSettings, inner: Strategy, num_sampled: int) -> Strategy:
+    """Flower's DP wrapper for ``settings.dp`` around ``inner``."""
+    z, c = settings.dp_noise_multiplier, settings.dp_clipping_norm
+    stddev = settings.dp_clipped_count_stddev or max(num_sampled / 20, z)
+    if settings.dp == "server-fixed":
+        return DifferentialPrivacyServerSideFixedClipping(inner, z, c, num_sampled)
+    if settings.dp == "client-fixed":
+        return DifferentialPrivacyClientSideFixedClipping(inner, z, c, num_sampled)
+    if settings.dp == "server-adaptive":
+        return DifferentialPrivacyServerSideAdaptiveClipping(
+            inner, z, num_sampled, initial_clipping_norm=c, clipped_count_stddev=stddev)
+    if settings.dp == "client-adaptive":
+        return DifferentialPrivacyClientSideAdaptiveClipping(
+            inner, z, num_sampled, initial_clipping_norm=c, clipped_count_stddev=stddev)
+    return inner
+
+
+def build_strategy(settings: RunSettings, num_sampled: int | None = None,
+                   ledger: PrivacyLedger | None = None) -> SiteRecorder:
+    """FedAvg weighted by each site's training cases (uniformly under DP),
+    with DP, update checks, the privacy budget and per-site records around it.
+
+    ``num_sampled``: nodes per round, which Flower's DP wrappers need to scale
+    the noise (defaults to ``min-nodes``).
+    """
+    dp_on = settings.dp != "off"
+    fedavg = FedAvg(
         fraction_train=settings.fraction_train,
         fraction_evaluate=settings.fraction_evaluate,
         min_train_nodes=settings.min_nodes,
         min_evaluate_nodes=settings.min_nodes if settings.fraction_evaluate > 0 else 0,
         min_available_nodes=settings.min_nodes,
-        weighted_by_key="num-examples",
+        weighted_by_key=UNIFORM_WEIGHT if dp_on else "num-examples",
         evaluate_metrics_aggr_fn=aggregate_site_metrics,
     )
-    return SiteRecorder(inner)
+    checks = UpdateChecks(dp_wrapper(settings, fedavg, num_sampled or settings.min_nodes),
+                          uniform_weights=dp_on)
+    outer: Strategy = checks
+    if dp_on:
+        outer = PrivacyBudget(checks, ledger or PrivacyLedger(
+            settings.dp_noise_multiplier, settings.dp_delta, settings.dp_max_epsilon))
+    recorder = SiteRecorder(outer)
+    checks.on_reject = recorder.note_failure
+    return recorder
 
 
 def mean_of(values: dict[str, dict[str, float]], key: str) -> float:

@@ -17,9 +17,11 @@ round loop runs as it is. From the outside in:
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from logging import WARNING
+from pathlib import Path
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -52,11 +54,16 @@ def content_bytes(content: RecordDict) -> int:
     return sum(record.count_bytes() for record in content.values())
 
 
-def site_name(msg: Message) -> str:
-    """The site's public name from its reply, else its node id."""
+def site_name(msg: Message, known: dict[int, str] | None = None) -> str:
+    """The site's public name from its reply, else the name its node gave
+    before (an error reply carries none), else its node id."""
+    node = msg.metadata.src_node_id
     if msg.has_content() and "site" in msg.content.config_records:
-        return str(msg.content.config_records["site"].get("name", msg.metadata.src_node_id))
-    return f"node-{msg.metadata.src_node_id}"
+        name = str(msg.content.config_records["site"].get("name", node))
+        if known is not None:
+            known[node] = name
+        return name
+    return (known or {}).get(node, f"node-{node}")
 
 
 def aggregate_site_metrics(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
@@ -104,12 +111,32 @@ class RoundRecord:
     bytes_up: int = 0
 
 
+AUDIT_DIR_ENV = "FEDSEG_AUDIT_DIR"
+
+
 class SiteRecorder(StrategyWrapper):
-    """Record per-site metrics, failures and bytes of each round."""
+    """Record per-site metrics, failures and bytes of each round.
+
+    With ``FEDSEG_AUDIT_DIR`` set in the server's environment, every reply is
+    also written there as received (Flower's serialised message), so a
+    coordinator or a hospital's data-protection officer can audit exactly what
+    left the sites.
+    """
 
     def __init__(self, inner: Strategy) -> None:
         super().__init__(inner)
         self.rounds: dict[int, RoundRecord] = {}
+        self.names: dict[int, str] = {}  # node id -> public site name, as replies say
+        audit = os.environ.get(AUDIT_DIR_ENV)
+        self.audit_dir = Path(audit) if audit else None
+
+    def _audit(self, server_round: int, phase: str, msg: Message) -> None:
+        from flwr.common.serde import message_to_proto
+
+        assert self.audit_dir is not None
+        self.audit_dir.mkdir(parents=True, exist_ok=True)
+        name = f"round{server_round:04d}-{phase}-node{msg.metadata.src_node_id}.bin"
+        (self.audit_dir / name).write_bytes(message_to_proto(msg).SerializeToString())
 
     def round(self, server_round: int) -> RoundRecord:
         return self.rounds.setdefault(server_round, RoundRecord())
@@ -127,7 +154,9 @@ class SiteRecorder(StrategyWrapper):
         replies = list(replies)
         rec = self.round(server_round)
         for msg in replies:
-            name = site_name(msg)
+            name = site_name(msg, self.names)
+            if self.audit_dir is not None:
+                self._audit(server_round, phase, msg)
             if msg.has_error():
                 rec.failures.append(f"{phase} at {name}: {msg.error.reason}")
                 log(WARNING, "round %d: %s failed at %s: %s", server_round, phase, name,

@@ -191,6 +191,13 @@ def _read_dicom_file(path: Path) -> tuple[np.ndarray, ImageMeta]:
     return np.moveaxis(arr, 0, -1)[None], ImageMeta("dicom", spacing + (1.0,))
 
 
+def _is_image_class(ds) -> bool:
+    """Whether the dataset's SOP class (or its file meta's) is an image storage class."""
+    meta = getattr(ds, "file_meta", None)
+    uids = [ds.get("SOPClassUID"), meta.get("MediaStorageSOPClassUID") if meta else None]
+    return any("Image Storage" in getattr(uid, "name", "") for uid in uids)
+
+
 def _slice_position(ds) -> float | None:
     try:
         iop = np.array(ds.ImageOrientationPatient, dtype=float)
@@ -210,6 +217,10 @@ def _read_dicom_series(folder: Path) -> tuple[np.ndarray, ImageMeta]:
             continue  # DICOMDIR-less folders often hold a README or similar; skip non-DICOM
         if "PixelData" in ds:
             datasets.append((f, ds))
+        elif "Rows" in ds or _is_image_class(ds):
+            # an image slice whose pixels are gone (a truncated file), not a non-image file
+            raise UnreadableFileError(
+                f"{f.name} in series {folder.name} has no pixel data (truncated file?)")
     if not datasets:
         raise UnreadableFileError(f"folder {folder.name} holds no DICOM image with pixel data")
     series = {str(ds.get("SeriesInstanceUID", "")) for _, ds in datasets}

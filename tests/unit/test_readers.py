@@ -186,3 +186,14 @@ def test_seg_that_does_not_decode_fails_clearly(dicom_dir, name):
     with pytest.raises(DataError) as info:
         read_label(Path(dicom_dir / f"{PD}/{name}"), ImageMeta("dicom", (1.0, 1.0)))
     assert name in str(info.value)
+
+
+def test_a_truncated_slice_in_a_series_is_an_error_not_skipped(tmp_path):
+    from common.data.synthetic import write_site
+
+    site = write_site(tmp_path / "h", 1, 1, 1)
+    case = sorted((site / "imagesTs").iterdir())[0]
+    first = sorted(case.iterdir())[0]
+    first.write_bytes(first.read_bytes()[:400])
+    with pytest.raises(UnreadableFileError, match="no pixel data"):
+        read_image(case)

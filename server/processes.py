@@ -4,6 +4,7 @@ deployment and the one-machine federation)."""
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import signal
 import socket
@@ -12,6 +13,8 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
+
+import numpy as np
 
 from common.errors import FedsegError
 from server.runs import read_metrics
@@ -30,10 +33,12 @@ def free_port() -> int:
 
 def toml_value(value: Any) -> str:
     """A scalar as ``flwr run --run-config`` reads it."""
-    if isinstance(value, bool):
+    if isinstance(value, bool | np.bool_):
         return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
+    if isinstance(value, numbers.Integral):
+        return str(int(value))
+    if isinstance(value, numbers.Real):
+        return repr(float(value))
     return json.dumps(str(value))
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.config import SIM_SITES_ENV, fedseg_home
+from common.config import SIM_SITES_ENV, RunSettings, fedseg_home
 from common.errors import ConfigError, FedsegError
 from server.processes import (
     free_port,
@@ -91,6 +91,7 @@ def simulate(
     """
     if not sites:
         raise ConfigError("a simulation needs at least one site folder")
+    RunSettings.from_run_config(run_config)  # a bad setting fails here, not in Flower
     names = [s.name for s in sites]
     if len(set(names)) != len(names):
         raise ConfigError(f"site names must be unique, got {names}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import flwr.compat.common.recorddict_compat as compat
 import torch
 from flwr.app import (
     ArrayRecord,
@@ -28,15 +29,18 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 from flwr.common.constant import ErrorCode
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from common.config import RunSettings, SiteSettings, fedseg_home, simulation_sites
 from common.data.site import load_site
 from common.data.synthetic import ensure_site
-from common.errors import scrub
+from common.errors import FedsegError, scrub
 from common.metrics import METRICS
 from common.model import build_model, pick_device
 from common.training import evaluate, train
@@ -75,6 +79,40 @@ def _failed(msg: Message, context: Context, exc: Exception, what: str) -> Messag
     )
 
 
+class SecureRoundFailed(FedsegError):
+    """Training failed inside a secure round; its text is already scrubbed."""
+
+    def scrubbed(self) -> str:
+        return str(self)
+
+
+def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Secure aggregation (SecAgg+) when the run asks for it: Flower's
+    ``secaggplus_mod`` masks this site's update; this bridges its legacy
+    fit-record format to this app's own records. Without the run setting, a
+    no-op; with it, a train message without SecAgg+ configuration is refused
+    (``secaggplus_mod`` fails closed)."""
+    if not RunSettings.from_run_config(context.run_config).secure_aggregation:
+        return call_next(msg, context)
+
+    def plain_train(inner: Message, ctx: Context) -> Message:
+        # secaggplus_mod has read its own record; the rest of the chain (DP
+        # clipping, the handler) sees the plain {"arrays", "config"} message.
+        inner.content.config_records.pop(RECORD_KEY_CONFIGS, None)
+        reply = call_next(inner, ctx)
+        if reply.has_error():
+            raise SecureRoundFailed(reply.error.reason)
+        metrics = {k: v for k, v in reply.content["metrics"].items()}
+        dp_on = str(ctx.run_config.get("dp", "off")) != "off"
+        weight = 1 if dp_on else int(metrics["num-examples"])  # DP: uniform weights
+        fitres = FitRes(Status(Code.OK, ""),
+                        ndarrays_to_parameters(reply.content["arrays"].to_numpy_ndarrays()),
+                        weight, {**metrics, "site": str(reply.content["site"]["name"])})
+        return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=inner)
+
+    return secaggplus_mod(msg, context, plain_train)
+
+
 def privacy_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Client-side DP: clip this site's update (Flower's clipping mods) when the
     run asks for it; the server wrapper adds the noise to the aggregate."""
@@ -86,7 +124,7 @@ def privacy_mod(msg: Message, context: Context, call_next: ClientAppCallable) ->
     return call_next(msg, context)
 
 
-@app.train(mods=[privacy_mod])
+@app.train(mods=[secagg_mod, privacy_mod])
 def train_handler(msg: Message, context: Context) -> Message:
     """Train the global model on this site's training cases."""
     try:

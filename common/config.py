@@ -90,6 +90,10 @@ class RunSettings:
     synthetic_test_cases: int = 3
     # Privacy (see docs/privacy.md)
     secure_aggregation: bool = False
+    secagg_clipping_range: float = 8.0  # weights are cut to +-this before quantisation
+    secagg_max_weight: float = 1000.0  # the largest case count a site may report
+    secagg_reconstruction_threshold: float = 0.6  # share of neighbours needed to unmask
+    secagg_timeout: float = 600.0  # seconds to wait for each protocol stage
     dp: str = "off"
     dp_noise_multiplier: float = 1.0
     dp_clipping_norm: float = 1.0  # the initial norm for adaptive clipping
@@ -115,6 +119,10 @@ class RunSettings:
              f"{len(self.model.channels)} U-Net levels, got {self.patch_size}"),
             ("/" not in self.run_name and "\\" not in self.run_name and self.run_name != "..",
              "run-name is a name, not a path"),
+            (self.secagg_clipping_range > 0, "secagg-clipping-range must be positive"),
+            (self.secagg_max_weight > 0, "secagg-max-weight must be positive"),
+            (0 < self.secagg_reconstruction_threshold <= 1,
+             "secagg-reconstruction-threshold must be in (0, 1]"),
             (self.dp in DP_MODES, f"dp must be one of {', '.join(DP_MODES)}"),
             (self.dp_noise_multiplier >= 0, "dp-noise-multiplier must be >= 0"),
             (self.dp_clipping_norm > 0, "dp-clipping-norm must be positive"),
@@ -165,6 +173,11 @@ class RunSettings:
             synthetic_train_cases=_get(cfg, "synthetic-train-cases", int, 6),
             synthetic_test_cases=_get(cfg, "synthetic-test-cases", int, 3),
             secure_aggregation=_get(cfg, "secure-aggregation", bool, False),
+            secagg_clipping_range=_get(cfg, "secagg-clipping-range", float, 8.0),
+            secagg_max_weight=_get(cfg, "secagg-max-weight", float, 1000.0),
+            secagg_reconstruction_threshold=_get(cfg, "secagg-reconstruction-threshold",
+                                                 float, 0.6),
+            secagg_timeout=_get(cfg, "secagg-timeout", float, 600.0),
             dp=str(cfg.get("dp", "off")),
             dp_noise_multiplier=_get(cfg, "dp-noise-multiplier", float, 1.0),
             dp_clipping_norm=_get(cfg, "dp-clipping-norm", float, 1.0),

@@ -17,11 +17,9 @@ round loop runs as it is. From the outside in:
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from logging import WARNING
-from pathlib import Path
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -41,17 +39,14 @@ from common.errors import FedsegError
 from common.metrics import METRICS, combine
 from common.privacy.accounting import PrivacyLedger
 from common.privacy.checks import update_problem
+from server.secagg import SecAggPlusFedAvg, SecureRound
+from server.wire import audit, content_bytes
 
 UNIFORM_WEIGHT = "dp-unit-weight"
 
 
 class PrivacyBudgetExhausted(FedsegError):
     kind = "privacy budget exhausted"
-
-
-def content_bytes(content: RecordDict) -> int:
-    """Payload bytes of a message: arrays, metrics and configs."""
-    return sum(record.count_bytes() for record in content.values())
 
 
 def site_name(msg: Message, known: dict[int, str] | None = None) -> str:
@@ -111,38 +106,37 @@ class RoundRecord:
     bytes_up: int = 0
 
 
-AUDIT_DIR_ENV = "FEDSEG_AUDIT_DIR"
-
-
 class SiteRecorder(StrategyWrapper):
     """Record per-site metrics, failures and bytes of each round.
 
     With ``FEDSEG_AUDIT_DIR`` set in the server's environment, every reply is
-    also written there as received (Flower's serialised message), so a
-    coordinator or a hospital's data-protection officer can audit exactly what
-    left the sites.
+    also kept there as received (see ``server.wire.audit``).
     """
 
     def __init__(self, inner: Strategy) -> None:
         super().__init__(inner)
         self.rounds: dict[int, RoundRecord] = {}
         self.names: dict[int, str] = {}  # node id -> public site name, as replies say
-        audit = os.environ.get(AUDIT_DIR_ENV)
-        self.audit_dir = Path(audit) if audit else None
-
-    def _audit(self, server_round: int, phase: str, msg: Message) -> None:
-        from flwr.common.serde import message_to_proto
-
-        assert self.audit_dir is not None
-        self.audit_dir.mkdir(parents=True, exist_ok=True)
-        name = f"round{server_round:04d}-{phase}-node{msg.metadata.src_node_id}.bin"
-        (self.audit_dir / name).write_bytes(message_to_proto(msg).SerializeToString())
 
     def round(self, server_round: int) -> RoundRecord:
         return self.rounds.setdefault(server_round, RoundRecord())
 
     def note_failure(self, server_round: int, text: str) -> None:
         self.round(server_round).failures.append(text)
+
+    def secure_round(self, server_round: int, result: SecureRound) -> None:
+        """A SecAgg+ round's traffic and per-site numbers (its messages bypass
+        ``configure_train``/``aggregate_train``)."""
+        rec = self.round(server_round)
+        rec.train.update(result.sites)
+        rec.bytes_down += result.bytes_down
+        rec.bytes_up += result.bytes_up
+        if result.halted:
+            rec.failures.append("train: the secure round halted (too few sites answered to "
+                                "unmask the sum); the model is unchanged this round")
+        elif result.failures:
+            rec.failures.append(f"train: {result.failures} site(s) dropped out of the secure "
+                                f"round; the aggregate is of the others")
 
     def _sent(self, server_round: int, messages: Iterable[Message]) -> list[Message]:
         messages = list(messages)
@@ -155,8 +149,7 @@ class SiteRecorder(StrategyWrapper):
         rec = self.round(server_round)
         for msg in replies:
             name = site_name(msg, self.names)
-            if self.audit_dir is not None:
-                self._audit(server_round, phase, msg)
+            audit(server_round, phase, msg)
             if msg.has_error():
                 rec.failures.append(f"{phase} at {name}: {msg.error.reason}")
                 log(WARNING, "round %d: %s failed at %s: %s", server_round, phase, name,
@@ -294,7 +287,7 @@ def build_strategy(settings: RunSettings, num_sampled: int | None = None,
     the noise (defaults to ``min-nodes``).
     """
     dp_on = settings.dp != "off"
-    fedavg = FedAvg(
+    fedavg_args = dict(
         fraction_train=settings.fraction_train,
         fraction_evaluate=settings.fraction_evaluate,
         min_train_nodes=settings.min_nodes,
@@ -303,6 +296,15 @@ def build_strategy(settings: RunSettings, num_sampled: int | None = None,
         weighted_by_key=UNIFORM_WEIGHT if dp_on else "num-examples",
         evaluate_metrics_aggr_fn=aggregate_site_metrics,
     )
+    fedavg: FedAvg
+    if settings.secure_aggregation:
+        fedavg = SecAggPlusFedAvg(
+            clipping_range=settings.secagg_clipping_range,
+            max_weight=settings.secagg_max_weight,
+            reconstruction_threshold=settings.secagg_reconstruction_threshold,
+            timeout=settings.secagg_timeout, **fedavg_args)
+    else:
+        fedavg = FedAvg(**fedavg_args)
     checks = UpdateChecks(dp_wrapper(settings, fedavg, num_sampled or settings.min_nodes),
                           uniform_weights=dp_on)
     outer: Strategy = checks
@@ -311,6 +313,8 @@ def build_strategy(settings: RunSettings, num_sampled: int | None = None,
             settings.dp_noise_multiplier, settings.dp_delta, settings.dp_max_epsilon))
     recorder = SiteRecorder(outer)
     checks.on_reject = recorder.note_failure
+    if isinstance(fedavg, SecAggPlusFedAvg):
+        fedavg.on_round = recorder.secure_round
     return recorder
 
 

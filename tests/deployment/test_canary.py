@@ -13,7 +13,7 @@ import pytest
 
 from common.data.synthetic import write_federation
 from server.localfed import LocalFederation
-from server.strategy import AUDIT_DIR_ENV
+from server.wire import AUDIT_DIR_ENV
 
 pytestmark = pytest.mark.federation
 

@@ -329,6 +329,57 @@ def cmd_bench_deploy(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_privacy(args: argparse.Namespace) -> int:
+    """Secure aggregation's cost, and DP's effect on Dice, in side-by-side
+    simulations on this machine."""
+    import tempfile
+
+    from common.data.synthetic import write_federation
+    from server.runs import read_metrics
+    from server.simulation import Site, simulate
+
+    work = Path(tempfile.mkdtemp(prefix="bench-privacy-", dir=fedseg_home()))
+    console.print(f"work folder {work}")
+
+    def sites(n: int, n_train: int, n_test: int) -> list[Site]:
+        folders = write_federation(work / f"data-{n}-{n_train}", n, n_train, n_test)
+        return [Site(f.name, f) for f in folders]
+
+    lines = ["| hospitals | secure aggregation | seconds per round (round 2) | "
+             "bytes up per client per round | bytes down per client per round |",
+             "|---|---|---|---|---|"]
+    for n in args.hospitals:
+        federation = sites(n, 2, 1)
+        for secure in (False, True):
+            name = f"secagg-{n}-{'on' if secure else 'off'}"
+            simulate(federation, work / name, {"num-rounds": 2, "local-epochs": 1,
+                                               "secure-aggregation": secure,
+                                               "min-nodes": n}, timeout=1800)
+            row = read_metrics(work / name)[-1]
+            lines.append(f"| {n} | {'on' if secure else 'off'} | {row['seconds']:.1f} | "
+                         f"{row['bytes_up'] / n / 1e6:.2f} MB | "
+                         f"{row['bytes_down'] / n / 1e6:.2f} MB |")
+            console.print(lines[-1])
+    lines += ["", "| DP (client-side fixed clipping) | noise multiplier | clipping norm | "
+              f"Dice after {args.rounds} rounds | epsilon (delta 1e-5) |", "|---|---|---|---|---|"]
+    demo = sites(3, 6, 3)
+    for z in (None, *args.noise):
+        name = f"dp-{z}"
+        config = {"num-rounds": args.rounds, "local-epochs": 2}
+        if z is not None:
+            config |= {"dp": "client-fixed", "dp-noise-multiplier": z,
+                       "dp-clipping-norm": args.clip}
+        summary = simulate(demo, work / name, config, timeout=1800)
+        eps = summary["privacy"]["epsilon"]
+        lines.append(f"| {'off' if z is None else 'on'} | {'-' if z is None else z} | "
+                     f"{'-' if z is None else args.clip} | {summary['dice_final']:.3f} | "
+                     f"{'-' if eps is None else f'{eps:.2f}'} |")
+        console.print(lines[-1])
+    (work / "privacy.md").write_text("\n".join(lines) + "\n")
+    console.print("\n".join(lines), soft_wrap=True)
+    return 0
+
+
 def _common_run_options(p: argparse.ArgumentParser, local: bool = True) -> None:
     p.add_argument("--rounds", type=int, help="federated rounds (num-rounds)")
     p.add_argument("--local-epochs", type=int, help="local epochs per round")
@@ -424,6 +475,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--hospitals", type=int, default=2)
     b.add_argument("--threads", type=int, default=1, help="CPU threads per hospital")
     b.set_defaults(func=cmd_bench_deploy)
+    b = bsub.add_parser("privacy", help="secure aggregation's cost and DP's effect on Dice")
+    b.add_argument("--hospitals", type=int, nargs="+", default=[3, 10])
+    b.add_argument("--noise", type=float, nargs="+", default=[0.3, 1.0],
+                   help="DP noise multipliers to compare with no DP")
+    b.add_argument("--clip", type=float, default=0.1, help="DP clipping norm")
+    b.add_argument("--rounds", type=int, default=6)
+    b.set_defaults(func=cmd_bench_privacy)
 
     p = sub.add_parser("node", help="hospital: run this hospital's SuperNode")
     p.add_argument("--superlink", required=True, help="host:port of the SuperLink")

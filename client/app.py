@@ -132,7 +132,8 @@ def train_handler(msg: Message, context: Context) -> Message:
         server_round = int(msg.content["config"].get("server-round", 0))
         cases = load_site(data_dir, "training")
         seed = settings.seed * 1_000_003 + server_round * 1_009 + site.partition_id
-        result = train(model, cases, settings, device, seed=seed)
+        mu = float(msg.content["config"].get("proximal-mu", 0.0))  # sent by FedProx
+        result = train(model, cases, settings, device, seed=seed, proximal_mu=mu)
     except Exception as exc:  # noqa: BLE001 - every failure leaves scrubbed
         return _failed(msg, context, exc, "train")
     metrics = MetricRecord(

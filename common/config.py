@@ -21,6 +21,7 @@ from typing import Any
 from common.errors import ConfigError
 
 INPUT_CHANNELS = {"grey": 1, "rgb": 3, "red": 1, "green": 1, "blue": 1}
+STRATEGIES = ("fedavg", "fedprox", "fedadam")
 DP_MODES = ("off", "server-fixed", "server-adaptive", "client-fixed", "client-adaptive")
 
 
@@ -88,6 +89,10 @@ class RunSettings:
     patches_per_image: int = 2
     synthetic_train_cases: int = 6
     synthetic_test_cases: int = 3
+    strategy: str = "fedavg"  # fedavg | fedprox | fedadam
+    fedprox_mu: float = 0.01
+    fedadam_eta: float = 0.01  # server learning rate
+    fedadam_tau: float = 1e-3
     # Privacy (see docs/privacy.md)
     secure_aggregation: bool = False
     secagg_clipping_range: float = 8.0  # weights are cut to +-this before quantisation
@@ -119,6 +124,10 @@ class RunSettings:
              f"{len(self.model.channels)} U-Net levels, got {self.patch_size}"),
             ("/" not in self.run_name and "\\" not in self.run_name and self.run_name != "..",
              "run-name is a name, not a path"),
+            (self.strategy in STRATEGIES, f"strategy must be one of {', '.join(STRATEGIES)}"),
+            (not (self.secure_aggregation and self.strategy == "fedadam"),
+             "secure aggregation runs with fedavg or fedprox, not fedadam"),
+            (self.fedprox_mu >= 0, "fedprox-mu must be >= 0"),
             (self.secagg_clipping_range > 0, "secagg-clipping-range must be positive"),
             (self.secagg_max_weight > 0, "secagg-max-weight must be positive"),
             (0 < self.secagg_reconstruction_threshold <= 1,
@@ -172,6 +181,10 @@ class RunSettings:
             patches_per_image=_get(cfg, "patches-per-image", int, 2),
             synthetic_train_cases=_get(cfg, "synthetic-train-cases", int, 6),
             synthetic_test_cases=_get(cfg, "synthetic-test-cases", int, 3),
+            strategy=str(cfg.get("strategy", "fedavg")),
+            fedprox_mu=_get(cfg, "fedprox-mu", float, 0.01),
+            fedadam_eta=_get(cfg, "fedadam-eta", float, 0.01),
+            fedadam_tau=_get(cfg, "fedadam-tau", float, 1e-3),
             secure_aggregation=_get(cfg, "secure-aggregation", bool, False),
             secagg_clipping_range=_get(cfg, "secagg-clipping-range", float, 8.0),
             secagg_max_weight=_get(cfg, "secagg-max-weight", float, 1000.0),

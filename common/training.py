@@ -56,8 +56,15 @@ def train(
     settings: RunSettings,
     device: torch.device,
     seed: int = 0,
+    epochs: int | None = None,
+    proximal_mu: float = 0.0,
 ) -> TrainResult:
-    """Train ``model`` in place for ``settings.local_epochs`` passes over ``cases``."""
+    """Train ``model`` in place for ``epochs`` (default ``settings.local_epochs``)
+    passes over ``cases``.
+
+    ``proximal_mu`` > 0 adds FedProx's proximal term ``mu/2 * ||w - w_start||^2``
+    (Li et al. 2020), which keeps a site's model near the global one it started from.
+    """
     if not cases:
         raise EmptyDatasetError("no training case to train on")
     start = time.perf_counter()
@@ -74,19 +81,24 @@ def train(
     model.to(device).train()
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
+    start_weights = [p.detach().clone() for p in model.parameters()] if proximal_mu else []
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
     losses = []
     with warnings.catch_warnings():
         # RandCropByPosNegLabel warns on slices without foreground; it falls back
         # to background patches, which is what we want there.
         warnings.simplefilter("ignore")
-        for _epoch in range(settings.local_epochs):
+        for _epoch in range(epochs or settings.local_epochs):
             for batch in loader:
                 image = batch["image"].to(device)
                 label = batch["label"].to(device)
                 optimizer.zero_grad(set_to_none=True)
                 with _autocast(device):
                     loss = loss_fn(model(image), label)
+                    if proximal_mu:
+                        loss = loss + proximal_mu / 2 * sum(
+                            (p - p0).pow(2).sum()
+                            for p, p0 in zip(model.parameters(), start_weights, strict=True))
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()

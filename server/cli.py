@@ -23,6 +23,7 @@ console = Console(highlight=False)
 
 DEMO_SITES = 3
 DEFAULT_PORT = 9093
+QUALITY_ROUNDS, QUALITY_LOCAL_EPOCHS = 30, 2
 DEMO_ROUNDS = 6
 DEMO_LOCAL_EPOCHS = 2
 
@@ -380,6 +381,40 @@ def cmd_bench_privacy(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_quality(args: argparse.Namespace) -> int:
+    from server.bench import METHODS, RETINA, quality
+    from server.simulation import Site
+
+    folders = [Path(p) for p in args.site_dirs]
+    if not folders:
+        retina = Path(__file__).resolve().parents[2] / "shared" / "data" / "retina"
+        folders = [retina / "chase_db1", retina / "stare"]
+        if not all(f.is_dir() for f in folders):
+            raise FedsegError("give SITE_DIRs (the default retina sites are not at "
+                              f"{retina})")
+    overrides = dict(RETINA) if args.retina_defaults else {}
+    overrides |= _overrides(args)
+    rounds = overrides.pop("num-rounds", QUALITY_ROUNDS)
+    local_epochs = overrides.pop("local-epochs", QUALITY_LOCAL_EPOCHS)
+    out = Path(args.out) if args.out else _default_out("bench-quality")
+    methods = tuple(args.methods.split(",")) if args.methods else METHODS
+    console.print(f"quality benchmark: {', '.join(f.name for f in folders)}; {rounds} "
+                  f"rounds x {local_epochs} local epochs; methods {', '.join(methods)}; "
+                  f"output {out}", soft_wrap=True)
+
+    def show(method: str, result: dict) -> None:
+        dice = "  ".join(f"{s} {_fmt(m['dice'])}" for s, m in result["sites"].items())
+        console.print(f"{method:>8}  Dice {dice}  ({result['seconds']:.0f} s)", soft_wrap=True)
+
+    report = quality([Site(f.resolve().name, f) for f in folders], out, overrides,
+                     rounds=rounds, local_epochs=local_epochs, methods=methods,
+                     on_result=show)
+    console.print((out / "quality.md").read_text(), soft_wrap=True)
+    console.print(f"machine: {report['machine']}; written {out}/quality.md, quality.json, "
+                  f"dice.png", soft_wrap=True)
+    return 0
+
+
 def _common_run_options(p: argparse.ArgumentParser, local: bool = True) -> None:
     p.add_argument("--rounds", type=int, help="federated rounds (num-rounds)")
     p.add_argument("--local-epochs", type=int, help="local epochs per round")
@@ -482,6 +517,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--clip", type=float, default=0.1, help="DP clipping norm")
     b.add_argument("--rounds", type=int, default=6)
     b.set_defaults(func=cmd_bench_privacy)
+    b = bsub.add_parser("quality", help="local-only vs pooled vs FedAvg/FedProx/FedAdam")
+    b.add_argument("site_dirs", nargs="*", metavar="SITE_DIR",
+                   help="site folders (default: the two retina sites in ../shared/data)")
+    b.add_argument("--methods", help="comma-separated subset of local,pooled,fedavg,"
+                   "fedprox,fedadam")
+    b.add_argument("--no-retina-defaults", dest="retina_defaults", action="store_false",
+                   help="do not apply the retina settings (green channel, 96-px patches)")
+    _common_run_options(b)
+    b.set_defaults(func=cmd_bench_quality)
 
     p = sub.add_parser("node", help="hospital: run this hospital's SuperNode")
     p.add_argument("--superlink", required=True, help="host:port of the SuperLink")

@@ -147,6 +147,7 @@ class SecAggPlusFedAvg(FedAvg):
 
     def __init__(self, *, clipping_range: float, max_weight: float,
                  reconstruction_threshold: float = 0.6, timeout: float = 600.0,
+                 proximal_mu: float = 0.0,
                  on_round: Callable[[int, SecureRound], None] | None = None,
                  **fedavg: Any) -> None:
         super().__init__(**fedavg)
@@ -154,6 +155,7 @@ class SecAggPlusFedAvg(FedAvg):
         self.max_weight = max_weight
         self.reconstruction_threshold = reconstruction_threshold
         self.timeout = timeout
+        self.proximal_mu = proximal_mu  # FedProx under secure aggregation
         self.on_round = on_round
         self._rounds: dict[int, tuple[SecureRound, ArrayRecord]] = {}
 
@@ -163,6 +165,8 @@ class SecAggPlusFedAvg(FedAvg):
         node_ids, _ = sample_nodes(grid, self.min_available_nodes,
                                    max(num_nodes, self.min_train_nodes))
         config["server-round"] = server_round
+        if self.proximal_mu:
+            config["proximal-mu"] = self.proximal_mu
         train_config = ConfigRecord(dict(config))
         proxies = [GridClientProxy(nid, grid, grid.run.run_id) for nid in node_ids]
         parameters = ndarrays_to_parameters(arrays.to_numpy_ndarrays())

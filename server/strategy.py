@@ -30,7 +30,9 @@ from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
     DifferentialPrivacyServerSideAdaptiveClipping,
     DifferentialPrivacyServerSideFixedClipping,
+    FedAdam,
     FedAvg,
+    FedProx,
     Strategy,
 )
 
@@ -299,10 +301,15 @@ def build_strategy(settings: RunSettings, num_sampled: int | None = None,
     fedavg: FedAvg
     if settings.secure_aggregation:
         fedavg = SecAggPlusFedAvg(
+            proximal_mu=settings.fedprox_mu if settings.strategy == "fedprox" else 0.0,
             clipping_range=settings.secagg_clipping_range,
             max_weight=settings.secagg_max_weight,
             reconstruction_threshold=settings.secagg_reconstruction_threshold,
             timeout=settings.secagg_timeout, **fedavg_args)
+    elif settings.strategy == "fedprox":
+        fedavg = FedProx(proximal_mu=settings.fedprox_mu, **fedavg_args)
+    elif settings.strategy == "fedadam":
+        fedavg = FedAdam(eta=settings.fedadam_eta, tau=settings.fedadam_tau, **fedavg_args)
     else:
         fedavg = FedAvg(**fedavg_args)
     checks = UpdateChecks(dp_wrapper(settings, fedavg, num_sampled or settings.min_nodes),

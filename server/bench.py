@@ -1,0 +1,162 @@
+"""``fedseg bench quality``: does joining the federation beat training alone,
+and how close does it come to pooling everyone's data?
+
+For the same site folders and the same number of passes over each site's
+training data, it trains and scores, on each site's own test cases:
+
+* local-only: one model per site, on that site alone;
+* pooled: one model on all sites' training cases together (the upper
+  reference; it needs the data in one place, which is what the federation avoids);
+* FedAvg, FedProx and FedAdam (a server optimiser, for sites that differ),
+  each through the real Flower simulation.
+
+Local and pooled training call ``common.training`` directly, with the same
+settings, model and seeds the federated clients use.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.config import RunSettings
+from common.data.site import Case, load_site
+from common.metrics import METRICS, combine
+from common.model import build_model, pick_device
+from common.training import evaluate, train
+from server.runs import read_metrics
+from server.simulation import Site, simulate
+
+FEDERATED = ("fedavg", "fedprox", "fedadam")
+METHODS = ("local", "pooled", *FEDERATED)
+
+# Retina defaults: the green channel carries the vessel contrast; 96-px patches.
+RETINA = {"input-channels": "green", "patch-size": 96, "patches-per-image": 8,
+          "batch-size": 16, "learning-rate": 2e-3}
+
+
+def machine() -> str:
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{platform.machine()}, {os.cpu_count()} cores, {gpu}, Python "
+            f"{platform.python_version()}, torch {torch.__version__}")
+
+
+def _centralised(train_cases: list[Case], tests: dict[str, list[Case]], settings: RunSettings,
+                 epochs: int, every: int, seed: int) -> tuple[dict[str, dict], list[dict]]:
+    """Train one model on ``train_cases``; score it on each site's tests every
+    ``every`` epochs. Returns the final per-site metrics and the Dice curve."""
+    device = pick_device(os.environ.get("FEDSEG_DEVICE", "auto"))
+    torch.manual_seed(seed)
+    model = build_model(settings.model)
+    curve = []
+    for step in range(every, epochs + 1, every):
+        train(model, train_cases, settings, device, seed=seed * 1000 + step, epochs=every)
+        scores = {s: evaluate(model, cases, settings, device).summary for s, cases in
+                  tests.items()}
+        curve.append({"round": step // every, "dice": {s: v["dice"] for s, v in scores.items()}})
+    return scores, curve
+
+
+def quality(sites: list[Site], out: Path, overrides: dict[str, Any], *, rounds: int,
+            local_epochs: int, methods: tuple[str, ...] = METHODS,
+            on_result: Callable[[str, dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run every method; write ``quality.json``, ``quality.md`` and ``dice.png`` to ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = RunSettings.from_run_config({**overrides, "local-epochs": local_epochs})
+    epochs = rounds * local_epochs
+    train_sets = {s.name: load_site(s.data_dir, "training") for s in sites}
+    tests = {s.name: load_site(s.data_dir, "test") for s in sites}
+    results: dict[str, Any] = {}
+    curves: dict[str, list[dict]] = {}
+
+    def record(method: str, per_site: dict[str, dict], seconds: float,
+               curve: list[dict]) -> None:
+        per_site = {s: {k: m[k] for k in (*METRICS, "num-examples")} for s, m in
+                    per_site.items()}
+        results[method] = {"sites": per_site, "overall": combine(list(per_site.values())),
+                           "seconds": round(seconds, 1)}
+        curves[method] = curve
+        if on_result:
+            on_result(method, results[method])
+
+    for method in methods:
+        start = time.perf_counter()
+        if method == "local":
+            per_site, curve_sites = {}, {}
+            for name in train_sets:
+                scores, curve = _centralised(train_sets[name], {name: tests[name]}, settings,
+                                             epochs, local_epochs, settings.seed)
+                per_site[name] = scores[name]
+                curve_sites[name] = curve
+            curve = [{"round": r["round"], "dice": {n: curve_sites[n][i]["dice"][n]
+                                                    for n in curve_sites}}
+                     for i, r in enumerate(next(iter(curve_sites.values())))]
+            record(method, per_site, time.perf_counter() - start, curve)
+        elif method == "pooled":
+            pooled = [c for cases in train_sets.values() for c in cases]
+            per_site, curve = _centralised(pooled, tests, settings, epochs, local_epochs,
+                                           settings.seed)
+            record(method, per_site, time.perf_counter() - start, curve)
+        else:
+            run_dir = out / method
+            config = {**overrides, "num-rounds": rounds, "local-epochs": local_epochs,
+                      "strategy": method, "min-nodes": len(sites), "run-name": method}
+            summary = simulate(sites, run_dir, config, timeout=6 * 3600)
+            curve = [{"round": r["round"], "dice": r["dice"]} for r in read_metrics(run_dir)]
+            record(method, summary["final"]["sites"], time.perf_counter() - start, curve)
+    report = {"machine": machine(), "rounds": rounds, "local_epochs": local_epochs,
+              "epochs_per_site": epochs, "settings": settings.to_run_config(),
+              "results": results, "curves": curves}
+    (out / "quality.json").write_text(json.dumps(report, indent=2, default=str))
+    (out / "quality.md").write_text(markdown(report))
+    plot(curves, out / "dice.png")
+    return report
+
+
+def markdown(report: dict[str, Any]) -> str:
+    results = report["results"]
+    sites = sorted({s for r in results.values() for s in r["sites"]})
+    lines = [f"Machine: {report['machine']}. {report['rounds']} rounds x "
+             f"{report['local_epochs']} local epochs = {report['epochs_per_site']} passes over "
+             f"each site's training cases for every method.", "",
+             "| method | site | Dice | IoU | HD95 | sensitivity | specificity | wall time (s) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for method, r in results.items():
+        for site in sites:
+            m = r["sites"].get(site)
+            if m is None:
+                continue
+            vals = " | ".join("n/a" if m.get(k) is None else f"{m[k]:.3f}" for k in METRICS)
+            lines.append(f"| {method} | {site} | {vals} | {r['seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(curves: dict[str, list[dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sites = sorted({s for c in curves.values() for r in c for s in r["dice"]})
+    fig, axes = plt.subplots(1, len(sites), figsize=(5 * len(sites), 4), dpi=100,
+                             squeeze=False)
+    for ax, site in zip(axes[0], sites, strict=True):
+        for method, curve in curves.items():
+            pts = [(r["round"], r["dice"][site]) for r in curve
+                   if r["dice"].get(site) is not None]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), label=method)
+        ax.set(title=site, xlabel="round (local epochs each)", ylabel="test Dice", ylim=(0, 1))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

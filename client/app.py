@@ -71,7 +71,7 @@ def _setup(msg: Message, context: Context) -> tuple[RunSettings, SiteSettings, P
     return settings, site, data_dir, model, pick_device(site.device)
 
 
-def _failed(msg: Message, context: Context, exc: Exception, what: str) -> Message:
+def _failed(msg: Message, exc: Exception, what: str) -> Message:
     log.error("%s failed at this site: %s", what, exc, exc_info=exc)  # local log only
     return Message(
         Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{what}: {scrub(exc)}"),
@@ -135,7 +135,7 @@ def train_handler(msg: Message, context: Context) -> Message:
         mu = float(msg.content["config"].get("proximal-mu", 0.0))  # sent by FedProx
         result = train(model, cases, settings, device, seed=seed, proximal_mu=mu)
     except Exception as exc:  # noqa: BLE001 - every failure leaves scrubbed
-        return _failed(msg, context, exc, "train")
+        return _failed(msg, exc, "train")
     metrics = MetricRecord(
         {
             "num-examples": result.num_cases,
@@ -161,7 +161,7 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
         cases = load_site(data_dir, "test")
         summary = evaluate(model, cases, settings, device).summary
     except Exception as exc:  # noqa: BLE001
-        return _failed(msg, context, exc, "evaluate")
+        return _failed(msg, exc, "evaluate")
     metrics = MetricRecord({k: float(summary[k]) for k in METRICS})
     metrics["num-examples"] = int(summary["num-examples"])
     content = RecordDict({"metrics": metrics, "site": ConfigRecord({"name": site.name})})

@@ -20,12 +20,12 @@ import ssl
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from common.data.site import list_cases
 from common.errors import ConfigError, FedsegError
+from common.processes import stop_group
 
 
 class NodeError(FedsegError):
@@ -211,18 +211,3 @@ def run_node(settings: NodeSettings, env: dict[str, str], log_path: Path | None 
         return code or 1
     return code
 
-
-def stop_group(pgid: int, grace: float = 10.0) -> None:
-    """SIGTERM a process group, then SIGKILL whatever is left after ``grace``."""
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 2.0)):
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(pgid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.1)

@@ -54,7 +54,9 @@ def main(grid: Grid, context: Context) -> None:
     if settings.dp != "off":
         ledger = PrivacyLedger(settings.dp_noise_multiplier, settings.dp_delta,
                                settings.dp_max_epsilon, releases=run.dp_releases())
-    strategy = build_strategy(settings, nodes_per_round(grid, settings), ledger)
+    # Only DP needs the number of nodes up front (to scale its noise).
+    sampled = nodes_per_round(grid, settings) if ledger is not None else None
+    strategy = build_strategy(settings, sampled, ledger)
     log(INFO, "fedseg run %s: rounds %d..%d", run.path.name, done + 1, settings.num_rounds)
 
     def end_of_round(server_round: int, global_arrays: ArrayRecord) -> MetricRecord | None:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import numbers
-import os
-import signal
 import socket
 import subprocess
 import time
@@ -17,6 +15,7 @@ from typing import IO, Any
 import numpy as np
 
 from common.errors import FedsegError
+from common.processes import stop_group
 from server.runs import read_metrics
 
 
@@ -46,31 +45,9 @@ def run_config_arg(config: Mapping[str, Any]) -> str:
     return " ".join(f"{k}={toml_value(v)}" for k, v in config.items())
 
 
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-
-
 def stop_process_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    """SIGTERM the process group started for ``proc`` (``start_new_session``),
-    then SIGKILL what is left; Flower's helpers can outlive their parent."""
-    if proc.poll() is None or _group_alive(proc.pid):
-        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                break
-            deadline = time.monotonic() + wait
-            while time.monotonic() < deadline and _group_alive(proc.pid):
-                time.sleep(0.1)
-                proc.poll()
-            if not _group_alive(proc.pid):
-                break
+    """Stop the process group started for ``proc`` (``start_new_session``)."""
+    stop_group(proc.pid, grace)
     proc.wait(timeout=5)
 
 

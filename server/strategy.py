@@ -38,7 +38,7 @@ from flwr.serverapp.strategy import (
 
 from common.config import RunSettings
 from common.errors import FedsegError
-from common.metrics import METRICS, combine
+from common.metrics import combine
 from common.privacy.accounting import PrivacyLedger
 from common.privacy.checks import update_problem
 from server.secagg import SecAggPlusFedAvg, SecureRound
@@ -332,5 +332,3 @@ def mean_of(values: dict[str, dict[str, float]], key: str) -> float:
     total = sum(w for _, w in pairs)
     return sum(v * w for v, w in pairs) / total if total else math.nan
 
-
-__all__ = ["METRICS", "RoundRecord", "SiteRecorder", "build_strategy", "mean_of"]

@@ -174,7 +174,10 @@ def _pixels(ds, name: str) -> np.ndarray:
 
 
 def _read_dicom_file(path: Path) -> tuple[np.ndarray, ImageMeta]:
-    ds = _dcmread(path)
+    return _image_from_dataset(_dcmread(path), path)
+
+
+def _image_from_dataset(ds, path: Path) -> tuple[np.ndarray, ImageMeta]:
     if ds.get("SOPClassUID") == SEG_SOP_CLASS:
         raise UnsupportedFormatError(f"{path.name} is a DICOM SEG: a label, not an image")
     arr = _pixels(ds, path.name)
@@ -239,7 +242,7 @@ def _read_dicom_series(folder: Path) -> tuple[np.ndarray, ImageMeta]:
     datasets = [datasets[i] for i in order]
     if len(datasets) == 1:
         f, ds = datasets[0]
-        arr, meta = _read_dicom_file(f)
+        arr, meta = _image_from_dataset(ds, f)  # already read: no second pass
         meta.source_uids = [str(ds.SOPInstanceUID)]
         return arr, meta
     stack = np.stack([_pixels(ds, f.name) for f, ds in datasets])  # slices x rows x cols

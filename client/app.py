@@ -129,11 +129,15 @@ def train_handler(msg: Message, context: Context) -> Message:
     """Train the global model on this site's training cases."""
     try:
         settings, site, data_dir, model, device = _setup(msg, context)
-        server_round = int(msg.content["config"].get("server-round", 0))
+        config = msg.content["config"]
+        # The run's round: Flower counts from 1 again when a run is resumed.
+        server_round = int(config.get("server-round", 0)) + int(config.get("rounds-done", 0))
         cases = load_site(data_dir, "training")
         seed = settings.seed * 1_000_003 + server_round * 1_009 + site.partition_id
-        mu = float(msg.content["config"].get("proximal-mu", 0.0))  # sent by FedProx
-        result = train(model, cases, settings, device, seed=seed, proximal_mu=mu)
+        mu = float(config.get("proximal-mu", 0.0))  # sent by FedProx
+        progress = ((server_round - 1) / settings.num_rounds, server_round / settings.num_rounds)
+        result = train(model, cases, settings, device, seed=seed, proximal_mu=mu,
+                       progress=progress)
     except Exception as exc:  # noqa: BLE001 - every failure leaves scrubbed
         return _failed(msg, exc, "train")
     metrics = MetricRecord(

@@ -22,6 +22,7 @@ from common.errors import ConfigError
 
 INPUT_CHANNELS = {"grey": 1, "rgb": 3, "red": 1, "green": 1, "blue": 1}
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
+LR_SCHEDULES = ("cosine", "constant")
 DP_MODES = ("off", "server-fixed", "server-adaptive", "client-fixed", "client-adaptive")
 
 
@@ -79,14 +80,18 @@ class RunSettings:
     num_rounds: int = 5
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
+    evaluate_every: int = 1  # rounds between the sites' scoring (and always the last)
     min_nodes: int = 2
     local_epochs: int = 1
     learning_rate: float = 1e-3
+    lr_schedule: str = "cosine"  # cosine | constant, over all rounds
+    lr_min_ratio: float = 0.01  # the cosine ends at learning-rate x this
     batch_size: int = 8
     seed: int = 0
     input_channels: str = "grey"
     patch_size: int = 64
     patches_per_image: int = 2
+    test_time_flips: bool = True  # average predictions over mirrored images
     synthetic_train_cases: int = 6
     synthetic_test_cases: int = 3
     strategy: str = "fedavg"  # fedavg | fedprox | fedadam
@@ -113,8 +118,12 @@ class RunSettings:
             (0.0 < self.fraction_train <= 1.0, "fraction-train must be in (0, 1]"),
             (0.0 <= self.fraction_evaluate <= 1.0, "fraction-evaluate must be in [0, 1]"),
             (self.min_nodes >= 1, "min-nodes must be at least 1"),
+            (self.evaluate_every >= 1, "evaluate-every must be at least 1"),
             (self.local_epochs >= 1, "local-epochs must be at least 1"),
             (self.learning_rate > 0, "learning-rate must be positive"),
+            (self.lr_schedule in LR_SCHEDULES,
+             f"lr-schedule must be one of {', '.join(LR_SCHEDULES)}"),
+            (0.0 <= self.lr_min_ratio <= 1.0, "lr-min-ratio must be in [0, 1]"),
             (self.batch_size >= 1, "batch-size must be at least 1"),
             (self.patches_per_image >= 1, "patches-per-image must be at least 1"),
             (self.input_channels in INPUT_CHANNELS,
@@ -172,13 +181,17 @@ class RunSettings:
             fraction_train=_get(cfg, "fraction-train", float, 1.0),
             fraction_evaluate=_get(cfg, "fraction-evaluate", float, 1.0),
             min_nodes=_get(cfg, "min-nodes", int, 2),
+            evaluate_every=_get(cfg, "evaluate-every", int, 1),
             local_epochs=_get(cfg, "local-epochs", int, 1),
             learning_rate=_get(cfg, "learning-rate", float, 1e-3),
+            lr_schedule=str(cfg.get("lr-schedule", "cosine")),
+            lr_min_ratio=_get(cfg, "lr-min-ratio", float, 0.01),
             batch_size=_get(cfg, "batch-size", int, 8),
             seed=_get(cfg, "seed", int, 0),
             input_channels=input_channels,
             patch_size=_get(cfg, "patch-size", int, 64),
             patches_per_image=_get(cfg, "patches-per-image", int, 2),
+            test_time_flips=_get(cfg, "test-time-flips", bool, True),
             synthetic_train_cases=_get(cfg, "synthetic-train-cases", int, 6),
             synthetic_test_cases=_get(cfg, "synthetic-test-cases", int, 3),
             strategy=str(cfg.get("strategy", "fedavg")),

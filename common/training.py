@@ -6,7 +6,9 @@ site has it (with mixed precision), else the CPU.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import math
 import time
 import warnings
 from dataclasses import dataclass
@@ -58,9 +60,16 @@ def train(
     seed: int = 0,
     epochs: int | None = None,
     proximal_mu: float = 0.0,
+    progress: tuple[float, float] = (0.0, 1.0),
 ) -> TrainResult:
     """Train ``model`` in place for ``epochs`` (default ``settings.local_epochs``)
     passes over ``cases``.
+
+    ``progress``: the share of the whole training schedule (all rounds) done
+    before and after this call; with ``lr-schedule = "cosine"`` the learning
+    rate follows one cosine from ``learning-rate`` down to
+    ``lr-min-ratio`` x that over the whole schedule, so a round-``r`` call of an
+    ``R``-round run passes ``((r-1)/R, r/R)``.
 
     ``proximal_mu`` > 0 adds FedProx's proximal term ``mu/2 * ||w - w_start||^2``
     (Li et al. 2020), which keeps a site's model near the global one it started from.
@@ -84,12 +93,16 @@ def train(
     start_weights = [p.detach().clone() for p in model.parameters()] if proximal_mu else []
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
     losses = []
+    total_steps = max(1, (epochs or settings.local_epochs) * len(loader))
     with warnings.catch_warnings():
         # RandCropByPosNegLabel warns on slices without foreground; it falls back
         # to background patches, which is what we want there.
         warnings.simplefilter("ignore")
         for _epoch in range(epochs or settings.local_epochs):
             for batch in loader:
+                done = progress[0] + (progress[1] - progress[0]) * len(losses) / total_steps
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate_at(done, settings)
                 image = batch["image"].to(device)
                 label = batch["label"].to(device)
                 optimizer.zero_grad(set_to_none=True)
@@ -108,24 +121,44 @@ def train(
     return TrainResult(len(cases), float(np.mean(losses)), len(losses), seconds)
 
 
+def learning_rate_at(done: float, settings: RunSettings) -> float:
+    """The learning rate once ``done`` (0..1) of the whole schedule is behind."""
+    if settings.lr_schedule == "constant":
+        return settings.learning_rate
+    floor = settings.lr_min_ratio
+    done = min(max(done, 0.0), 1.0)
+    return settings.learning_rate * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * done)))
+
+
 @torch.no_grad()
 def predict(
     model: torch.nn.Module, image: np.ndarray, settings: RunSettings, device: torch.device
 ) -> np.ndarray:
     """Label map ``1 x spatial`` (uint8) of a prepared image ``C x spatial``,
     by sliding-window inference at full resolution (slice by slice for a 2D
-    model on a volume)."""
+    model on a volume). With ``test-time-flips`` the class probabilities are
+    averaged over the image and its mirror images along every spatial axis
+    (as nnU-Net does), matching the flips seen in training."""
     model.to(device).eval()
     dims = settings.model.spatial_dims
     roi = (settings.patch_size,) * dims
+    flips = [()]
+    if settings.test_time_flips:
+        axes = tuple(range(2, 2 + dims))
+        flips += [c for k in range(1, dims + 1) for c in itertools.combinations(axes, k)]
 
     def infer(x: np.ndarray) -> np.ndarray:
         inputs = torch.as_tensor(x, device=device)[None]
-        with _autocast(device):
-            logits = sliding_window_inference(
-                inputs, roi, sw_batch_size=8, predictor=model, overlap=0.25, mode="gaussian"
-            )
-        return logits.argmax(dim=1).to(torch.uint8).cpu().numpy()  # 1 x spatial
+        probs = 0
+        for axes in flips:
+            flipped = torch.flip(inputs, axes) if axes else inputs
+            with _autocast(device):
+                logits = sliding_window_inference(
+                    flipped, roi, sw_batch_size=8, predictor=model, overlap=0.25,
+                    mode="gaussian")
+            p = logits.float().softmax(dim=1)
+            probs = probs + (torch.flip(p, axes) if axes else p)
+        return probs.argmax(dim=1).to(torch.uint8).cpu().numpy()  # 1 x spatial
 
     if image.ndim - 1 == dims:
         return infer(image)

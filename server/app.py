@@ -6,7 +6,7 @@ import time
 from logging import INFO, WARNING
 
 import torch
-from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
@@ -56,7 +56,7 @@ def main(grid: Grid, context: Context) -> None:
                                settings.dp_max_epsilon, releases=run.dp_releases())
     # Only DP needs the number of nodes up front (to scale its noise).
     sampled = nodes_per_round(grid, settings) if ledger is not None else None
-    strategy = build_strategy(settings, sampled, ledger)
+    strategy = build_strategy(settings, sampled, ledger, rounds_done=done)
     log(INFO, "fedseg run %s: rounds %d..%d", run.path.name, done + 1, settings.num_rounds)
 
     def end_of_round(server_round: int, global_arrays: ArrayRecord) -> MetricRecord | None:
@@ -71,6 +71,9 @@ def main(grid: Grid, context: Context) -> None:
         try:
             result = strategy.start(grid=grid, initial_arrays=arrays,
                                     num_rounds=settings.num_rounds - done,
+                                    # Flower counts this call's rounds from 1; the sites'
+                                    # learning-rate schedule spans the whole run
+                                    train_config=ConfigRecord({"rounds-done": done}),
                                     evaluate_fn=end_of_round)
         except PrivacyBudgetExhausted as exc:
             stopped = f"privacy budget: {exc}"

@@ -38,8 +38,8 @@ FEDERATED = ("fedavg", "fedprox", "fedadam")
 METHODS = ("local", "pooled", *FEDERATED)
 
 # Retina defaults: the green channel carries the vessel contrast; 96-px patches.
-RETINA = {"input-channels": "green", "patch-size": 96, "patches-per-image": 8,
-          "batch-size": 16, "learning-rate": 2e-3}
+RETINA = {"input-channels": "rgb", "patch-size": 96, "patches-per-image": 8,
+          "batch-size": 16, "learning-rate": 2e-3, "evaluate-every": 10}
 
 
 def machine() -> str:
@@ -49,18 +49,22 @@ def machine() -> str:
 
 
 def _centralised(train_cases: list[Case], tests: dict[str, list[Case]], settings: RunSettings,
-                 epochs: int, every: int, seed: int) -> tuple[dict[str, dict], list[dict]]:
-    """Train one model on ``train_cases``; score it on each site's tests every
-    ``every`` epochs. Returns the final per-site metrics and the Dice curve."""
+                 seed: int) -> tuple[dict[str, dict], list[dict]]:
+    """Train one model on ``train_cases`` for ``num-rounds`` x ``local-epochs``
+    epochs, on the federated runs' learning-rate schedule; score it on each
+    site's tests every ``evaluate-every`` rounds and after the last. Returns the
+    final per-site metrics and the Dice curve."""
     device = pick_device(os.environ.get("FEDSEG_DEVICE", "auto"))
     torch.manual_seed(seed)
     model = build_model(settings.model)
-    curve = []
-    for step in range(every, epochs + 1, every):
-        train(model, train_cases, settings, device, seed=seed * 1000 + step, epochs=every)
-        scores = {s: evaluate(model, cases, settings, device).summary for s, cases in
-                  tests.items()}
-        curve.append({"round": step // every, "dice": {s: v["dice"] for s, v in scores.items()}})
+    rounds, curve, scores = settings.num_rounds, [], {}
+    for r in range(1, rounds + 1):
+        train(model, train_cases, settings, device, seed=seed * 1000 + r,
+              progress=((r - 1) / rounds, r / rounds))
+        if r % settings.evaluate_every == 0 or r == rounds:
+            scores = {s: evaluate(model, cases, settings, device).summary for s, cases in
+                      tests.items()}
+            curve.append({"round": r, "dice": {s: v["dice"] for s, v in scores.items()}})
     return scores, curve
 
 
@@ -70,7 +74,8 @@ def quality(sites: list[Site], out: Path, overrides: dict[str, Any], *, rounds: 
     """Run every method; write ``quality.json``, ``quality.md`` and ``dice.png`` to ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    settings = RunSettings.from_run_config({**overrides, "local-epochs": local_epochs})
+    settings = RunSettings.from_run_config({**overrides, "num-rounds": rounds,
+                                            "local-epochs": local_epochs})
     epochs = rounds * local_epochs
     train_sets = {s.name: load_site(s.data_dir, "training") for s in sites}
     tests = {s.name: load_site(s.data_dir, "test") for s in sites}
@@ -93,7 +98,7 @@ def quality(sites: list[Site], out: Path, overrides: dict[str, Any], *, rounds: 
             per_site, curve_sites = {}, {}
             for name in train_sets:
                 scores, curve = _centralised(train_sets[name], {name: tests[name]}, settings,
-                                             epochs, local_epochs, settings.seed)
+                                             settings.seed)
                 per_site[name] = scores[name]
                 curve_sites[name] = curve
             curve = [{"round": r["round"], "dice": {n: curve_sites[n][i]["dice"][n]
@@ -102,8 +107,7 @@ def quality(sites: list[Site], out: Path, overrides: dict[str, Any], *, rounds: 
             record(method, per_site, time.perf_counter() - start, curve)
         elif method == "pooled":
             pooled = [c for cases in train_sets.values() for c in cases]
-            per_site, curve = _centralised(pooled, tests, settings, epochs, local_epochs,
-                                           settings.seed)
+            per_site, curve = _centralised(pooled, tests, settings, settings.seed)
             record(method, per_site, time.perf_counter() - start, curve)
         else:
             run_dir = out / method

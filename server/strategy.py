@@ -20,6 +20,7 @@ import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from logging import WARNING
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -41,6 +42,7 @@ from common.errors import FedsegError
 from common.metrics import combine
 from common.privacy.accounting import PrivacyLedger
 from common.privacy.checks import update_problem
+from common.training import learning_rate_at
 from server.secagg import SecAggPlusFedAvg, SecureRound
 from server.wire import audit, content_bytes
 
@@ -119,6 +121,8 @@ class SiteRecorder(StrategyWrapper):
         super().__init__(inner)
         self.rounds: dict[int, RoundRecord] = {}
         self.names: dict[int, str] = {}  # node id -> public site name, as replies say
+        # Which rounds the sites score the global model in (``evaluate-every``)
+        self.evaluate_due: Callable[[int], bool] = lambda server_round: True
 
     def round(self, server_round: int) -> RoundRecord:
         return self.rounds.setdefault(server_round, RoundRecord())
@@ -173,6 +177,8 @@ class SiteRecorder(StrategyWrapper):
                                        self._received(server_round, replies, "train"))
 
     def configure_evaluate(self, server_round, arrays, config, grid):
+        if not self.evaluate_due(server_round):
+            return []
         return self._sent(server_round, super().configure_evaluate(server_round, arrays,
                                                                    config, grid))
 
@@ -280,13 +286,31 @@ def dp_wrapper(settings: RunSettings, inner: Strategy, num_sampled: int) -> Stra
     return inner
 
 
+class ScheduledFedAdam(FedAdam):
+    """Flower's FedAdam whose server learning rate follows the sites' schedule
+    (``lr-schedule``): Adam's normalised step would otherwise stay ``eta`` in
+    size while the sites' updates shrink, and the model would never settle."""
+
+    def __init__(self, settings: RunSettings, rounds_done: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.settings = settings
+        self.rounds_done = rounds_done
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        done = (self.rounds_done + server_round - 1) / self.settings.num_rounds
+        self.eta = (self.settings.fedadam_eta * learning_rate_at(done, self.settings)
+                    / self.settings.learning_rate)
+        return super().aggregate_train(server_round, replies)
+
+
 def build_strategy(settings: RunSettings, num_sampled: int | None = None,
-                   ledger: PrivacyLedger | None = None) -> SiteRecorder:
+                   ledger: PrivacyLedger | None = None, rounds_done: int = 0) -> SiteRecorder:
     """FedAvg weighted by each site's training cases (uniformly under DP),
     with DP, update checks, the privacy budget and per-site records around it.
 
     ``num_sampled``: nodes per round, which Flower's DP wrappers need to scale
-    the noise (defaults to ``min-nodes``).
+    the noise (defaults to ``min-nodes``). ``rounds_done``: rounds of a resumed
+    run already behind (Flower counts this call's rounds from 1 again).
     """
     dp_on = settings.dp != "off"
     fedavg_args = dict(
@@ -309,7 +333,8 @@ def build_strategy(settings: RunSettings, num_sampled: int | None = None,
     elif settings.strategy == "fedprox":
         fedavg = FedProx(proximal_mu=settings.fedprox_mu, **fedavg_args)
     elif settings.strategy == "fedadam":
-        fedavg = FedAdam(eta=settings.fedadam_eta, tau=settings.fedadam_tau, **fedavg_args)
+        fedavg = ScheduledFedAdam(settings, rounds_done, eta=settings.fedadam_eta,
+                                  tau=settings.fedadam_tau, **fedavg_args)
     else:
         fedavg = FedAvg(**fedavg_args)
     checks = UpdateChecks(dp_wrapper(settings, fedavg, num_sampled or settings.min_nodes),
@@ -319,6 +344,8 @@ def build_strategy(settings: RunSettings, num_sampled: int | None = None,
         outer = PrivacyBudget(checks, ledger or PrivacyLedger(
             settings.dp_noise_multiplier, settings.dp_delta, settings.dp_max_epsilon))
     recorder = SiteRecorder(outer)
+    recorder.evaluate_due = lambda r: ((rounds_done + r) % settings.evaluate_every == 0
+                                       or rounds_done + r == settings.num_rounds)
     checks.on_reject = recorder.note_failure
     if isinstance(fedavg, SecAggPlusFedAvg):
         fedavg.on_round = recorder.secure_round

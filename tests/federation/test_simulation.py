@@ -44,13 +44,17 @@ def test_federation_trains_and_resumes(two_sites, tmp_path, no_leftover_processe
         assert (run_dir / name).exists(), name
     assert summary["rounds_completed"] == 2
 
-    # Continue the stopped run to round 4: rounds 1-2 are kept, 3-4 are new.
-    summary = simulate(two_sites, run_dir, {**SMALL, "num-rounds": 4, "resume": True},
-                       timeout=400)
+    # Continue the stopped run to round 5: rounds 1-2 are kept, 3-5 are new. Sites
+    # score the model every 3rd round of the run (not of this call) and after the last.
+    summary = simulate(two_sites, run_dir, {**SMALL, "num-rounds": 5, "resume": True,
+                                            "evaluate-every": 3}, timeout=400)
     rows = read_metrics(run_dir)
-    assert [r["round"] for r in rows] == [1, 2, 3, 4]
+    assert [r["round"] for r in rows] == [1, 2, 3, 4, 5]
     assert rows[:2] == seen
-    assert summary["rounds_completed"] == 4
+    assert [set(r["dice"]) for r in rows[2:]] == [{"site-0", "site-1"}, set(),
+                                                  {"site-0", "site-1"}]
+    assert rows[3]["train_loss"] is not None  # round 4 trained, only its scoring was skipped
+    assert summary["rounds_completed"] == 5
     assert rows[-1]["dice_mean"] > rows[0]["dice_mean"] + 0.1  # the global model learned
     final = summary["final"]["sites"]
     assert set(final) == {"site-0", "site-1"}

@@ -5,7 +5,7 @@ import torch
 from common.config import RunSettings
 from common.data.site import load_site
 from common.model import build_model
-from common.training import evaluate, predict, train
+from common.training import evaluate, learning_rate_at, predict, train
 
 
 @pytest.fixture(scope="module")
@@ -53,3 +53,49 @@ def test_rgb_retina_image_trains_in_grey_and_rgb(retina_dir):
              "batch-size": 2})
         result = train(build_model(settings.model), cases, settings, torch.device("cpu"))
         assert np.isfinite(result.mean_loss)
+
+
+def test_learning_rate_follows_one_cosine_over_the_whole_run():
+    cosine = RunSettings.from_run_config({"learning-rate": 0.01, "lr-min-ratio": 0.1})
+    assert learning_rate_at(0.0, cosine) == pytest.approx(0.01)
+    assert learning_rate_at(0.5, cosine) == pytest.approx(0.01 * (0.1 + 0.9 * 0.5))
+    assert learning_rate_at(1.0, cosine) == pytest.approx(0.001)
+    constant = RunSettings.from_run_config({"learning-rate": 0.01, "lr-schedule": "constant"})
+    assert learning_rate_at(0.9, constant) == 0.01
+
+
+def test_training_at_the_end_of_the_schedule_uses_the_final_rate(site):
+    """A call told it runs at the very end of a schedule that decays to zero
+    leaves the weights where they are; the same call with a constant rate does not."""
+    train_cases, _ = site
+    cpu = torch.device("cpu")
+    moved = {}
+    for schedule in ("cosine", "constant"):
+        settings = RunSettings.from_run_config({"lr-schedule": schedule, "lr-min-ratio": 0.0,
+                                                "model-channels": "8,16"})
+        torch.manual_seed(0)
+        model = build_model(settings.model)
+        before = [p.detach().clone() for p in model.parameters()]
+        train(model, train_cases, settings, cpu, seed=0, progress=(1.0, 1.0))
+        moved[schedule] = max(float((p.detach() - b).abs().max())
+                              for p, b in zip(model.parameters(), before, strict=True))
+    assert moved["cosine"] == 0.0
+    assert moved["constant"] > 1e-4
+
+
+def test_test_time_flips_give_a_mirror_consistent_prediction():
+    """With flips averaged, segmenting a mirrored image gives the mirrored
+    segmentation (one window covers the image, so only the flips differ)."""
+    settings = RunSettings.from_run_config({"model-channels": "8,16", "patch-size": 64})
+    torch.manual_seed(0)
+    model = build_model(settings.model)
+    image = np.random.default_rng(0).normal(size=(1, 64, 64)).astype(np.float32)
+    cpu = torch.device("cpu")
+    pred = predict(model, image, settings, cpu)
+    mirrored = predict(model, np.ascontiguousarray(image[:, ::-1]), settings, cpu)[:, ::-1]
+    assert np.mean(pred != mirrored) < 1e-3
+    plain = RunSettings.from_run_config({"model-channels": "8,16", "patch-size": 64,
+                                         "test-time-flips": False})
+    single = predict(model, image, plain, cpu)
+    assert np.mean(single != predict(model, np.ascontiguousarray(image[:, ::-1]), plain,
+                                     cpu)[:, ::-1]) > 0.01  # an untrained net is not symmetric

@@ -4,7 +4,7 @@ Thin on purpose: unpack the message, call ``common``, pack the reply. What
 leaves the site is exactly:
 
 * train reply: the model weights (``arrays``), ``num-examples`` (training
-  cases), ``train-loss`` and ``train-seconds`` (``metrics``), the site's public
+  cases), ``train-loss``, ``train-seconds`` and ``train-steps`` (``metrics``), the site's public
   name (``site``);
 * evaluate reply: ``num-examples`` (test cases) and the mean ``dice``, ``iou``,
   ``hd95``, ``sensitivity``, ``specificity`` (``metrics``), the site's name.
@@ -47,7 +47,7 @@ from common.training import evaluate, train
 
 log = logging.getLogger(__name__)
 
-TRAIN_METRICS = ("num-examples", "train-loss", "train-seconds")
+TRAIN_METRICS = ("num-examples", "train-loss", "train-seconds", "train-steps")
 EVAL_METRICS = ("num-examples", *METRICS)
 
 app = ClientApp()
@@ -145,6 +145,7 @@ def train_handler(msg: Message, context: Context) -> Message:
             "num-examples": result.num_cases,
             "train-loss": result.mean_loss,
             "train-seconds": result.seconds,
+            "train-steps": result.steps,  # FedNova normalises by it
         }
     )
     content = RecordDict(

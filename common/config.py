@@ -21,7 +21,7 @@ from typing import Any
 from common.errors import ConfigError
 
 INPUT_CHANNELS = {"grey": 1, "rgb": 3, "red": 1, "green": 1, "blue": 1}
-STRATEGIES = ("fedavg", "fedprox", "fedadam")
+STRATEGIES = ("fedavg", "fedprox", "fednova", "fedadam")
 LR_SCHEDULES = ("cosine", "constant")
 DP_MODES = ("off", "server-fixed", "server-adaptive", "client-fixed", "client-adaptive")
 
@@ -94,7 +94,7 @@ class RunSettings:
     test_time_flips: bool = True  # average predictions over mirrored images
     synthetic_train_cases: int = 6
     synthetic_test_cases: int = 3
-    strategy: str = "fedavg"  # fedavg | fedprox | fedadam
+    strategy: str = "fedavg"  # fedavg | fedprox | fednova | fedadam
     fedprox_mu: float = 0.01
     fedadam_eta: float = 0.01  # server learning rate
     fedadam_tau: float = 1e-3
@@ -134,8 +134,11 @@ class RunSettings:
             ("/" not in self.run_name and "\\" not in self.run_name and self.run_name != "..",
              "run-name is a name, not a path"),
             (self.strategy in STRATEGIES, f"strategy must be one of {', '.join(STRATEGIES)}"),
-            (not (self.secure_aggregation and self.strategy == "fedadam"),
-             "secure aggregation runs with fedavg or fedprox, not fedadam"),
+            (not (self.secure_aggregation and self.strategy in ("fedadam", "fednova")),
+             f"secure aggregation runs with fedavg or fedprox, not {self.strategy}"),
+            (not (self.dp != "off" and self.strategy == "fednova"),
+             "fednova weighs each site's update by its own step count, which differential "
+             "privacy's equal-weight clipped updates do not allow: use fedavg or fedprox"),
             (self.fedprox_mu >= 0, "fedprox-mu must be >= 0"),
             (self.secagg_clipping_range > 0, "secagg-clipping-range must be positive"),
             (self.secagg_max_weight > 0, "secagg-max-weight must be positive"),

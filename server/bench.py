@@ -34,12 +34,12 @@ from common.training import evaluate, train
 from server.runs import read_metrics
 from server.simulation import Site, simulate
 
-FEDERATED = ("fedavg", "fedprox", "fedadam")
-METHODS = ("local", "pooled", *FEDERATED)
+STRATEGIES = ("fedavg", "fedprox", "fednova", "fedadam")  # any of these can be asked for
+METHODS = ("local", "pooled", "fedavg", "fedprox", "fednova")  # the default table
 
-# Retina defaults: the green channel carries the vessel contrast; 96-px patches.
+# Retina defaults (measured, docs/benchmarks.md): RGB input, 96-px patches.
 RETINA = {"input-channels": "rgb", "patch-size": 96, "patches-per-image": 8,
-          "batch-size": 16, "learning-rate": 2e-3, "evaluate-every": 10}
+          "batch-size": 16, "learning-rate": 2e-3, "evaluate-every": 15}
 
 
 def machine() -> str:

@@ -23,7 +23,7 @@ console = Console(highlight=False)
 
 DEMO_SITES = 3
 DEFAULT_PORT = 9093
-QUALITY_ROUNDS, QUALITY_LOCAL_EPOCHS = 50, 3
+QUALITY_ROUNDS, QUALITY_LOCAL_EPOCHS = 75, 2
 DEMO_ROUNDS = 6
 DEMO_LOCAL_EPOCHS = 2
 
@@ -382,7 +382,7 @@ def cmd_bench_privacy(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_quality(args: argparse.Namespace) -> int:
-    from server.bench import METHODS, RETINA, quality
+    from server.bench import METHODS, RETINA, STRATEGIES, quality
     from server.simulation import Site
 
     folders = [Path(p) for p in args.site_dirs]
@@ -398,6 +398,10 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
     local_epochs = overrides.pop("local-epochs", QUALITY_LOCAL_EPOCHS)
     out = Path(args.out) if args.out else _default_out("bench-quality")
     methods = tuple(args.methods.split(",")) if args.methods else METHODS
+    unknown = [m for m in methods if m not in ("local", "pooled", *STRATEGIES)]
+    if unknown:
+        raise FedsegError(f"unknown method(s) {', '.join(unknown)}: choose from local, pooled, "
+                          f"{', '.join(STRATEGIES)}")
     console.print(f"quality benchmark: {', '.join(f.name for f in folders)}; {rounds} "
                   f"rounds x {local_epochs} local epochs; methods {', '.join(methods)}; "
                   f"output {out}", soft_wrap=True)
@@ -517,14 +521,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--clip", type=float, default=0.1, help="DP clipping norm")
     b.add_argument("--rounds", type=int, default=6)
     b.set_defaults(func=cmd_bench_privacy)
-    b = bsub.add_parser("quality", help="local-only vs pooled vs FedAvg/FedProx/FedAdam")
+    b = bsub.add_parser("quality", help="local-only vs pooled vs FedAvg/FedProx/FedNova")
     b.add_argument("site_dirs", nargs="*", metavar="SITE_DIR",
                    help="site folders (default: the two retina sites in ../shared/data)")
     b.add_argument("--methods", help="comma-separated subset of local,pooled,fedavg,"
-                   "fedprox,fedadam")
+                   "fedprox,fednova,fedadam (default: all but fedadam)")
     b.add_argument("--no-retina-defaults", dest="retina_defaults", action="store_false",
                    help="do not apply the retina settings (RGB input, 96-px patches, 8 per image, "
-                        "batch 16, learning rate 2e-3, scoring every 10 rounds)")
+                        "batch 16, learning rate 2e-3, scoring every 15 rounds)")
     _common_run_options(b)
     b.set_defaults(func=cmd_bench_quality)
 

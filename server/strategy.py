@@ -23,7 +23,7 @@ from logging import WARNING
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
@@ -286,6 +286,50 @@ def dp_wrapper(settings: RunSettings, inner: Strategy, num_sampled: int) -> Stra
     return inner
 
 
+class FedNova(FedAvg):
+    """FedNova (Wang et al. 2020, "Tackling the objective inconsistency problem
+    in heterogeneous federated optimization"): sites that take different numbers
+    of local steps (a site with twice the cases takes twice the steps in the
+    same local epochs) have their updates normalised by their step counts
+    before the case-weighted average, then scaled by the weighted mean step
+    count. Plain FedAvg would count a large site twice, once in its weight and
+    again in the length of its update, and drift towards it.
+
+    Written as a transformation of the replies ahead of Flower's FedAvg: site
+    ``i``'s model ``x_i`` becomes ``x + (tau_eff / tau_i) (x_i - x)``, whose
+    case-weighted average is FedNova's step from the global model ``x``.
+    """
+
+    def configure_train(self, server_round, arrays, config, grid):
+        self.sent = {k: np.asarray(a.numpy()) for k, a in arrays.items()}
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round, replies):
+        replies = list(replies)
+        ok = [m for m in replies if not m.has_error()]
+        weights, steps = [], []
+        for msg in ok:
+            metrics = next(iter(msg.content.metric_records.values()))
+            weights.append(float(metrics[self.weighted_by_key]))
+            steps.append(float(metrics.get("train-steps", 0)))
+        if ok and min(steps) > 0:
+            tau_eff = sum(w * t for w, t in zip(weights, steps, strict=True)) / sum(weights)
+            for msg, tau in zip(ok, steps, strict=True):
+                key = next(iter(msg.content.array_records))
+                record = msg.content.array_records[key]
+                scaled = {}
+                for name, array in record.items():
+                    x_i, x = np.asarray(array.numpy()), self.sent[name]
+                    scaled[name] = (x + (tau_eff / tau) * (x_i - x)).astype(x_i.dtype) \
+                        if np.issubdtype(x_i.dtype, np.floating) else x_i
+                msg.content.array_records[key] = ArrayRecord(
+                    {n: Array(a) for n, a in scaled.items()})
+        elif ok:
+            log(WARNING, "round %d: a site sent no train-steps; FedNova falls back to FedAvg",
+                server_round)
+        return super().aggregate_train(server_round, replies)
+
+
 class ScheduledFedAdam(FedAdam):
     """Flower's FedAdam whose server learning rate follows the sites' schedule
     (``lr-schedule``): Adam's normalised step would otherwise stay ``eta`` in
@@ -332,6 +376,8 @@ def build_strategy(settings: RunSettings, num_sampled: int | None = None,
             timeout=settings.secagg_timeout, **fedavg_args)
     elif settings.strategy == "fedprox":
         fedavg = FedProx(proximal_mu=settings.fedprox_mu, **fedavg_args)
+    elif settings.strategy == "fednova":
+        fedavg = FedNova(**fedavg_args)
     elif settings.strategy == "fedadam":
         fedavg = ScheduledFedAdam(settings, rounds_done, eta=settings.fedadam_eta,
                                   tau=settings.fedadam_tau, **fedavg_args)

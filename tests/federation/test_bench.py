@@ -24,7 +24,7 @@ def test_quality_benchmark_smoke(tmp_path, no_leftover_processes):
                           env=runtime_env(1))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "quality.json").read_text())
-    assert set(report["results"]) == {"local", "pooled", "fedavg", "fedprox", "fedadam"}
+    assert set(report["results"]) == {"local", "pooled", "fedavg", "fedprox", "fednova"}
     for result in report["results"].values():
         assert set(result["sites"]) == {"hospital-0", "hospital-1"}
         for metrics in result["sites"].values():

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -102,3 +103,29 @@ def test_flwr_run_against_a_local_simulation_connection(tmp_path, no_leftover_pr
     rows = read_metrics(tmp_path / "runs" / "flwr-run")
     assert len(rows) == 1 and set(rows[0]["dice"]) == {"hospital-0", "hospital-1"}
     assert os.path.exists(tmp_path / "runs" / "flwr-run" / "summary.json")
+
+
+def test_sigterm_stops_a_simulation_and_every_process_it_started(two_sites, tmp_path,
+                                                                 no_leftover_processes):
+    """systemd, ``timeout`` and ``kill`` send SIGTERM: the run stops like Ctrl-C,
+    its SuperLink, Ray and app processes with it, and the run folder can be resumed."""
+    out = tmp_path / "stopped"
+    cmd = [sys.executable, "-m", "server.cli", "simulate",
+           *(str(s.data_dir) for s in two_sites), "--rounds", "30", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=APP_DIR, env=runtime_env(1))
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None and not (
+                (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text()):
+            time.sleep(0.5)
+        assert proc.poll() is None, "the run ended before it could be stopped"
+        proc.terminate()
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, output[-3000:]
+    assert "--resume" in output
+    assert len(read_metrics(out)) < 30

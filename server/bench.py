@@ -140,7 +140,31 @@ def markdown(report: dict[str, Any]) -> str:
                 continue
             vals = " | ".join("n/a" if m.get(k) is None else f"{m[k]:.3f}" for k in METRICS)
             lines.append(f"| {method} | {site} | {vals} | {r['seconds']:.0f} |")
+    total = sum(r["seconds"] for r in results.values()) / 60
+    lines += ["", f"Total wall time: {total:.1f} min.", ""]
+    lines += [f"- {site}: {text}" for site, text in federation_vs_references(results).items()]
     return "\n".join(lines) + "\n"
+
+
+def federation_vs_references(results: dict[str, Any]) -> dict[str, str]:
+    """Per site: the best federated method's Dice against pooled and local-only."""
+    federated = [m for m in results if m not in ("local", "pooled")]
+    out = {}
+    for site in sorted({s for r in results.values() for s in r["sites"]}):
+        dice = {m: results[m]["sites"][site]["dice"] for m in federated
+                if site in results[m]["sites"] and results[m]["sites"][site]["dice"] is not None}
+        if not dice:
+            continue
+        best = max(dice, key=dice.get)
+        text = f"best federated {best} Dice {dice[best]:.3f}"
+        for ref in ("pooled", "local"):
+            ref_dice = results.get(ref, {}).get("sites", {}).get(site, {}).get("dice")
+            if ref_dice:
+                text += (f"; {dice[best] / ref_dice:.3f} x pooled ({ref_dice:.3f})" if
+                         ref == "pooled" else f"; {dice[best] - ref_dice:+.3f} against "
+                         f"local-only ({ref_dice:.3f})")
+        out[site] = text + "."
+    return out
 
 
 def plot(curves: dict[str, list[dict]], path: Path) -> None:

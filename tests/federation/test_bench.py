@@ -33,4 +33,5 @@ def test_quality_benchmark_smoke(tmp_path, no_leftover_processes):
         assert result["seconds"] >= 0
     table = (out / "quality.md").read_text()
     assert table.count("| fedprox |") == 2 and "Machine:" in table
+    assert table.count("best federated") == 2  # one line per site against pooled and local
     assert (out / "dice.png").stat().st_size > 0

@@ -114,7 +114,8 @@ def quality(sites: list[Site], out: Path, overrides: dict[str, Any], *, rounds: 
             config = {**overrides, "num-rounds": rounds, "local-epochs": local_epochs,
                       "strategy": method, "min-nodes": len(sites), "run-name": method}
             summary = simulate(sites, run_dir, config, timeout=6 * 3600)
-            curve = [{"round": r["round"], "dice": r["dice"]} for r in read_metrics(run_dir)]
+            curve = [{"round": r["round"], "dice": r["dice"]} for r in read_metrics(run_dir)
+                     if r["dice"]]  # the rounds the sites scored (evaluate-every)
             record(method, summary["final"]["sites"], time.perf_counter() - start, curve)
     report = {"machine": machine(), "rounds": rounds, "local_epochs": local_epochs,
               "epochs_per_site": epochs, "settings": settings.to_run_config(),

@@ -42,3 +42,13 @@ def synthetic_sites(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     from common.data.synthetic import write_federation
 
     return write_federation(tmp_path_factory.mktemp("synthetic"), 3, n_train=4, n_test=2)
+
+
+@pytest.fixture
+def task_identity():
+    """Flower builds Messages only inside a task: give the test one."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None

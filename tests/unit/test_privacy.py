@@ -18,7 +18,6 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.serverapp.strategy import FedAvg
-from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import app as client_app
 from common.config import RunSettings
@@ -28,12 +27,7 @@ from common.privacy.accounting import PrivacyLedger
 from common.privacy.checks import update_problem
 from server.strategy import UpdateChecks
 
-
-@pytest.fixture(autouse=True)
-def task_identity():
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def independent_epsilon(z: float, rounds: int, delta: float) -> float:

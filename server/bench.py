@@ -58,13 +58,17 @@ def _centralised(train_cases: list[Case], tests: dict[str, list[Case]], settings
     torch.manual_seed(seed)
     model = build_model(settings.model)
     rounds, curve, scores = settings.num_rounds, [], {}
-    for r in range(1, rounds + 1):
+    scored = sorted({*range(settings.evaluate_every, rounds + 1, settings.evaluate_every),
+                     rounds})
+    # One train call per scored stretch (the data is prepared once per call, not
+    # once per round), on the same schedule as the federated rounds it stands for.
+    for before, r in zip([0, *scored], scored, strict=False):
         train(model, train_cases, settings, device, seed=seed * 1000 + r,
-              progress=((r - 1) / rounds, r / rounds))
-        if r % settings.evaluate_every == 0 or r == rounds:
-            scores = {s: evaluate(model, cases, settings, device).summary for s, cases in
-                      tests.items()}
-            curve.append({"round": r, "dice": {s: v["dice"] for s, v in scores.items()}})
+              epochs=(r - before) * settings.local_epochs,
+              progress=(before / rounds, r / rounds))
+        scores = {s: evaluate(model, cases, settings, device).summary for s, cases in
+                  tests.items()}
+        curve.append({"round": r, "dice": {s: v["dice"] for s, v in scores.items()}})
     return scores, curve
 
 

@@ -38,7 +38,7 @@ from flwr.common.constant import ErrorCode
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from common.config import RunSettings, SiteSettings, fedseg_home, simulation_sites
-from common.data.site import load_site
+from common.data.cache import load_prepared
 from common.data.synthetic import ensure_site
 from common.errors import FedsegError, scrub
 from common.metrics import METRICS
@@ -132,7 +132,7 @@ def train_handler(msg: Message, context: Context) -> Message:
         config = msg.content["config"]
         # The run's round: Flower counts from 1 again when a run is resumed.
         server_round = int(config.get("server-round", 0)) + int(config.get("rounds-done", 0))
-        cases = load_site(data_dir, "training")
+        cases = load_prepared(data_dir, "training", settings.input_channels)
         seed = settings.seed * 1_000_003 + server_round * 1_009 + site.partition_id
         mu = float(config.get("proximal-mu", 0.0))  # sent by FedProx
         progress = ((server_round - 1) / settings.num_rounds, server_round / settings.num_rounds)
@@ -163,7 +163,7 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
     """Score the global model on this site's test cases; reply with means only."""
     try:
         settings, site, data_dir, model, device = _setup(msg, context)
-        cases = load_site(data_dir, "test")
+        cases = load_prepared(data_dir, "test", settings.input_channels)
         summary = evaluate(model, cases, settings, device).summary
     except Exception as exc:  # noqa: BLE001
         return _failed(msg, exc, "evaluate")

@@ -28,6 +28,7 @@ import torch
 
 from common.config import RunSettings
 from common.data.site import Case, load_site
+from common.data.transforms import prepared
 from common.metrics import METRICS, combine
 from common.model import build_model, pick_device
 from common.training import evaluate, train
@@ -81,8 +82,9 @@ def quality(sites: list[Site], out: Path, overrides: dict[str, Any], *, rounds: 
     settings = RunSettings.from_run_config({**overrides, "num-rounds": rounds,
                                             "local-epochs": local_epochs})
     epochs = rounds * local_epochs
-    train_sets = {s.name: load_site(s.data_dir, "training") for s in sites}
-    tests = {s.name: load_site(s.data_dir, "test") for s in sites}
+    channels = settings.input_channels
+    train_sets = {s.name: prepared(load_site(s.data_dir, "training"), channels) for s in sites}
+    tests = {s.name: prepared(load_site(s.data_dir, "test"), channels) for s in sites}
     results: dict[str, Any] = {}
     curves: dict[str, list[dict]] = {}
 

@@ -38,12 +38,17 @@ class CaseRef:
 
 @dataclass
 class Case:
-    """One loaded case: ``image`` C x spatial float32, ``label`` 1 x spatial uint8."""
+    """One loaded case: ``image`` C x spatial float32, ``label`` 1 x spatial uint8.
+
+    ``prepared``: the ``input-channels`` mode the image is already selected and
+    normalised for (``common.data.transforms.prepared``), or None for the image
+    as read."""
 
     case_id: str
     image: np.ndarray
     label: np.ndarray
     spacing: tuple[float, ...]
+    prepared: str | None = None
 
     @property
     def spatial_dims(self) -> int:

@@ -48,7 +48,19 @@ def normalise(image: np.ndarray) -> np.ndarray:
 
 def prepare(case: Case, channels: str) -> tuple[np.ndarray, np.ndarray]:
     """A case's model-ready ``(image, label)``: channels selected, normalised."""
+    if case.prepared == channels:
+        return case.image, case.label
+    if case.prepared is not None:
+        raise ValueError(f"case {case.case_id!r} was prepared for input-channels "
+                         f"{case.prepared!r}, not {channels!r}")
     return normalise(select_channels(case.image, channels)), case.label
+
+
+def prepared(cases: list[Case], channels: str) -> list[Case]:
+    """The cases with their images model-ready for ``channels``, so repeated
+    training and scoring skip the work (and the raw images can be let go)."""
+    return [Case(c.case_id, *prepare(c, channels), c.spacing, prepared=channels)
+            for c in cases]
 
 
 def training_items(

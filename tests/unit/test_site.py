@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from common.data import cache
 from common.data.site import case_key, list_cases, load_case, load_site
+from common.data.transforms import prepare, prepared
 from common.errors import (
     DataError,
     EmptyDatasetError,
@@ -145,3 +147,37 @@ def test_nan_in_an_image_is_refused(tmp_path):
              str(tmp_path / "labelsTr" / "n.nii.gz"))
     with pytest.raises(DataError, match="NaN"):
         load_case(list_cases(tmp_path, "training")[0], 0)
+
+
+def test_prepared_cases_are_normalised_once_and_keep_their_mode(tmp_path):
+    png(tmp_path / "imagesTr" / "a.png")
+    png(tmp_path / "labelsTr" / "a.png", value=255)
+    raw = load_site(tmp_path, "training")
+    ready = prepared(raw, "grey")
+    image, label = prepare(ready[0], "grey")
+    assert image is ready[0].image and label is raw[0].label
+    np.testing.assert_allclose(image, prepare(raw[0], "grey")[0])
+    assert abs(float(image.mean())) < 1e-5  # z-scored
+    with pytest.raises(ValueError, match="prepared for input-channels 'grey', not 'rgb'"):
+        prepare(ready[0], "rgb")
+
+
+def test_a_node_keeps_prepared_cases_until_a_file_changes(tmp_path):
+    cache.clear()
+    png(tmp_path / "imagesTr" / "a.png")
+    png(tmp_path / "labelsTr" / "a.png", value=255)
+    first = cache.load_prepared(tmp_path, "training", "grey")
+    again = cache.load_prepared(tmp_path, "training", "grey")
+    assert again[0].image is first[0].image  # from memory, not read again
+    assert cache.load_prepared(tmp_path, "training", "rgb")[0].image.shape == (3, 32, 32)
+
+    png(tmp_path / "labelsTr" / "a.png", shape=(32, 32), value=0)  # relabelled: empty
+    changed = cache.load_prepared(tmp_path, "training", "grey")
+    assert changed[0].label.sum() == 0 and first[0].label.sum() == 64
+
+    png(tmp_path / "imagesTr" / "b.png")  # a new case without its label
+    with pytest.raises(MissingLabelError, match="'b'"):
+        cache.load_prepared(tmp_path, "training", "grey")
+    png(tmp_path / "labelsTr" / "b.png", value=255)
+    assert [c.case_id for c in cache.load_prepared(tmp_path, "training", "grey")] == ["a", "b"]
+    cache.clear()

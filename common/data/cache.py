@@ -1,0 +1,73 @@
+"""A node's prepared cases, kept between rounds while their files are unchanged.
+
+A hospital's node trains and scores on the same files every round. Reading and
+normalising them again each time cost about half of a training round on the
+retina sites (docs/performance.md), so the node keeps the prepared cases of the
+last few ``(folder, split, input-channels)`` it was asked for, in memory in
+its own process. Any change to the folder's case list or to a file's size or
+modification time reads the folder again; nothing is written anywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from pathlib import Path
+
+from common.data.site import Case, list_cases, load_site
+from common.data.transforms import prepared
+
+log = logging.getLogger(__name__)
+
+MAX_ENTRIES = 4  # training + test of two sites: a simulation worker may serve both
+
+_Key = tuple[str, str, str]
+_Signature = tuple[tuple[str, int, int], ...]
+_cache: OrderedDict[_Key, tuple[_Signature, list[Case]]] = OrderedDict()
+
+
+def _files(path: Path) -> list[Path]:
+    if path.is_dir():  # a DICOM series folder
+        return sorted(p for p in path.rglob("*") if p.is_file())
+    return [path]
+
+
+def _signature(site_dir: Path, split: str) -> _Signature:
+    refs = list_cases(site_dir, split)
+    paths = [site_dir / "dataset.json"]
+    paths += [p for ref in refs for p in (ref.image, ref.label) if p is not None]
+    signature = []
+    for path in paths:
+        for f in _files(path):
+            try:
+                st = f.stat()
+                signature.append((str(f), st.st_size, st.st_mtime_ns))
+            except OSError:  # gone: load_site names the case
+                signature.append((str(f), -1, -1))
+    return tuple(signature)
+
+
+def load_prepared(site_dir: Path, split: str, channels: str) -> list[Case]:
+    """The cases of ``split``, prepared for ``channels`` (see
+    ``common.data.transforms.prepared``); from memory when the files are the
+    ones read last time. The arrays are shared between calls: read them, do
+    not write to them."""
+    site_dir = Path(site_dir).resolve()
+    key = (str(site_dir), split, channels)
+    signature = _signature(site_dir, split)
+    hit = _cache.get(key)
+    if hit is not None and hit[0] == signature:
+        _cache.move_to_end(key)
+        return list(hit[1])
+    _cache.pop(key, None)
+    cases = prepared(load_site(site_dir, split), channels)
+    _cache[key] = (signature, cases)
+    while len(_cache) > MAX_ENTRIES:
+        _cache.popitem(last=False)
+    log.info("prepared %d %s cases (kept for the next rounds)", len(cases), split)
+    return list(cases)
+
+
+def clear() -> None:
+    """Forget every kept case."""
+    _cache.clear()

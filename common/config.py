@@ -92,6 +92,7 @@ class RunSettings:
     patch_size: int = 64
     patches_per_image: int = 2
     test_time_flips: bool = True  # average predictions over mirrored images
+    sw_overlap: float = 0.5  # sliding-window overlap at inference (nnU-Net's half-patch step)
     synthetic_train_cases: int = 6
     synthetic_test_cases: int = 3
     strategy: str = "fedavg"  # fedavg | fedprox | fednova | fedadam
@@ -125,6 +126,7 @@ class RunSettings:
              f"lr-schedule must be one of {', '.join(LR_SCHEDULES)}"),
             (0.0 <= self.lr_min_ratio <= 1.0, "lr-min-ratio must be in [0, 1]"),
             (self.batch_size >= 1, "batch-size must be at least 1"),
+            (0.0 <= self.sw_overlap < 1.0, "sw-overlap must be in [0, 1)"),
             (self.patches_per_image >= 1, "patches-per-image must be at least 1"),
             (self.input_channels in INPUT_CHANNELS,
              f"input-channels must be one of {sorted(INPUT_CHANNELS)}"),
@@ -195,6 +197,7 @@ class RunSettings:
             patch_size=_get(cfg, "patch-size", int, 64),
             patches_per_image=_get(cfg, "patches-per-image", int, 2),
             test_time_flips=_get(cfg, "test-time-flips", bool, True),
+            sw_overlap=_get(cfg, "sw-overlap", float, 0.5),
             synthetic_train_cases=_get(cfg, "synthetic-train-cases", int, 6),
             synthetic_test_cases=_get(cfg, "synthetic-test-cases", int, 3),
             strategy=str(cfg.get("strategy", "fedavg")),

@@ -136,7 +136,8 @@ def predict(
 ) -> np.ndarray:
     """Label map ``1 x spatial`` (uint8) of a prepared image ``C x spatial``,
     by sliding-window inference at full resolution (slice by slice for a 2D
-    model on a volume). With ``test-time-flips`` the class probabilities are
+    model on a volume), windows overlapping by ``sw-overlap`` and blended with
+    Gaussian weights. With ``test-time-flips`` the class probabilities are
     averaged over the image and its mirror images along every spatial axis
     (as nnU-Net does), matching the flips seen in training."""
     model.to(device).eval()
@@ -154,7 +155,7 @@ def predict(
             flipped = torch.flip(inputs, axes) if axes else inputs
             with _autocast(device):
                 logits = sliding_window_inference(
-                    flipped, roi, sw_batch_size=8, predictor=model, overlap=0.25,
+                    flipped, roi, sw_batch_size=8, predictor=model, overlap=settings.sw_overlap,
                     mode="gaussian")
             p = logits.float().softmax(dim=1)
             probs = probs + (torch.flip(p, axes) if axes else p)

@@ -4,6 +4,7 @@ import torch
 
 from common.config import RunSettings
 from common.data.site import load_site
+from common.errors import ConfigError
 from common.model import build_model
 from common.training import evaluate, learning_rate_at, predict, train
 
@@ -99,3 +100,17 @@ def test_test_time_flips_give_a_mirror_consistent_prediction():
     single = predict(model, image, plain, cpu)
     assert np.mean(single != predict(model, np.ascontiguousarray(image[:, ::-1]), plain,
                                      cpu)[:, ::-1]) > 0.01  # an untrained net is not symmetric
+
+
+def test_sw_overlap_sets_how_far_the_sliding_windows_overlap():
+    base = {"model-channels": "8,16", "patch-size": 32, "test-time-flips": False}
+    torch.manual_seed(0)
+    model = build_model(RunSettings.from_run_config(base).model)
+    image = np.random.default_rng(1).normal(size=(1, 80, 80)).astype(np.float32)
+    cpu = torch.device("cpu")
+    apart = predict(model, image, RunSettings.from_run_config({**base, "sw-overlap": 0.0}), cpu)
+    half = predict(model, image, RunSettings.from_run_config({**base, "sw-overlap": 0.5}), cpu)
+    assert apart.shape == half.shape == (1, 80, 80)
+    assert np.mean(apart != half) > 0.01  # windows blended differently
+    with pytest.raises(ConfigError, match="sw-overlap must be in"):
+        RunSettings.from_run_config({**base, "sw-overlap": 1.0})

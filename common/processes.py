@@ -50,26 +50,15 @@ def group_and_descendants(pgid: int) -> set[int]:
         found |= more
 
 
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"  # a zombie has ended; its parent reaps it
-
-
-def _group_has_living(pgid: int) -> bool:
-    return any(group == pgid and state != "Z" for _, group, state in _table().values())
-
-
 def stop_group(pgid: int, grace: float = 10.0) -> None:
     """SIGTERM the process group ``pgid`` and every process descended from it,
     then SIGKILL what is left after ``grace`` seconds."""
     if Path("/proc/self/stat").exists():
         others = group_and_descendants(pgid)
 
-        def running() -> bool:
-            return any(_alive(p) for p in others) or _group_has_living(pgid)
+        def running() -> bool:  # a zombie has ended; its parent reaps it
+            return any(state != "Z" and (pid in others or group == pgid)
+                       for pid, (_, group, state) in _table().items())
     else:  # no /proc: the group is all we can see
         others = set()
 

@@ -163,13 +163,13 @@ def federation_vs_references(results: dict[str, Any]) -> dict[str, str]:
         if not dice:
             continue
         best = max(dice, key=dice.get)
+        pooled, local = (results.get(ref, {}).get("sites", {}).get(site, {}).get("dice")
+                         for ref in ("pooled", "local"))
         text = f"best federated {best} Dice {dice[best]:.3f}"
-        for ref in ("pooled", "local"):
-            ref_dice = results.get(ref, {}).get("sites", {}).get(site, {}).get("dice")
-            if ref_dice:
-                text += (f"; {dice[best] / ref_dice:.3f} x pooled ({ref_dice:.3f})" if
-                         ref == "pooled" else f"; {dice[best] - ref_dice:+.3f} against "
-                         f"local-only ({ref_dice:.3f})")
+        if pooled:
+            text += f"; {dice[best] / pooled:.3f} x pooled ({pooled:.3f})"
+        if local:
+            text += f"; {dice[best] - local:+.3f} against local-only ({local:.3f})"
         out[site] = text + "."
     return out
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import flwr.compat.common.recorddict_compat as compat
 import torch
 from flwr.app import (
+    Array,
     ArrayRecord,
     ConfigRecord,
     Context,
@@ -49,6 +50,7 @@ log = logging.getLogger(__name__)
 
 TRAIN_METRICS = ("num-examples", "train-loss", "train-seconds", "train-steps")
 EVAL_METRICS = ("num-examples", *METRICS)
+OPTIMIZER_STATE = "fedseg-optimizer"  # context.state key: Adam's moments between rounds
 
 app = ClientApp()
 
@@ -136,8 +138,14 @@ def train_handler(msg: Message, context: Context) -> Message:
         seed = settings.seed * 1_000_003 + server_round * 1_009 + site.partition_id
         mu = float(config.get("proximal-mu", 0.0))  # sent by FedProx
         progress = ((server_round - 1) / settings.num_rounds, server_round / settings.num_rounds)
+        saved = context.state.array_records.get(OPTIMIZER_STATE)
         result = train(model, cases, settings, device, seed=seed, proximal_mu=mu,
-                       progress=progress)
+                       progress=progress,
+                       optimizer_state={k: a.numpy() for k, a in saved.items()}
+                       if saved is not None and settings.keep_optimizer_state else None)
+        if settings.keep_optimizer_state:  # the node's own state: it never leaves the site
+            context.state[OPTIMIZER_STATE] = ArrayRecord(
+                {k: Array(v) for k, v in result.optimizer_state.items()})
     except Exception as exc:  # noqa: BLE001 - every failure leaves scrubbed
         return _failed(msg, exc, "train")
     metrics = MetricRecord(

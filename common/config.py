@@ -93,6 +93,7 @@ class RunSettings:
     patches_per_image: int = 2
     test_time_flips: bool = True  # average predictions over mirrored images
     sw_overlap: float = 0.5  # sliding-window overlap at inference (nnU-Net's half-patch step)
+    keep_optimizer_state: bool = True  # a site's Adam moments carry over between its rounds
     synthetic_train_cases: int = 6
     synthetic_test_cases: int = 3
     strategy: str = "fedavg"  # fedavg | fedprox | fednova | fedadam
@@ -142,6 +143,7 @@ class RunSettings:
              "fednova weighs each site's update by its own step count, which differential "
              "privacy's equal-weight clipped updates do not allow: use fedavg or fedprox"),
             (self.fedprox_mu >= 0, "fedprox-mu must be >= 0"),
+
             (self.secagg_clipping_range > 0, "secagg-clipping-range must be positive"),
             (self.secagg_max_weight > 0, "secagg-max-weight must be positive"),
             (0 < self.secagg_reconstruction_threshold <= 1,
@@ -198,6 +200,7 @@ class RunSettings:
             patches_per_image=_get(cfg, "patches-per-image", int, 2),
             test_time_flips=_get(cfg, "test-time-flips", bool, True),
             sw_overlap=_get(cfg, "sw-overlap", float, 0.5),
+            keep_optimizer_state=_get(cfg, "keep-optimizer-state", bool, True),
             synthetic_train_cases=_get(cfg, "synthetic-train-cases", int, 6),
             synthetic_test_cases=_get(cfg, "synthetic-test-cases", int, 3),
             strategy=str(cfg.get("strategy", "fedavg")),

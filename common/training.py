@@ -11,7 +11,7 @@ import logging
 import math
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -35,6 +35,41 @@ class TrainResult:
     mean_loss: float
     steps: int
     seconds: float
+    # Adam's moments after the last step, flat (see ``optimizer_arrays``): a
+    # site keeps them for its next round when ``keep-optimizer-state`` is on.
+    optimizer_state: dict[str, np.ndarray] = field(default_factory=dict, repr=False,
+                                                   compare=False)
+
+
+def optimizer_arrays(optimizer: torch.optim.Optimizer) -> dict[str, np.ndarray]:
+    """The per-parameter state of ``optimizer`` as flat named arrays
+    (``"<param index>.<name>"``), which a Flower ``ArrayRecord`` can hold."""
+    out = {}
+    for i, param in enumerate(optimizer.param_groups[0]["params"]):
+        for name, value in optimizer.state.get(param, {}).items():
+            out[f"{i}.{name}"] = torch.as_tensor(value).detach().cpu().numpy().copy()
+    return out
+
+
+def load_optimizer_arrays(optimizer: torch.optim.Optimizer,
+                          arrays: dict[str, np.ndarray]) -> bool:
+    """Restore what ``optimizer_arrays`` saved; ``False`` (and nothing changed)
+    when it does not fit this model's parameters."""
+    params = optimizer.param_groups[0]["params"]
+    state: dict[torch.nn.Parameter, dict[str, torch.Tensor]] = {}
+    for key, value in arrays.items():
+        index, _, name = key.partition(".")
+        if not index.isdigit() or int(index) >= len(params):
+            return False
+        param = params[int(index)]
+        tensor = torch.as_tensor(value)
+        if tensor.ndim and tensor.shape != param.shape:
+            return False
+        state.setdefault(param, {})[name] = tensor.to(
+            param.device if tensor.ndim else "cpu", dtype=torch.float32)
+    optimizer.state.clear()
+    optimizer.state.update(state)
+    return True
 
 
 @dataclass(frozen=True)
@@ -61,6 +96,7 @@ def train(
     epochs: int | None = None,
     proximal_mu: float = 0.0,
     progress: tuple[float, float] = (0.0, 1.0),
+    optimizer_state: dict[str, np.ndarray] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place for ``epochs`` (default ``settings.local_epochs``)
     passes over ``cases``.
@@ -73,6 +109,10 @@ def train(
 
     ``proximal_mu`` > 0 adds FedProx's proximal term ``mu/2 * ||w - w_start||^2``
     (Li et al. 2020), which keeps a site's model near the global one it started from.
+
+    ``optimizer_state``: Adam's moments from this site's previous call (the
+    result's ``optimizer_state``), to continue from instead of a fresh Adam;
+    ignored, with a log line, when they do not fit the model.
     """
     if not cases:
         raise EmptyDatasetError("no training case to train on")
@@ -90,6 +130,8 @@ def train(
     model.to(device).train()
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
+    if optimizer_state and not load_optimizer_arrays(optimizer, optimizer_state):
+        log.warning("the saved optimiser state does not fit this model; starting afresh")
     start_weights = [p.detach().clone() for p in model.parameters()] if proximal_mu else []
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
     losses = []
@@ -118,7 +160,8 @@ def train(
                 losses.append(float(loss.detach()))
     seconds = time.perf_counter() - start
     log.info("trained %d steps on %d cases in %.1f s", len(losses), len(cases), seconds)
-    return TrainResult(len(cases), float(np.mean(losses)), len(losses), seconds)
+    return TrainResult(len(cases), float(np.mean(losses)), len(losses), seconds,
+                       optimizer_arrays(optimizer))
 
 
 def learning_rate_at(done: float, settings: RunSettings) -> float:

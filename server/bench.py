@@ -63,10 +63,12 @@ def _centralised(train_cases: list[Case], tests: dict[str, list[Case]], settings
                      rounds})
     # One train call per scored stretch (the data is prepared once per call, not
     # once per round), on the same schedule as the federated rounds it stands for.
+    state = None  # Adam's moments from the last stretch, with keep-optimizer-state
     for before, r in zip([0, *scored], scored, strict=False):
-        train(model, train_cases, settings, device, seed=seed * 1000 + r,
-              epochs=(r - before) * settings.local_epochs,
-              progress=(before / rounds, r / rounds))
+        result = train(model, train_cases, settings, device, seed=seed * 1000 + r,
+                       epochs=(r - before) * settings.local_epochs,
+                       progress=(before / rounds, r / rounds), optimizer_state=state)
+        state = result.optimizer_state if settings.keep_optimizer_state else None
         scores = {s: evaluate(model, cases, settings, device).summary for s, cases in
                   tests.items()}
         curve.append({"round": r, "dice": {s: v["dice"] for s, v in scores.items()}})

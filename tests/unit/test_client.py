@@ -109,3 +109,31 @@ def test_mismatched_model_is_a_scrubbed_error(synthetic_sites):
     reply = train_handler(message(MessageType.TRAIN, other), context(synthetic_sites[0]))
     assert reply.has_error()
     assert reply.error.reason == "train: internal error (RuntimeError)"
+
+
+def test_a_site_keeps_its_optimiser_state_between_rounds_and_never_sends_it(
+        synthetic_sites, model):
+    """keep-optimizer-state: Adam's moments stay in the node's own context and
+    the next round continues from them (its step count goes on); they are not
+    in the reply. Switched off, nothing is kept."""
+    from client.app import OPTIMIZER_STATE
+
+    site = synthetic_sites[0]
+    ctx = context(site)
+    ctx.run_config["keep-optimizer-state"] = True
+    first = train_handler(message(MessageType.TRAIN, model), ctx)
+    steps = int(first.content["metrics"]["train-steps"])
+    kept = ctx.state.array_records[OPTIMIZER_STATE]
+    assert float(kept["0.step"].numpy()) == steps
+    assert set(first.content.keys()) == {"arrays", "metrics", "site"}
+    assert first.content["arrays"].keys() == model.state_dict().keys()  # weights only
+
+    second = train_handler(message(MessageType.TRAIN, model), ctx)
+    assert float(ctx.state.array_records[OPTIMIZER_STATE]["0.step"].numpy()) == 2 * steps
+    off = context(site)
+    off.run_config["keep-optimizer-state"] = False
+    fresh = train_handler(message(MessageType.TRAIN, model), off)
+    assert OPTIMIZER_STATE not in off.state.array_records
+    # The same global weights, data and seed: only the carried moments differ.
+    a, b = second.content["arrays"].to_torch_state_dict(), fresh.content["arrays"].to_torch_state_dict()
+    assert any(not torch.equal(a[k], b[k]) for k in a)

@@ -114,3 +114,27 @@ def test_sw_overlap_sets_how_far_the_sliding_windows_overlap():
     assert np.mean(apart != half) > 0.01  # windows blended differently
     with pytest.raises(ConfigError, match="sw-overlap must be in"):
         RunSettings.from_run_config({**base, "sw-overlap": 1.0})
+
+
+def test_optimiser_state_round_trips_and_a_misfit_is_refused():
+    """Adam's moments survive the flat-array form a node keeps them in; state
+    saved for another model (other channel widths) is refused, not half-loaded."""
+    import dataclasses
+
+    from common.training import load_optimizer_arrays, optimizer_arrays
+
+    settings = RunSettings.from_run_config({})
+    model = build_model(settings.model)
+    adam = torch.optim.Adam(model.parameters())
+    model(torch.randn(1, 1, 32, 32)).sum().backward()
+    adam.step()
+    saved = optimizer_arrays(adam)
+    again = torch.optim.Adam(model.parameters())
+    assert load_optimizer_arrays(again, saved)
+    first = next(model.parameters())
+    assert torch.equal(again.state[first]["exp_avg"], adam.state[first]["exp_avg"])
+
+    other = build_model(dataclasses.replace(settings.model, channels=(8, 16, 32, 64, 128)))
+    fresh = torch.optim.Adam(other.parameters())
+    assert not load_optimizer_arrays(fresh, saved)
+    assert not fresh.state

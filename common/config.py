@@ -143,7 +143,6 @@ class RunSettings:
              "fednova weighs each site's update by its own step count, which differential "
              "privacy's equal-weight clipped updates do not allow: use fedavg or fedprox"),
             (self.fedprox_mu >= 0, "fedprox-mu must be >= 0"),
-
             (self.secagg_clipping_range > 0, "secagg-clipping-range must be positive"),
             (self.secagg_max_weight > 0, "secagg-max-weight must be positive"),
             (0 < self.secagg_reconstruction_threshold <= 1,

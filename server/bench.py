@@ -186,12 +186,18 @@ def plot(curves: dict[str, list[dict]], path: Path) -> None:
     fig, axes = plt.subplots(1, len(sites), figsize=(5 * len(sites), 4), dpi=100,
                              squeeze=False)
     for ax, site in zip(axes[0], sites, strict=True):
+        values = []
         for method, curve in curves.items():
             pts = [(r["round"], r["dice"][site]) for r in curve
                    if r["dice"].get(site) is not None]
             if pts:
-                ax.plot(*zip(*pts, strict=True), label=method)
-        ax.set(title=site, xlabel="round (local epochs each)", ylabel="test Dice", ylim=(0, 1))
+                ax.plot(*zip(*pts, strict=True), marker="o", label=method)
+                values += [v for _, v in pts]
+        # The methods differ by hundredths: a 0-1 axis would draw one line.
+        low = max(0.0, min(values, default=0.0) - 0.02)
+        high = min(1.0, max(values, default=1.0) + 0.01)
+        ax.set(title=site, xlabel="round (local epochs each)", ylabel="test Dice",
+               ylim=(low, high if high > low else low + 0.05))
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     fig.tight_layout()

@@ -143,7 +143,7 @@ def train_handler(msg: Message, context: Context) -> Message:
                        progress=progress,
                        optimizer_state={k: a.numpy() for k, a in saved.items()}
                        if saved is not None and settings.keep_optimizer_state else None)
-        if settings.keep_optimizer_state:  # the node's own state: it never leaves the site
+        if result.optimizer_state:  # the node's own state: it never leaves the site
             context.state[OPTIMIZER_STATE] = ArrayRecord(
                 {k: Array(v) for k, v in result.optimizer_state.items()})
     except Exception as exc:  # noqa: BLE001 - every failure leaves scrubbed

@@ -35,8 +35,8 @@ class TrainResult:
     mean_loss: float
     steps: int
     seconds: float
-    # Adam's moments after the last step, flat (see ``optimizer_arrays``): a
-    # site keeps them for its next round when ``keep-optimizer-state`` is on.
+    # Adam's moments after the last step, flat (see ``optimizer_arrays``), when
+    # ``keep-optimizer-state`` is on: the site keeps them for its next round.
     optimizer_state: dict[str, np.ndarray] = field(default_factory=dict, repr=False,
                                                    compare=False)
 
@@ -161,7 +161,7 @@ def train(
     seconds = time.perf_counter() - start
     log.info("trained %d steps on %d cases in %.1f s", len(losses), len(cases), seconds)
     return TrainResult(len(cases), float(np.mean(losses)), len(losses), seconds,
-                       optimizer_arrays(optimizer))
+                       optimizer_arrays(optimizer) if settings.keep_optimizer_state else {})
 
 
 def learning_rate_at(done: float, settings: RunSettings) -> float:

@@ -68,7 +68,7 @@ def _centralised(train_cases: list[Case], tests: dict[str, list[Case]], settings
         result = train(model, train_cases, settings, device, seed=seed * 1000 + r,
                        epochs=(r - before) * settings.local_epochs,
                        progress=(before / rounds, r / rounds), optimizer_state=state)
-        state = result.optimizer_state if settings.keep_optimizer_state else None
+        state = result.optimizer_state or None
         scores = {s: evaluate(model, cases, settings, device).summary for s, cases in
                   tests.items()}
         curve.append({"round": r, "dice": {s: v["dice"] for s, v in scores.items()}})

@@ -42,33 +42,30 @@ class TrainResult:
 
 
 def optimizer_arrays(optimizer: torch.optim.Optimizer) -> dict[str, np.ndarray]:
-    """The per-parameter state of ``optimizer`` as flat named arrays
-    (``"<param index>.<name>"``), which a Flower ``ArrayRecord`` can hold."""
-    out = {}
-    for i, param in enumerate(optimizer.param_groups[0]["params"]):
-        for name, value in optimizer.state.get(param, {}).items():
-            out[f"{i}.{name}"] = torch.as_tensor(value).detach().cpu().numpy().copy()
-    return out
+    """The per-parameter part of ``optimizer.state_dict()`` as flat named
+    arrays (``"<param index>.<name>"``), which a Flower ``ArrayRecord`` can hold."""
+    return {f"{i}.{name}": torch.as_tensor(value).detach().cpu().numpy().copy()
+            for i, per_param in optimizer.state_dict()["state"].items()
+            for name, value in per_param.items()}
 
 
 def load_optimizer_arrays(optimizer: torch.optim.Optimizer,
                           arrays: dict[str, np.ndarray]) -> bool:
-    """Restore what ``optimizer_arrays`` saved; ``False`` (and nothing changed)
-    when it does not fit this model's parameters."""
+    """Restore what ``optimizer_arrays`` saved through ``load_state_dict``
+    (which places each tensor on its parameter's device); ``False``, with
+    nothing changed, when it does not fit this model's parameters (torch
+    checks the count of parameters, not their shapes)."""
     params = optimizer.param_groups[0]["params"]
-    state: dict[torch.nn.Parameter, dict[str, torch.Tensor]] = {}
+    state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in arrays.items():
         index, _, name = key.partition(".")
         if not index.isdigit() or int(index) >= len(params):
             return False
-        param = params[int(index)]
         tensor = torch.as_tensor(value)
-        if tensor.ndim and tensor.shape != param.shape:
+        if tensor.ndim and tensor.shape != params[int(index)].shape:
             return False
-        state.setdefault(param, {})[name] = tensor.to(
-            param.device if tensor.ndim else "cpu", dtype=torch.float32)
-    optimizer.state.clear()
-    optimizer.state.update(state)
+        state.setdefault(int(index), {})[name] = tensor
+    optimizer.load_state_dict({**optimizer.state_dict(), "state": state})
     return True
 
 

@@ -102,6 +102,21 @@ def test_test_time_flips_give_a_mirror_consistent_prediction():
                                      cpu)[:, ::-1]) > 0.01  # an untrained net is not symmetric
 
 
+
+def test_mirrored_copies_in_groups_give_the_same_prediction(monkeypatch):
+    """Large volumes run their mirrored copies a few at a time; the blended
+    prediction must not depend on how they were grouped."""
+    import common.training
+
+    settings = RunSettings.from_run_config({"model-channels": "8,16", "patch-size": 32})
+    torch.manual_seed(0)
+    model = build_model(settings.model)
+    image = np.random.default_rng(2).normal(size=(1, 72, 56)).astype(np.float32)
+    together = predict(model, image, settings, torch.device("cpu"))
+    monkeypatch.setattr(common.training, "MAX_BATCH_VOXELS", image.size)  # one copy a pass
+    apart = predict(model, image, settings, torch.device("cpu"))
+    assert np.array_equal(together, apart)
+
 def test_sw_overlap_sets_how_far_the_sliding_windows_overlap():
     base = {"model-channels": "8,16", "patch-size": 32, "test-time-flips": False}
     torch.manual_seed(0)
@@ -138,3 +153,39 @@ def test_optimiser_state_round_trips_and_a_misfit_is_refused():
     fresh = torch.optim.Adam(other.parameters())
     assert not load_optimizer_arrays(fresh, saved)
     assert not fresh.state
+
+
+def test_fedprox_gradient_equals_the_proximal_loss_it_stands_for(site, monkeypatch):
+    """``proximal_mu`` adds mu (w - w_start) to the gradients; the weights must
+    come out as if mu/2 ||w - w_start||^2 had been added to the loss (Li et al.)."""
+    import copy
+
+    import common.training
+
+    settings = RunSettings.from_run_config({"model-channels": "8,16", "patch-size": 32,
+                                            "batch-size": 4, "learning-rate": 0.01,
+                                            "local-epochs": 2})
+    torch.manual_seed(0)
+    start = build_model(settings.model)
+    mu = 5.0
+    fedprox, reference, plain = (copy.deepcopy(start) for _ in range(3))
+    train(fedprox, site[0], settings, torch.device("cpu"), seed=3, proximal_mu=mu)
+    train(plain, site[0], settings, torch.device("cpu"), seed=3)
+
+    anchor = [p.detach().clone() for p in reference.parameters()]
+    data_loss = common.training.DiceCELoss
+
+    class ProximalLoss(data_loss):
+        def forward(self, logits, label):
+            return super().forward(logits, label) + mu / 2 * sum(
+                (p - p0).pow(2).sum() for p, p0 in zip(reference.parameters(), anchor,
+                                                       strict=True))
+
+    monkeypatch.setattr(common.training, "DiceCELoss", ProximalLoss)
+    result = train(reference, site[0], settings, torch.device("cpu"), seed=3)
+    assert result.steps > 2  # the term is zero at the first step; later ones tell
+    for a, b, c in zip(fedprox.parameters(), reference.parameters(), plain.parameters(),
+                       strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert not all(torch.allclose(a, c, atol=1e-5) for a, c in
+                   zip(fedprox.parameters(), plain.parameters(), strict=True))

@@ -40,7 +40,7 @@ METHODS = ("local", "pooled", "fedavg", "fedprox", "fednova")  # the default tab
 
 # Retina defaults (measured, docs/benchmarks.md): RGB input, 96-px patches.
 RETINA = {"input-channels": "rgb", "patch-size": 96, "patches-per-image": 8,
-          "batch-size": 16, "learning-rate": 2e-3, "evaluate-every": 25}
+          "batch-size": 16, "learning-rate": 2e-3, "evaluate-every": 30}
 
 
 def machine() -> str:

@@ -25,7 +25,7 @@ console = Console(highlight=False)
 
 DEMO_SITES = 3
 DEFAULT_PORT = 9093
-QUALITY_ROUNDS, QUALITY_LOCAL_EPOCHS = 75, 2
+QUALITY_ROUNDS, QUALITY_LOCAL_EPOCHS = 90, 2
 DEMO_ROUNDS = 6
 DEMO_LOCAL_EPOCHS = 2
 
@@ -530,7 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "fedprox,fednova,fedadam (default: all but fedadam)")
     b.add_argument("--no-retina-defaults", dest="retina_defaults", action="store_false",
                    help="do not apply the retina settings (RGB input, 96-px patches, 8 per image, "
-                        "batch 16, learning rate 2e-3, scoring every 25 rounds)")
+                        "batch 16, learning rate 2e-3, scoring every 30 rounds)")
     _common_run_options(b)
     b.set_defaults(func=cmd_bench_quality)
 

@@ -155,9 +155,9 @@ def test_optimiser_state_round_trips_and_a_misfit_is_refused():
     assert not fresh.state
 
 
-def test_fedprox_gradient_equals_the_proximal_loss_it_stands_for(site, monkeypatch):
-    """``proximal_mu`` adds mu (w - w_start) to the gradients; the weights must
-    come out as if mu/2 ||w - w_start||^2 had been added to the loss (Li et al.)."""
+def test_fedprox_term_is_half_mu_times_the_squared_distance_to_the_start(site, monkeypatch):
+    """``proximal_mu`` must train as if mu/2 ||w - w_start||^2 were added to
+    the loss, w_start being the weights the round began with (Li et al. 2020)."""
     import copy
 
     import common.training

@@ -135,5 +135,6 @@ def test_a_site_keeps_its_optimiser_state_between_rounds_and_never_sends_it(
     fresh = train_handler(message(MessageType.TRAIN, model), off)
     assert OPTIMIZER_STATE not in off.state.array_records
     # The same global weights, data and seed: only the carried moments differ.
-    a, b = second.content["arrays"].to_torch_state_dict(), fresh.content["arrays"].to_torch_state_dict()
+    a = second.content["arrays"].to_torch_state_dict()
+    b = fresh.content["arrays"].to_torch_state_dict()
     assert any(not torch.equal(a[k], b[k]) for k in a)

@@ -188,3 +188,36 @@ def test_fedprox_term_is_half_mu_times_the_squared_distance_to_the_start(site, m
         assert torch.allclose(a, b, atol=1e-5)
     assert not all(torch.allclose(a, c, atol=1e-5) for a, c in
                    zip(fedprox.parameters(), plain.parameters(), strict=True))
+
+
+def test_training_draws_the_same_patches_without_metadata_and_restores_tracking(site):
+    """Training switches MONAI's metadata tracking off for speed: the patches
+    must be the same values, and the global switch must come back afterwards,
+    also when training fails."""
+    from monai.data import get_track_meta, set_track_meta
+    from monai.utils import set_determinism
+
+    from common.data.transforms import training_items, training_transform
+    from common.training import _plain_tensors
+
+    items = training_items(site[0][:2], 2, "grey")
+    patches = []
+    for plain in (False, True):
+        set_determinism(seed=3)
+        transform = training_transform(32, 2, 4)
+        with _plain_tensors() if plain else torch.no_grad():
+            patches.append([torch.as_tensor(p[k]).clone() for item in items
+                            for p in transform(item) for k in ("image", "label")])
+    assert len(patches[0]) == len(patches[1]) > 0
+    assert all(torch.equal(a.as_tensor() if hasattr(a, "as_tensor") else a, b)
+               for a, b in zip(*patches, strict=True))
+    assert type(patches[1][0]) is torch.Tensor  # no MetaTensor while plain
+    assert get_track_meta()
+
+    settings = RunSettings.from_run_config({"model-channels": "8,16", "patch-size": 16})
+    with pytest.raises(RuntimeError):  # 3-channel model, 1-channel cases
+        train(build_model(RunSettings.from_run_config(
+            {"input-channels": "rgb", "model-channels": "8,16"}).model), site[0][:1],
+            settings, torch.device("cpu"))
+    assert get_track_meta()
+    set_track_meta(True)

@@ -221,3 +221,45 @@ def test_training_draws_the_same_patches_without_metadata_and_restores_tracking(
             settings, torch.device("cpu"))
     assert get_track_meta()
     set_track_meta(True)
+
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda_only
+def test_a_site_with_a_gpu_trains_on_it_and_keeps_its_state_on_the_host(site):
+    """``auto`` takes the GPU; training runs there in mixed precision; what a
+    node keeps between rounds (Adam's moments) comes back as host arrays, and
+    the next round continues from them on the GPU."""
+    from common.model import pick_device
+
+    device = pick_device("auto")
+    assert device.type == "cuda"
+    settings = RunSettings.from_run_config({"local-epochs": 1})
+    torch.manual_seed(0)
+    model = build_model(settings.model)
+    first = train(model, site[0], settings, device, seed=0)
+    assert next(model.parameters()).is_cuda and np.isfinite(first.mean_loss)
+    assert first.optimizer_state and all(isinstance(v, np.ndarray)
+                                         for v in first.optimizer_state.values())
+    second = train(model, site[0], settings, device, seed=1,
+                   optimizer_state=first.optimizer_state)
+    steps = [v for k, v in second.optimizer_state.items() if k.endswith(".step")]
+    assert steps and float(steps[0]) == first.steps + second.steps  # continued, not restarted
+
+
+@cuda_only
+def test_gpu_and_cpu_label_the_same_pixels_from_the_same_weights(site):
+    """Half-precision inference on the GPU against float32 on the CPU: the
+    labels may differ only where a pixel sits on the decision boundary."""
+    settings = RunSettings.from_run_config({"local-epochs": 2})
+    torch.manual_seed(0)
+    model = build_model(settings.model)
+    train(model, site[0], settings, torch.device("cpu"), seed=0)
+    cpu = evaluate(model, site[1], settings, torch.device("cpu"))
+    gpu = evaluate(model, site[1], settings, torch.device("cuda"))
+    for case in site[1]:
+        a = predict(model, case.image, settings, torch.device("cpu"))
+        b = predict(model, case.image, settings, torch.device("cuda"))
+        assert (a == b).mean() > 0.999
+    assert abs(cpu.summary["dice"] - gpu.summary["dice"]) < 0.005

@@ -1,4 +1,8 @@
-"""Smoke version of ``fedseg bench quality``: one round, tiny patches, every method."""
+"""Smoke version of ``fedseg bench quality``: one round, tiny patches.
+
+FedAvg is left out (each federated method is a Flower simulation of its own,
+about 30 s here, and the suite runs FedAvg in most federation tests); FedProx
+and FedNova stay, with their own strategy wiring."""
 
 from __future__ import annotations
 
@@ -19,12 +23,13 @@ def test_quality_benchmark_smoke(tmp_path, no_leftover_processes):
     out = tmp_path / "bench"
     cmd = [sys.executable, "-m", "server.cli", "bench", "quality", *map(str, sites),
            "--rounds", "1", "--local-epochs", "1", "--no-retina-defaults", "--patch-size", "32",
-           "--config", "model-channels=8,16", "--out", str(out)]
+           "--config", "model-channels=8,16", "--methods", "local,pooled,fedprox,fednova",
+           "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=APP_DIR,
                           env=runtime_env(1))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "quality.json").read_text())
-    assert set(report["results"]) == {"local", "pooled", "fedavg", "fedprox", "fednova"}
+    assert set(report["results"]) == {"local", "pooled", "fedprox", "fednova"}
     for result in report["results"].values():
         assert set(result["sites"]) == {"hospital-0", "hospital-1"}
         for metrics in result["sites"].values():

@@ -94,6 +94,9 @@ class RunSettings:
     test_time_flips: bool = True  # average predictions over mirrored images
     sw_overlap: float = 0.5  # sliding-window overlap at inference (nnU-Net's half-patch step)
     keep_optimizer_state: bool = True  # a site's Adam moments carry over between its rounds
+    # fp16 on a CUDA GPU, bf16 on a CPU with bf16 instructions, else fp32 (see
+    # common.training.low_precision); weights, optimiser and loss stay fp32
+    mixed_precision: bool = True
     synthetic_train_cases: int = 6
     synthetic_test_cases: int = 3
     strategy: str = "fedavg"  # fedavg | fedprox | fednova | fedadam
@@ -200,6 +203,7 @@ class RunSettings:
             test_time_flips=_get(cfg, "test-time-flips", bool, True),
             sw_overlap=_get(cfg, "sw-overlap", float, 0.5),
             keep_optimizer_state=_get(cfg, "keep-optimizer-state", bool, True),
+            mixed_precision=_get(cfg, "mixed-precision", bool, True),
             synthetic_train_cases=_get(cfg, "synthetic-train-cases", int, 6),
             synthetic_test_cases=_get(cfg, "synthetic-test-cases", int, 3),
             strategy=str(cfg.get("strategy", "fedavg")),

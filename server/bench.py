@@ -31,7 +31,7 @@ from common.data.site import Case, load_site
 from common.data.transforms import prepared
 from common.metrics import METRICS, combine
 from common.model import build_model, pick_device
-from common.training import evaluate, train
+from common.training import evaluate, low_precision, train
 from server.runs import read_metrics
 from server.simulation import Site, simulate
 
@@ -125,7 +125,9 @@ def quality(sites: list[Site], out: Path, overrides: dict[str, Any], *, rounds: 
             curve = [{"round": r["round"], "dice": r["dice"]} for r in read_metrics(run_dir)
                      if r["dice"]]  # the rounds the sites scored (evaluate-every)
             record(method, summary["final"]["sites"], time.perf_counter() - start, curve)
-    report = {"machine": machine(), "rounds": rounds, "local_epochs": local_epochs,
+    dtype = low_precision(pick_device(os.environ.get("FEDSEG_DEVICE", "auto")), settings)
+    report = {"machine": machine(), "precision": str(dtype or torch.float32).split(".")[-1],
+              "rounds": rounds, "local_epochs": local_epochs,
               "epochs_per_site": epochs, "settings": settings.to_run_config(),
               "results": results, "curves": curves}
     (out / "quality.json").write_text(json.dumps(report, indent=2, default=str))
@@ -137,7 +139,8 @@ def quality(sites: list[Site], out: Path, overrides: dict[str, Any], *, rounds: 
 def markdown(report: dict[str, Any]) -> str:
     results = report["results"]
     sites = sorted({s for r in results.values() for s in r["sites"]})
-    lines = [f"Machine: {report['machine']}. {report['rounds']} rounds x "
+    lines = [f"Machine: {report['machine']}; convolutions in {report['precision']} "
+             f"(`mixed-precision`). {report['rounds']} rounds x "
              f"{report['local_epochs']} local epochs = {report['epochs_per_site']} passes over "
              f"each site's training cases for every method.", "",
              "| method | site | Dice | IoU | HD95 | sensitivity | specificity | wall time (s) |",

@@ -6,7 +6,14 @@ from common.config import RunSettings
 from common.data.site import load_site
 from common.errors import ConfigError
 from common.model import build_model
-from common.training import evaluate, learning_rate_at, predict, train
+from common.training import (
+    cpu_has_bf16,
+    evaluate,
+    learning_rate_at,
+    low_precision,
+    predict,
+    train,
+)
 
 
 @pytest.fixture(scope="module")
@@ -224,6 +231,73 @@ def test_training_draws_the_same_patches_without_metadata_and_restores_tracking(
     assert get_track_meta()
 
 
+def test_mixed_precision_takes_the_type_the_hardware_multiplies_fast(monkeypatch):
+    """fp16 on a GPU, bf16 on a CPU with native bf16, fp32 on any other CPU
+    (where torch would emulate bf16, slower than fp32) and when switched off."""
+    import common.training
+
+    on = RunSettings.from_run_config({})
+    off = RunSettings.from_run_config({"mixed-precision": False})
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")  # a device name needs no GPU
+    assert low_precision(gpu, on) is torch.float16
+    assert low_precision(gpu, off) is None and low_precision(cpu, off) is None
+    monkeypatch.setattr(common.training, "cpu_has_bf16", lambda: True)
+    assert low_precision(cpu, on) is torch.bfloat16
+    monkeypatch.setattr(common.training, "cpu_has_bf16", lambda: False)
+    assert low_precision(cpu, on) is None
+
+
+bf16_cpu_only = pytest.mark.skipif(not cpu_has_bf16(), reason="needs a CPU with native bf16")
+
+
+@bf16_cpu_only
+def test_mixed_precision_on_a_bf16_cpu_convolves_in_bf16_and_keeps_fp32_weights(site):
+    """Training and inference run the convolutions in bf16 and nothing else:
+    the weights, Adam's moments and the loss stay fp32, and switched off the
+    same call convolves in fp32 and ends on other weights."""
+    import copy
+
+    cpu = torch.device("cpu")
+    seen: dict[str, set[torch.dtype]] = {}
+    weights = {}
+    for mode in (True, False):
+        settings = RunSettings.from_run_config({"model-channels": "8,16", "patch-size": 32,
+                                                "batch-size": 4, "mixed-precision": mode})
+        torch.manual_seed(0)
+        model = build_model(settings.model)
+        conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+        dtypes = seen.setdefault(str(mode), set())
+        hook = conv.register_forward_hook(lambda _m, _i, out, d=dtypes: d.add(out.dtype))
+        result = train(model, site[0][:2], settings, cpu, seed=0)
+        predict(model, site[1][0].image[..., :1], settings, cpu)
+        hook.remove()
+        assert np.isfinite(result.mean_loss)
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        assert all(v.dtype == np.float32 for k, v in result.optimizer_state.items()
+                   if not k.endswith(".step"))
+        weights[mode] = copy.deepcopy(model.state_dict())
+    assert seen == {"True": {torch.bfloat16}, "False": {torch.float32}}
+    assert any(not torch.equal(weights[True][k], weights[False][k]) for k in weights[True])
+
+
+@bf16_cpu_only
+def test_bf16_and_fp32_inference_label_the_same_pixels_from_the_same_weights(site):
+    """bf16 scoring may flip only pixels on the decision boundary (on the
+    retina sites: 99.98% of pixels and Dice equal to 4 digits, docs/performance.md;
+    this barely trained model has more pixels near it)."""
+    cpu = torch.device("cpu")
+    fp32 = RunSettings.from_run_config({"local-epochs": 2, "mixed-precision": False})
+    bf16 = RunSettings.from_run_config({"local-epochs": 2})
+    torch.manual_seed(0)
+    model = build_model(fp32.model)
+    train(model, site[0], fp32, cpu, seed=0)
+    for case in site[1]:
+        assert (predict(model, case.image, fp32, cpu) ==
+                predict(model, case.image, bf16, cpu)).mean() > 0.995
+    dice = [evaluate(model, site[1], s, cpu).summary["dice"] for s in (fp32, bf16)]
+    assert dice[0] > 0.2 and abs(dice[0] - dice[1]) < 0.005, dice  # it segments something
+
+
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -254,13 +328,14 @@ def test_gpu_and_cpu_label_the_same_pixels_from_the_same_weights(site):
     """Half-precision inference on the GPU against float32 on the CPU: the
     labels may differ only where a pixel sits on the decision boundary."""
     settings = RunSettings.from_run_config({"local-epochs": 2})
+    fp32 = RunSettings.from_run_config({"local-epochs": 2, "mixed-precision": False})
     torch.manual_seed(0)
     model = build_model(settings.model)
-    train(model, site[0], settings, torch.device("cpu"), seed=0)
-    cpu = evaluate(model, site[1], settings, torch.device("cpu"))
+    train(model, site[0], fp32, torch.device("cpu"), seed=0)
+    cpu = evaluate(model, site[1], fp32, torch.device("cpu"))
     gpu = evaluate(model, site[1], settings, torch.device("cuda"))
     for case in site[1]:
-        a = predict(model, case.image, settings, torch.device("cpu"))
+        a = predict(model, case.image, fp32, torch.device("cpu"))
         b = predict(model, case.image, settings, torch.device("cuda"))
         assert (a == b).mean() > 0.999
     assert abs(cpu.summary["dice"] - gpu.summary["dice"]) < 0.005

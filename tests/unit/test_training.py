@@ -252,9 +252,9 @@ bf16_cpu_only = pytest.mark.skipif(not cpu_has_bf16(), reason="needs a CPU with 
 
 @bf16_cpu_only
 def test_mixed_precision_on_a_bf16_cpu_convolves_in_bf16_and_keeps_fp32_weights(site):
-    """Training and inference run the convolutions in bf16 and nothing else:
-    the weights, Adam's moments and the loss stay fp32, and switched off the
-    same call convolves in fp32 and ends on other weights."""
+    """Training and inference run the convolutions in bf16 while the weights
+    and Adam's moments stay fp32; switched off, the same call convolves in
+    fp32 and ends on other weights."""
     import copy
 
     cpu = torch.device("cpu")

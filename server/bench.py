@@ -50,12 +50,11 @@ def machine() -> str:
 
 
 def _centralised(train_cases: list[Case], tests: dict[str, list[Case]], settings: RunSettings,
-                 seed: int) -> tuple[dict[str, dict], list[dict]]:
+                 seed: int, device: torch.device) -> tuple[dict[str, dict], list[dict]]:
     """Train one model on ``train_cases`` for ``num-rounds`` x ``local-epochs``
     epochs, on the federated runs' learning-rate schedule; score it on each
     site's tests every ``evaluate-every`` rounds and after the last. Returns the
     final per-site metrics and the Dice curve."""
-    device = pick_device(os.environ.get("FEDSEG_DEVICE", "auto"))
     torch.manual_seed(seed)
     model = build_model(settings.model)
     rounds, curve, scores = settings.num_rounds, [], {}
@@ -84,6 +83,7 @@ def quality(sites: list[Site], out: Path, overrides: dict[str, Any], *, rounds: 
     settings = RunSettings.from_run_config({**overrides, "num-rounds": rounds,
                                             "local-epochs": local_epochs})
     epochs = rounds * local_epochs
+    device = pick_device(os.environ.get("FEDSEG_DEVICE", "auto"))  # local and pooled models
     channels = settings.input_channels
     train_sets = {s.name: prepared(load_site(s.data_dir, "training"), channels) for s in sites}
     tests = {s.name: prepared(load_site(s.data_dir, "test"), channels) for s in sites}
@@ -106,7 +106,7 @@ def quality(sites: list[Site], out: Path, overrides: dict[str, Any], *, rounds: 
             per_site, curve_sites = {}, {}
             for name in train_sets:
                 scores, curve = _centralised(train_sets[name], {name: tests[name]}, settings,
-                                             settings.seed)
+                                             settings.seed, device)
                 per_site[name] = scores[name]
                 curve_sites[name] = curve
             curve = [{"round": r["round"], "dice": {n: curve_sites[n][i]["dice"][n]
@@ -115,7 +115,7 @@ def quality(sites: list[Site], out: Path, overrides: dict[str, Any], *, rounds: 
             record(method, per_site, time.perf_counter() - start, curve)
         elif method == "pooled":
             pooled = [c for cases in train_sets.values() for c in cases]
-            per_site, curve = _centralised(pooled, tests, settings, settings.seed)
+            per_site, curve = _centralised(pooled, tests, settings, settings.seed, device)
             record(method, per_site, time.perf_counter() - start, curve)
         else:
             run_dir = out / method
@@ -125,7 +125,7 @@ def quality(sites: list[Site], out: Path, overrides: dict[str, Any], *, rounds: 
             curve = [{"round": r["round"], "dice": r["dice"]} for r in read_metrics(run_dir)
                      if r["dice"]]  # the rounds the sites scored (evaluate-every)
             record(method, summary["final"]["sites"], time.perf_counter() - start, curve)
-    dtype = low_precision(pick_device(os.environ.get("FEDSEG_DEVICE", "auto")), settings)
+    dtype = low_precision(device, settings)
     report = {"machine": machine(), "precision": str(dtype or torch.float32).split(".")[-1],
               "rounds": rounds, "local_epochs": local_epochs,
               "epochs_per_site": epochs, "settings": settings.to_run_config(),

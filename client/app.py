@@ -41,7 +41,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from common.config import RunSettings, SiteSettings, fedseg_home, simulation_sites
 from common.data.cache import load_prepared
 from common.data.synthetic import ensure_site
-from common.errors import FedsegError, scrub
+from common.errors import FedsegError, error_reason, scrub, write_local_log
 from common.metrics import METRICS
 from common.model import build_model, pick_device
 from common.training import evaluate, train
@@ -73,10 +73,25 @@ def _setup(msg: Message, context: Context) -> tuple[RunSettings, SiteSettings, P
     return settings, site, data_dir, model, pick_device(site.device)
 
 
-def _failed(msg: Message, exc: Exception, what: str) -> Message:
+def _site_name(context: Context) -> str | None:
+    """This node's public name, if its node config can be read at all."""
+    try:
+        return SiteSettings.from_node_config(context.node_config, simulation_sites()).name
+    except Exception:  # noqa: BLE001 - the failure being reported is the real one
+        return None
+
+
+def _failed(msg: Message, context: Context, exc: Exception, what: str) -> Message:
+    """The reply for a failed handler: the site's name and the scrubbed cause.
+    The full cause (case name, path) stays in this site's own log, and in a
+    simulation (where every party is the user's own machine) also goes to the
+    run folder's local log that ``fedseg simulate`` shows in the terminal."""
+    name = _site_name(context)
     log.error("%s failed at this site: %s", what, exc, exc_info=exc)  # local log only
+    write_local_log(name, what, exc)
     return Message(
-        Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{what}: {scrub(exc)}"),
+        Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+              reason=error_reason(name, scrub(exc))),
         reply_to=msg,
     )
 
@@ -147,7 +162,7 @@ def train_handler(msg: Message, context: Context) -> Message:
             context.state[OPTIMIZER_STATE] = ArrayRecord(
                 {k: Array(v) for k, v in result.optimizer_state.items()})
     except Exception as exc:  # noqa: BLE001 - every failure leaves scrubbed
-        return _failed(msg, exc, "train")
+        return _failed(msg, context, exc, "train")
     metrics = MetricRecord(
         {
             "num-examples": result.num_cases,
@@ -174,7 +189,7 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
         cases = load_prepared(data_dir, "test", settings.input_channels)
         summary = evaluate(model, cases, settings, device).summary
     except Exception as exc:  # noqa: BLE001
-        return _failed(msg, exc, "evaluate")
+        return _failed(msg, context, exc, "evaluate")
     metrics = MetricRecord({k: float(summary[k]) for k in METRICS})
     metrics["num-examples"] = int(summary["num-examples"])
     content = RecordDict({"metrics": metrics, "site": ConfigRecord({"name": site.name})})

@@ -110,3 +110,47 @@ def scrub(exc: BaseException) -> str:
     if isinstance(exc, FedsegError):
         return exc.scrubbed()
     return f"internal error ({type(exc).__name__})"
+
+
+LOCAL_LOG_ENV = "FEDSEG_LOCAL_LOG"
+
+
+def error_reason(site: str | None, text: str) -> str:
+    """A failed site's error as it crosses the wire: its public name and the
+    scrubbed text, as JSON (see :func:`parse_error_reason`)."""
+    import json
+
+    return json.dumps({"site": site, "error": text}) if site else text
+
+
+def parse_error_reason(reason: str) -> tuple[str | None, str]:
+    """(site name or None, text) from an error reason written by
+    :func:`error_reason`, or (None, reason) for any other text (Flower's own)."""
+    import json
+
+    try:
+        value = json.loads(reason)
+    except ValueError:
+        return None, reason
+    if isinstance(value, dict) and isinstance(value.get("error"), str):
+        site = value.get("site")
+        return (str(site) if site else None), value["error"]
+    return None, reason
+
+
+def write_local_log(site: str | None, what: str, exc: BaseException) -> None:
+    """In a simulation, append a site's full error (case name and cause, as its
+    own log has it) to ``$FEDSEG_LOCAL_LOG``: every party runs on the user's
+    machine, so the user sees why a site failed. Unset in a deployment, where
+    the hospital's own node log holds it."""
+    import os
+
+    path = os.environ.get(LOCAL_LOG_ENV)
+    if not path:
+        return
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    try:
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(f"{site or 'a site'}: {what} failed: {type(exc).__name__}: {text}\n")
+    except OSError:
+        pass  # the local log is a convenience; the site's own log has the error

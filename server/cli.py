@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from common.config import RunSettings, fedseg_home
@@ -49,13 +50,38 @@ def _summary_table(summary: dict[str, Any]) -> Table:
     for m in METRICS:
         table.add_column(m, justify="right")
     table.add_column("cases", justify="right")
+    table.add_column("rounds trained", justify="right")
     rows = dict(summary["final"]["sites"])
-    for site, vals in rows.items():
+    taking_part = summary.get("participation", {})
+    done = summary["rounds_completed"]
+    for site in sorted(set(rows) | set(taking_part)):
+        vals = rows.get(site, {})
+        trained = taking_part.get(site, {}).get("rounds_trained")
+        cell = "" if trained is None else f"{trained} of {done}"
         table.add_row(site, *[_fmt(vals.get(m)) for m in METRICS],
-                      str(vals.get("num-examples", "")))
+                      str(vals.get("num-examples", "")),
+                      f"[red]{cell}[/]" if trained == 0 else cell)
     table.add_row("[bold]all sites[/]",
-                  *[_fmt(summary["final"]["overall"].get(m)) for m in METRICS], "")
+                  *[_fmt(summary["final"]["overall"].get(m)) for m in METRICS], "", "")
     return table
+
+
+def _site_error_line(line: str) -> None:
+    """A simulated site's own error, as its local log has it (this machine's)."""
+    console.print(f"[red]site error[/] {escape(line)}", soft_wrap=True)
+
+
+def _problems(summary: dict[str, Any]) -> None:
+    for problem in summary.get("problems", []):
+        console.print(f"[red bold]problem:[/] {escape(problem)}", soft_wrap=True)
+    if summary.get("stopped"):
+        console.print(f"[yellow]stopped:[/] {escape(str(summary['stopped']))}", soft_wrap=True)
+
+
+def _exit_code(summary: dict[str, Any]) -> int:
+    """0 only for a run that did all its rounds with every site taking part."""
+    complete = summary["rounds_completed"] == summary["rounds_planned"]
+    return 0 if complete and not summary.get("problems") else 1
 
 
 def _fmt(v: float | None) -> str:
@@ -110,8 +136,10 @@ def _run(sites: list, run_dir: Path, overrides: dict[str, Any], resume: bool,
         f"{settings.local_epochs} local epoch(s), run folder [bold]{run_dir}[/]"
     )
     start = time.perf_counter()
-    summary = simulate(sites, run_dir, overrides, on_round=_round_line, threads_per_client=threads)
+    summary = simulate(sites, run_dir, overrides, on_round=_round_line,
+                       on_site_error=_site_error_line, threads_per_client=threads)
     console.print(_summary_table(summary))
+    _problems(summary)
     console.print(
         f"Dice: first round {_fmt(summary['dice_first_round'])} -> final "
         f"{_fmt(summary['dice_final'])}   wall time {time.perf_counter() - start:.0f} s   "
@@ -148,7 +176,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     overrides.setdefault("local-epochs", DEMO_LOCAL_EPOCHS)
     run_dir = Path(args.out) if args.out else _default_out("demo")
     summary = _run(sites, run_dir, overrides, resume=False, threads=args.threads)
-    return 0 if summary["rounds_completed"] == summary["rounds_planned"] else 1
+    return _exit_code(summary)
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -169,7 +197,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     overrides.setdefault("min-nodes", min(2, len(folders)))
     summary = _run([Site(n, f) for n, f in zip(names, folders, strict=True)], run_dir,
                    overrides, resume=bool(args.resume), threads=args.threads)
-    return 0 if summary["rounds_completed"] == summary["rounds_planned"] else 1
+    return _exit_code(summary)
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -274,9 +302,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     summary = deployment.launch(state, name, overrides, on_round=_round_line)
     console.print(_summary_table(summary))
+    _problems(summary)
     console.print(f"wall time {time.perf_counter() - start:.0f} s   run folder "
                   f"{state.runs / name}", soft_wrap=True)
-    return 0 if summary["rounds_completed"] == summary["rounds_planned"] else 1
+    return _exit_code(summary)
 
 
 def cmd_node(args: argparse.Namespace) -> int:

@@ -32,6 +32,7 @@ from typing import Any
 from common.errors import ConfigError, FedsegError
 from server.processes import run_and_follow, run_config_arg
 from server.runs import RUNS_DIR_ENV
+from server.strategy import REGISTRY_ENV
 
 APP_DIR = Path(__file__).resolve().parents[1]
 CONNECTION = "fedseg"
@@ -230,4 +231,5 @@ def launch(state: State, run_dir_name: str, overrides: Mapping[str, Any], *,
 def superlink_env(state: State) -> dict[str, str]:
     """The SuperLink's environment: the ServerApp it starts writes run folders
     into the state folder."""
-    return base_env({RUNS_DIR_ENV: str(state.runs), "FLWR_HOME": str(state.flwr_home)})
+    return base_env({RUNS_DIR_ENV: str(state.runs), "FLWR_HOME": str(state.flwr_home),
+                     REGISTRY_ENV: str(state.registry)})

@@ -67,17 +67,30 @@ def wait_for_port(port: int, proc: subprocess.Popen, what: str, log_path: Path,
 
 def run_and_follow(cmd: list[str], *, env: Mapping[str, str], cwd: Path, log: IO[bytes],
                    run_dir: Path, on_round: Callable[[dict[str, Any]], None] | None,
-                   timeout: float | None) -> int:
+                   timeout: float | None, local_log: Path | None = None,
+                   on_local: Callable[[str], None] | None = None) -> int:
     """Run ``cmd`` (``flwr run ... --stream``) and call ``on_round`` with each new
     line of ``run_dir/metrics.jsonl`` until it exits; returns its exit code.
-    The command's process group is stopped on timeout, error or Ctrl-C."""
+    ``on_local`` gets each new line of ``local_log`` (a simulation's sites'
+    own errors). The command's process group is stopped on timeout, error or
+    Ctrl-C."""
     seen = {row["round"] for row in read_metrics(run_dir)}
+    shown = local_log.stat().st_size if local_log and local_log.exists() else 0
     deadline = time.monotonic() + timeout if timeout else None
     proc = subprocess.Popen(cmd, env=dict(env), cwd=cwd, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
     try:
         while True:
             done = proc.poll() is not None
+            if local_log is not None and local_log.exists():
+                with open(local_log, "rb") as fh:
+                    fh.seek(shown)
+                    chunk = fh.read()
+                complete = chunk[:chunk.rfind(b"\n") + 1]
+                shown += len(complete)
+                for line in complete.decode(errors="replace").splitlines():
+                    if on_local:
+                        on_local(line)
             for row in read_metrics(run_dir):
                 if row["round"] not in seen:
                     seen.add(row["round"])

@@ -143,6 +143,9 @@ class RunFolder:
             "bytes_up": rec.bytes_up,
             "bytes_down": rec.bytes_down,
             "failures": rec.failures,
+            "trained": rec.trained,
+            "failed_sites": sorted(rec.failed),
+            "aggregated": rec.aggregated,
             "epsilon": ledger.epsilon if ledger else None,
             "dp_releases": ledger.releases if ledger else None,
         }
@@ -175,6 +178,7 @@ class RunFolder:
                                    for k, v in vals.items()} for s, vals in sites.items()}, m)
                    for m in METRICS}
         first = self.history[0]["dice_mean"] if self.history else None
+        participation = self.participation()
         return _json_safe({
             "run": self.path.name,
             "rounds_completed": self.last_round,
@@ -187,6 +191,9 @@ class RunFolder:
             "bytes_up_total": sum(r["bytes_up"] for r in self.history),
             "bytes_down_total": sum(r["bytes_down"] for r in self.history),
             "stopped": stopped,
+            "rounds_aggregated": sum(1 for r in self.history if r.get("aggregated", True)),
+            "participation": participation,
+            "problems": self.problems(participation),
             "privacy": {
                 "secure_aggregation": self.settings.secure_aggregation,
                 "dp": self.settings.dp,
@@ -201,6 +208,29 @@ class RunFolder:
             },
             "config": self.settings.to_run_config(),
         })
+
+    def participation(self) -> dict[str, dict[str, int]]:
+        """Per site seen in this run: rounds its update went into the model,
+        rounds it had a failure in."""
+        sites = sorted({s for r in self.history
+                        for s in (*r.get("trained", ()), *r.get("failed_sites", ()),
+                                  *r["dice"])})
+        return {s: {"rounds_trained": sum(s in r.get("trained", ()) for r in self.history),
+                    "rounds_failed": sum(s in r.get("failed_sites", ()) for r in self.history)}
+                for s in sites}
+
+    def problems(self, participation: dict[str, dict[str, int]]) -> list[str]:
+        """What makes this run's result untrustworthy (the CLI exits non-zero)."""
+        rounds = len(self.history)
+        out = []
+        if rounds and not any(r.get("aggregated", True) for r in self.history):
+            out.append(f"no round aggregated an update ({rounds} round(s) run)")
+        for site, p in participation.items():
+            if p["rounds_failed"] == rounds and rounds:
+                out.append(f"site {site} failed every round ({rounds} of {rounds})")
+            elif p["rounds_trained"] == 0 and rounds:
+                out.append(f"site {site} never trained")
+        return out
 
     def plot(self) -> None:
         import matplotlib

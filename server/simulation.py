@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from common.config import SIM_SITES_ENV, RunSettings, fedseg_home
-from common.errors import ConfigError, FedsegError
+from common.errors import LOCAL_LOG_ENV, ConfigError, FedsegError
 from server.processes import (
     free_port,
     run_and_follow,
@@ -81,13 +81,17 @@ def simulate(
     run_config: Mapping[str, Any],
     *,
     on_round: Callable[[dict[str, Any]], None] | None = None,
+    on_site_error: Callable[[str], None] | None = None,
     threads_per_client: int = 1,
     timeout: float | None = None,
 ) -> dict[str, Any]:
     """Run one simulated federation, one node per site; returns ``summary.json``.
 
     ``run_dir`` is the run folder (``runs/<name>``); ``run_config`` overrides
-    ``[tool.flwr.app.config]`` (``run-name`` is set from ``run_dir``).
+    ``[tool.flwr.app.config]`` (``run-name`` is set from ``run_dir``). A site's
+    own errors (case names and causes: every party is on this machine) go to
+    ``run_dir/local.log`` and, line by line, to ``on_site_error``; the run's
+    metrics keep only their scrubbed form.
     """
     if not sites:
         raise ConfigError("a simulation needs at least one site folder")
@@ -108,6 +112,9 @@ def simulate(
     env = runtime_env(threads_per_client)
     env[SIM_SITES_ENV] = str(manifest)
     env[RUNS_DIR_ENV] = str(run_dir.parent)
+    run_dir.mkdir(exist_ok=True)
+    local_log = run_dir / "local.log"
+    env[LOCAL_LOG_ENV] = str(local_log)
     env["FLWR_HOME"] = str(work / "flwr")
     (work / "flwr").mkdir(exist_ok=True)
     (work / "flwr" / "config.toml").write_text(
@@ -145,7 +152,8 @@ def simulate(
         try:
             wait_for_port(port, superlink, "flower-superlink", log_path)
             code = run_and_follow(run_cmd, env=env, cwd=work, log=log_file, run_dir=run_dir,
-                                  on_round=on_round, timeout=timeout)
+                                  on_round=on_round, timeout=timeout, local_log=local_log,
+                                  on_local=on_site_error)
         finally:
             stop_process_group(superlink)
     summary_path = run_dir / "summary.json"

@@ -20,6 +20,7 @@ import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from logging import WARNING
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,7 +39,7 @@ from flwr.serverapp.strategy import (
 )
 
 from common.config import RunSettings
-from common.errors import FedsegError
+from common.errors import FedsegError, parse_error_reason
 from common.metrics import combine
 from common.privacy.accounting import PrivacyLedger
 from common.privacy.checks import update_problem
@@ -47,22 +48,50 @@ from server.secagg import SecAggPlusFedAvg, SecureRound
 from server.wire import audit, content_bytes
 
 UNIFORM_WEIGHT = "dp-unit-weight"
+REGISTRY_ENV = "FEDSEG_REGISTRY"
 
 
 class PrivacyBudgetExhausted(FedsegError):
     kind = "privacy budget exhausted"
 
 
+def registered_names() -> dict[int, str]:
+    """Node id -> hospital name from the coordinator's registry
+    (``$FEDSEG_REGISTRY``, set by ``fedseg superlink``): the name a hospital
+    was registered under, known before it ever replies."""
+    import json
+    import os
+
+    path = os.environ.get(REGISTRY_ENV)
+    if not path:
+        return {}
+    try:
+        entries = json.loads(Path(path).read_text())
+        return {int(e["node_id"]): str(name) for name, e in entries.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
 def site_name(msg: Message, known: dict[int, str] | None = None) -> str:
-    """The site's public name from its reply, else the name its node gave
-    before (an error reply carries none), else its node id."""
+    """The public name of the site that ``msg`` is the reply of: the name it
+    was registered under, else the name in its reply (an error reply carries
+    it in its reason), else the name it gave before, else its node id."""
     node = msg.metadata.src_node_id
+    known = known if known is not None else {}
+    if node not in known:
+        known.update(registered_names())
     if msg.has_content() and "site" in msg.content.config_records:
         name = str(msg.content.config_records["site"].get("name", node))
-        if known is not None:
-            known[node] = name
+    elif msg.has_error():
+        name = parse_error_reason(msg.error.reason)[0] or ""
+    else:
+        name = ""
+    if node in known:
+        return known[node]
+    if name:
+        known[node] = name
         return name
-    return (known or {}).get(node, f"node-{node}")
+    return f"node-{node}"
 
 
 def aggregate_site_metrics(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
@@ -106,8 +135,15 @@ class RoundRecord:
     train: dict[str, dict[str, float]] = field(default_factory=dict)
     evaluate: dict[str, dict[str, float]] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
+    failed: set[str] = field(default_factory=set)  # sites with a failure this round
+    aggregated: bool = False  # the round produced a new global model
     bytes_down: int = 0
     bytes_up: int = 0
+
+    @property
+    def trained(self) -> list[str]:
+        """Sites whose update went into this round's model."""
+        return sorted(set(self.train) - self.failed) if self.aggregated else []
 
 
 class SiteRecorder(StrategyWrapper):
@@ -120,15 +156,19 @@ class SiteRecorder(StrategyWrapper):
     def __init__(self, inner: Strategy) -> None:
         super().__init__(inner)
         self.rounds: dict[int, RoundRecord] = {}
-        self.names: dict[int, str] = {}  # node id -> public site name, as replies say
+        self.names: dict[int, str] = {}  # node id -> public site name
+        self.pending: set[int] = set()  # nodes sent a message in the phase in flight
         # Which rounds the sites score the global model in (``evaluate-every``)
         self.evaluate_due: Callable[[int], bool] = lambda server_round: True
 
     def round(self, server_round: int) -> RoundRecord:
         return self.rounds.setdefault(server_round, RoundRecord())
 
-    def note_failure(self, server_round: int, text: str) -> None:
-        self.round(server_round).failures.append(text)
+    def note_failure(self, server_round: int, text: str, site: str | None = None) -> None:
+        rec = self.round(server_round)
+        rec.failures.append(text)
+        if site is not None:
+            rec.failed.add(site)
 
     def secure_round(self, server_round: int, result: SecureRound) -> None:
         """A SecAgg+ round's traffic and per-site numbers (its messages bypass
@@ -147,25 +187,40 @@ class SiteRecorder(StrategyWrapper):
     def _sent(self, server_round: int, messages: Iterable[Message]) -> list[Message]:
         messages = list(messages)
         self.round(server_round).bytes_down += sum(content_bytes(m.content) for m in messages)
+        self.pending = {m.metadata.dst_node_id for m in messages}
         return messages
 
     def _received(self, server_round: int, replies: Iterable[Message], phase: str
                   ) -> list[Message]:
         replies = list(replies)
         rec = self.round(server_round)
+        pending, self.pending = self.pending, set()
+        lost = []  # what the SuperLink says for nodes it lost (the reply is its own)
         for msg in replies:
+            node = msg.metadata.src_node_id
+            if pending and node not in pending:
+                if msg.has_error():
+                    lost.append(parse_error_reason(msg.error.reason)[1])
+                continue
+            pending.discard(node)
             name = site_name(msg, self.names)
             audit(server_round, phase, msg)
             if msg.has_error():
-                rec.failures.append(f"{phase} at {name}: {msg.error.reason}")
+                reason = parse_error_reason(msg.error.reason)[1]
+                self.note_failure(server_round, f"{phase} at {name}: {reason}", name)
                 log(WARNING, "round %d: %s failed at %s: %s", server_round, phase, name,
-                    msg.error.reason)
+                    reason)
                 continue
             rec.bytes_up += content_bytes(msg.content)
             metrics = next(iter(msg.content.metric_records.values()), {})
             values = {k: int(v) if k == "num-examples" else float(v) for k, v in metrics.items()
                       if isinstance(v, int | float) and k != UNIFORM_WEIGHT}
             (rec.train if phase == "train" else rec.evaluate)[name] = values
+        why = f" ({'; '.join(sorted(set(lost)))})" if lost else ""
+        for node in sorted(pending):  # sent, never answered by the node itself
+            name = self.names.get(node) or registered_names().get(node, f"node-{node}")
+            self.note_failure(server_round, f"{phase} at {name}: no reply{why}", name)
+            log(WARNING, "round %d: no %s reply from %s", server_round, phase, name)
         return replies
 
     def configure_train(self, server_round, arrays, config, grid):
@@ -173,8 +228,10 @@ class SiteRecorder(StrategyWrapper):
                                                                 grid))
 
     def aggregate_train(self, server_round, replies):
-        return super().aggregate_train(server_round,
-                                       self._received(server_round, replies, "train"))
+        arrays, metrics = super().aggregate_train(
+            server_round, self._received(server_round, replies, "train"))
+        self.round(server_round).aggregated = arrays is not None
+        return arrays, metrics
 
     def configure_evaluate(self, server_round, arrays, config, grid):
         if not self.evaluate_due(server_round):
@@ -191,7 +248,8 @@ class UpdateChecks(StrategyWrapper):
     """Leave out train replies that are unfit to aggregate (non-finite values,
     wrong shapes, missing weights or case count); name the site in the log."""
 
-    def __init__(self, inner: Strategy, on_reject: Callable[[int, str], None] | None = None,
+    def __init__(self, inner: Strategy,
+                 on_reject: Callable[[int, str, str], None] | None = None,
                  uniform_weights: bool = False) -> None:
         super().__init__(inner)
         self.on_reject = on_reject
@@ -236,10 +294,11 @@ class UpdateChecks(StrategyWrapper):
             if not msg.has_error():
                 problem = self.problem(msg)
                 if problem is not None:
-                    text = f"update from {site_name(msg)} left out: {problem}"
+                    name = site_name(msg)
+                    text = f"update from {name} left out: {problem}"
                     log(WARNING, "round %d: %s", server_round, text)
                     if self.on_reject:
-                        self.on_reject(server_round, text)
+                        self.on_reject(server_round, text, name)
                     continue
                 self._weigh_uniformly(msg)
             kept.append(msg)

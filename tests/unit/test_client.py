@@ -13,6 +13,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from client.app import EVAL_METRICS, TRAIN_METRICS, evaluate_handler, train_handler
 from common.config import RunSettings
 from common.data.site import list_cases
+from common.errors import LOCAL_LOG_ENV, parse_error_reason
 from common.model import build_model
 
 RUN_CONFIG = {"local-epochs": 1, "seed": 0}
@@ -93,8 +94,26 @@ def test_a_failing_site_sends_a_scrubbed_error(tmp_path, model):
     (site / "labelsTr" / "DOE_JANE_ct.nii.gz").write_bytes(b"not a nifti")
     reply = train_handler(message(MessageType.TRAIN, model), context(site))
     assert reply.has_error()
-    assert reply.error.reason == "train: fedseg data error in case #0 (unreadable file)"
+    assert parse_error_reason(reply.error.reason) == (
+        "hospital-a", "fedseg data error in case #0 (unreadable file)")
     assert b"DOE" not in wire_bytes(reply)
+
+
+def test_in_a_simulation_the_full_cause_goes_to_the_local_log(tmp_path, model, monkeypatch):
+    """Every party of a simulation is the user's own machine: the site's own
+    error, with the case's name, is written where `fedseg simulate` shows it;
+    the reply still carries only the scrubbed form."""
+    site = tmp_path / "site"
+    (site / "imagesTr").mkdir(parents=True)
+    (site / "imagesTr" / "case_7.nii.gz").write_bytes(b"not a nifti")
+    (site / "labelsTr").mkdir()
+    (site / "labelsTr" / "case_7.nii.gz").write_bytes(b"not a nifti")
+    local_log = tmp_path / "local.log"
+    monkeypatch.setenv(LOCAL_LOG_ENV, str(local_log))
+    reply = train_handler(message(MessageType.TRAIN, model), context(site))
+    assert "case_7" not in reply.error.reason
+    line = local_log.read_text()
+    assert line.startswith("hospital-a: train failed:") and "case_7" in line
 
 
 def test_the_data_folder_comes_from_node_config_not_run_config(synthetic_sites, model):
@@ -108,7 +127,7 @@ def test_mismatched_model_is_a_scrubbed_error(synthetic_sites):
     other = build_model(RunSettings.from_run_config({"model-channels": "8,16"}).model)
     reply = train_handler(message(MessageType.TRAIN, other), context(synthetic_sites[0]))
     assert reply.has_error()
-    assert reply.error.reason == "train: internal error (RuntimeError)"
+    assert parse_error_reason(reply.error.reason)[1] == "internal error (RuntimeError)"
 
 
 def test_a_site_keeps_its_optimiser_state_between_rounds_and_never_sends_it(

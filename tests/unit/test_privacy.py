@@ -97,7 +97,7 @@ def _array(v: np.ndarray):
 
 def test_broken_updates_are_left_out_and_the_site_named():
     rejected = []
-    checks = UpdateChecks(FedAvg(), on_reject=lambda r, text: rejected.append(text))
+    checks = UpdateChecks(FedAvg(), on_reject=lambda r, text, site: rejected.append(text))
     checks.reference = REFERENCE
     good = {"w": np.ones((2, 3)), "b": np.ones(3)}
     replies = [

@@ -23,7 +23,7 @@ def round_record(dice_a: float, dice_b: float) -> RoundRecord:
                "b": {"num-examples": 2, "train-loss": 0.4, "train-seconds": 1.0}},
         evaluate={"a": {"dice": dice_a, "num-examples": 3, **metrics},
                   "b": {"dice": dice_b, "num-examples": 1, **metrics}},
-        bytes_down=100, bytes_up=50,
+        bytes_down=100, bytes_up=50, aggregated=True,
     )
 
 
@@ -106,3 +106,35 @@ def test_fedadam_server_rate_follows_the_run_schedule():
                                                                               * math.pi))))
     # Sites score the model in round 4 of the run (the last), not in round 3.
     assert [recorder.evaluate_due(r) for r in (1, 2)] == [False, True]
+
+
+def test_a_site_that_failed_every_round_is_a_problem(tmp_path):
+    """Both rounds aggregate a's update; b fails each time: the summary names
+    b as failed every round (the CLI exits non-zero on any problem)."""
+    run = RunFolder.open(tmp_path, RunSettings.from_run_config(CFG))
+    for r in (1, 2):
+        rec = round_record(0.5, 0.9)
+        rec.failures.append("train at b: fedseg data error in case #0 (unreadable file)")
+        rec.failed.add("b")
+        run.record_round(r, arrays(r), rec)
+    summary = run.finish(None)
+    assert summary["participation"] == {"a": {"rounds_trained": 2, "rounds_failed": 0},
+                                        "b": {"rounds_trained": 0, "rounds_failed": 2}}
+    assert summary["problems"] == ["site b failed every round (2 of 2)"]
+    assert summary["rounds_aggregated"] == 2
+
+
+def test_a_run_that_never_aggregated_is_a_problem(tmp_path):
+    run = RunFolder.open(tmp_path, RunSettings.from_run_config(CFG))
+    rec = round_record(0.5, 0.9)
+    rec.aggregated = False
+    run.record_round(1, arrays(1), rec)
+    summary = run.finish(None)
+    assert "no round aggregated an update (1 round(s) run)" in summary["problems"]
+    assert {"site a never trained", "site b never trained"} <= set(summary["problems"])
+
+
+def test_a_healthy_run_has_no_problems(tmp_path):
+    run = RunFolder.open(tmp_path, RunSettings.from_run_config(CFG))
+    run.record_round(1, arrays(1), round_record(0.5, 0.9))
+    assert run.finish(None)["problems"] == []

@@ -1,11 +1,13 @@
-"""FedNova's aggregation on hand-made replies, against the formula."""
+"""FedNova's aggregation on hand-made replies, against the formula; the
+recorder's naming of sites in failures."""
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.common import MessageType
 
-from server.strategy import FedNova
+from common.errors import error_reason
+from server.strategy import REGISTRY_ENV, FedAvg, FedNova, SiteRecorder
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -35,3 +37,46 @@ def test_fednova_normalises_each_update_by_its_local_steps():
     assert len(sent) == 2
     arrays, _ = strategy.aggregate_train(1, [reply(10.0, 2, 10), reply(-5.0, 1, 5)])
     np.testing.assert_allclose(arrays["w"].numpy(), 25 / 9, rtol=1e-5)
+
+
+def error_from(node: int, reason: str) -> Message:
+    request = Message(content=RecordDict({}), dst_node_id=node, message_type=MessageType.TRAIN)
+    reply = Message(Error(code=0, reason=reason), reply_to=request)
+    reply.metadata.__dict__["_src_node_id"] = node
+    return reply
+
+
+def sent_to(recorder: SiteRecorder, nodes: list[int]) -> None:
+    class Grid:
+        def get_node_ids(self):
+            return nodes
+
+    arrays = ArrayRecord({"w": Array(np.zeros(3, dtype=np.float32))})
+    recorder.configure_train(1, arrays, ConfigRecord(), Grid())
+
+
+def test_a_failure_names_the_site_in_its_first_round(monkeypatch):
+    """A site whose very first reply is an error is named by the name its
+    error carries, not by its node id; a registered node that never answers
+    is named by its registered name, with what the SuperLink said about it."""
+    monkeypatch.delenv(REGISTRY_ENV, raising=False)
+    recorder = SiteRecorder(FedAvg(min_available_nodes=1, min_train_nodes=1))
+    sent_to(recorder, [11, 12])
+    recorder.aggregate_train(1, [error_from(11, error_reason("hospital-b", "fedseg data error"))])
+    assert recorder.rounds[1].failures == ["train at hospital-b: fedseg data error",
+                                           "train at node-12: no reply"]
+    assert recorder.rounds[1].failed == {"hospital-b", "node-12"}
+
+
+def test_a_lost_node_is_named_from_the_registry(tmp_path, monkeypatch):
+    registry = tmp_path / "hospitals.json"
+    registry.write_text('{"hospital-c": {"node_id": "12", "fingerprint": "x"}}')
+    monkeypatch.setenv(REGISTRY_ENV, str(registry))
+    recorder = SiteRecorder(FedAvg(min_available_nodes=1, min_train_nodes=1))
+    sent_to(recorder, [11, 12])
+    superlink_says = error_from(1, "Node Unavailable")  # written by the SuperLink, not node 12
+    answered = reply(1.0, 2, 3)
+    answered.metadata.__dict__["_src_node_id"] = 11
+    recorder.aggregate_train(1, [answered, superlink_says])
+    assert recorder.rounds[1].failures == ["train at hospital-c: no reply (Node Unavailable)"]
+    assert recorder.rounds[1].train.keys() == {"site-2"}

@@ -12,9 +12,11 @@ Nothing outside this module reads a raw key.
 
 from __future__ import annotations
 
+import difflib
+import json
 import os
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -26,27 +28,93 @@ LR_SCHEDULES = ("cosine", "constant")
 DP_MODES = ("off", "server-fixed", "server-adaptive", "client-fixed", "client-adaptive")
 
 
-def _get(cfg: Mapping[str, Any], key: str, kind: type, default: Any) -> Any:
-    value = cfg.get(key, default)
+@dataclass(frozen=True)
+class Check:
+    """A rule one setting's value must keep, and how to say it."""
+
+    ok: Callable[[Any], bool]
+    says: str  # completes "<key> must be ..."
+
+
+def at_least(low: float) -> Check:
+    return Check(lambda v: v >= low, f"at least {low}")
+
+
+def positive() -> Check:
+    return Check(lambda v: v > 0, "positive")
+
+
+def within(low: float, high: float, *, low_open: bool = False, high_open: bool = False
+           ) -> Check:
+    def ok(v: float) -> bool:
+        return (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+
+    brackets = ("(" if low_open else "[", ")" if high_open else "]")
+    return Check(ok, f"in {brackets[0]}{low}, {high}{brackets[1]}")
+
+
+def one_of(*choices: Any) -> Check:
+    return Check(lambda v: v in choices, f"one of {', '.join(map(str, choices))}")
+
+
+def setting(default: Any, help: str, check: Check | None = None) -> Any:  # noqa: A002
+    """Declare a run setting: its default, help text and rule. Its key is the
+    field's name in kebab-case; its type is the field's annotation."""
+    return field(default=default, metadata={"help": help, "check": check})
+
+
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def coerce(key: str, kind: type, value: Any) -> Any:
+    """``value`` as ``kind``, from a Python scalar or command-line text; a
+    ConfigError naming ``key`` and the expected type otherwise."""
+    wrong = ConfigError(f"setting '{key}' must be {_TYPE_WORDS[kind]}, got {value!r}")
     if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"
+        raise wrong
+    if kind is int:
+        if isinstance(value, bool):
+            raise wrong
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
         if isinstance(value, str):
-            if value.lower() in ("true", "1", "yes"):
-                return True
-            if value.lower() in ("false", "0", "no", ""):
-                return False
-            raise ConfigError(f"setting '{key}' must be true or false, got {value!r}")
-        return bool(value)
-    try:
-        return kind(value)
-    except (TypeError, ValueError):
-        raise ConfigError(
-            f"setting '{key}' must be {kind.__name__}, got {value!r}"
-        ) from None
+            try:
+                return int(value.strip())
+            except ValueError:
+                raise wrong from None
+        raise wrong
+    if kind is float:
+        if isinstance(value, bool):
+            raise wrong
+        if isinstance(value, int | float):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                raise wrong from None
+        raise wrong
+    if isinstance(value, str):
+        return value
+    raise wrong
+
+
+def nearest(key: str, known: Iterable[str]) -> str:
+    """' (did you mean ...?)' for a mistyped key, or ''."""
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 @dataclass(frozen=True)
 class ModelSettings:
-    """The shared U-Net's shape. Every node must build the same one."""
+    """The shared U-Net's shape, derived from the model-* run settings. Every
+    node must build the same one."""
 
     spatial_dims: int = 2
     channels: tuple[int, ...] = (16, 32, 64, 128, 256)
@@ -55,191 +123,242 @@ class ModelSettings:
     in_channels: int = 1
     out_channels: int = 2  # background + foreground
 
-    def __post_init__(self) -> None:
-        if self.spatial_dims not in (2, 3):
-            raise ConfigError(f"model-spatial-dims must be 2 or 3, got {self.spatial_dims}")
-        if len(self.channels) < 2:
-            raise ConfigError("model-channels needs at least two levels, e.g. '16,32'")
-        if any(c <= 0 for c in self.channels):
-            raise ConfigError(f"model-channels must be positive, got {self.channels}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"model-dropout must be in [0, 1), got {self.dropout}")
-
     @property
     def divisor(self) -> int:
         """Spatial sizes fed to the network must be multiples of this."""
         return 2 ** (len(self.channels) - 1)
 
 
+def _channels(text: str) -> tuple[int, ...]:
+    try:
+        channels = tuple(int(c) for c in text.split(",") if c.strip())
+    except ValueError:
+        raise ConfigError(
+            f"setting 'model-channels' must be comma-separated integers, got {text!r}"
+        ) from None
+    if len(channels) < 2 or any(c <= 0 for c in channels):
+        raise ConfigError("setting 'model-channels' needs at least two positive levels, "
+                          f"e.g. '16,32', got {text!r}")
+    return channels
+
+
 @dataclass(frozen=True)
 class RunSettings:
-    """Run-wide settings, identical on the server and every node."""
+    """Run-wide settings, identical on the server and every node.
 
-    run_name: str = ""
-    resume: bool = False
-    num_rounds: int = 5
-    fraction_train: float = 1.0
-    fraction_evaluate: float = 1.0
-    evaluate_every: int = 1  # rounds between the sites' scoring (and always the last)
-    min_nodes: int = 2
-    local_epochs: int = 1
-    learning_rate: float = 1e-3
-    lr_schedule: str = "cosine"  # cosine | constant, over all rounds
-    lr_min_ratio: float = 0.01  # the cosine ends at learning-rate x this
-    batch_size: int = 8
-    seed: int = 0
-    input_channels: str = "grey"
-    patch_size: int = 64
-    patches_per_image: int = 2
-    test_time_flips: bool = True  # average predictions over mirrored images
-    sw_overlap: float = 0.5  # sliding-window overlap at inference (nnU-Net's half-patch step)
-    keep_optimizer_state: bool = True  # a site's Adam moments carry over between its rounds
-    # fp16 on a CUDA GPU, bf16 on a CPU with bf16 instructions, else fp32 (see
-    # common.training.low_precision); weights, optimiser and loss stay fp32
-    mixed_precision: bool = True
-    synthetic_train_cases: int = 6
-    synthetic_test_cases: int = 3
-    strategy: str = "fedavg"  # fedavg | fedprox | fednova | fedadam
-    fedprox_mu: float = 0.01
-    fedadam_eta: float = 0.01  # server learning rate
-    fedadam_tau: float = 1e-3
-    # Privacy (see docs/privacy.md)
-    secure_aggregation: bool = False
-    secagg_clipping_range: float = 8.0  # weights are cut to +-this before quantisation
-    secagg_max_weight: float = 1000.0  # the largest case count a site may report
-    secagg_reconstruction_threshold: float = 0.6  # share of neighbours needed to unmask
-    secagg_timeout: float = 600.0  # seconds to wait for each protocol stage
-    dp: str = "off"
-    dp_noise_multiplier: float = 1.0
-    dp_clipping_norm: float = 1.0  # the initial norm for adaptive clipping
-    dp_delta: float = 1e-5
-    dp_max_epsilon: float = 0.0  # 0: no budget
-    dp_clipped_count_stddev: float = 0.0  # adaptive clipping; 0: max(nodes/20, noise)
-    model: ModelSettings = field(default_factory=ModelSettings)
+    Each field is the one declaration of a run setting: key (the field name in
+    kebab-case), type, default, rule and help. Parsing, ``to_run_config``,
+    pyproject.toml's ``[tool.flwr.app.config]`` (held equal by a test) and
+    docs/settings.md (generated: ``python -m common.config``) follow from it.
+    """
+
+    run_name: str = setting("", "run folder name under the runs root; empty: a timestamp")
+    resume: bool = setting(False, "continue the run folder of run-name from its last saved round")
+    num_rounds: int = setting(5, "federated rounds", at_least(1))
+    fraction_train: float = setting(1.0, "share of connected sites that train each round",
+                                    within(0, 1, low_open=True))
+    fraction_evaluate: float = setting(1.0, "share of connected sites that score the model",
+                                       within(0, 1))
+    evaluate_every: int = setting(1, "rounds between the sites scoring the model (and always "
+                                     "the last)", at_least(1))
+    min_nodes: int = setting(2, "fewest sites a round needs", at_least(1))
+    local_epochs: int = setting(1, "passes over a site's training cases per round",
+                                at_least(1))
+    learning_rate: float = setting(1e-3, "the sites' Adam learning rate", positive())
+    lr_schedule: str = setting("cosine", "learning rate over the run's rounds",
+                               one_of(*LR_SCHEDULES))
+    lr_min_ratio: float = setting(0.01, "the cosine ends at learning-rate x this",
+                                  within(0, 1))
+    batch_size: int = setting(8, "training patches per step", at_least(1))
+    seed: int = setting(0, "run seed: model initialisation and (with round and site) each "
+                           "site's augmentations")
+    model_spatial_dims: int = setting(2, "2 (slices, images) or 3 (volumes)", one_of(2, 3))
+    model_channels: str = setting("16,32,64,128,256",
+                                  "U-Net channels per level, comma-separated (run config "
+                                  "holds scalars only)")
+    model_res_units: int = setting(2, "residual units per U-Net level", at_least(0))
+    model_dropout: float = setting(0.0, "dropout in the U-Net", within(0, 1, high_open=True))
+    input_channels: str = setting("grey", "input channels taken from the images",
+                                  one_of(*INPUT_CHANNELS))
+    patch_size: int = setting(64, "training patch and sliding-window size, in pixels",
+                              at_least(8))
+    patches_per_image: int = setting(2, "random patches drawn per training image per epoch",
+                                     at_least(1))
+    test_time_flips: bool = setting(True, "inference averages over mirrored images "
+                                          "(as nnU-Net)")
+    sw_overlap: float = setting(0.5, "sliding windows overlap (nnU-Net's half-patch step)",
+                                within(0, 1, high_open=True))
+    keep_optimizer_state: bool = setting(True, "a site's Adam moments carry over to its next "
+                                               "round (they stay at the site)")
+    mixed_precision: bool = setting(True, "fp16 on a CUDA GPU, bf16 on a CPU with bf16 "
+                                          "instructions, else fp32; weights stay fp32")
+    synthetic_train_cases: int = setting(6, "built-in phantoms per node without a data-dir: "
+                                            "training", at_least(1))
+    synthetic_test_cases: int = setting(3, "built-in phantoms per node without a data-dir: "
+                                           "test", at_least(1))
+    strategy: str = setting("fedavg", "server aggregation", one_of(*STRATEGIES))
+    fedprox_mu: float = setting(0.01, "FedProx proximal term weight", at_least(0))
+    fedadam_eta: float = setting(0.01, "FedAdam server learning rate", positive())
+    fedadam_tau: float = setting(1e-3, "FedAdam adaptivity", positive())
+    secure_aggregation: bool = setting(False, "SecAgg+: the server sees only the sum of "
+                                              "updates (docs/privacy.md)")
+    secagg_clipping_range: float = setting(8.0, "weights are cut to +-this before "
+                                                "quantisation", positive())
+    secagg_max_weight: float = setting(1000.0, "the largest case count a site may report",
+                                       positive())
+    secagg_reconstruction_threshold: float = setting(
+        0.6, "share of a node's neighbours needed to unmask it", within(0, 1, low_open=True))
+    secagg_timeout: float = setting(600.0, "seconds to wait for each of the 4 protocol stages",
+                                    positive())
+    dp: str = setting("off", "differential privacy (docs/privacy.md)", one_of(*DP_MODES))
+    dp_noise_multiplier: float = setting(1.0, "Gaussian noise std / clipping norm",
+                                         at_least(0))
+    dp_clipping_norm: float = setting(1.0, "L2 bound on each update (initial value when "
+                                           "adaptive)", positive())
+    dp_delta: float = setting(1e-5, "DP delta", within(0, 1, low_open=True, high_open=True))
+    dp_max_epsilon: float = setting(0.0, "privacy budget: the run stops before exceeding it; "
+                                         "0: none", at_least(0))
+    dp_clipped_count_stddev: float = setting(0.0, "adaptive clipping only; 0: max(nodes/20, "
+                                                  "noise multiplier)", at_least(0))
 
     def __post_init__(self) -> None:
-        checks = [
-            (self.num_rounds >= 1, "num-rounds must be at least 1"),
-            (0.0 < self.fraction_train <= 1.0, "fraction-train must be in (0, 1]"),
-            (0.0 <= self.fraction_evaluate <= 1.0, "fraction-evaluate must be in [0, 1]"),
-            (self.min_nodes >= 1, "min-nodes must be at least 1"),
-            (self.evaluate_every >= 1, "evaluate-every must be at least 1"),
-            (self.local_epochs >= 1, "local-epochs must be at least 1"),
-            (self.learning_rate > 0, "learning-rate must be positive"),
-            (self.lr_schedule in LR_SCHEDULES,
-             f"lr-schedule must be one of {', '.join(LR_SCHEDULES)}"),
-            (0.0 <= self.lr_min_ratio <= 1.0, "lr-min-ratio must be in [0, 1]"),
-            (self.batch_size >= 1, "batch-size must be at least 1"),
-            (0.0 <= self.sw_overlap < 1.0, "sw-overlap must be in [0, 1)"),
-            (self.patches_per_image >= 1, "patches-per-image must be at least 1"),
-            (self.input_channels in INPUT_CHANNELS,
-             f"input-channels must be one of {sorted(INPUT_CHANNELS)}"),
-            (self.patch_size % self.model.divisor == 0,
-             f"patch-size must be a multiple of {self.model.divisor} for "
-             f"{len(self.model.channels)} U-Net levels, got {self.patch_size}"),
-            ("/" not in self.run_name and "\\" not in self.run_name and self.run_name != "..",
-             "run-name is a name, not a path"),
-            (self.strategy in STRATEGIES, f"strategy must be one of {', '.join(STRATEGIES)}"),
+        for f in fields(self):
+            check = f.metadata["check"]
+            value = getattr(self, f.name)
+            if check is not None and not check.ok(value):
+                raise ConfigError(f"setting '{key_of(f.name)}' must be {check.says}, "
+                                  f"got {value!r}")
+        if "/" in self.run_name or "\\" in self.run_name or self.run_name == "..":
+            raise ConfigError("setting 'run-name' is a name, not a path")
+        model = self.model  # checks model-channels
+        rules = [
+            (self.patch_size % model.divisor == 0,
+             f"patch-size must be a multiple of {model.divisor} for "
+             f"{len(model.channels)} U-Net levels, got {self.patch_size}"),
             (not (self.secure_aggregation and self.strategy in ("fedadam", "fednova")),
              f"secure aggregation runs with fedavg or fedprox, not {self.strategy}"),
             (not (self.dp != "off" and self.strategy == "fednova"),
              "fednova weighs each site's update by its own step count, which differential "
              "privacy's equal-weight clipped updates do not allow: use fedavg or fedprox"),
-            (self.fedprox_mu >= 0, "fedprox-mu must be >= 0"),
-            (self.secagg_clipping_range > 0, "secagg-clipping-range must be positive"),
-            (self.secagg_max_weight > 0, "secagg-max-weight must be positive"),
-            (0 < self.secagg_reconstruction_threshold <= 1,
-             "secagg-reconstruction-threshold must be in (0, 1]"),
-            (self.dp in DP_MODES, f"dp must be one of {', '.join(DP_MODES)}"),
-            (self.dp_noise_multiplier >= 0, "dp-noise-multiplier must be >= 0"),
-            (self.dp_clipping_norm > 0, "dp-clipping-norm must be positive"),
-            (0 < self.dp_delta < 1, "dp-delta must be in (0, 1)"),
-            (self.dp_max_epsilon >= 0, "dp-max-epsilon must be >= 0 (0: no budget)"),
             (not (self.dp_max_epsilon and self.dp == "off"),
              "dp-max-epsilon needs differential privacy on (dp = client-fixed, ...)"),
             (not (self.secure_aggregation and self.dp.startswith("server")),
              "server-side DP clipping needs every update in the clear, which secure "
              "aggregation hides: use dp = client-fixed or client-adaptive with it"),
         ]
-        for ok, message in checks:
+        for ok, message in rules:
             if not ok:
                 raise ConfigError(message)
 
+    @property
+    def model(self) -> ModelSettings:
+        return ModelSettings(spatial_dims=self.model_spatial_dims,
+                             channels=_channels(self.model_channels),
+                             res_units=self.model_res_units, dropout=self.model_dropout,
+                             in_channels=INPUT_CHANNELS[self.input_channels])
+
     @classmethod
-    def from_run_config(cls, cfg: Mapping[str, Any]) -> RunSettings:
-        """Parse Flower's run config (kebab-case keys, scalars only)."""
-        channels_text = str(cfg.get("model-channels", "16,32,64,128,256"))
-        try:
-            channels = tuple(int(c) for c in channels_text.split(",") if c.strip())
-        except ValueError:
-            raise ConfigError(
-                f"model-channels must be comma-separated integers, got {channels_text!r}"
-            ) from None
-        input_channels = str(cfg.get("input-channels", "grey")).lower()
-        model = ModelSettings(
-            spatial_dims=_get(cfg, "model-spatial-dims", int, 2),
-            channels=channels,
-            res_units=_get(cfg, "model-res-units", int, 2),
-            dropout=_get(cfg, "model-dropout", float, 0.0),
-            in_channels=INPUT_CHANNELS.get(input_channels, 1),
-        )
-        return cls(
-            run_name=str(cfg.get("run-name", "")),
-            resume=_get(cfg, "resume", bool, False),
-            num_rounds=_get(cfg, "num-rounds", int, 5),
-            fraction_train=_get(cfg, "fraction-train", float, 1.0),
-            fraction_evaluate=_get(cfg, "fraction-evaluate", float, 1.0),
-            min_nodes=_get(cfg, "min-nodes", int, 2),
-            evaluate_every=_get(cfg, "evaluate-every", int, 1),
-            local_epochs=_get(cfg, "local-epochs", int, 1),
-            learning_rate=_get(cfg, "learning-rate", float, 1e-3),
-            lr_schedule=str(cfg.get("lr-schedule", "cosine")),
-            lr_min_ratio=_get(cfg, "lr-min-ratio", float, 0.01),
-            batch_size=_get(cfg, "batch-size", int, 8),
-            seed=_get(cfg, "seed", int, 0),
-            input_channels=input_channels,
-            patch_size=_get(cfg, "patch-size", int, 64),
-            patches_per_image=_get(cfg, "patches-per-image", int, 2),
-            test_time_flips=_get(cfg, "test-time-flips", bool, True),
-            sw_overlap=_get(cfg, "sw-overlap", float, 0.5),
-            keep_optimizer_state=_get(cfg, "keep-optimizer-state", bool, True),
-            mixed_precision=_get(cfg, "mixed-precision", bool, True),
-            synthetic_train_cases=_get(cfg, "synthetic-train-cases", int, 6),
-            synthetic_test_cases=_get(cfg, "synthetic-test-cases", int, 3),
-            strategy=str(cfg.get("strategy", "fedavg")),
-            fedprox_mu=_get(cfg, "fedprox-mu", float, 0.01),
-            fedadam_eta=_get(cfg, "fedadam-eta", float, 0.01),
-            fedadam_tau=_get(cfg, "fedadam-tau", float, 1e-3),
-            secure_aggregation=_get(cfg, "secure-aggregation", bool, False),
-            secagg_clipping_range=_get(cfg, "secagg-clipping-range", float, 8.0),
-            secagg_max_weight=_get(cfg, "secagg-max-weight", float, 1000.0),
-            secagg_reconstruction_threshold=_get(cfg, "secagg-reconstruction-threshold",
-                                                 float, 0.6),
-            secagg_timeout=_get(cfg, "secagg-timeout", float, 600.0),
-            dp=str(cfg.get("dp", "off")),
-            dp_noise_multiplier=_get(cfg, "dp-noise-multiplier", float, 1.0),
-            dp_clipping_norm=_get(cfg, "dp-clipping-norm", float, 1.0),
-            dp_delta=_get(cfg, "dp-delta", float, 1e-5),
-            dp_max_epsilon=_get(cfg, "dp-max-epsilon", float, 0.0),
-            dp_clipped_count_stddev=_get(cfg, "dp-clipped-count-stddev", float, 0.0),
-            model=model,
-        )
+    def declared(cls) -> dict[str, Field]:
+        """Key -> the field declaring it."""
+        return {key_of(f.name): f for f in fields(cls)}
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        return {key: f.default for key, f in cls.declared().items()}
+
+    @classmethod
+    def from_run_config(cls, cfg: Mapping[str, Any], strict: bool = False) -> RunSettings:
+        """Parse run config (kebab-case keys, scalars). ``strict``: refuse keys
+        that are not settings (what a user typed); Flower's merged run config
+        is read leniently."""
+        declared = cls.declared()
+        if strict:
+            for key in cfg:
+                if key not in declared:
+                    raise ConfigError(f"unknown setting '{key}'{nearest(key, declared)}; "
+                                      "see docs/settings.md")
+        values = {}
+        for key, f in declared.items():
+            if key in cfg:
+                values[f.name] = coerce(key, TYPES[f.type], cfg[key])
+        if "input-channels" in cfg:
+            values["input_channels"] = str(values["input_channels"]).lower()
+        return cls(**values)
 
     def to_run_config(self) -> dict[str, bool | int | float | str]:
         """The inverse of :meth:`from_run_config` (for overrides and run folders)."""
-        flat = {k: v for k, v in asdict(self).items() if k != "model"}
-        out: dict[str, bool | int | float | str] = {
-            k.replace("_", "-"): v for k, v in flat.items()
-        }
-        out.update(
-            {
-                "model-spatial-dims": self.model.spatial_dims,
-                "model-channels": ",".join(str(c) for c in self.model.channels),
-                "model-res-units": self.model.res_units,
-                "model-dropout": self.model.dropout,
-            }
-        )
-        return out
+        return {key: getattr(self, f.name) for key, f in self.declared().items()}
+
+
+TYPES = {"bool": bool, "int": int, "float": float, "str": str}
+
+
+def key_of(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def check_run_overrides(overrides: Mapping[str, Any]) -> RunSettings:
+    """What a user typed (``--config KEY=VALUE``, options): every key must be a
+    setting and every value of its type; the settings they make, checked."""
+    return RunSettings.from_run_config(overrides, strict=True)
+
+
+def parse_key_values(items: Iterable[str], what: str = "--config") -> dict[str, str]:
+    """Repeated ``KEY=VALUE`` command-line arguments, as text."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{what} takes KEY=VALUE, got {item!r}")
+        out[key.strip()] = value.strip().strip("\"'")
+    return out
+
+
+def _device_ok(value: str) -> bool:
+    return value in ("auto", "cpu", "cuda") or (
+        value.startswith("cuda:") and value[5:].isdigit())
+
+
+@dataclass(frozen=True)
+class NodeSetting:
+    """The one declaration of a node setting (``--node-config KEY=VALUE``)."""
+
+    key: str
+    kind: type
+    help: str
+    check: Check | None = None
+
+
+NODE_SETTINGS = (
+    NodeSetting("data-dir", str, "the hospital's data folder (docs/data.md); never leaves it"),
+    NodeSetting("site-name", str, "the site's public name (as the coordinator registered it)"),
+    NodeSetting("device", str, "auto (CUDA when present), cpu or cuda[:N]",
+                Check(_device_ok, "auto, cpu or cuda[:N]")),
+    NodeSetting("threads", int, "CPU threads for torch; 0: torch's default", at_least(0)),
+    NodeSetting("partition-id", int, "set by Flower's simulation: which simulated site",
+                at_least(0)),
+    NodeSetting("num-partitions", int, "set by Flower's simulation: how many sites",
+                at_least(1)),
+)
+
+
+def check_node_config(values: Mapping[str, Any], strict: bool = True) -> dict[str, Any]:
+    """Node settings, each of its declared type and rule. ``strict``: refuse
+    keys that are not node settings (what a user typed)."""
+    declared = {s.key: s for s in NODE_SETTINGS}
+    out = {}
+    for key, value in values.items():
+        decl = declared.get(key)
+        if decl is None:
+            if strict:
+                raise ConfigError(f"unknown node setting '{key}'{nearest(key, declared)}; "
+                                  "node settings: " + ", ".join(declared))
+            continue
+        value = coerce(key, decl.kind, value)
+        if decl.check is not None and not decl.check.ok(value):
+            raise ConfigError(f"node setting '{key}' must be {decl.check.says}, got {value!r}")
+        out[key] = value
+    return out
 
 
 @dataclass(frozen=True)
@@ -261,13 +380,16 @@ class SiteSettings:
         cls, node_cfg: Mapping[str, Any], sim_sites: list[dict[str, str]] | None = None
     ) -> SiteSettings:
         """Read node config; in simulation, ``partition-id`` picks the site from
-        the simulation's site list (see :func:`simulation_sites`)."""
-        partition_id = int(node_cfg.get("partition-id", 0))
-        device = str(node_cfg.get("device", os.environ.get("FEDSEG_DEVICE", "auto")))
-        threads = int(node_cfg.get("threads", os.environ.get("FEDSEG_THREADS", 0)))
-        if "data-dir" in node_cfg:
-            data_dir: Path | None = Path(str(node_cfg["data-dir"]))
-            name = str(node_cfg.get("site-name", f"site-{partition_id}"))
+        the simulation's site list (see :func:`simulation_sites`). Device and
+        threads fall back to ``$FEDSEG_DEVICE`` / ``$FEDSEG_THREADS``."""
+        fallback = {k: v for k, v in (("device", os.environ.get("FEDSEG_DEVICE")),
+                                      ("threads", os.environ.get("FEDSEG_THREADS")))
+                    if v is not None}
+        cfg = check_node_config({**fallback, **node_cfg}, strict=False)
+        partition_id = cfg.get("partition-id", 0)
+        if "data-dir" in cfg:
+            data_dir: Path | None = Path(cfg["data-dir"])
+            name = cfg.get("site-name", f"site-{partition_id}")
         elif sim_sites is not None:
             if partition_id >= len(sim_sites):
                 raise ConfigError(
@@ -278,10 +400,8 @@ class SiteSettings:
             data_dir, name = Path(entry["data_dir"]), entry["name"]
         else:
             data_dir, name = None, f"hospital-{partition_id}"
-        if device not in ("auto", "cpu") and not device.startswith("cuda"):
-            raise ConfigError(f"device must be auto, cpu or cuda[:N], got {device!r}")
-        return cls(name=name, data_dir=data_dir, device=device, threads=threads,
-                   partition_id=partition_id)
+        return cls(name=name, data_dir=data_dir, device=cfg.get("device", "auto"),
+                   threads=cfg.get("threads", 0), partition_id=partition_id)
 
 
 SIM_SITES_ENV = "FEDSEG_SIM_SITES"
@@ -309,3 +429,46 @@ def simulation_sites() -> list[dict[str, str]] | None:
 def fedseg_home() -> Path:
     """Where fedseg keeps its caches (synthetic data, Flower's home in CLI runs)."""
     return Path(os.environ.get("FEDSEG_HOME", Path.home() / ".cache" / "fedseg"))
+
+
+def settings_markdown() -> str:
+    """docs/settings.md, from the declarations."""
+    def row(key: str, kind: str, default: Any, help: str, check: Check | None) -> str:  # noqa: A002
+        rule = f" Must be {check.says}." if check else ""
+        shown = "" if default is None else f"`{json.dumps(default)}`"
+        return f"| `{key}` | {kind} | {shown} | {help}.{rule} |"
+
+    lines = [
+        "# Settings",
+        "",
+        "Generated from `common/config.py` (the one declaration of each setting) by",
+        "`python -m common.config > docs/settings.md`; a test keeps this file equal to it.",
+        "",
+        "## Run settings",
+        "",
+        "Run-wide, the same at the server and every hospital: `fedseg simulate|demo|run",
+        "--config KEY=VALUE`, `[tool.flwr.app.config]` in pyproject.toml. They travel to",
+        "every node, so none is a path or a secret.",
+        "",
+        "| key | type | default | meaning |",
+        "|---|---|---|---|",
+    ]
+    for key, f in RunSettings.declared().items():
+        lines.append(row(key, str(f.type), f.default, f.metadata["help"], f.metadata["check"]))
+    lines += [
+        "",
+        "## Node settings",
+        "",
+        "Local to one hospital, never sent anywhere: `flower-supernode --node-config`,",
+        "`fedseg node` options, `fedseg simulate|demo --node-config KEY=VALUE`.",
+        "",
+        "| key | type | default | meaning |",
+        "|---|---|---|---|",
+    ]
+    for decl in NODE_SETTINGS:
+        lines.append(row(decl.key, decl.kind.__name__, None, decl.help, decl.check))
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(settings_markdown(), end="")

@@ -12,6 +12,8 @@ Every error raised at a site has two faces:
 
 from __future__ import annotations
 
+from common.wire import ERROR_SITE, ERROR_TEXT
+
 
 class FedsegError(Exception):
     """Base class of every error fedseg raises on purpose."""
@@ -120,7 +122,7 @@ def error_reason(site: str | None, text: str) -> str:
     scrubbed text, as JSON (see :func:`parse_error_reason`)."""
     import json
 
-    return json.dumps({"site": site, "error": text}) if site else text
+    return json.dumps({ERROR_SITE: site, ERROR_TEXT: text}) if site else text
 
 
 def parse_error_reason(reason: str) -> tuple[str | None, str]:
@@ -132,9 +134,9 @@ def parse_error_reason(reason: str) -> tuple[str | None, str]:
         value = json.loads(reason)
     except ValueError:
         return None, reason
-    if isinstance(value, dict) and isinstance(value.get("error"), str):
-        site = value.get("site")
-        return (str(site) if site else None), value["error"]
+    if isinstance(value, dict) and isinstance(value.get(ERROR_TEXT), str):
+        site = value.get(ERROR_SITE)
+        return (str(site) if site else None), value[ERROR_TEXT]
     return None, reason
 
 

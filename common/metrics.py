@@ -27,7 +27,9 @@ from monai.metrics import (
 )
 from monai.networks.utils import one_hot
 
-METRICS = ("dice", "iou", "hd95", "sensitivity", "specificity")
+from common.wire import NUM_EXAMPLES, SCORES
+
+METRICS = SCORES
 
 
 def case_metrics(
@@ -79,7 +81,7 @@ def summarize(per_case: Sequence[Mapping[str, float]]) -> dict[str, float]:
     """A site's aggregate: the mean of each metric over its cases, plus
     ``num-examples`` (the number of cases, used as the site's weight)."""
     out = {m: nanmean(c[m] for c in per_case) for m in METRICS}
-    out["num-examples"] = len(per_case)
+    out[NUM_EXAMPLES] = len(per_case)
     return out
 
 
@@ -88,9 +90,9 @@ def combine(sites: Sequence[Mapping[str, float]]) -> dict[str, float]:
     sites where the metric is undefined."""
     out: dict[str, float] = {}
     for m in METRICS:
-        pairs = [(s[m], s["num-examples"]) for s in sites
+        pairs = [(s[m], s[NUM_EXAMPLES]) for s in sites
                  if m in s and s[m] is not None and math.isfinite(s[m])]
         weight = sum(w for _, w in pairs)
         out[m] = sum(v * w for v, w in pairs) / weight if weight else math.nan
-    out["num-examples"] = sum(int(s.get("num-examples", 0)) for s in sites)
+    out[NUM_EXAMPLES] = sum(int(s.get(NUM_EXAMPLES, 0)) for s in sites)
     return out

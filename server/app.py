@@ -10,6 +10,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from common import wire
 from common.config import RunSettings
 from common.errors import ConfigError
 from common.model import build_model
@@ -73,7 +74,7 @@ def main(grid: Grid, context: Context) -> None:
                                     num_rounds=settings.num_rounds - done,
                                     # Flower counts this call's rounds from 1; the sites'
                                     # learning-rate schedule spans the whole run
-                                    train_config=ConfigRecord({"rounds-done": done}),
+                                    train_config=ConfigRecord({wire.ROUNDS_DONE: done}),
                                     evaluate_fn=end_of_round)
         except PrivacyBudgetExhausted as exc:
             stopped = f"privacy budget: {exc}"

@@ -32,6 +32,7 @@ from common.data.transforms import prepared
 from common.metrics import METRICS, combine
 from common.model import build_model, pick_device
 from common.training import evaluate, low_precision, train
+from common.wire import EVAL_METRICS
 from server.runs import read_metrics
 from server.simulation import Site, simulate
 
@@ -92,7 +93,7 @@ def quality(sites: list[Site], out: Path, overrides: dict[str, Any], *, rounds: 
 
     def record(method: str, per_site: dict[str, dict], seconds: float,
                curve: list[dict]) -> None:
-        per_site = {s: {k: m[k] for k in (*METRICS, "num-examples")} for s, m in
+        per_site = {s: {k: m[k] for k in EVAL_METRICS} for s, m in
                     per_site.items()}
         results[method] = {"sites": per_site, "overall": combine(list(per_site.values())),
                            "seconds": round(seconds, 1)}

@@ -18,12 +18,20 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from common.config import RunSettings, fedseg_home
-from common.errors import FedsegError
-from common.metrics import METRICS
+from common import wire
+from common.config import (
+    RunSettings,
+    check_node_config,
+    check_run_overrides,
+    fedseg_home,
+    parse_key_values,
+)
+from common.errors import ConfigError, FedsegError
+from common.wire import SCORES as METRICS
 
 console = Console(highlight=False)
 
+RETINA_ENV = "FEDSEG_RETINA_DIR"  # the retina benchmark's sites, when not given
 DEMO_SITES = 3
 DEFAULT_PORT = 9093
 QUALITY_ROUNDS, QUALITY_LOCAL_EPOCHS = 90, 2
@@ -59,7 +67,7 @@ def _summary_table(summary: dict[str, Any]) -> Table:
         trained = taking_part.get(site, {}).get("rounds_trained")
         cell = "" if trained is None else f"{trained} of {done}"
         table.add_row(site, *[_fmt(vals.get(m)) for m in METRICS],
-                      str(vals.get("num-examples", "")),
+                      str(vals.get(wire.NUM_EXAMPLES, "")),
                       f"[red]{cell}[/]" if trained == 0 else cell)
     table.add_row("[bold]all sites[/]",
                   *[_fmt(summary["final"]["overall"].get(m)) for m in METRICS], "", "")
@@ -89,6 +97,8 @@ def _fmt(v: float | None) -> str:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The run settings typed on the command line, checked against their
+    declarations before anything starts (unknown key, wrong type, rule)."""
     out: dict[str, Any] = {}
     for key, attr in (("num-rounds", "rounds"), ("local-epochs", "local_epochs"),
                       ("learning-rate", "lr"), ("patch-size", "patch_size"),
@@ -97,27 +107,24 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         value = getattr(args, attr, None)
         if value is not None:
             out[key] = value
-    for item in args.config or []:
-        key, _, value = item.partition("=")
-        if not _:
-            raise FedsegError(f"--config takes key=value, got {item!r}")
-        out[key.strip()] = _parse_scalar(value.strip())
-    return out
+    out.update(parse_key_values(args.config or []))
+    typed = check_run_overrides(out).to_run_config()
+    return {key: typed[key] for key in out}
 
 
-def _parse_scalar(text: str) -> Any:
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text.strip("\"'")
+def _node_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """``--node-config`` of a simulation: the simulated hospitals' device and
+    threads (their folders and names come from the command line)."""
+    values = check_node_config(parse_key_values(args.node_config or [], "--node-config"))
+    fixed = sorted(set(values) - {"device", "threads"})
+    if fixed:
+        raise ConfigError(f"node setting {', '.join(fixed)} is set by the simulation itself "
+                          "(site folders and --names); --node-config takes device, threads")
+    return values
 
 
 def _run(sites: list, run_dir: Path, overrides: dict[str, Any], resume: bool,
-         threads: int) -> dict[str, Any]:
+         node: dict[str, Any], threads: int) -> dict[str, Any]:
     from server.simulation import simulate
 
     if resume:
@@ -137,7 +144,9 @@ def _run(sites: list, run_dir: Path, overrides: dict[str, Any], resume: bool,
     )
     start = time.perf_counter()
     summary = simulate(sites, run_dir, overrides, on_round=_round_line,
-                       on_site_error=_site_error_line, threads_per_client=threads)
+                       on_site_error=_site_error_line,
+                       threads_per_client=node.get("threads") or threads,
+                       device=node.get("device"))
     console.print(_summary_table(summary))
     _problems(summary)
     console.print(
@@ -163,6 +172,7 @@ def _default_out(prefix: str) -> Path:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    overrides, node = _overrides(args), _node_overrides(args)  # before anything starts
     from common.data.synthetic import write_federation
     from server.simulation import Site
 
@@ -171,15 +181,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     console.print(f"wrote {args.sites} synthetic hospitals (DICOM series, DICOM SEG and NIfTI "
                   f"labels, different scanners) under {root}")
     sites = [Site(f.name, f) for f in folders]
-    overrides = _overrides(args)
     overrides.setdefault("num-rounds", DEMO_ROUNDS)
     overrides.setdefault("local-epochs", DEMO_LOCAL_EPOCHS)
     run_dir = Path(args.out) if args.out else _default_out("demo")
-    summary = _run(sites, run_dir, overrides, resume=False, threads=args.threads)
+    summary = _run(sites, run_dir, overrides, resume=False, node=node, threads=args.threads)
     return _exit_code(summary)
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    overrides, node = _overrides(args), _node_overrides(args)  # before anything starts
     from server.simulation import Site
 
     if args.resume:
@@ -193,10 +203,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     for folder in folders:
         if not folder.is_dir():
             raise FedsegError(f"site folder {folder} does not exist")
-    overrides = _overrides(args)
     overrides.setdefault("min-nodes", min(2, len(folders)))
     summary = _run([Site(n, f) for n, f in zip(names, folders, strict=True)], run_dir,
-                   overrides, resume=bool(args.resume), threads=args.threads)
+                   overrides, resume=bool(args.resume), node=node, threads=args.threads)
     return _exit_code(summary)
 
 
@@ -291,10 +300,10 @@ def cmd_hospital(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    overrides = _overrides(args)  # before anything starts
     from server import deployment
 
     state = deployment.State(Path(args.state).resolve())
-    overrides = _overrides(args)
     if args.resume:
         overrides = {**_saved_config(state.runs / args.name), **overrides, "resume": True}
     name = args.name or datetime.now().strftime("run-%Y%m%d-%H%M%S")
@@ -413,18 +422,25 @@ def cmd_bench_privacy(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_quality(args: argparse.Namespace) -> int:
+    typed, node = _overrides(args), _node_overrides(args)  # before anything starts
+    folders = [Path(p) for p in args.site_dirs]
+    if not folders:
+        retina = os.environ.get(RETINA_ENV)
+        if not retina:
+            raise FedsegError(f"give the sites' folders (SITE_DIR ...) or set {RETINA_ENV} to "
+                              "the retina folder holding chase_db1/ and stare/ "
+                              "(docs/benchmarks.md)")
+        folders = [Path(retina) / "chase_db1", Path(retina) / "stare"]
+    missing = [str(f) for f in folders if not f.is_dir()]
+    if missing:
+        raise FedsegError(f"site folder(s) not found: {', '.join(missing)}")
     from server.bench import METHODS, RETINA, STRATEGIES, quality
     from server.simulation import Site
 
-    folders = [Path(p) for p in args.site_dirs]
-    if not folders:
-        retina = Path(__file__).resolve().parents[2] / "shared" / "data" / "retina"
-        folders = [retina / "chase_db1", retina / "stare"]
-        if not all(f.is_dir() for f in folders):
-            raise FedsegError("give SITE_DIRs (the default retina sites are not at "
-                              f"{retina})")
     overrides = dict(RETINA) if args.retina_defaults else {}
-    overrides |= _overrides(args)
+    overrides |= typed
+    if "device" in node:  # read by every site of the benchmark (SiteSettings' fallback)
+        os.environ["FEDSEG_DEVICE"] = node["device"]
     rounds = overrides.pop("num-rounds", QUALITY_ROUNDS)
     local_epochs = overrides.pop("local-epochs", QUALITY_LOCAL_EPOCHS)
     out = Path(args.out) if args.out else _default_out("bench-quality")
@@ -465,6 +481,9 @@ def _common_run_options(p: argparse.ArgumentParser, local: bool = True) -> None:
     if local:
         p.add_argument("--threads", type=int, default=1,
                        help="CPU threads per simulated hospital")
+        p.add_argument("--node-config", action="append", metavar="KEY=VALUE",
+                       help="the simulated hospitals' node settings: device, threads "
+                            "(docs/settings.md)")
         p.add_argument("--out", help="run folder (default runs/<kind>-<time>)")
 
 

@@ -27,10 +27,11 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord
 
+from common import wire
 from common.config import RunSettings
 from common.errors import ConfigError
-from common.metrics import METRICS
 from common.privacy.accounting import PrivacyLedger
+from common.wire import SCORES as METRICS
 from server.strategy import RoundRecord, mean_of
 
 RUNS_DIR_ENV = "FEDSEG_RUNS_DIR"
@@ -134,12 +135,12 @@ class RunFolder:
             "round": server_round,
             "dice": {site: m["dice"] for site, m in sorted(rec.evaluate.items())},
             "dice_mean": mean_of(rec.evaluate, "dice"),
-            "train_loss": mean_of(rec.train, "train-loss"),
-            "train_loss_sites": {s: m["train-loss"] for s, m in sorted(rec.train.items())},
-            "sites": {site: {k: m[k] for k in (*METRICS, "num-examples") if k in m}
+            "train_loss": mean_of(rec.train, wire.TRAIN_LOSS),
+            "train_loss_sites": {s: m[wire.TRAIN_LOSS] for s, m in sorted(rec.train.items())},
+            "sites": {site: {k: m[k] for k in wire.EVAL_METRICS if k in m}
                       for site, m in sorted(rec.evaluate.items())},
             "seconds": round(seconds, 3),
-            "train_seconds": {s: m.get("train-seconds") for s, m in sorted(rec.train.items())},
+            "train_seconds": {s: m.get(wire.TRAIN_SECONDS) for s, m in sorted(rec.train.items())},
             "bytes_up": rec.bytes_up,
             "bytes_down": rec.bytes_down,
             "failures": rec.failures,

@@ -53,6 +53,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
+from common import wire
 from server.wire import audit, content_bytes
 
 
@@ -83,7 +84,7 @@ class _Capture(LegacyStrategy):
             self.result.aggregate = parameters_to_ndarrays(results[0][1].parameters)
         for _, res in results:
             metrics = dict(res.metrics)
-            name = str(metrics.pop("site", "unknown"))
+            name = str(metrics.pop(wire.SITE, "unknown"))
             self.result.sites[name] = {k: float(v) for k, v in metrics.items()
                                        if isinstance(v, int | float)}
         self.result.failures = len(failures)
@@ -164,9 +165,9 @@ class SecAggPlusFedAvg(FedAvg):
         num_nodes = int(len(list(grid.get_node_ids())) * self.fraction_train)
         node_ids, _ = sample_nodes(grid, self.min_available_nodes,
                                    max(num_nodes, self.min_train_nodes))
-        config["server-round"] = server_round
+        config[wire.SERVER_ROUND] = server_round
         if self.proximal_mu:
-            config["proximal-mu"] = self.proximal_mu
+            config[wire.PROXIMAL_MU] = self.proximal_mu
         train_config = ConfigRecord(dict(config))
         proxies = [GridClientProxy(nid, grid, grid.run.run_id) for nid in node_ids]
         parameters = ndarrays_to_parameters(arrays.to_numpy_ndarrays())
@@ -179,7 +180,8 @@ class SecAggPlusFedAvg(FedAvg):
                                         state=state, run_config={}),
                                 strategy=capture, client_manager=SimpleClientManager())
         workflow = _Workflow(
-            lambda: RecordDict({"arrays": arrays, "config": ConfigRecord(dict(train_config))}),
+            lambda: RecordDict({wire.ARRAYS: arrays,
+                                wire.CONFIG: ConfigRecord(dict(train_config))}),
             num_shares=1.0, reconstruction_threshold=self.reconstruction_threshold,
             max_weight=self.max_weight, clipping_range=self.clipping_range,
             timeout=self.timeout)
@@ -209,10 +211,10 @@ class SecAggPlusFedAvg(FedAvg):
         arrays = ArrayRecord({n: _array(a.astype(r.dtype))
                               for n, a, r in zip(names, result.aggregate, reference,
                                                  strict=True)})
-        weights = {s: m.get("num-examples", 1.0) for s, m in result.sites.items()}
+        weights = {s: m.get(wire.NUM_EXAMPLES, 1.0) for s, m in result.sites.items()}
         total = sum(weights.values()) or 1.0
-        metrics = {"num-examples": int(total)}
-        for key in ("train-loss",):
+        metrics = {wire.NUM_EXAMPLES: int(total)}
+        for key in (wire.TRAIN_LOSS,):
             values = [(m[key], weights[s]) for s, m in result.sites.items()
                       if key in m and math.isfinite(m[key])]
             if values:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.config import SIM_SITES_ENV, RunSettings, fedseg_home
+from common.config import SIM_SITES_ENV, check_run_overrides, fedseg_home
 from common.errors import LOCAL_LOG_ENV, ConfigError, FedsegError
 from server.processes import (
     free_port,
@@ -83,6 +83,7 @@ def simulate(
     on_round: Callable[[dict[str, Any]], None] | None = None,
     on_site_error: Callable[[str], None] | None = None,
     threads_per_client: int = 1,
+    device: str | None = None,
     timeout: float | None = None,
 ) -> dict[str, Any]:
     """Run one simulated federation, one node per site; returns ``summary.json``.
@@ -95,7 +96,7 @@ def simulate(
     """
     if not sites:
         raise ConfigError("a simulation needs at least one site folder")
-    RunSettings.from_run_config(run_config)  # a bad setting fails here, not in Flower
+    check_run_overrides(run_config)  # a bad setting fails here, not in Flower
     names = [s.name for s in sites]
     if len(set(names)) != len(names):
         raise ConfigError(f"site names must be unique, got {names}")
@@ -110,6 +111,8 @@ def simulate(
         [{"name": s.name, "data_dir": str(Path(s.data_dir).resolve())} for s in sites]))
 
     env = runtime_env(threads_per_client)
+    if device:
+        env["FEDSEG_DEVICE"] = device  # the simulated hospitals' device (node setting)
     env[SIM_SITES_ENV] = str(manifest)
     env[RUNS_DIR_ENV] = str(run_dir.parent)
     run_dir.mkdir(exist_ok=True)

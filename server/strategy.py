@@ -38,6 +38,7 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
+from common import wire
 from common.config import RunSettings
 from common.errors import FedsegError, parse_error_reason
 from common.metrics import combine
@@ -80,8 +81,8 @@ def site_name(msg: Message, known: dict[int, str] | None = None) -> str:
     known = known if known is not None else {}
     if node not in known:
         known.update(registered_names())
-    if msg.has_content() and "site" in msg.content.config_records:
-        name = str(msg.content.config_records["site"].get("name", node))
+    if msg.has_content() and wire.SITE in msg.content.config_records:
+        name = str(msg.content.config_records[wire.SITE].get(wire.SITE_NAME, node))
     elif msg.has_error():
         name = parse_error_reason(msg.error.reason)[0] or ""
     else:
@@ -213,7 +214,7 @@ class SiteRecorder(StrategyWrapper):
                 continue
             rec.bytes_up += content_bytes(msg.content)
             metrics = next(iter(msg.content.metric_records.values()), {})
-            values = {k: int(v) if k == "num-examples" else float(v) for k, v in metrics.items()
+            values = {k: int(v) if k == wire.NUM_EXAMPLES else float(v) for k, v in metrics.items()
                       if isinstance(v, int | float) and k != UNIFORM_WEIGHT}
             (rec.train if phase == "train" else rec.evaluate)[name] = values
         why = f" ({'; '.join(sorted(set(lost)))})" if lost else ""
@@ -266,7 +267,7 @@ class UpdateChecks(StrategyWrapper):
             return f"{len(content.array_records)} weight records instead of one"
         if len(content.metric_records) != 1:
             return f"{len(content.metric_records)} metric records instead of one"
-        n = next(iter(content.metric_records.values())).get("num-examples")
+        n = next(iter(content.metric_records.values())).get(wire.NUM_EXAMPLES)
         if not isinstance(n, int | float) or not math.isfinite(n) or n <= 0:
             return "no positive case count (num-examples)"
         record = next(iter(content.array_records.values()))
@@ -370,7 +371,7 @@ class FedNova(FedAvg):
         for msg in ok:
             metrics = next(iter(msg.content.metric_records.values()))
             weights.append(float(metrics[self.weighted_by_key]))
-            steps.append(float(metrics.get("train-steps", 0)))
+            steps.append(float(metrics.get(wire.TRAIN_STEPS, 0)))
         if ok and min(steps) > 0:
             tau_eff = sum(w * t for w, t in zip(weights, steps, strict=True)) / sum(weights)
             for msg, tau in zip(ok, steps, strict=True):
@@ -422,7 +423,7 @@ def build_strategy(settings: RunSettings, num_sampled: int | None = None,
         min_train_nodes=settings.min_nodes,
         min_evaluate_nodes=settings.min_nodes if settings.fraction_evaluate > 0 else 0,
         min_available_nodes=settings.min_nodes,
-        weighted_by_key=UNIFORM_WEIGHT if dp_on else "num-examples",
+        weighted_by_key=UNIFORM_WEIGHT if dp_on else wire.NUM_EXAMPLES,
         evaluate_metrics_aggr_fn=aggregate_site_metrics,
     )
     fedavg: FedAvg
@@ -459,7 +460,7 @@ def build_strategy(settings: RunSettings, num_sampled: int | None = None,
 
 def mean_of(values: dict[str, dict[str, float]], key: str) -> float:
     """Case-weighted mean of one metric over sites (NaN when no site has it)."""
-    pairs = [(m[key], m.get("num-examples", 1.0)) for m in values.values()
+    pairs = [(m[key], m.get(wire.NUM_EXAMPLES, 1.0)) for m in values.values()
              if key in m and math.isfinite(m[key])]
     total = sum(w for _, w in pairs)
     return sum(v * w for v, w in pairs) / total if total else math.nan

@@ -56,7 +56,7 @@ def test_budget_allows_exactly_the_rounds_that_fit():
 def test_dp_settings_are_checked():
     with pytest.raises(ConfigError, match="secure aggregation"):
         RunSettings.from_run_config({"dp": "server-fixed", "secure-aggregation": True})
-    with pytest.raises(ConfigError, match="dp must be"):
+    with pytest.raises(ConfigError, match="'dp' must be one of off"):
         RunSettings.from_run_config({"dp": "local"})
     with pytest.raises(ConfigError, match="needs differential privacy"):
         RunSettings.from_run_config({"dp-max-epsilon": 3.0})

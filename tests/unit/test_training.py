@@ -134,7 +134,7 @@ def test_sw_overlap_sets_how_far_the_sliding_windows_overlap():
     half = predict(model, image, RunSettings.from_run_config({**base, "sw-overlap": 0.5}), cpu)
     assert apart.shape == half.shape == (1, 80, 80)
     assert np.mean(apart != half) > 0.01  # windows blended differently
-    with pytest.raises(ConfigError, match="sw-overlap must be in"):
+    with pytest.raises(ConfigError, match="'sw-overlap' must be in"):
         RunSettings.from_run_config({**base, "sw-overlap": 1.0})
 
 

@@ -1,0 +1,77 @@
+"""What crosses the wire between the server and the hospitals, named once.
+
+Every record and key of a message between the ServerApp and a hospital's
+ClientApp is a constant here; both apps and the run folder use these names,
+and docs/architecture.md's table is :func:`table_markdown` (a test holds them
+equal). Nothing else leaves a hospital: the audit folder (``FEDSEG_AUDIT_DIR``)
+keeps every reply as received, to check that. SecAgg+ rounds add Flower's own
+protocol records (masked shares, public keys), and client-side DP Flower's
+clipping records; see docs/privacy.md.
+
+Plain strings, no Flower import: ``common`` stays free of the framework.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Records of a message
+ARRAYS = "arrays"  # the U-Net's weights (ArrayRecord)
+CONFIG = "config"  # the round's instructions (ConfigRecord)
+METRICS = "metrics"  # aggregate numbers (MetricRecord)
+SITE = "site"  # the site's public name (ConfigRecord)
+
+# Keys
+SITE_NAME = "name"  # in SITE
+SERVER_ROUND = "server-round"  # in CONFIG, written by Flower's strategies
+ROUNDS_DONE = "rounds-done"  # in CONFIG: rounds of a resumed run already behind
+PROXIMAL_MU = "proximal-mu"  # in CONFIG, written by Flower's FedProx
+NUM_EXAMPLES = "num-examples"  # in METRICS: training cases (FedAvg's weight) or test cases
+TRAIN_LOSS = "train-loss"
+TRAIN_SECONDS = "train-seconds"
+TRAIN_STEPS = "train-steps"  # FedNova normalises by it
+SCORES = ("dice", "iou", "hd95", "sensitivity", "specificity")  # means over test cases
+ERROR_SITE = "site"  # in a failed reply's error reason (JSON): the site's public name
+ERROR_TEXT = "error"  # ... and the scrubbed cause
+
+TRAIN_METRICS = (NUM_EXAMPLES, TRAIN_LOSS, TRAIN_SECONDS, TRAIN_STEPS)
+EVAL_METRICS = (NUM_EXAMPLES, *SCORES)
+
+
+@dataclass(frozen=True)
+class Entry:
+    key: str
+    record: str
+    direction: str
+    meaning: str
+
+
+DOWN, UP = "server → site", "site → server"
+
+TABLE = (
+    Entry(ARRAYS, ARRAYS, "both", "the U-Net's weights: the global model down (train and "
+          "evaluate), the site's new weights up (train)"),
+    Entry(SERVER_ROUND, CONFIG, DOWN, "the round of this call (Flower counts from 1 again "
+          "when a run resumes)"),
+    Entry(ROUNDS_DONE, CONFIG, DOWN, "rounds of a resumed run already behind; with "
+          f"`{SERVER_ROUND}` the run's round, for the learning-rate schedule and the seed"),
+    Entry(PROXIMAL_MU, CONFIG, DOWN, "FedProx's proximal weight (FedProx only)"),
+    Entry(NUM_EXAMPLES, METRICS, UP, "training cases (train: FedAvg's weight) or test cases "
+          "(evaluate)"),
+    Entry(TRAIN_LOSS, METRICS, UP, "mean training loss over the round's steps"),
+    Entry(TRAIN_SECONDS, METRICS, UP, "seconds the site trained"),
+    Entry(TRAIN_STEPS, METRICS, UP, "optimiser steps taken (FedNova's normaliser)"),
+    *(Entry(score, METRICS, UP, "mean over the site's test cases (evaluate)")
+      for score in SCORES),
+    Entry(SITE_NAME, SITE, UP, "the site's public name (node setting `site-name`)"),
+    Entry(ERROR_SITE, "error reason", UP, "a failed reply: the site's public name"),
+    Entry(ERROR_TEXT, "error reason", UP, "a failed reply: the scrubbed cause (kind of "
+          "failure, case position), never a path, file or case name or DICOM value"),
+)
+
+
+def table_markdown() -> str:
+    """The table docs/architecture.md shows."""
+    rows = ["| key | record | direction | meaning |", "|---|---|---|---|"]
+    rows += [f"| `{e.key}` | `{e.record}` | {e.direction} | {e.meaning} |" for e in TABLE]
+    return "\n".join(rows) + "\n"

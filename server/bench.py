@@ -26,12 +26,14 @@ from typing import Any
 
 import torch
 
+from common import wire
 from common.config import RunSettings
 from common.data.site import Case, load_site
 from common.data.transforms import prepared
 from common.metrics import METRICS, combine
-from common.model import build_model, pick_device
-from common.training import evaluate, low_precision, train
+from common.model import pick_device
+from common.site_algorithm import ROUNDS_IN_CALL, SiteAlgorithm
+from common.training import low_precision
 from common.wire import EVAL_METRICS
 from server.runs import read_metrics
 from server.simulation import Site, simulate
@@ -50,29 +52,30 @@ def machine() -> str:
             f"{platform.python_version()}, torch {torch.__version__}")
 
 
-def _centralised(train_cases: list[Case], tests: dict[str, list[Case]], settings: RunSettings,
-                 seed: int, device: torch.device) -> tuple[dict[str, dict], list[dict]]:
-    """Train one model on ``train_cases`` for ``num-rounds`` x ``local-epochs``
-    epochs, on the federated runs' learning-rate schedule; score it on each
-    site's tests every ``evaluate-every`` rounds and after the last. Returns the
-    final per-site metrics and the Dice curve."""
-    torch.manual_seed(seed)
-    model = build_model(settings.model)
+def _centralised(algo: SiteAlgorithm, tests: dict[str, list[Case]]
+                 ) -> tuple[dict[str, dict], list[dict]]:
+    """Train ``algo`` (one site's data, or all sites' pooled) for ``num-rounds`` x
+    ``local-epochs`` epochs through the same site algorithm the federation's
+    nodes use, on the federated runs' learning-rate schedule; score it on each
+    site's tests every ``evaluate-every`` rounds and after the last. Returns
+    the final per-site metrics and the Dice curve."""
+    settings = algo.settings
     rounds, curve, scores = settings.num_rounds, [], {}
     scored = sorted({*range(settings.evaluate_every, rounds + 1, settings.evaluate_every),
                      rounds})
     # One train call per scored stretch (the data is prepared once per call, not
     # once per round), on the same schedule as the federated rounds it stands for.
-    state = None  # Adam's moments from the last stretch, with keep-optimizer-state
     for before, r in zip([0, *scored], scored, strict=False):
-        result = train(model, train_cases, settings, device, seed=seed * 1000 + r,
-                       epochs=(r - before) * settings.local_epochs,
-                       progress=(before / rounds, r / rounds), optimizer_state=state)
-        state = result.optimizer_state or None
-        scores = {s: evaluate(model, cases, settings, device).summary for s, cases in
-                  tests.items()}
+        algo.train(None, {wire.SERVER_ROUND: before + 1, ROUNDS_IN_CALL: r - before})
+        scores = {s: algo.evaluate(None, cases=cases) for s, cases in tests.items()}
         curve.append({"round": r, "dice": {s: v["dice"] for s, v in scores.items()}})
     return scores, curve
+
+
+def _baseline(settings: RunSettings, name: str, train_cases: list[Case],
+              device: torch.device) -> SiteAlgorithm:
+    torch.manual_seed(settings.seed)  # the same initial model as every method
+    return SiteAlgorithm(settings, name, device=device, train_cases=train_cases)
 
 
 def quality(sites: list[Site], out: Path, overrides: dict[str, Any], *, rounds: int,
@@ -106,8 +109,8 @@ def quality(sites: list[Site], out: Path, overrides: dict[str, Any], *, rounds: 
         if method == "local":
             per_site, curve_sites = {}, {}
             for name in train_sets:
-                scores, curve = _centralised(train_sets[name], {name: tests[name]}, settings,
-                                             settings.seed, device)
+                scores, curve = _centralised(_baseline(settings, name, train_sets[name], device),
+                                             {name: tests[name]})
                 per_site[name] = scores[name]
                 curve_sites[name] = curve
             curve = [{"round": r["round"], "dice": {n: curve_sites[n][i]["dice"][n]
@@ -116,7 +119,7 @@ def quality(sites: list[Site], out: Path, overrides: dict[str, Any], *, rounds: 
             record(method, per_site, time.perf_counter() - start, curve)
         elif method == "pooled":
             pooled = [c for cases in train_sets.values() for c in cases]
-            per_site, curve = _centralised(pooled, tests, settings, settings.seed, device)
+            per_site, curve = _centralised(_baseline(settings, "pooled", pooled, device), tests)
             record(method, per_site, time.perf_counter() - start, curve)
         else:
             run_dir = out / method

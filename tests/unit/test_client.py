@@ -10,11 +10,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.common.serde import message_to_proto
 from flwr.supercore.task_identity import TaskIdentity
 
-from client.app import EVAL_METRICS, TRAIN_METRICS, evaluate_handler, train_handler
+from client.app import evaluate_handler, train_handler
 from common.config import RunSettings
 from common.data.site import list_cases
 from common.errors import LOCAL_LOG_ENV, parse_error_reason
 from common.model import build_model
+from common.wire import EVAL_METRICS, TRAIN_METRICS
 
 RUN_CONFIG = {"local-epochs": 1, "seed": 0}
 

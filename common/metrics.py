@@ -85,14 +85,18 @@ def summarize(per_case: Sequence[Mapping[str, float]]) -> dict[str, float]:
     return out
 
 
+def weighted_mean(sites: Iterable[Mapping[str, float]], key: str) -> float:
+    """The case-weighted mean of ``key`` over sites (weights: their
+    ``num-examples``, 1 where absent), skipping sites where it is undefined;
+    NaN when no site has it. The one place this mean is written."""
+    pairs = [(s[key], s.get(NUM_EXAMPLES, 1.0)) for s in sites
+             if key in s and s[key] is not None and math.isfinite(s[key])]
+    weight = sum(w for _, w in pairs)
+    return sum(v * w for v, w in pairs) / weight if weight else math.nan
+
+
 def combine(sites: Sequence[Mapping[str, float]]) -> dict[str, float]:
-    """Across sites: each metric weighted by the sites' case counts, skipping
-    sites where the metric is undefined."""
-    out: dict[str, float] = {}
-    for m in METRICS:
-        pairs = [(s[m], s[NUM_EXAMPLES]) for s in sites
-                 if m in s and s[m] is not None and math.isfinite(s[m])]
-        weight = sum(w for _, w in pairs)
-        out[m] = sum(v * w for v, w in pairs) / weight if weight else math.nan
+    """Across sites: each metric weighted by the sites' case counts."""
+    out: dict[str, float] = {m: weighted_mean(sites, m) for m in METRICS}
     out[NUM_EXAMPLES] = sum(int(s.get(NUM_EXAMPLES, 0)) for s in sites)
     return out

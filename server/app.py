@@ -9,14 +9,14 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.exception import PrivacyBudgetExhausted as FlowerBudgetExhausted
 
 from common import wire
 from common.config import RunSettings
 from common.errors import ConfigError
 from common.model import build_model
-from common.privacy.accounting import PrivacyLedger
 from server.runs import RunFolder, runs_root
-from server.strategy import PrivacyBudgetExhausted, build_strategy
+from server.strategies import PrivacyBudgetExhausted, build_strategy
 
 app = ServerApp()
 
@@ -51,13 +51,11 @@ def main(grid: Grid, context: Context) -> None:
     torch.manual_seed(settings.seed)
     arrays = run.checkpoint_arrays() or ArrayRecord(build_model(settings.model).state_dict())
     done = run.last_round
-    ledger = None
-    if settings.dp != "off":
-        ledger = PrivacyLedger(settings.dp_noise_multiplier, settings.dp_delta,
-                               settings.dp_max_epsilon, releases=run.dp_releases())
     # Only DP needs the number of nodes up front (to scale its noise).
-    sampled = nodes_per_round(grid, settings) if ledger is not None else None
-    strategy = build_strategy(settings, sampled, ledger, rounds_done=done)
+    sampled = nodes_per_round(grid, settings) if settings.dp != "off" else None
+    strategy = build_strategy(settings, sampled, rounds_done=done,
+                              dp_releases=run.dp_releases())
+    ledger = strategy.privacy
     log(INFO, "fedseg run %s: rounds %d..%d", run.path.name, done + 1, settings.num_rounds)
 
     def end_of_round(server_round: int, global_arrays: ArrayRecord) -> MetricRecord | None:
@@ -76,7 +74,7 @@ def main(grid: Grid, context: Context) -> None:
                                     # learning-rate schedule spans the whole run
                                     train_config=ConfigRecord({wire.ROUNDS_DONE: done}),
                                     evaluate_fn=end_of_round)
-        except PrivacyBudgetExhausted as exc:
+        except (PrivacyBudgetExhausted, FlowerBudgetExhausted) as exc:
             stopped = f"privacy budget: {exc}"
             log(WARNING, "fedseg run %s stopped: %s", run.path.name, stopped)
     final = result.arrays if result is not None and len(result.arrays) else None

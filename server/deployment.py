@@ -32,7 +32,7 @@ from typing import Any
 from common.errors import ConfigError, FedsegError
 from server.processes import run_and_follow, run_config_arg
 from server.runs import RUNS_DIR_ENV
-from server.strategy import REGISTRY_ENV
+from server.strategies import REGISTRY_ENV
 
 APP_DIR = Path(__file__).resolve().parents[1]
 CONNECTION = "fedseg"

@@ -30,9 +30,10 @@ from flwr.app import ArrayRecord
 from common import wire
 from common.config import RunSettings
 from common.errors import ConfigError
-from common.privacy.accounting import PrivacyLedger
+from common.metrics import weighted_mean
+from common.privacy.accounting import PrivacyAccount
 from common.wire import SCORES as METRICS
-from server.strategy import RoundRecord, mean_of
+from server.strategies import RoundRecord
 
 RUNS_DIR_ENV = "FEDSEG_RUNS_DIR"
 
@@ -122,7 +123,7 @@ class RunFolder:
         return int(self.history[-1].get("dp_releases") or 0) if self.history else 0
 
     def record_round(self, server_round: int, arrays: ArrayRecord, rec: RoundRecord,
-                     ledger: PrivacyLedger | None = None) -> dict[str, Any]:
+                     ledger: PrivacyAccount | None = None) -> dict[str, Any]:
         """Save the global model and append the round's line."""
         now = time.perf_counter()
         seconds, self._clock = now - self._clock, now
@@ -134,8 +135,8 @@ class RunFolder:
         row = {
             "round": server_round,
             "dice": {site: m["dice"] for site, m in sorted(rec.evaluate.items())},
-            "dice_mean": mean_of(rec.evaluate, "dice"),
-            "train_loss": mean_of(rec.train, wire.TRAIN_LOSS),
+            "dice_mean": weighted_mean(rec.evaluate.values(), "dice"),
+            "train_loss": weighted_mean(rec.train.values(), wire.TRAIN_LOSS),
             "train_loss_sites": {s: m[wire.TRAIN_LOSS] for s, m in sorted(rec.train.items())},
             "sites": {site: {k: m[k] for k in wire.EVAL_METRICS if k in m}
                       for site, m in sorted(rec.evaluate.items())},
@@ -159,7 +160,7 @@ class RunFolder:
         return row
 
     def finish(self, final_arrays: ArrayRecord | None, stopped: str | None = None,
-               ledger: PrivacyLedger | None = None) -> dict[str, Any]:
+               ledger: PrivacyAccount | None = None) -> dict[str, Any]:
         """Write ``final_model.pt``, ``summary.json`` and ``dice.png``.
         ``stopped``: why the run ended before its planned rounds, if it did."""
         if final_arrays is None:
@@ -171,13 +172,11 @@ class RunFolder:
         self.plot()
         return summary
 
-    def summary(self, stopped: str | None = None, ledger: PrivacyLedger | None = None
+    def summary(self, stopped: str | None = None, ledger: PrivacyAccount | None = None
                 ) -> dict[str, Any]:
         last = next((r for r in reversed(self.history) if r["sites"]), None)
         sites = last["sites"] if last else {}
-        overall = {m: mean_of({s: {k: (v if v is not None else math.nan)
-                                   for k, v in vals.items()} for s, vals in sites.items()}, m)
-                   for m in METRICS}
+        overall = {m: weighted_mean(sites.values(), m) for m in METRICS}
         first = self.history[0]["dice_mean"] if self.history else None
         participation = self.participation()
         return _json_safe({

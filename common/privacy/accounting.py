@@ -14,8 +14,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 from dp_accounting import dp_event, rdp
+
+
+class PrivacyAccount(Protocol):
+    """What the run folder reads of a run's privacy account (fedseg's ledger or
+    Flower's accountant, see ``server.strategies.budget``)."""
+
+    @property
+    def epsilon(self) -> float: ...
+
+    @property
+    def releases(self) -> int: ...
 
 
 @dataclass

@@ -11,7 +11,7 @@ from common.config import RunSettings
 from common.errors import ConfigError
 from common.model import build_model
 from server.runs import RunFolder, read_metrics
-from server.strategy import RoundRecord
+from server.strategies import RoundRecord
 
 CFG = {"model-channels": "4,8", "patch-size": 16, "num-rounds": 3, "run-name": "r1"}
 
@@ -85,27 +85,6 @@ def test_resume_refuses_another_model(tmp_path):
 def test_resume_without_checkpoint(tmp_path):
     with pytest.raises(ConfigError, match="no checkpoint"):
         RunFolder.open(tmp_path, RunSettings.from_run_config({**CFG, "resume": True}))
-
-
-def test_fedadam_server_rate_follows_the_run_schedule():
-    """After two rounds of a resumed four-round run, FedAdam's server step is
-    scaled like the sites' learning rate at the half-way point."""
-    from server.strategy import ScheduledFedAdam, build_strategy
-
-    settings = RunSettings.from_run_config({"strategy": "fedadam", "num-rounds": 4,
-                                            "fedadam-eta": 0.01, "lr-min-ratio": 0.01,
-                                            "evaluate-every": 4})
-    recorder = build_strategy(settings, rounds_done=2)
-    fedadam = recorder
-    while not isinstance(fedadam, ScheduledFedAdam):
-        fedadam = fedadam.inner
-    fedadam.aggregate_train(1, [])  # round 3 of the run
-    assert fedadam.eta == pytest.approx(0.01 * (0.01 + 0.99 * 0.5))
-    fedadam.aggregate_train(2, [])  # round 4
-    assert fedadam.eta == pytest.approx(0.01 * (0.01 + 0.99 * 0.5 * (1 + math.cos(0.75
-                                                                              * math.pi))))
-    # Sites score the model in round 4 of the run (the last), not in round 3.
-    assert [recorder.evaluate_due(r) for r in (1, 2)] == [False, True]
 
 
 def test_a_site_that_failed_every_round_is_a_problem(tmp_path):

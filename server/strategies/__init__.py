@@ -1,0 +1,13 @@
+"""The server's strategies, one concept per module: ``base`` (the wrapper
+pattern), ``recorder`` (per-site records), ``checks`` (update checks),
+``budget`` (fedseg's privacy ledger where Flower's accountant does not reach),
+``dp`` (Flower's DP wrappers), ``fednova``, ``fedadam`` (scheduled FedAdam),
+``secagg`` (SecAgg+ with Message-API apps) and ``factory`` (what a run's
+settings ask for)."""
+
+from server.strategies.budget import PrivacyBudgetExhausted
+from server.strategies.factory import build_strategy
+from server.strategies.recorder import REGISTRY_ENV, RoundRecord, SiteRecorder
+
+__all__ = ["REGISTRY_ENV", "PrivacyBudgetExhausted", "RoundRecord", "SiteRecorder",
+           "build_strategy"]

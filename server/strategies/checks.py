@@ -1,0 +1,78 @@
+"""Leave out updates unfit to aggregate, naming the site."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from logging import WARNING
+
+import numpy as np
+from flwr.app import Message
+from flwr.common.logger import log
+from flwr.serverapp.strategy import Strategy
+
+from common import wire
+from common.privacy.checks import update_problem
+from server.strategies.base import UNIFORM_WEIGHT, StrategyWrapper
+from server.strategies.recorder import site_name
+
+
+class UpdateChecks(StrategyWrapper):
+    """Leave out train replies that are unfit to aggregate (non-finite values,
+    wrong shapes, missing weights or case count); name the site in the log."""
+
+    def __init__(self, inner: Strategy,
+                 on_reject: Callable[[int, str, str], None] | None = None,
+                 uniform_weights: bool = False) -> None:
+        super().__init__(inner)
+        self.on_reject = on_reject
+        self.uniform_weights = uniform_weights
+        self.reference: dict[str, tuple[tuple[int, ...], str]] = {}
+
+    def configure_train(self, server_round, arrays, config, grid):
+        self.reference = {k: (tuple(a.shape), str(a.dtype)) for k, a in arrays.items()}
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def problem(self, msg: Message) -> str | None:
+        content = msg.content
+        if len(content.array_records) != 1:
+            return f"{len(content.array_records)} weight records instead of one"
+        if len(content.metric_records) != 1:
+            return f"{len(content.metric_records)} metric records instead of one"
+        n = next(iter(content.metric_records.values())).get(wire.NUM_EXAMPLES)
+        if not isinstance(n, int | float) or not math.isfinite(n) or n <= 0:
+            return "no positive case count (num-examples)"
+        record = next(iter(content.array_records.values()))
+        try:
+            update = {k: np.asarray(v.numpy()) for k, v in record.items()}
+        except Exception:  # noqa: BLE001 - an undecodable array is a broken update
+            return "weights that cannot be decoded"
+        return update_problem(update, self.reference)
+
+    def _weigh_uniformly(self, msg: Message) -> None:
+        """Under DP every site's update counts the same (the noise is scaled to
+        one site's clipped update out of ``num_sampled``)."""
+        if self.uniform_weights and not msg.has_error() and msg.content.metric_records:
+            next(iter(msg.content.metric_records.values()))[UNIFORM_WEIGHT] = 1
+
+    def aggregate_evaluate(self, server_round, replies):
+        replies = list(replies)
+        for msg in replies:
+            self._weigh_uniformly(msg)
+        return super().aggregate_evaluate(server_round, replies)
+
+    def aggregate_train(self, server_round, replies):
+        kept = []
+        for msg in replies:
+            if not msg.has_error():
+                problem = self.problem(msg)
+                if problem is not None:
+                    name = site_name(msg)
+                    text = f"update from {name} left out: {problem}"
+                    log(WARNING, "round %d: %s", server_round, text)
+                    if self.on_reject:
+                        self.on_reject(server_round, text, name)
+                    continue
+                self._weigh_uniformly(msg)
+            kept.append(msg)
+        return super().aggregate_train(server_round, kept)

@@ -1,0 +1,90 @@
+"""The strategy a run's settings ask for, with fedseg's wrappers around it.
+From the outside in:
+
+* ``SiteRecorder``: per-site metrics, failures and bytes of each round;
+* ``PrivacyBudget``: counts DP releases and stops before the budget is exceeded;
+* ``UpdateChecks``: leaves out replies with non-finite values, wrong shapes or
+  missing weights, naming the site;
+* Flower's DP wrapper (server- or client-side, fixed or adaptive clipping), when on;
+* Flower's ``FedAvg`` (or FedProx, FedNova, scheduled FedAdam, SecAgg+ FedAvg),
+  weighted by training cases (uniformly under DP).
+"""
+
+from __future__ import annotations
+
+from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
+
+from common import wire
+from common.config import RunSettings
+from common.privacy.accounting import PrivacyLedger
+from server.strategies.base import UNIFORM_WEIGHT
+from server.strategies.budget import FlowerAccount, PrivacyBudget, flower_accounts_for
+from server.strategies.checks import UpdateChecks
+from server.strategies.dp import dp_wrapper
+from server.strategies.fedadam import ScheduledFedAdam
+from server.strategies.fednova import FedNova
+from server.strategies.recorder import SiteRecorder, aggregate_site_metrics
+from server.strategies.secagg import SecAggPlusFedAvg
+
+
+def build_strategy(settings: RunSettings, num_sampled: int | None = None,
+                   rounds_done: int = 0, dp_releases: int = 0) -> SiteRecorder:
+    """FedAvg weighted by each site's training cases (uniformly under DP),
+    with DP, update checks, the privacy budget and per-site records around it.
+
+    ``num_sampled``: nodes per round, which Flower's DP wrappers need to scale
+    the noise (defaults to ``min-nodes``). ``rounds_done``: rounds of a resumed
+    run already behind (Flower counts this call's rounds from 1 again);
+    ``dp_releases``: its DP releases so far. The privacy account (Flower's
+    accountant or fedseg's ledger) is the recorder's ``privacy``.
+    """
+    dp_on = settings.dp != "off"
+    fedavg_args = dict(
+        fraction_train=settings.fraction_train,
+        fraction_evaluate=settings.fraction_evaluate,
+        min_train_nodes=settings.min_nodes,
+        min_evaluate_nodes=settings.min_nodes if settings.fraction_evaluate > 0 else 0,
+        min_available_nodes=settings.min_nodes,
+        weighted_by_key=UNIFORM_WEIGHT if dp_on else wire.NUM_EXAMPLES,
+        evaluate_metrics_aggr_fn=aggregate_site_metrics,
+    )
+    fedavg: FedAvg
+    if settings.secure_aggregation:
+        fedavg = SecAggPlusFedAvg(
+            proximal_mu=settings.fedprox_mu if settings.strategy == "fedprox" else 0.0,
+            clipping_range=settings.secagg_clipping_range,
+            max_weight=settings.secagg_max_weight,
+            reconstruction_threshold=settings.secagg_reconstruction_threshold,
+            timeout=settings.secagg_timeout, **fedavg_args)
+    elif settings.strategy == "fedprox":
+        fedavg = FedProx(proximal_mu=settings.fedprox_mu, **fedavg_args)
+    elif settings.strategy == "fednova":
+        fedavg = FedNova(**fedavg_args)
+    elif settings.strategy == "fedadam":
+        fedavg = ScheduledFedAdam(settings, rounds_done, eta=settings.fedadam_eta,
+                                  tau=settings.fedadam_tau, **fedavg_args)
+    else:
+        fedavg = FedAvg(**fedavg_args)
+    num_sampled = num_sampled or settings.min_nodes
+    privacy: FlowerAccount | PrivacyLedger | None = None
+    if dp_on and flower_accounts_for(settings, fedavg):
+        privacy = FlowerAccount(settings, num_sampled, dp_releases)
+        checks = UpdateChecks(dp_wrapper(settings, fedavg, num_sampled, privacy.accountant),
+                              uniform_weights=True)
+        outer: Strategy = checks
+    else:
+        checks = UpdateChecks(dp_wrapper(settings, fedavg, num_sampled),
+                              uniform_weights=dp_on)
+        outer = checks
+        if dp_on:
+            privacy = PrivacyLedger(settings.dp_noise_multiplier, settings.dp_delta,
+                                    settings.dp_max_epsilon, releases=dp_releases)
+            outer = PrivacyBudget(checks, privacy)
+    recorder = SiteRecorder(outer)
+    recorder.privacy = privacy
+    recorder.evaluate_due = lambda r: ((rounds_done + r) % settings.evaluate_every == 0
+                                       or rounds_done + r == settings.num_rounds)
+    checks.on_reject = recorder.note_failure
+    if isinstance(fedavg, SecAggPlusFedAvg):
+        fedavg.on_round = recorder.secure_round
+    return recorder

@@ -1,0 +1,181 @@
+"""Per-site metrics, failures and bytes of each round, each site by its
+public name."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from logging import WARNING
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Message, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp.strategy import Strategy
+
+from common import wire
+from common.errors import parse_error_reason
+from common.metrics import combine
+from server.strategies.base import UNIFORM_WEIGHT, StrategyWrapper
+from server.strategies.secagg import SecureRound
+from server.wire import audit, content_bytes
+
+REGISTRY_ENV = "FEDSEG_REGISTRY"
+
+def registered_names() -> dict[int, str]:
+    """Node id -> hospital name from the coordinator's registry
+    (``$FEDSEG_REGISTRY``, set by ``fedseg superlink``): the name a hospital
+    was registered under, known before it ever replies."""
+    path = os.environ.get(REGISTRY_ENV)
+    if not path:
+        return {}
+    try:
+        entries = json.loads(Path(path).read_text())
+        return {int(e["node_id"]): str(name) for name, e in entries.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+def site_name(msg: Message, known: dict[int, str] | None = None) -> str:
+    """The public name of the site that ``msg`` is the reply of: the name it
+    was registered under, else the name in its reply (an error reply carries
+    it in its reason), else the name it gave before, else its node id."""
+    node = msg.metadata.src_node_id
+    known = known if known is not None else {}
+    if node not in known:
+        known.update(registered_names())
+    if msg.has_content() and wire.SITE in msg.content.config_records:
+        name = str(msg.content.config_records[wire.SITE].get(wire.SITE_NAME, node))
+    elif msg.has_error():
+        name = parse_error_reason(msg.error.reason)[0] or ""
+    else:
+        name = ""
+    if node in known:
+        return known[node]
+    if name:
+        known[node] = name
+        return name
+    return f"node-{node}"
+
+def aggregate_site_metrics(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
+    """Evaluation metrics across sites, weighted by case count; a metric
+    undefined at a site (NaN) is left out rather than averaged in."""
+    sites = [dict(next(iter(r.metric_records.values()))) for r in records]
+    out = combine(sites)
+    return MetricRecord({k: float(v) for k, v in out.items()})
+
+@dataclass
+class RoundRecord:
+    """What one round brought back, per site."""
+
+    train: dict[str, dict[str, float]] = field(default_factory=dict)
+    evaluate: dict[str, dict[str, float]] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+    failed: set[str] = field(default_factory=set)  # sites with a failure this round
+    aggregated: bool = False  # the round produced a new global model
+    bytes_down: int = 0
+    bytes_up: int = 0
+
+    @property
+    def trained(self) -> list[str]:
+        """Sites whose update went into this round's model."""
+        return sorted(set(self.train) - self.failed) if self.aggregated else []
+
+class SiteRecorder(StrategyWrapper):
+    """Record per-site metrics, failures and bytes of each round.
+
+    With ``FEDSEG_AUDIT_DIR`` set in the server's environment, every reply is
+    also kept there as received (see ``server.wire.audit``).
+    """
+
+    def __init__(self, inner: Strategy) -> None:
+        super().__init__(inner)
+        self.rounds: dict[int, RoundRecord] = {}
+        self.names: dict[int, str] = {}  # node id -> public site name
+        self.pending: set[int] = set()  # nodes sent a message in the phase in flight
+        self.privacy: Any = None  # the DP account (epsilon, releases), set by the factory
+        # Which rounds the sites score the global model in (``evaluate-every``)
+        self.evaluate_due: Callable[[int], bool] = lambda server_round: True
+
+    def round(self, server_round: int) -> RoundRecord:
+        return self.rounds.setdefault(server_round, RoundRecord())
+
+    def note_failure(self, server_round: int, text: str, site: str | None = None) -> None:
+        rec = self.round(server_round)
+        rec.failures.append(text)
+        if site is not None:
+            rec.failed.add(site)
+
+    def secure_round(self, server_round: int, result: SecureRound) -> None:
+        """A SecAgg+ round's traffic and per-site numbers (its messages bypass
+        ``configure_train``/``aggregate_train``)."""
+        rec = self.round(server_round)
+        rec.train.update(result.sites)
+        rec.bytes_down += result.bytes_down
+        rec.bytes_up += result.bytes_up
+        if result.halted:
+            rec.failures.append("train: the secure round halted (too few sites answered to "
+                                "unmask the sum); the model is unchanged this round")
+        elif result.failures:
+            rec.failures.append(f"train: {result.failures} site(s) dropped out of the secure "
+                                f"round; the aggregate is of the others")
+
+    def _sent(self, server_round: int, messages: Iterable[Message]) -> list[Message]:
+        messages = list(messages)
+        self.round(server_round).bytes_down += sum(content_bytes(m.content) for m in messages)
+        self.pending = {m.metadata.dst_node_id for m in messages}
+        return messages
+
+    def _received(self, server_round: int, replies: Iterable[Message], phase: str
+                  ) -> list[Message]:
+        replies = list(replies)
+        rec = self.round(server_round)
+        pending, self.pending = self.pending, set()
+        lost = []  # what the SuperLink says for nodes it lost (the reply is its own)
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if pending and node not in pending:
+                if msg.has_error():
+                    lost.append(parse_error_reason(msg.error.reason)[1])
+                continue
+            pending.discard(node)
+            name = site_name(msg, self.names)
+            audit(server_round, phase, msg)
+            if msg.has_error():
+                reason = parse_error_reason(msg.error.reason)[1]
+                self.note_failure(server_round, f"{phase} at {name}: {reason}", name)
+                log(WARNING, "round %d: %s failed at %s: %s", server_round, phase, name,
+                    reason)
+                continue
+            rec.bytes_up += content_bytes(msg.content)
+            metrics = next(iter(msg.content.metric_records.values()), {})
+            values = {k: int(v) if k == wire.NUM_EXAMPLES else float(v) for k, v in metrics.items()
+                      if isinstance(v, int | float) and k != UNIFORM_WEIGHT}
+            (rec.train if phase == "train" else rec.evaluate)[name] = values
+        why = f" ({'; '.join(sorted(set(lost)))})" if lost else ""
+        for node in sorted(pending):  # sent, never answered by the node itself
+            name = self.names.get(node) or registered_names().get(node, f"node-{node}")
+            self.note_failure(server_round, f"{phase} at {name}: no reply{why}", name)
+            log(WARNING, "round %d: no %s reply from %s", server_round, phase, name)
+        return replies
+
+    def configure_train(self, server_round, arrays, config, grid):
+        return self._sent(server_round, super().configure_train(server_round, arrays, config,
+                                                                grid))
+
+    def aggregate_train(self, server_round, replies):
+        arrays, metrics = super().aggregate_train(
+            server_round, self._received(server_round, replies, "train"))
+        self.round(server_round).aggregated = arrays is not None
+        return arrays, metrics
+
+    def configure_evaluate(self, server_round, arrays, config, grid):
+        if not self.evaluate_due(server_round):
+            return []
+        return self._sent(server_round, super().configure_evaluate(server_round, arrays,
+                                                                   config, grid))
+
+    def aggregate_evaluate(self, server_round, replies):
+        return super().aggregate_evaluate(server_round,
+                                          self._received(server_round, replies, "evaluate"))

@@ -38,3 +38,15 @@ def test_run_and_bench_refuse_a_mistyped_key(tmp_path):
         assert proc.returncode == 2, cmd
         assert "did you mean 'num-rounds'" in " ".join(proc.stdout.split()), cmd
     assert not (tmp_path / "fed").exists()
+
+
+def test_the_hospitals_commands_live_apart_from_the_coordinators():
+    import client.cli
+    import server.cli
+
+    assert not hasattr(server.cli, "cmd_node") and not hasattr(server.cli, "cmd_keygen")
+    assert hasattr(client.cli, "cmd_node") and hasattr(client.cli, "cmd_keygen")
+    proc = fedseg("node", "--superlink", "127.0.0.1:1", "--data-dir", "/nonexistent",
+                  "--name", "h", "--device", "gpu", "--insecure")
+    assert proc.returncode == 2
+    assert "node setting 'device' must be auto, cpu or cuda[:N]" in " ".join(proc.stdout.split())

@@ -1,0 +1,62 @@
+"""The hospital's commands: ``fedseg keygen`` (this hospital's own key pair)
+and ``fedseg node`` (this hospital's SuperNode). Nothing of the coordinator's."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from server.render import console, warn_insecure
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from server.provision import hospital_keypair
+
+    result = hospital_keypair(Path(args.out), args.name, force=args.force)
+    for path, _ in result.written:
+        console.print(str(path))
+    if result.kept:
+        console.print(f"kept existing {result.kept[0]} (pass --force to rotate it)")
+        return 1
+    console.print(f"Send {args.name}.pub to the coordinator; {args.name}.key stays here.")
+    return 0
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    from common.config import check_node_config
+
+    check_node_config({"data-dir": args.data_dir, "site-name": args.name,
+                       "device": args.device, "threads": args.threads or 0})
+    from client.node import NodeSettings, preflight, run_node
+    from server.deployment import base_env
+
+    settings = NodeSettings(
+        superlink=args.superlink, data_dir=Path(args.data_dir), name=args.name,
+        key=Path(args.key) if args.key else None, ca=Path(args.ca) if args.ca else None,
+        insecure=args.insecure, threads=args.threads or 0, device=args.device, port=args.port,
+        max_wait=args.max_wait)
+    if args.insecure:
+        warn_insecure("this node")
+    preflight(settings)
+    return run_node(settings, base_env())
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("keygen", help="hospital: make this hospital's own key pair")
+    p.add_argument("out")
+    p.add_argument("--name", required=True)
+    p.add_argument("--force", action="store_true", help="replace an existing key (rotation)")
+    p.set_defaults(func=cmd_keygen)
+
+    p = sub.add_parser("node", help="hospital: run this hospital's SuperNode")
+    p.add_argument("--superlink", required=True, help="host:port of the SuperLink")
+    p.add_argument("--data-dir", required=True, help="this hospital's site folder")
+    p.add_argument("--name", required=True, help="this hospital's public name")
+    p.add_argument("--key", help="this hospital's private key (OpenSSH ECDSA)")
+    p.add_argument("--ca", help="the federation's CA certificate")
+    p.add_argument("--threads", type=int, help="CPU threads for training (default: all)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda:N")
+    p.add_argument("--port", type=int, default=9094, help="local Runtime API port")
+    p.add_argument("--max-wait", type=float, help="give up connecting after this many seconds")
+    p.add_argument("--insecure", action="store_true", help="no TLS (test only)")
+    p.set_defaults(func=cmd_node)

@@ -1,0 +1,181 @@
+"""``fedseg bench ...``: the measurement commands, together (see
+docs/performance.md and docs/benchmarks.md)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from rich.table import Table
+
+from common.config import fedseg_home
+from common.errors import FedsegError
+from server.options import add_run_options, default_out, node_overrides, run_overrides
+from server.render import console, fmt, round_line
+
+RETINA_ENV = "FEDSEG_RETINA_DIR"  # the retina benchmark's sites, when not given
+QUALITY_ROUNDS = 90
+QUALITY_LOCAL_EPOCHS = 2
+
+
+def cmd_bench_deploy(args: argparse.Namespace) -> int:
+    """Wall time per round of a TLS deployment on this machine, split into the
+    hospitals' local training and everything else."""
+    import platform
+    import tempfile
+
+    from common.data.synthetic import write_federation
+    from server.localfed import LocalFederation
+
+    work = Path(tempfile.mkdtemp(prefix="bench-deploy-", dir=fedseg_home()))
+    sites = write_federation(work / "data", args.hospitals, n_train=6, n_test=3)
+    console.print(f"TLS deployment on 127.0.0.1: {args.hospitals} hospitals, "
+                  f"{args.rounds} rounds, {args.threads} thread(s) each; work folder {work}")
+    with LocalFederation(work, sites, threads=args.threads) as fed:
+        summary = fed.run("bench", {"num-rounds": args.rounds, "local-epochs": 1},
+                          on_round=round_line)
+    from server.runs import read_metrics
+
+    rows = read_metrics(fed.state.runs / "bench")
+    table = Table(title="seconds per round")
+    for col in ("round", "wall", "training (slowest site)", "everything else", "share"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        train = max(v for v in r["train_seconds"].values() if v is not None)
+        table.add_row(str(r["round"]), f"{r['seconds']:.1f}", f"{train:.1f}",
+                      f"{r['seconds'] - train:.1f}", f"{train / r['seconds']:.0%}")
+    steady = rows[1:] or rows
+    wall = sum(r["seconds"] for r in steady) / len(steady)
+    train = sum(max(r["train_seconds"].values()) for r in steady) / len(steady)
+    table.add_row("mean, rounds 2+" if rows[1:] else "mean", f"{wall:.1f}", f"{train:.1f}",
+                  f"{wall - train:.1f}", f"{train / wall:.0%}")
+    console.print(table)
+    console.print(f"machine: {platform.machine()}, {os.cpu_count()} cores, "
+                  f"{platform.python_implementation()} {platform.python_version()}; "
+                  f"final Dice {fmt(summary['dice_final'])}", soft_wrap=True)
+    return 0
+
+
+def cmd_bench_privacy(args: argparse.Namespace) -> int:
+    """Secure aggregation's cost, and DP's effect on Dice, in side-by-side
+    simulations on this machine."""
+    import tempfile
+
+    from common.data.synthetic import write_federation
+    from server.runs import read_metrics
+    from server.simulation import Site, simulate
+
+    work = Path(tempfile.mkdtemp(prefix="bench-privacy-", dir=fedseg_home()))
+    console.print(f"work folder {work}")
+
+    def sites(n: int, n_train: int, n_test: int) -> list[Site]:
+        folders = write_federation(work / f"data-{n}-{n_train}", n, n_train, n_test)
+        return [Site(f.name, f) for f in folders]
+
+    lines = ["| hospitals | secure aggregation | seconds per round (round 2) | "
+             "bytes up per client per round | bytes down per client per round |",
+             "|---|---|---|---|---|"]
+    for n in args.hospitals:
+        federation = sites(n, 2, 1)
+        for secure in (False, True):
+            name = f"secagg-{n}-{'on' if secure else 'off'}"
+            simulate(federation, work / name, {"num-rounds": 2, "local-epochs": 1,
+                                               "secure-aggregation": secure,
+                                               "min-nodes": n}, timeout=1800)
+            row = read_metrics(work / name)[-1]
+            lines.append(f"| {n} | {'on' if secure else 'off'} | {row['seconds']:.1f} | "
+                         f"{row['bytes_up'] / n / 1e6:.2f} MB | "
+                         f"{row['bytes_down'] / n / 1e6:.2f} MB |")
+            console.print(lines[-1])
+    lines += ["", "| DP (client-side fixed clipping) | noise multiplier | clipping norm | "
+              f"Dice after {args.rounds} rounds | epsilon (delta 1e-5) |", "|---|---|---|---|---|"]
+    demo = sites(3, 6, 3)
+    for z in (None, *args.noise):
+        name = f"dp-{z}"
+        config = {"num-rounds": args.rounds, "local-epochs": 2}
+        if z is not None:
+            config |= {"dp": "client-fixed", "dp-noise-multiplier": z,
+                       "dp-clipping-norm": args.clip}
+        summary = simulate(demo, work / name, config, timeout=1800)
+        eps = summary["privacy"]["epsilon"]
+        lines.append(f"| {'off' if z is None else 'on'} | {'-' if z is None else z} | "
+                     f"{'-' if z is None else args.clip} | {summary['dice_final']:.3f} | "
+                     f"{'-' if eps is None else f'{eps:.2f}'} |")
+        console.print(lines[-1])
+    (work / "privacy.md").write_text("\n".join(lines) + "\n")
+    console.print("\n".join(lines), soft_wrap=True)
+    return 0
+
+
+def cmd_bench_quality(args: argparse.Namespace) -> int:
+    typed, node = run_overrides(args), node_overrides(args)  # before anything starts
+    folders = [Path(p) for p in args.site_dirs]
+    if not folders:
+        retina = os.environ.get(RETINA_ENV)
+        if not retina:
+            raise FedsegError(f"give the sites' folders (SITE_DIR ...) or set {RETINA_ENV} to "
+                              "the retina folder holding chase_db1/ and stare/ "
+                              "(docs/benchmarks.md)")
+        folders = [Path(retina) / "chase_db1", Path(retina) / "stare"]
+    missing = [str(f) for f in folders if not f.is_dir()]
+    if missing:
+        raise FedsegError(f"site folder(s) not found: {', '.join(missing)}")
+    from server.bench import METHODS, RETINA, STRATEGIES, quality
+    from server.simulation import Site
+
+    overrides = dict(RETINA) if args.retina_defaults else {}
+    overrides |= typed
+    if "device" in node:  # read by every site of the benchmark (SiteSettings' fallback)
+        os.environ["FEDSEG_DEVICE"] = node["device"]
+    rounds = overrides.pop("num-rounds", QUALITY_ROUNDS)
+    local_epochs = overrides.pop("local-epochs", QUALITY_LOCAL_EPOCHS)
+    out = Path(args.out) if args.out else default_out("bench-quality")
+    methods = tuple(args.methods.split(",")) if args.methods else METHODS
+    unknown = [m for m in methods if m not in ("local", "pooled", *STRATEGIES)]
+    if unknown:
+        raise FedsegError(f"unknown method(s) {', '.join(unknown)}: choose from local, pooled, "
+                          f"{', '.join(STRATEGIES)}")
+    console.print(f"quality benchmark: {', '.join(f.name for f in folders)}; {rounds} "
+                  f"rounds x {local_epochs} local epochs; methods {', '.join(methods)}; "
+                  f"output {out}", soft_wrap=True)
+
+    def show(method: str, result: dict) -> None:
+        dice = "  ".join(f"{s} {fmt(m['dice'])}" for s, m in result["sites"].items())
+        console.print(f"{method:>8}  Dice {dice}  ({result['seconds']:.0f} s)", soft_wrap=True)
+
+    report = quality([Site(f.resolve().name, f) for f in folders], out, overrides,
+                     rounds=rounds, local_epochs=local_epochs, methods=methods,
+                     on_result=show)
+    console.print((out / "quality.md").read_text(), soft_wrap=True)
+    console.print(f"machine: {report['machine']}; written {out}/quality.md, quality.json, "
+                  f"dice.png", soft_wrap=True)
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="measurements (see docs/performance.md)")
+    bsub = p.add_subparsers(dest="bench", required=True)
+    b = bsub.add_parser("deploy", help="seconds per round of a TLS deployment on this machine")
+    b.add_argument("--rounds", type=int, default=3)
+    b.add_argument("--hospitals", type=int, default=2)
+    b.add_argument("--threads", type=int, default=1, help="CPU threads per hospital")
+    b.set_defaults(func=cmd_bench_deploy)
+    b = bsub.add_parser("privacy", help="secure aggregation's cost and DP's effect on Dice")
+    b.add_argument("--hospitals", type=int, nargs="+", default=[3, 10])
+    b.add_argument("--noise", type=float, nargs="+", default=[0.3, 1.0],
+                   help="DP noise multipliers to compare with no DP")
+    b.add_argument("--clip", type=float, default=0.1, help="DP clipping norm")
+    b.add_argument("--rounds", type=int, default=6)
+    b.set_defaults(func=cmd_bench_privacy)
+    b = bsub.add_parser("quality", help="local-only vs pooled vs FedAvg/FedProx/FedNova")
+    b.add_argument("site_dirs", nargs="*", metavar="SITE_DIR",
+                   help="site folders (default: the two retina sites in ../shared/data)")
+    b.add_argument("--methods", help="comma-separated subset of local,pooled,fedavg,"
+                   "fedprox,fednova,fedadam (default: all but fedadam)")
+    b.add_argument("--no-retina-defaults", dest="retina_defaults", action="store_false",
+                   help="do not apply the retina settings (RGB input, 96-px patches, 8 per image, "
+                        "batch 16, learning rate 2e-3, scoring every 30 rounds)")
+    add_run_options(b)
+    b.set_defaults(func=cmd_bench_quality)
+

@@ -1,0 +1,75 @@
+"""What the CLI prints: round lines, the final table, a site's errors, a run's
+problems. Rendering only; the numbers come from the run folder."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from common import wire
+from common.wire import SCORES as METRICS
+
+console = Console(highlight=False)
+
+
+def round_line(row: dict[str, Any]) -> None:
+    def fmt(v: float | None) -> str:
+        return "  n/a" if v is None else f"{v:.3f}"
+
+    sites = " ".join(f"{s} {fmt(d)}" for s, d in row["dice"].items())
+    fails = f"  [red]{len(row['failures'])} failure(s)[/]" if row["failures"] else ""
+    console.print(
+        f"round {row['round']:>3}  Dice [bold cyan]{fmt(row['dice_mean'])}[/]  ({sites})  "
+        f"loss {fmt(row['train_loss'])}  {row['seconds']:.1f} s{fails}",
+        soft_wrap=True,
+    )
+
+
+def summary_table(summary: dict[str, Any]) -> Table:
+    table = Table(title=f"run {summary['run']}: round {summary['final']['round']}")
+    table.add_column("site")
+    for m in METRICS:
+        table.add_column(m, justify="right")
+    table.add_column("cases", justify="right")
+    table.add_column("rounds trained", justify="right")
+    rows = dict(summary["final"]["sites"])
+    taking_part = summary.get("participation", {})
+    done = summary["rounds_completed"]
+    for site in sorted(set(rows) | set(taking_part)):
+        vals = rows.get(site, {})
+        trained = taking_part.get(site, {}).get("rounds_trained")
+        cell = "" if trained is None else f"{trained} of {done}"
+        table.add_row(site, *[fmt(vals.get(m)) for m in METRICS],
+                      str(vals.get(wire.NUM_EXAMPLES, "")),
+                      f"[red]{cell}[/]" if trained == 0 else cell)
+    table.add_row("[bold]all sites[/]",
+                  *[fmt(summary["final"]["overall"].get(m)) for m in METRICS], "", "")
+    return table
+
+
+def site_error_line(line: str) -> None:
+    """A simulated site's own error, as its local log has it (this machine's)."""
+    console.print(f"[red]site error[/] {escape(line)}", soft_wrap=True)
+
+
+def problems(summary: dict[str, Any]) -> None:
+    for problem in summary.get("problems", []):
+        console.print(f"[red bold]problem:[/] {escape(problem)}", soft_wrap=True)
+    if summary.get("stopped"):
+        console.print(f"[yellow]stopped:[/] {escape(str(summary['stopped']))}", soft_wrap=True)
+
+
+def fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def warn_insecure(what: str) -> None:
+    console.print(f"[bold yellow]warning:[/] {what} runs WITHOUT TLS"
+                  + (" and without node authentication" if what == "the SuperLink" else "")
+                  + ": anyone on the network can read and inject traffic. Use only for a "
+                    "test on one machine.")
+
+

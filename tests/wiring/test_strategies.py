@@ -1,0 +1,166 @@
+"""Strategy wiring with the real ServerApp and ClientApp on the in-process
+grid (tests/grid.py): every strategy, every DP mode, update checks,
+evaluate-every, resume and failures, in seconds each."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from dp_accounting import dp_event, rdp
+from flwr.app import Array
+
+from common import wire
+from server.runs import read_metrics
+from server.strategies import REGISTRY_ENV
+from tests.grid import federation, run_server
+
+TINY = {"model-channels": "8,16", "patch-size": 32, "batch-size": 2, "patches-per-image": 1,
+        "num-rounds": 2, "min-nodes": 3, "test-time-flips": False, "mixed-precision": False}
+
+
+@pytest.fixture
+def sites(synthetic_sites):
+    return [(f"hospital-{'abc'[i]}", folder) for i, folder in enumerate(synthetic_sites)]
+
+
+def run(sites, tmp_path, name, faults=None, **overrides):
+    grid = federation(sites, {**TINY, "run-name": name, **overrides}, faults)
+    return grid, run_server(grid, tmp_path), read_metrics(tmp_path / name)
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "fednova", "fedadam"])
+def test_every_strategy_trains_every_site(sites, tmp_path, strategy):
+    _, summary, rows = run(sites, tmp_path, strategy, strategy=strategy)
+    assert summary["rounds_completed"] == 2 and summary["problems"] == []
+    for row in rows:
+        assert row["trained"] == ["hospital-a", "hospital-b", "hospital-c"]
+        assert set(row["dice"]) == {"hospital-a", "hospital-b", "hospital-c"}
+        assert all(0 <= d <= 1 for d in row["dice"].values())
+        assert row["failures"] == []
+
+
+def test_fedprox_sends_its_proximal_weight(sites, tmp_path):
+    grid, _, _ = run(sites, tmp_path, "prox", strategy="fedprox", **{"fedprox-mu": 0.3})
+    train = [m for m in grid.sent if m.metadata.message_type.endswith("train")]
+    assert {m.content[wire.CONFIG][wire.PROXIMAL_MU] for m in train} == {0.3}
+
+
+def epsilon(z: float, releases: int, delta: float = 1e-5) -> float:
+    accountant = rdp.RdpAccountant()
+    accountant.compose(dp_event.GaussianDpEvent(z), releases)
+    return accountant.get_epsilon(delta)
+
+
+@pytest.mark.parametrize("mode", ["server-fixed", "client-fixed", "server-adaptive",
+                                  "client-adaptive"])
+def test_every_dp_mode_runs_and_accounts(sites, tmp_path, mode):
+    _, summary, rows = run(sites, tmp_path, mode, dp=mode, **{"dp-noise-multiplier": 1.0,
+                                                              "dp-clipping-norm": 0.5})
+    assert summary["problems"] == [] and summary["privacy"]["dp"] == mode
+    assert [r["epsilon"] for r in rows] == pytest.approx([epsilon(1.0, 1), epsilon(1.0, 2)])
+    assert [r["dp_releases"] for r in rows] == [1, 2]
+
+
+def test_the_privacy_budget_stops_the_run_before_it_is_exceeded(sites, tmp_path):
+    budget = (epsilon(1.0, 1) + epsilon(1.0, 2)) / 2  # one round fits, two do not
+    _, summary, rows = run(sites, tmp_path, "budget", dp="client-fixed",
+                           **{"num-rounds": 3, "dp-max-epsilon": budget})
+    assert [r["round"] for r in rows] == [1]
+    assert summary["stopped"].startswith("privacy budget")
+    assert summary["privacy"]["epsilon"] <= budget
+
+
+def poison(kind: str):
+    """A hospital whose update is broken (NaN) or of the wrong shape."""
+    def fault(node, msg, deliver):
+        reply = deliver()
+        if msg.metadata.message_type.endswith("train") and not reply.has_error():
+            arrays = reply.content[wire.ARRAYS]
+            key = next(iter(arrays))
+            value = arrays[key].numpy()
+            bad = np.full_like(value, np.nan) if kind == "nan" else value.reshape(-1)[:3]
+            arrays[key] = Array(bad)
+        return reply
+    return fault
+
+
+@pytest.mark.parametrize(("kind", "says"), [("nan", "NaN or infinite"), ("shape", "shape")])
+def test_a_broken_update_is_left_out_and_the_site_named(sites, tmp_path, kind, says):
+    _, summary, rows = run(sites, tmp_path, kind, faults={101: poison(kind)})
+    for row in rows:
+        assert row["trained"] == ["hospital-a", "hospital-c"]
+        assert any(f.startswith("update from hospital-b left out") and says in f
+                   for f in row["failures"])
+    assert summary["problems"] == ["site hospital-b failed every round (2 of 2)"]
+
+
+def test_evaluate_every_scores_only_due_rounds(sites, tmp_path):
+    grid, _, rows = run(sites, tmp_path, "every", **{"num-rounds": 3, "evaluate-every": 2})
+    assert [bool(r["dice"]) for r in rows] == [False, True, True]  # round 2 and the last
+    evaluate = [m for m in grid.sent if m.metadata.message_type.endswith("evaluate")]
+    assert len(evaluate) == 2 * 3
+
+
+def test_resume_continues_from_the_last_round(sites, tmp_path):
+    _, first, rows = run(sites, tmp_path, "resumed")
+    grid, summary, rows2 = run(sites, tmp_path, "resumed", resume=True, **{"num-rounds": 4})
+    assert [r["round"] for r in rows2] == [1, 2, 3, 4]
+    assert rows2[:2] == rows  # rounds 1-2 intact
+    train = [m for m in grid.sent if m.metadata.message_type.endswith("train")]
+    assert {m.content[wire.CONFIG][wire.ROUNDS_DONE] for m in train} == {2}
+    assert summary["rounds_completed"] == 4
+
+
+def test_a_site_that_fails_is_named_from_round_one(sites, tmp_path, tmp_path_factory):
+    broken = tmp_path_factory.mktemp("broken")
+    (broken / "imagesTr").mkdir()
+    (broken / "labelsTr").mkdir()
+    (broken / "imagesTr" / "case_1.nii.gz").write_bytes(b"not a nifti")
+    (broken / "labelsTr" / "case_1.nii.gz").write_bytes(b"not a nifti")
+    _, summary, rows = run([*sites[:2], ("hospital-x", broken)], tmp_path, "broken")
+    assert rows[0]["failures"][0] == ("train at hospital-x: fedseg data error in case #0 "
+                                      "(unreadable file)")
+    assert "case_1" not in json.dumps(rows)
+    assert "site hospital-x failed every round (2 of 2)" in summary["problems"]
+
+
+def test_a_site_that_never_replies_is_named_and_the_round_goes_on(sites, tmp_path,
+                                                                  monkeypatch):
+    """hospital-c (node 102) never answers, not even in round 1: the
+    coordinator's registry names it; the others' rounds go on."""
+    registry = tmp_path / "hospitals.json"
+    registry.write_text(json.dumps({"hospital-c": {"node_id": "102"}}))
+    monkeypatch.setenv(REGISTRY_ENV, str(registry))
+    _, summary, rows = run(sites, tmp_path, "silent", faults={102: lambda n, m, d: None},
+                           **{"min-nodes": 2})
+    for row in rows:
+        assert row["trained"] == ["hospital-a", "hospital-b"]
+        assert "train at hospital-c: no reply" in row["failures"]
+    assert summary["rounds_completed"] == 2
+    assert summary["problems"] == ["site hospital-c failed every round (2 of 2)"]
+
+
+def test_secure_aggregation_runs_on_the_grid(sites, tmp_path):
+    _, summary, rows = run(sites, tmp_path, "secagg", **{"secure-aggregation": True})
+    assert summary["problems"] == [] and summary["rounds_completed"] == 2
+    assert all(set(r["dice"]) == {"hospital-a", "hospital-b", "hospital-c"} for r in rows)
+
+
+def test_failed_replies_carry_only_the_scrubbed_cause(sites, tmp_path):
+    replies = []
+
+    def keep(node, msg, deliver):
+        reply = deliver()
+        replies.append(reply)
+        return reply
+
+    run(sites, tmp_path, "kept", faults={100: keep})
+    assert replies and all(not r.has_error() for r in replies)
+    assert all(set(r.content.keys()) <= {wire.ARRAYS, wire.METRICS, wire.SITE}
+               for r in replies)
+    for r in replies:
+        metrics = r.content[wire.METRICS]
+        allowed = wire.TRAIN_METRICS if wire.ARRAYS in r.content else wire.EVAL_METRICS
+        assert set(metrics.keys()) <= set(allowed)

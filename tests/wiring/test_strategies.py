@@ -5,13 +5,17 @@ evaluate-every, resume and failures, in seconds each."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
+import torch
 from dp_accounting import dp_event, rdp
 from flwr.app import Array
 
 from common import wire
+from common.config import RunSettings
+from common.model import build_model
 from server.runs import read_metrics
 from server.strategies import REGISTRY_ENV
 from tests.grid import federation, run_server
@@ -164,3 +168,35 @@ def test_failed_replies_carry_only_the_scrubbed_cause(sites, tmp_path):
         metrics = r.content[wire.METRICS]
         allowed = wire.TRAIN_METRICS if wire.ARRAYS in r.content else wire.EVAL_METRICS
         assert set(metrics.keys()) <= set(allowed)
+
+
+def update_vector(run_dir, settings) -> torch.Tensor:
+    """The final global model minus the initial one, flattened."""
+    torch.manual_seed(settings.seed)
+    initial = build_model(settings.model).state_dict()
+    final = torch.load(run_dir / "final_model.pt", weights_only=True)
+    return torch.cat([(final[k] - initial[k]).flatten() for k in initial])
+
+
+def test_dp_noise_has_the_promised_spread(sites, tmp_path):
+    """Training moves nothing (learning rate 1e-12): what moves the model is
+    the Gaussian noise of two releases, std z * clip / sites each."""
+    z, clip = 1.0, 0.1
+    config = {**TINY, "model-channels": "16,32,64", "learning-rate": 1e-12,
+              "dp": "client-fixed", "dp-noise-multiplier": z, "dp-clipping-norm": clip}
+    run(sites, tmp_path, "noise", **config)
+    noise = update_vector(tmp_path / "noise", RunSettings.from_run_config(config))
+    expected = math.sqrt(2) * z * clip / 3
+    assert noise.numel() > 50_000
+    assert noise.std().item() == pytest.approx(expected, rel=0.03)
+    assert abs(noise.mean().item()) < 0.02 * expected
+
+
+def test_server_side_clipping_bounds_the_aggregate_update(sites, tmp_path):
+    clip = 0.01
+    config = {**TINY, "num-rounds": 1, "learning-rate": 0.01, "dp": "server-fixed",
+              "dp-noise-multiplier": 0.0, "dp-clipping-norm": clip}
+    _, summary, _ = run(sites, tmp_path, "clip", **config)
+    norm = update_vector(tmp_path / "clip", RunSettings.from_run_config(config)).norm().item()
+    assert 0 < norm <= clip * (1 + 1e-4)  # each update clipped: their mean cannot be longer
+    assert summary["privacy"]["epsilon"] is None  # no noise: no finite epsilon claimed

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
@@ -108,7 +109,12 @@ class LocalGrid(Grid):
                 def deliver(msg: Message = msg, node: int = node) -> Message:
                     # Each side gets its own copy, as over the wire (a ClientApp's
                     # mods may change the message they are given).
-                    return wire_copy(self.client_app(wire_copy(msg), self.contexts[node]))
+                    try:
+                        reply = self.client_app(wire_copy(msg), self.contexts[node])
+                    except Exception as exc:  # noqa: BLE001 - as Flower's runtime does
+                        reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                                              reason=f"{type(exc)}:<'{exc}'>"), reply_to=msg)
+                    return wire_copy(reply)
 
                 fault = self.faults.get(node)
                 reply = fault(node, msg, deliver) if fault else deliver()

@@ -13,12 +13,11 @@ import pytest
 from common.data.synthetic import write_federation
 from server.processes import free_port
 from server.runs import read_metrics
-from server.simulation import APP_DIR, Site, runtime_env, simulate
+from server.simulation import APP_DIR, Site, runtime_env
 from tests.federation.conftest import processes_matching, stop_pids
 
 pytestmark = pytest.mark.federation
 
-SMALL = {"local-epochs": 2, "synthetic-train-cases": 3, "synthetic-test-cases": 2, "seed": 0}
 
 
 @pytest.fixture(scope="module")
@@ -27,54 +26,43 @@ def two_sites(tmp_path_factory) -> list[Site]:
     return [Site(f"site-{i}", f) for i, f in enumerate(folders)]
 
 
-def test_federation_trains_and_resumes(two_sites, tmp_path, no_leftover_processes):
-    run_dir = tmp_path / "runs" / "fed"
-    seen = []
-    summary = simulate(two_sites, run_dir, {**SMALL, "num-rounds": 2},
-                       on_round=seen.append, timeout=400)
-    assert [r["round"] for r in seen] == [1, 2]
-    for row in seen:  # every site reported every round, with every metric
+def test_fedseg_simulate_command_trains_and_resumes(two_sites, tmp_path,
+                                                    no_leftover_processes):
+    """The real command end to end: every site reports every round with every
+    metric; a second run into the folder is refused; --resume continues it."""
+    out = tmp_path / "cli-run"
+    cmd = [sys.executable, "-m", "server.cli", "simulate",
+           *(str(s.data_dir) for s in two_sites), "--names", "site-0,site-1",
+           "--rounds", "2", "--out", str(out), "--config", "local-epochs=2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=APP_DIR,
+                          env=runtime_env(1))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "round   1" in proc.stdout and "round   2" in proc.stdout
+    rows = read_metrics(out)
+    for row in rows:  # every site reported every round, with every metric
         assert set(row["dice"]) == {"site-0", "site-1"}
         for site in ("site-0", "site-1"):
             assert set(row["sites"][site]) >= {"dice", "iou", "hd95", "sensitivity",
                                                "specificity", "num-examples"}
             assert row["sites"][site]["num-examples"] == 2
-        assert row["failures"] == []
+        assert row["failures"] == [] and row["trained"] == ["site-0", "site-1"]
         assert row["bytes_up"] > 2 * 6_000_000 and row["bytes_down"] > row["bytes_up"]
     for name in ("metrics.jsonl", "summary.json", "final_model.pt", "dice.png"):
-        assert (run_dir / name).exists(), name
-    assert summary["rounds_completed"] == 2
-
-    # Continue the stopped run to round 5: rounds 1-2 are kept, 3-5 are new. Sites
-    # score the model every 3rd round of the run (not of this call) and after the last.
-    summary = simulate(two_sites, run_dir, {**SMALL, "num-rounds": 5, "resume": True,
-                                            "evaluate-every": 3}, timeout=400)
-    rows = read_metrics(run_dir)
-    assert [r["round"] for r in rows] == [1, 2, 3, 4, 5]
-    assert rows[:2] == seen
-    assert [set(r["dice"]) for r in rows[2:]] == [{"site-0", "site-1"}, set(),
-                                                  {"site-0", "site-1"}]
-    assert rows[3]["train_loss"] is not None  # round 4 trained, only its scoring was skipped
-    assert summary["rounds_completed"] == 5
-    assert rows[-1]["dice_mean"] > rows[0]["dice_mean"] + 0.1  # the global model learned
-    final = summary["final"]["sites"]
-    assert set(final) == {"site-0", "site-1"}
-
-
-def test_fedseg_simulate_command(two_sites, tmp_path, no_leftover_processes):
-    out = tmp_path / "cli-run"
-    cmd = [sys.executable, "-m", "server.cli", "simulate",
-           *(str(s.data_dir) for s in two_sites), "--rounds", "1", "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=APP_DIR,
-                          env=runtime_env(1))
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "round   1" in proc.stdout
-    summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["final"]["sites"]) == {s.data_dir.name for s in two_sites}
+        assert (out / name).exists(), name
     # a second run into the same folder is refused instead of overwriting it
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=APP_DIR,
                            env=runtime_env(1))
     assert again.returncode == 2 and "--resume" in again.stdout
+    # continued to round 3: rounds 1-2 kept, round 3 new
+    resumed = subprocess.run([*cmd[:cmd.index("--rounds")], "--rounds", "3", "--resume",
+                              str(out)], capture_output=True, text=True, timeout=400,
+                             cwd=APP_DIR, env=runtime_env(1))
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    after = read_metrics(out)
+    assert [r["round"] for r in after] == [1, 2, 3] and after[:2] == rows
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds_completed"] == 3 and summary["problems"] == []
+    assert after[-1]["dice_mean"] > after[0]["dice_mean"]  # the global model learned
 
 
 def test_flwr_run_against_a_local_simulation_connection(tmp_path, no_leftover_processes):

@@ -73,6 +73,7 @@ class RoundRecord:
     evaluate: dict[str, dict[str, float]] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
     failed: set[str] = field(default_factory=set)  # sites with a failure this round
+    left_out: set[str] = field(default_factory=set)  # sites whose update did not count
     aggregated: bool = False  # the round produced a new global model
     bytes_down: int = 0
     bytes_up: int = 0
@@ -80,7 +81,7 @@ class RoundRecord:
     @property
     def trained(self) -> list[str]:
         """Sites whose update went into this round's model."""
-        return sorted(set(self.train) - self.failed) if self.aggregated else []
+        return sorted(set(self.train) - self.left_out) if self.aggregated else []
 
 class SiteRecorder(StrategyWrapper):
     """Record per-site metrics, failures and bytes of each round.
@@ -101,11 +102,15 @@ class SiteRecorder(StrategyWrapper):
     def round(self, server_round: int) -> RoundRecord:
         return self.rounds.setdefault(server_round, RoundRecord())
 
-    def note_failure(self, server_round: int, text: str, site: str | None = None) -> None:
+    def note_failure(self, server_round: int, text: str, site: str | None = None,
+                     train: bool = True) -> None:
+        """Record a failure; ``train``: the site's update did not count."""
         rec = self.round(server_round)
         rec.failures.append(text)
         if site is not None:
             rec.failed.add(site)
+            if train:
+                rec.left_out.add(site)
 
     def secure_round(self, server_round: int, result: SecureRound) -> None:
         """A SecAgg+ round's traffic and per-site numbers (its messages bypass
@@ -144,7 +149,8 @@ class SiteRecorder(StrategyWrapper):
             audit(server_round, phase, msg)
             if msg.has_error():
                 reason = parse_error_reason(msg.error.reason)[1]
-                self.note_failure(server_round, f"{phase} at {name}: {reason}", name)
+                self.note_failure(server_round, f"{phase} at {name}: {reason}", name,
+                                  train=phase == "train")
                 log(WARNING, "round %d: %s failed at %s: %s", server_round, phase, name,
                     reason)
                 continue
@@ -156,7 +162,8 @@ class SiteRecorder(StrategyWrapper):
         why = f" ({'; '.join(sorted(set(lost)))})" if lost else ""
         for node in sorted(pending):  # sent, never answered by the node itself
             name = self.names.get(node) or registered_names().get(node, f"node-{node}")
-            self.note_failure(server_round, f"{phase} at {name}: no reply{why}", name)
+            self.note_failure(server_round, f"{phase} at {name}: no reply{why}", name,
+                              train=phase == "train")
             log(WARNING, "round %d: no %s reply from %s", server_round, phase, name)
         return replies
 

@@ -95,6 +95,7 @@ def test_a_site_that_failed_every_round_is_a_problem(tmp_path):
         rec = round_record(0.5, 0.9)
         rec.failures.append("train at b: fedseg data error in case #0 (unreadable file)")
         rec.failed.add("b")
+        rec.left_out.add("b")
         run.record_round(r, arrays(r), rec)
     summary = run.finish(None)
     assert summary["participation"] == {"a": {"rounds_trained": 2, "rounds_failed": 0},

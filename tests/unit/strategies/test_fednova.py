@@ -2,26 +2,12 @@
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.common import MessageType
+from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from server.strategies.fednova import FedNova
+from tests.unit.strategies.messages import NoGrid, reply
 
 pytestmark = pytest.mark.usefixtures("task_identity")
-
-
-def reply(value: float, cases: int, steps: int) -> Message:
-    request = Message(content=RecordDict({}), dst_node_id=1, message_type=MessageType.TRAIN)
-    content = RecordDict({
-        "arrays": ArrayRecord({"w": Array(np.full(3, value, dtype=np.float32))}),
-        "metrics": MetricRecord({"num-examples": cases, "train-steps": steps}),
-        "site": ConfigRecord({"name": f"site-{cases}"})})
-    return Message(content, reply_to=request)
-
-
-class NoGrid:
-    def get_node_ids(self):
-        return [1, 2]
 
 
 def test_fednova_normalises_each_update_by_its_local_steps():

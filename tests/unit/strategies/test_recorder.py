@@ -2,44 +2,19 @@
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
-from flwr.common import MessageType
+from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.serverapp.strategy import FedAvg
 
 from common.errors import error_reason
 from server.strategies.recorder import REGISTRY_ENV, SiteRecorder
+from tests.unit.strategies.messages import NoGrid, error_from, reply
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
 
-def reply(value: float, cases: int, steps: int) -> Message:
-    request = Message(content=RecordDict({}), dst_node_id=1, message_type=MessageType.TRAIN)
-    content = RecordDict({
-        "arrays": ArrayRecord({"w": Array(np.full(3, value, dtype=np.float32))}),
-        "metrics": MetricRecord({"num-examples": cases, "train-steps": steps}),
-        "site": ConfigRecord({"name": f"site-{cases}"})})
-    return Message(content, reply_to=request)
-
-
-class NoGrid:
-    def get_node_ids(self):
-        return [1, 2]
-
-
-def error_from(node: int, reason: str) -> Message:
-    request = Message(content=RecordDict({}), dst_node_id=node, message_type=MessageType.TRAIN)
-    reply = Message(Error(code=0, reason=reason), reply_to=request)
-    reply.metadata.__dict__["_src_node_id"] = node
-    return reply
-
-
 def sent_to(recorder: SiteRecorder, nodes: list[int]) -> None:
-    class Grid:
-        def get_node_ids(self):
-            return nodes
-
     arrays = ArrayRecord({"w": Array(np.zeros(3, dtype=np.float32))})
-    recorder.configure_train(1, arrays, ConfigRecord(), Grid())
+    recorder.configure_train(1, arrays, ConfigRecord(), NoGrid(nodes))
 
 
 def test_a_failure_names_the_site_in_its_first_round(monkeypatch):
@@ -62,8 +37,7 @@ def test_a_lost_node_is_named_from_the_registry(tmp_path, monkeypatch):
     recorder = SiteRecorder(FedAvg(min_available_nodes=1, min_train_nodes=1))
     sent_to(recorder, [11, 12])
     superlink_says = error_from(1, "Node Unavailable")  # written by the SuperLink, not node 12
-    answered = reply(1.0, 2, 3)
-    answered.metadata.__dict__["_src_node_id"] = 11
+    answered = reply(1.0, 2, 3, src=11)
     recorder.aggregate_train(1, [answered, superlink_says])
     assert recorder.rounds[1].failures == ["train at hospital-c: no reply (Node Unavailable)"]
     assert recorder.rounds[1].train.keys() == {"site-2"}

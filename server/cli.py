@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -21,7 +21,7 @@ from common.config import (
     RunSettings,
     fedseg_home,
 )
-from common.errors import FedsegError
+from common.errors import ConfigError, FedsegError
 from server.bench_cli import add_commands as bench_commands
 from server.options import add_run_options, default_out, node_overrides, run_overrides
 from server.render import (
@@ -36,6 +36,7 @@ from server.render import (
 
 DEMO_SITES = 3
 DEFAULT_PORT = 9093
+DEFAULT_LOCAL_PORT = 9092
 DEMO_ROUNDS = 6
 DEMO_LOCAL_EPOCHS = 2
 
@@ -155,23 +156,51 @@ def cmd_provision(args: argparse.Namespace) -> int:
 
 
 def cmd_superlink(args: argparse.Namespace) -> int:
-
+    """The SuperLink on 127.0.0.1 and nginx on the public port in front of it,
+    forwarding the Fleet API only (server/proxy.py); both stopped, by process
+    group, on Ctrl-C, SIGTERM or when either exits."""
+    from server import proxy
     from server.deployment import State, superlink_command, superlink_env, write_connection
+    from server.processes import stop_process_group, wait_for_port
 
     state = State(Path(args.state).resolve()).ensure()
     certs = Path(args.certs).resolve() if args.certs else None
-    cmd = superlink_command(state, certs=certs, host=args.host, port=args.port,
+    local_port = args.local_port
+    if local_port == args.port:
+        raise ConfigError(f"--local-port must differ from --port ({args.port})")
+    nginx = proxy.nginx_command(proxy.write_config(
+        state.root / "proxy", host=args.host, port=args.port, local_port=local_port,
+        certs=None if args.insecure else certs))
+    cmd = superlink_command(state, certs=certs, host="127.0.0.1", port=local_port,
                             insecure=args.insecure)
     if args.insecure:
         warn_insecure("the SuperLink")
-    local = "127.0.0.1" if args.host in ("0.0.0.0", "::", "127.0.0.1") else args.host
-    address = args.cli_address or f"{local}:{args.port}"
-    write_connection(state, address, certs / "ca.crt" if certs else None, args.insecure)
-    console.print(f"SuperLink on {args.host}:{args.port} (hospitals connect here; nothing else "
-                  f"needs to be open), state in {state.root}, run folders in {state.runs}")
-    env = superlink_env(state)
-    os.execvpe(cmd[0], cmd, env)  # the SuperLink takes over this process (systemd-friendly)
-    return 0  # pragma: no cover
+    # The coordinator's own flwr CLI (fedseg hospital, fedseg run, flwr ls) uses
+    # the local address; the public port refuses the Control and Runtime APIs.
+    write_connection(state, f"127.0.0.1:{local_port}", certs / "ca.crt" if certs else None,
+                     args.insecure)
+    probe = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    procs = []
+    try:
+        superlink = subprocess.Popen(cmd, env=superlink_env(state), start_new_session=True)
+        procs.append(superlink)
+        wait_for_port(local_port, superlink, "the SuperLink", state.logs / "superlink.log")
+        front = subprocess.Popen(nginx, start_new_session=True)
+        procs.append(front)
+        wait_for_port(args.port, front, "nginx", state.root / "proxy" / "error.log",
+                      host=probe)
+        console.print(f"SuperLink: hospitals connect to {args.host}:{args.port} (nginx, Fleet "
+                      f"API only); this machine's flwr CLI uses 127.0.0.1:{local_port}; "
+                      f"state in {state.root}, run folders in {state.runs}", soft_wrap=True)
+        while all(p.poll() is None for p in procs):
+            time.sleep(0.5)
+        gone = next(p for p in procs if p.poll() is not None)
+        what = "the SuperLink" if gone is superlink else "nginx"
+        console.print(f"[red]{what} exited with code {gone.returncode}[/]; stopping")
+        return gone.returncode or 1
+    finally:
+        for proc in reversed(procs):
+            stop_process_group(proc)
 
 
 def cmd_hospital(args: argparse.Namespace) -> int:
@@ -186,10 +215,17 @@ def cmd_hospital(args: argparse.Namespace) -> int:
         table = Table(title="hospitals")
         for col in ("name", "node id", "key", "status", "registered"):
             table.add_column(col, overflow="fold")
-        for row in deployment.hospitals(state):
-            table.add_row(row["name"], row["node_id"], row["fingerprint"], row["status"],
+        rows = deployment.hospitals(state)
+        for row in rows:
+            name = f"[red]{row['name']}[/]" if row["name"] == deployment.UNKNOWN else row["name"]
+            table.add_row(name, row["node_id"], row["fingerprint"], row["status"],
                           row["registered"])
         console.print(table)
+        for row in rows:
+            if row["name"] == deployment.UNKNOWN:
+                console.print(f"[red]node {row['node_id']} holds a key not registered through "
+                              f"fedseg:[/] remove it with `fedseg hospital remove "
+                              f"{row['node_id']} --state {state.root}`", soft_wrap=True)
     else:
         entry = deployment.remove(state, args.name_or_key)
         console.print(f"removed {entry['name']} (node {entry['node_id']}): its key is no "
@@ -254,9 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--certs", help="the superlink/ folder from fedseg provision")
     p.add_argument("--state", default="federation", help="state folder (default ./federation)")
     p.add_argument("--host", default="0.0.0.0", help="address to listen on")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT)
-    p.add_argument("--cli-address", help="host:port this machine's flwr CLI uses "
-                   "(default 127.0.0.1:PORT)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT,
+                   help="the public port (nginx): hospitals connect here")
+    p.add_argument("--local-port", type=int, default=DEFAULT_LOCAL_PORT,
+                   help="the SuperLink's own port, on 127.0.0.1 only: the coordinator's "
+                        "commands use it")
     p.add_argument("--insecure", action="store_true", help="no TLS, no node authentication")
     p.set_defaults(func=cmd_superlink)
 
@@ -267,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--name", required=True)
     h = hsub.add_parser("list")
     h = hsub.add_parser("remove")
-    h.add_argument("name_or_key", help="the hospital's name or its .pub file")
+    h.add_argument("name_or_key", help="the hospital's name, its .pub file, or the node id of "
+                   "a key listed as unknown")
     for h in hsub.choices.values():
         h.add_argument("--state", default="federation")
     p.set_defaults(func=cmd_hospital)

@@ -175,14 +175,27 @@ def register(state: State, public_key: Path, name: str) -> dict[str, Any]:
     return registry[name]
 
 
+UNKNOWN = "(unknown)"
+
+
 def hospitals(state: State) -> list[dict[str, Any]]:
-    """Registered hospitals with Flower's view of each node (status, last online)."""
+    """Every node key the SuperLink holds, with Flower's view of each node
+    (status, last online): the hospitals registered through ``register`` by
+    name, and any other key marked ``(unknown)`` — registered some other way,
+    to be checked and removed (``fedseg hospital remove NODE_ID``)."""
     nodes = {str(n["node-id"]): n for n in _flwr(state, "supernode", "list", CONNECTION)["nodes"]}
     rows = []
-    for name, entry in sorted(_registry(state).items()):
+    registry = _registry(state)
+    for name, entry in sorted(registry.items()):
         node = nodes.get(entry["node_id"], {})
         rows.append({"name": name, **entry, "status": node.get("status", "unknown"),
                      "online_at": node.get("online-at", "N/A")})
+    known = {e["node_id"] for e in registry.values()}
+    for node_id, node in sorted(nodes.items()):
+        if node_id not in known and node.get("status") != "unregistered":
+            rows.append({"name": UNKNOWN, "node_id": node_id, "fingerprint": "?",
+                         "registered": "not by fedseg", "status": node.get("status", "?"),
+                         "online_at": node.get("online-at", "N/A")})
     return rows
 
 
@@ -194,6 +207,11 @@ def remove(state: State, name_or_key: str) -> dict[str, Any]:
         fingerprint = key_fingerprint(Path(name_or_key))
         name = next((n for n, e in registry.items() if e["fingerprint"] == fingerprint), "")
     if name not in registry:
+        nodes = {str(n["node-id"]) for n in
+                 _flwr(state, "supernode", "list", CONNECTION)["nodes"]}
+        if name_or_key in nodes:  # a key fedseg did not register (listed as unknown)
+            _flwr(state, "supernode", "unregister", name_or_key, CONNECTION)
+            return {"name": UNKNOWN, "node_id": name_or_key}
         raise ConfigError(f"no registered hospital {name_or_key!r}; see `fedseg hospital list`")
     _flwr(state, "supernode", "unregister", registry[name]["node_id"], CONNECTION)
     entry = registry.pop(name)

@@ -28,7 +28,8 @@ class LocalFederation:
         self.names = names or [f"hospital-{chr(ord('a') + i)}" for i in range(len(sites))]
         self.threads = threads
         self.insecure = insecure
-        self.port = free_port()
+        self.port = free_port()  # the public port (nginx)
+        self.local_port = free_port()  # the SuperLink's own, on 127.0.0.1
         self.state = deployment.State(self.work / "state")
         self.certs = self.work / "certs"
         self.processes: list[subprocess.Popen] = []
@@ -59,10 +60,11 @@ class LocalFederation:
     def _start(self) -> None:
         provision(self.certs, ["127.0.0.1", "localhost"], self.names)
         link = ["superlink", "--state", str(self.state.root), "--host", "127.0.0.1",
-                "--port", str(self.port)]
+                "--port", str(self.port), "--local-port", str(self.local_port)]
         link += ["--insecure"] if self.insecure else ["--certs", str(self.certs / "superlink")]
         superlink = self.fedseg(*link, log="superlink.out")
         wait_for_port(self.port, superlink, "the SuperLink", self.work / "superlink.out")
+        wait_for_port(self.local_port, superlink, "the SuperLink", self.work / "superlink.out")
         if not self.insecure:
             for name in self.names:
                 deployment.register(self.state, self.key(name).with_suffix(".pub"), name)

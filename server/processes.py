@@ -52,14 +52,14 @@ def stop_process_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
 
 
 def wait_for_port(port: int, proc: subprocess.Popen, what: str, log_path: Path,
-                  limit: float = 60) -> None:
-    """Wait until ``proc`` listens on 127.0.0.1:``port``."""
+                  limit: float = 60, host: str = "127.0.0.1") -> None:
+    """Wait until ``proc`` listens on ``host``:``port``."""
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise ProcessError(f"{what} exited with code {proc.returncode}; see {log_path}")
         with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
+            if s.connect_ex((host, port)) == 0:
                 return
         time.sleep(0.2)
     raise ProcessError(f"{what} did not open port {port} within {limit:.0f} s; see {log_path}")

@@ -12,17 +12,21 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pydicom
 import pytest
 
 from common.data.synthetic import write_federation
+from common.errors import ConfigError
 from server.deployment import base_env
 from server.localfed import LocalFederation
 from server.processes import free_port, stop_process_group
 from server.provision import hospital_keypair
+from server.proxy import nginx_binary
 from server.runs import read_metrics
+from server.simulation import APP_DIR
 from server.wire import AUDIT_DIR_ENV
 from tests.federation.conftest import FLOWER_PROCESSES, processes_matching
 
@@ -62,6 +66,10 @@ def files_under(*roots: Path) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory):
+    try:
+        nginx_binary()
+    except ConfigError as exc:
+        pytest.skip(f"no real deployment without its proxy: {exc}")
     work = tmp_path_factory.mktemp("deploy")
     sites = write_federation(work / "data", 2, n_train=3, n_test=2, seed=2)
     before = set(processes_matching(*FLOWER_PROCESSES))
@@ -135,3 +143,93 @@ def test_the_superlink_itself_refuses_plaintext(federation):
         stop_process_group(proc)  # its flower-superexec helper can outlive it
     assert code != 0
     assert "could not establish a connection" in log.read_text()
+
+
+# -- from outside: only the Fleet API answers on the public port ----------------------
+
+def flwr_as(federation, home: Path, address: str, *args: str) -> subprocess.CompletedProcess:
+    """The flwr CLI with a connection of its own to ``address`` (the federation's
+    CA certificate, which every hospital holds, is all it has)."""
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text(
+        '[superlink]\ndefault = "x"\n\n[superlink.x]\n'
+        f'address = "{address}"\nroot-certificates = "{federation.certs / "ca" / "ca.crt"}"\n')
+    return subprocess.run(["flwr", *args, "--format", "json"], capture_output=True, text=True,
+                          timeout=120, env=base_env({"FLWR_HOME": str(home)}))
+
+
+def succeeded(proc: subprocess.CompletedProcess) -> bool:
+    try:
+        return bool(json.loads(proc.stdout).get("success"))
+    except ValueError:
+        return False
+
+
+def test_outside_the_flwr_cli_gets_nothing_but_locally_it_works(federation, tmp_path):
+    public, local = federation.address, f"127.0.0.1:{federation.local_port}"
+    hospital_keypair(tmp_path, "intruder")
+    calls = [("ls",), ("supernode", "list"),
+             ("supernode", "register", str(tmp_path / "intruder.pub"))]
+    for call in calls:
+        outside = flwr_as(federation, tmp_path / "out", public, *call[:1], *call[1:], "x")
+        assert not succeeded(outside), (call, outside.stdout[-500:])
+    submitted = flwr_as(federation, tmp_path / "out", public, "run", str(APP_DIR), "x")
+    assert not succeeded(submitted) and "run-id" not in submitted.stdout
+    for call in calls[:2]:  # the coordinator's own address answers
+        inside = flwr_as(federation, tmp_path / "in", local, *call, "x")
+        assert succeeded(inside), (call, inside.stdout[-500:] + inside.stderr[-500:])
+    listed = json.loads(flwr_as(federation, tmp_path / "in", local, "supernode", "list",
+                                "x").stdout)
+    assert len(listed["nodes"]) == 2  # the intruder's key was not registered
+
+
+@pytest.mark.parametrize(("method", "path"), [
+    ("POST", "/v1/control/list-runs"), ("POST", "/v1/control/register-node"),
+    ("POST", "/v1/control/start-run"), ("POST", "/v1/runtime/pull-messages"),
+    ("POST", "/v1/runtime/push-messages"), ("POST", "/v1/fleet/register-node"),
+    ("GET", "/v1/fleet/pull-messages"), ("GET", "/"), ("POST", "/v1/fleet/../control/list-runs"),
+    ("POST", "/v1/fleet/pull-messages/../../control/list-runs"),
+])
+def test_outside_plain_https_gets_403_but_fleet_calls_pass(federation, method, path):
+    import httpx
+
+    ca = str(federation.certs / "ca" / "ca.crt")
+    with httpx.Client(verify=ca, timeout=30) as client:
+        outside = client.request(method, f"https://{federation.address}{path}",
+                                 content=b"\0" * 16)
+        assert outside.status_code == 403, (path, outside.status_code, outside.text[:200])
+        # A Fleet call passes the proxy (the SuperLink itself answers, refusing an
+        # unsigned request): the refusals above are the proxy's, not the SuperLink's.
+        fleet = client.post(f"https://{federation.address}/v1/fleet/pull-messages",
+                            content=b"\0" * 16)
+        assert fleet.status_code != 403 and "nginx" not in fleet.text
+        # The same Control call on the coordinator's local address reaches Flower.
+        local = client.post(f"https://localhost:{federation.local_port}/v1/control/list-runs",
+                            content=b"")
+        assert local.status_code != 403
+
+
+def test_hospital_list_shows_a_key_registered_behind_fedsegs_back(federation, tmp_path):
+    """A key registered on the local address without `fedseg hospital register`
+    (by hand, or by whoever had the Control API before it was closed) is listed
+    as unknown with the way to remove it, and removing it by node id works."""
+    hospital_keypair(tmp_path, "stray")
+    home = federation.state.flwr_home
+    out = subprocess.run(["flwr", "supernode", "register", str(tmp_path / "stray.pub"), "fedseg",
+                          "--format", "json"], capture_output=True, text=True, timeout=120,
+                         env=base_env({"FLWR_HOME": str(home)}))
+    stray = str(json.loads(out.stdout)["node-id"])
+
+    def fedseg(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "server.cli", "hospital", *args,
+                               "--state", str(federation.state.root)], capture_output=True,
+                              text=True, timeout=120, cwd=APP_DIR, env=base_env())
+
+    listed = fedseg("list")
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    text = " ".join(listed.stdout.split())
+    assert "(unknown)" in text and f"fedseg hospital remove {stray}" in text
+    assert "hospital-a" in text and "hospital-b" in text
+    removed = fedseg("remove", stray)
+    assert removed.returncode == 0, removed.stdout + removed.stderr
+    assert "(unknown)" not in fedseg("list").stdout

@@ -58,8 +58,9 @@ def nginx_config(folder: Path, *, host: str, port: int, local_port: int,
         f"pid {folder / 'nginx.pid'};",
         f"error_log {folder / 'error.log'} warn;",
     ]
-    if os.geteuid() == 0:
-        lines.append("user nobody nogroup;")  # workers drop root
+    if os.geteuid() == 0:  # the workers drop root
+        user, group = _unprivileged()
+        lines.append(f"user {user} {group};")
     lines += [
         "events { worker_connections 256; }",
         "http {",
@@ -102,6 +103,15 @@ def nginx_config(folder: Path, *, host: str, port: int, local_port: int,
         "}",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _unprivileged() -> tuple[str, str]:
+    """The user nginx's workers run as when started by root, and its group."""
+    import grp
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    return nobody.pw_name, grp.getgrgid(nobody.pw_gid).gr_name
 
 
 def write_config(folder: Path, **kwargs) -> Path:

@@ -168,9 +168,9 @@ def cmd_superlink(args: argparse.Namespace) -> int:
     local_port = args.local_port
     if local_port == args.port:
         raise ConfigError(f"--local-port must differ from --port ({args.port})")
-    nginx = proxy.nginx_command(proxy.write_config(
-        state.root / "proxy", host=args.host, port=args.port, local_port=local_port,
-        certs=None if args.insecure else certs))
+    conf = proxy.write_config(state.root / "proxy", host=args.host, port=args.port,
+                              local_port=local_port, certs=None if args.insecure else certs)
+    nginx = proxy.nginx_command(conf) if args.proxy == "nginx" else None
     cmd = superlink_command(state, certs=certs, host="127.0.0.1", port=local_port,
                             insecure=args.insecure)
     if args.insecure:
@@ -185,10 +185,15 @@ def cmd_superlink(args: argparse.Namespace) -> int:
         superlink = subprocess.Popen(cmd, env=superlink_env(state), start_new_session=True)
         procs.append(superlink)
         wait_for_port(local_port, superlink, "the SuperLink", state.logs / "superlink.log")
-        front = subprocess.Popen(nginx, start_new_session=True)
-        procs.append(front)
-        wait_for_port(args.port, front, "nginx", state.root / "proxy" / "error.log",
-                      host=probe)
+        if nginx is not None:
+            front = subprocess.Popen(nginx, start_new_session=True)
+            procs.append(front)
+            wait_for_port(args.port, front, "nginx", state.root / "proxy" / "error.log",
+                          host=probe)
+        else:
+            console.print(f"the proxy is run separately (--proxy external): start nginx "
+                          f"with {conf} (deploy/compose.yaml's proxy service does)",
+                          soft_wrap=True)
         console.print(f"SuperLink: hospitals connect to {args.host}:{args.port} (nginx, Fleet "
                       f"API only); this machine's flwr CLI uses 127.0.0.1:{local_port}; "
                       f"state in {state.root}, run folders in {state.runs}", soft_wrap=True)
@@ -295,6 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local-port", type=int, default=DEFAULT_LOCAL_PORT,
                    help="the SuperLink's own port, on 127.0.0.1 only: the coordinator's "
                         "commands use it")
+    p.add_argument("--proxy", choices=["nginx", "external"], default="nginx",
+                   help="nginx: start nginx on --port too (default); external: only write "
+                        "its configuration (<state>/proxy/nginx.conf) for a proxy run as its "
+                        "own service (deploy/compose.yaml)")
     p.add_argument("--insecure", action="store_true", help="no TLS, no node authentication")
     p.set_defaults(func=cmd_superlink)
 

@@ -6,8 +6,8 @@ import subprocess
 import pytest
 
 from common.errors import ConfigError
-from server.proxy import FLEET_CALLS, nginx_command, nginx_config, write_config
 from server.provision import provision
+from server.proxy import FLEET_CALLS, nginx_command, nginx_config, write_config
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 from pathlib import Path
 
 from rich.table import Table
@@ -35,6 +36,7 @@ def cmd_bench_deploy(args: argparse.Namespace) -> int:
     with LocalFederation(work, sites, threads=args.threads) as fed:
         summary = fed.run("bench", {"num-rounds": args.rounds, "local-epochs": 1},
                           on_round=round_line)
+        cost = proxy_cost(fed, args.rounds)
     from server.runs import read_metrics
 
     rows = read_metrics(fed.state.runs / "bench")
@@ -54,7 +56,40 @@ def cmd_bench_deploy(args: argparse.Namespace) -> int:
     console.print(f"machine: {platform.machine()}, {os.cpu_count()} cores, "
                   f"{platform.python_implementation()} {platform.python_version()}; "
                   f"final Dice {fmt(summary['dice_final'])}", soft_wrap=True)
+    console.print(
+        f"proxy (nginx in front of the SuperLink): {cost['requests_per_round']:.0f} requests a "
+        f"round through it; a request {cost['via_ms']:.2f} ms through nginx against "
+        f"{cost['direct_ms']:.2f} ms straight to the SuperLink (medians, alternated), so at "
+        f"most {cost['seconds_per_round']:.3f} s a round if every request waited in turn",
+        soft_wrap=True)
     return 0
+
+
+def proxy_cost(fed, rounds: int, batches: int = 6, per_batch: int = 100) -> dict[str, float]:
+    """What nginx adds: the same Fleet request (refused by the SuperLink: it is
+    unsigned) through the public port and straight to the SuperLink's local
+    port, alternating batches; times the requests the run's rounds made
+    through the proxy (its access log)."""
+    import statistics
+
+    import httpx
+
+    url = "/v1/fleet/pull-messages"
+    times: dict[str, list[float]] = {"via": [], "direct": []}
+    with httpx.Client(verify=str(fed.certs / "ca" / "ca.crt"), timeout=30) as client:
+        for _ in range(batches):
+            for side, base in (("via", f"https://{fed.address}"),
+                               ("direct", f"https://localhost:{fed.local_port}")):
+                for _ in range(per_batch):
+                    start = time.perf_counter()
+                    client.post(base + url, content=b"\0" * 16)
+                    times[side].append(time.perf_counter() - start)
+    log = fed.state.root / "proxy" / "access.log"
+    made = sum(1 for line in log.read_text().splitlines() if "/v1/fleet/" in line)
+    requests = max(0, made - batches * per_batch) / rounds
+    via, direct = (statistics.median(times[k]) for k in ("via", "direct"))
+    return {"via_ms": via * 1e3, "direct_ms": direct * 1e3, "requests_per_round": requests,
+            "seconds_per_round": max(0.0, via - direct) * requests}
 
 
 def cmd_bench_privacy(args: argparse.Namespace) -> int:

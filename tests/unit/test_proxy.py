@@ -24,7 +24,8 @@ def test_only_the_fleet_calls_are_forwarded(tmp_path):
     assert forwarded == [f"        location ~ ^/v1/fleet/({'|'.join(FLEET_CALLS)})$ {{",
                          "        location / { return 403; }"]
     assert "register-node" not in text  # Fleet's self-registration is not a node's call
-    assert "proxy_pass https://127.0.0.1:9092;" in text and "proxy_ssl_verify on;" in text
+    assert "server 127.0.0.1:9092;" in text and "keepalive 32;" in text
+    assert "proxy_pass https://superlink;" in text and "proxy_ssl_verify on;" in text
     assert "listen 0.0.0.0:9093 ssl;" in text
 
 

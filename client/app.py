@@ -1,11 +1,17 @@
 """Flower ClientApp: one hospital's node.
 
-Thin on purpose: unpack the message, call the site's algorithm
-(``common.site_algorithm``), pack the reply. What leaves the site is exactly
-what ``common.wire`` names:
+Thin on purpose: unpack the message, ask the site (``client.service``), pack
+the reply. In a deployment the site is the hospital's own worker process
+(``client/worker.py``), reached over a local socket that ``fedseg node`` names
+in the node config: this app, which arrives from the coordinator, never learns
+the data folder, and imports no torch and no MONAI. In a simulation the same
+service runs in this process.
 
-* train reply: the model weights (``arrays``), ``wire.TRAIN_METRICS``
-  (``metrics``), the site's public name (``site``);
+What leaves the site is exactly what ``common.wire`` names:
+
+* train reply: the model weights (``arrays``), ``wire.TRAIN_METRICS`` and,
+  when asked (``evaluate-incoming``), the incoming global model's scores
+  (``global-*``) in ``metrics``, the site's public name (``site``);
 * evaluate reply: ``wire.EVAL_METRICS`` (case count and means over the test
   cases), the site's name.
 
@@ -16,9 +22,11 @@ of the exception text, which could hold a path or a patient value.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from typing import Any
 
 import flwr.compat.common.recorddict_compat as compat
-import torch
+import numpy as np
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -37,46 +45,87 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 from flwr.common.constant import ErrorCode
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
+from client.channel import WorkerClient
 from common import wire
 from common.config import RunSettings, SiteSettings, fedseg_home, simulation_sites
-from common.data.synthetic import ensure_site
 from common.errors import FedsegError, error_reason, scrub, write_local_log
-from common.site_algorithm import SiteAlgorithm
 
 log = logging.getLogger(__name__)
 
 OPTIMIZER_STATE = "fedseg-optimizer"  # context.state key: Adam's moments between rounds
+WORKER = "worker"  # node config: the site worker's socket (set by `fedseg node`)
 
 app = ClientApp()
 
-# The site's algorithm per (run, node), kept while the process lives: a
-# simulation's worker serves many rounds; a deployment's ClientApp process
-# serves one message, and Adam's moments then live in the node's context.state.
-_ALGORITHMS: dict[tuple[int, int], SiteAlgorithm] = {}
+# In a simulation: the site's service per (run, node), kept while the process
+# lives (a simulation's process serves many rounds, not always of one node:
+# Adam's moments travel in the node's context.state).
+_SERVICES: dict[tuple[int, int], Any] = {}
 
 
-def site_algorithm(context: Context) -> SiteAlgorithm:
-    settings = RunSettings.from_run_config(context.run_config)
-    site = SiteSettings.from_node_config(context.node_config, simulation_sites())
-    if site.threads:
-        torch.set_num_threads(site.threads)
-    data_dir = site.data_dir or ensure_site(
-        fedseg_home() / "synthetic", site.partition_id, settings.synthetic_train_cases,
-        settings.synthetic_test_cases, settings.seed)
-    key = (context.run_id, context.node_id)
-    algo = _ALGORITHMS.get(key)
-    if algo is None or (algo.settings, algo.site, algo.data_dir) != (settings, site.name,
-                                                                      data_dir):
-        for other in [k for k in _ALGORITHMS if k[0] != context.run_id]:
-            del _ALGORITHMS[other]  # a finished run's
-        algo = _ALGORITHMS[key] = SiteAlgorithm(settings, site.name, data_dir,
-                                                device=site.device)
-    return algo
+class InProcessSite:
+    """The site's service in this process (simulation)."""
+
+    def __init__(self, context: Context) -> None:
+        self.context = context
+
+    def service(self, settings: RunSettings):
+        from client.service import SiteService
+        from common.data.synthetic import ensure_site
+
+        site = SiteSettings.from_node_config(self.context.node_config, simulation_sites())
+        if site.threads:
+            import torch
+
+            torch.set_num_threads(site.threads)
+        data_dir = site.data_dir or ensure_site(
+            fedseg_home() / "synthetic", site.partition_id, settings.synthetic_train_cases,
+            settings.synthetic_test_cases, settings.seed)
+        key = (self.context.run_id, self.context.node_id)
+        service = _SERVICES.get(key)
+        if service is None or (service.site, service.data_dir) != (site.name, data_dir):
+            for other in [k for k in _SERVICES if k[0] != self.context.run_id]:
+                del _SERVICES[other]  # a finished run's
+            service = _SERVICES[key] = SiteService(site.name, data_dir, device=site.device)
+        return service
+
+    def request(self, kind: str, run_id: int, run_config: Mapping[str, Any],
+                round_config: Mapping[str, Any], weights: Mapping[str, np.ndarray] | None
+                ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        service = self.service(RunSettings.from_run_config(run_config))
+        state = self.context.state
+        if kind == "train":
+            algo = service.algorithm(run_id, run_config)
+            saved = state.array_records.get(OPTIMIZER_STATE)  # this node's own
+            algo.optimizer_state = {k: a.numpy() for k, a in saved.items()} if saved else None
+        out = service.handle(kind, run_id, run_config, round_config, weights)
+        if kind == "train" and algo.optimizer_state:  # never leaves the site
+            state[OPTIMIZER_STATE] = ArrayRecord(
+                {k: Array(v) for k, v in algo.optimizer_state.items()})
+        return out
+
+
+def site(context: Context) -> WorkerClient | InProcessSite:
+    """The worker when ``fedseg node`` named one, else the service in process."""
+    path = context.node_config.get(WORKER)
+    return WorkerClient(str(path)) if path else InProcessSite(context)
+
+
+def ask(kind: str, msg: Message, context: Context
+        ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The site's answer to ``msg``: weights by name, and metrics."""
+    weights = ({k: a.numpy() for k, a in msg.content[wire.ARRAYS].items()}
+               if wire.ARRAYS in msg.content.array_records else None)
+    config = dict(msg.content[wire.CONFIG]) if wire.CONFIG in msg.content.config_records else {}
+    return site(context).request(kind, context.run_id, dict(context.run_config), config,
+                                 weights)
 
 
 def _site_name(context: Context) -> str | None:
     """This node's public name, if its node config can be read at all."""
     try:
+        if context.node_config.get(WORKER):
+            return str(context.node_config.get("site-name") or "") or None
         return SiteSettings.from_node_config(context.node_config, simulation_sites()).name
     except Exception:  # noqa: BLE001 - the failure being reported is the real one
         return None
@@ -145,21 +194,17 @@ def privacy_mod(msg: Message, context: Context, call_next: ClientAppCallable) ->
 
 @app.train(mods=[secagg_mod, privacy_mod])
 def train_handler(msg: Message, context: Context) -> Message:
-    """Train the global model on this site's training cases."""
+    """Train the global model on this site's training cases (scoring it first
+    when the message asks)."""
     try:
-        algo = site_algorithm(context)
-        saved = context.state.array_records.get(OPTIMIZER_STATE)  # this node's own
-        algo.optimizer_state = {k: a.numpy() for k, a in saved.items()} if saved else None
-        weights, metrics = algo.train(msg.content[wire.ARRAYS].to_torch_state_dict(),
-                                      dict(msg.content[wire.CONFIG]))
-        if algo.optimizer_state:  # never leaves the site
-            context.state[OPTIMIZER_STATE] = ArrayRecord(
-                {k: Array(v) for k, v in algo.optimizer_state.items()})
+        weights, metrics = ask("train", msg, context)
     except Exception as exc:  # noqa: BLE001 - every failure leaves scrubbed
         return _failed(msg, context, exc, "train")
-    return Message(RecordDict({wire.ARRAYS: ArrayRecord(weights),
+    return Message(RecordDict({wire.ARRAYS: ArrayRecord({k: Array(v) for k, v in
+                                                         weights.items()}),
                                wire.METRICS: MetricRecord(metrics),
-                               wire.SITE: ConfigRecord({wire.SITE_NAME: algo.site})}),
+                               wire.SITE: ConfigRecord({wire.SITE_NAME: _site_name(context)
+                                                        or ""})}),
                    reply_to=msg)
 
 
@@ -167,11 +212,10 @@ def train_handler(msg: Message, context: Context) -> Message:
 def evaluate_handler(msg: Message, context: Context) -> Message:
     """Score the global model on this site's test cases; reply with means only."""
     try:
-        algo = site_algorithm(context)
-        metrics = algo.evaluate(msg.content[wire.ARRAYS].to_torch_state_dict(),
-                                dict(msg.content[wire.CONFIG]))
+        _, metrics = ask("evaluate", msg, context)
     except Exception as exc:  # noqa: BLE001
         return _failed(msg, context, exc, "evaluate")
     return Message(RecordDict({wire.METRICS: MetricRecord(metrics),
-                               wire.SITE: ConfigRecord({wire.SITE_NAME: algo.site})}),
+                               wire.SITE: ConfigRecord({wire.SITE_NAME: _site_name(context)
+                                                        or ""})}),
                    reply_to=msg)

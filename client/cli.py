@@ -23,6 +23,13 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_node(args: argparse.Namespace) -> int:
+    if args.action == "audit":
+        return cmd_node_audit(args)
+    missing = [f"--{k.replace('_', '-')}" for k in ("superlink", "data_dir", "name")
+               if not getattr(args, k)]
+    if missing:
+        console.print(f"error: fedseg node needs {', '.join(missing)}")
+        return 2
     from common.config import check_node_config
 
     check_node_config({"data-dir": args.data_dir, "site-name": args.name,
@@ -34,11 +41,39 @@ def cmd_node(args: argparse.Namespace) -> int:
         superlink=args.superlink, data_dir=Path(args.data_dir), name=args.name,
         key=Path(args.key) if args.key else None, ca=Path(args.ca) if args.ca else None,
         insecure=args.insecure, threads=args.threads or 0, device=args.device, port=args.port,
-        max_wait=args.max_wait)
+        max_wait=args.max_wait, state=Path(args.state),
+        policy=Path(args.policy) if args.policy else None, run_user=args.run_user,
+        data_user=args.data_user)
     if args.insecure:
         warn_insecure("this node")
     preflight(settings)
     return run_node(settings, base_env())
+
+
+def cmd_node_audit(args: argparse.Namespace) -> int:
+    """Every reply this site's worker produced (or refused), from its audit log."""
+    from rich.table import Table
+
+    from client.audit import AuditLog
+    from client.node import SiteState
+
+    log = AuditLog(SiteState(Path(args.state).resolve(), None).audit)
+    entries = log.entries()
+    if not entries:
+        console.print(f"no replies recorded in {log.path}")
+        return 0
+    table = Table(title=f"what left this site ({log.path})")
+    for col in ("time", "run", "round", "kind", "outcome", "records", "bytes", "weights sha256"):
+        table.add_column(col)
+    for e in entries:
+        records = ", ".join(e.get("metrics", []))
+        if e.get("arrays"):
+            records = f"{e['arrays']} arrays; {records}"
+        table.add_row(e["time"], str(e["run"]), str(e.get("round") or ""), e["kind"],
+                      e["outcome"] + (f": {e['reason']}" if e.get("reason") else ""),
+                      records, str(e.get("bytes", 0)), (e.get("weights_sha256") or "")[:16])
+    console.print(table)
+    return 0
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -48,10 +83,22 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing key (rotation)")
     p.set_defaults(func=cmd_keygen)
 
-    p = sub.add_parser("node", help="hospital: run this hospital's SuperNode")
-    p.add_argument("--superlink", required=True, help="host:port of the SuperLink")
-    p.add_argument("--data-dir", required=True, help="this hospital's site folder")
-    p.add_argument("--name", required=True, help="this hospital's public name")
+    p = sub.add_parser("node", help="hospital: run this hospital's node (site worker and "
+                                    "SuperNode); `fedseg node audit`: what left this site")
+    p.add_argument("action", nargs="?", default="run", choices=["run", "audit"],
+                   help="run (default) the node, or print its audit log")
+    p.add_argument("--superlink", help="host:port of the SuperLink")
+    p.add_argument("--data-dir", help="this hospital's site folder")
+    p.add_argument("--name", help="this hospital's public name")
+    p.add_argument("--state", default="fedseg-site",
+                   help="this site's state folder: worker socket, audit log, Flower's files "
+                        "(default ./fedseg-site; never inside the data folder)")
+    p.add_argument("--policy", help="this hospital's policy file (TOML; docs/deploy.md)")
+    p.add_argument("--run-user", default="fedseg-run",
+                   help="as root: the user the SuperNode and the ClientApps run as")
+    p.add_argument("--data-user",
+                   help="as root: the user the site worker runs as (default: the data "
+                        "folder's owner)")
     p.add_argument("--key", help="this hospital's private key (OpenSSH ECDSA)")
     p.add_argument("--ca", help="the federation's CA certificate")
     p.add_argument("--threads", type=int, help="CPU threads for training (default: all)")

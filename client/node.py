@@ -1,25 +1,42 @@
-"""The hospital's side of a deployment: start a SuperNode next to the data.
+"""The hospital's side of a deployment: the site worker and a SuperNode.
 
 ``fedseg node`` checks what it can before Flower starts (the data folder, the
 key, the CA certificate, that the SuperLink answers and that its certificate
-is the federation's), then runs ``flower-supernode`` with the site's settings
-as node config, and turns Flower's exit codes into plain sentences.
+is the federation's), then starts two processes and supervises them:
+
+* the site worker (``client/worker.py``), from this installed fedseg: the
+  only reader of the data folder;
+* ``flower-supernode``, whose node config names only the worker's socket and
+  the site's public name: the ClientApps it starts (the coordinator's code)
+  never learn the data folder.
+
+Started as root (a service), it runs the worker as ``--data-user`` and the
+SuperNode (and so every ClientApp) as ``--run-user``, and refuses to start
+unless the run user cannot read the data folder and the data user can:
+containment by the operating system, not by convention.
 
 Hospitals only connect out: the SuperNode opens one outbound HTTPS connection
 to the SuperLink and polls it; nothing connects in. Its local Runtime API port
 (``--port``) listens on 127.0.0.1 only.
+
+The site state folder (``--state``) holds what the node keeps: the worker's
+socket, the audit log of every reply (``fedseg node audit``), the SuperNode's
+Flower home. Never inside the data folder.
 """
 
 from __future__ import annotations
 
 import os
+import pwd
 import re
+import shutil
 import signal
 import socket
 import ssl
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +61,10 @@ class NodeSettings:
     device: str = "auto"
     port: int = 9094  # local Runtime API port
     max_wait: float | None = None  # give up connecting after this many seconds
+    state: Path = Path("fedseg-site")  # the site's own state (socket, audit log, Flower home)
+    policy: Path | None = None  # the hospital's policy file (client/policy.py)
+    run_user: str = "fedseg-run"  # as root: the SuperNode's and ClientApps' user
+    data_user: str | None = None  # as root: the worker's user (default: the data's owner)
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -129,21 +150,161 @@ def _check_key(path: Path) -> None:
               file=sys.stderr)
 
 
-def node_config(settings: NodeSettings) -> str:
-    threads = settings.threads or os.cpu_count() or 1
-    return (f'data-dir="{Path(settings.data_dir).resolve()}" site-name="{settings.name}" '
-            f'threads={threads} device="{settings.device}"')
+@dataclass(frozen=True)
+class Account:
+    """A user processes run as (as root)."""
+
+    name: str
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+
+    @classmethod
+    def of(cls, name: str, role: str) -> Account:
+        try:
+            entry = pwd.getpwnam(name)
+        except KeyError:
+            raise ConfigError(
+                f"fedseg node runs as root, so it runs {role} as user {name!r}, which does not "
+                f"exist on this machine; create it (useradd --system --no-create-home --shell "
+                f"/usr/sbin/nologin {name}) or name another") from None
+        return cls(name, entry.pw_uid, entry.pw_gid,
+                   tuple(os.getgrouplist(name, entry.pw_gid)))
+
+    def popen_args(self) -> dict:
+        return {"user": self.uid, "group": self.gid, "extra_groups": list(self.groups)}
 
 
-def supernode_command(settings: NodeSettings) -> list[str]:
+@dataclass(frozen=True)
+class SiteState:
+    """The site's state folder, and who runs what (``users`` None: not root,
+    everything runs as the user who started the node)."""
+
+    root: Path
+    users: tuple[Account, Account] | None  # (run, data)
+
+    @property
+    def socket(self) -> Path:
+        return self.root / "worker" / "worker.sock"
+
+    @property
+    def audit(self) -> Path:
+        return self.root / "audit" / "audit.jsonl"
+
+    @property
+    def supernode(self) -> Path:
+        return self.root / "supernode"
+
+
+def can_list(account: Account, folder: Path) -> bool:
+    """Whether ``account`` can list ``folder`` (asked as that user)."""
+    code = "import os, sys; os.listdir(sys.argv[1])"
+    done = subprocess.run([sys.executable, "-c", code, str(folder)], cwd="/",
+                          env={"PATH": os.environ.get("PATH", "")}, capture_output=True,
+                          timeout=60, **account.popen_args())
+    return done.returncode == 0
+
+
+def resolve_users(settings: NodeSettings) -> tuple[Account, Account] | None:
+    """As root: the (run, data) accounts, checked to contain the data folder."""
+    if os.geteuid() != 0:
+        return None
+    run = Account.of(settings.run_user, "the SuperNode and the coordinator's ClientApps")
+    data_name = settings.data_user or pwd.getpwuid(Path(settings.data_dir).stat().st_uid
+                                                   ).pw_name
+    data = Account.of(data_name, "the site worker")
+    if run.uid == 0 or data.uid == 0:
+        who = "--run-user" if run.uid == 0 else "--data-user (default: the data folder's owner)"
+        raise ConfigError(f"{who} is root: fedseg node started as root runs the SuperNode "
+                          f"and the worker as unprivileged users; give the data folder to "
+                          f"its own user (chown -R fedseg-data) or name one with --data-user")
+    if run.uid == data.uid:
+        raise ConfigError(f"--run-user and --data-user are both {run.name!r}: the SuperNode's "
+                          f"user must be one that cannot read the data folder")
+    data_dir = Path(settings.data_dir).resolve()
+    if can_list(run, data_dir):
+        raise NodeError(
+            f"user {run.name!r} (the SuperNode and the coordinator's ClientApps) can read the "
+            f"data folder {data_dir}: containment needs a folder only {data.name!r} may read "
+            f"(chown -R {data.name} {data_dir}; chmod -R o-rwx,g-rwx {data_dir})")
+    if not can_list(data, data_dir):
+        raise NodeError(f"user {data.name!r} (the site worker) cannot read the data folder "
+                        f"{data_dir} (or a folder above it)")
+    return run, data
+
+
+def prepare_state(settings: NodeSettings, users: tuple[Account, Account] | None) -> SiteState:
+    """The state folder with each part owned by the process that uses it."""
+    root = Path(settings.state).resolve()
+    data_dir = Path(settings.data_dir).resolve()
+    if root == data_dir or data_dir in root.parents or root in data_dir.parents:
+        raise ConfigError(f"--state {root} and the data folder {data_dir} must be apart: the "
+                          f"data folder holds only data")
+    state = SiteState(root, users)
+    root.mkdir(parents=True, exist_ok=True)
+    os.chmod(root, 0o755 if users else 0o700)
+    for folder in (state.socket.parent, state.audit.parent, state.supernode):
+        folder.mkdir(exist_ok=True)
+        os.chmod(folder, 0o700)
+    if users:
+        run, data = users
+        # the socket's folder: the worker's, entered by the run user's group only
+        os.chown(state.socket.parent, data.uid, run.gid)
+        os.chmod(state.socket.parent, 0o2750)
+        os.chown(state.audit.parent, data.uid, data.gid)
+        if state.audit.exists():
+            os.chown(state.audit, data.uid, data.gid)
+        for path in [state.supernode, *state.supernode.rglob("*")]:
+            os.chown(path, run.uid, run.gid)
+    return state
+
+
+def node_config(settings: NodeSettings, state: SiteState) -> str:
+    """What the SuperNode hands its ClientApps: the worker's socket and the
+    site's public name, nothing about the data."""
+    return f'worker="{state.socket}" site-name="{settings.name}"'
+
+
+def supernode_command(settings: NodeSettings, state: SiteState) -> list[str]:
     cmd = ["flower-supernode", "--superlink", settings.superlink,
-           "--node-config", node_config(settings), "--port", str(settings.port)]
+           "--node-config", node_config(settings, state), "--port", str(settings.port)]
     if settings.max_wait:
         cmd += ["--max-wait-time", str(settings.max_wait)]
     if settings.insecure:
         return [*cmd, "--insecure"]
-    return [*cmd, "--root-certificates", str(settings.ca),
-            "--auth-supernode-private-key", str(settings.key)]
+    key, ca = Path(settings.key), Path(settings.ca)
+    if state.users:  # the SuperNode's user may not read root's files: its own copies
+        run = state.users[0]
+        copies = []
+        for src, name, mode in ((key, "node.key", 0o600), (ca, "ca.crt", 0o644)):
+            dst = state.supernode / name
+            shutil.copyfile(src, dst)
+            os.chown(dst, run.uid, run.gid)
+            os.chmod(dst, mode)
+            copies.append(dst)
+        key, ca = copies
+    return [*cmd, "--root-certificates", str(ca), "--auth-supernode-private-key", str(key)]
+
+
+def worker_command(settings: NodeSettings, state: SiteState) -> list[str]:
+    threads = settings.threads or os.cpu_count() or 1
+    cmd = [sys.executable, "-m", "client.worker", "--socket", str(state.socket),
+           "--data-dir", str(Path(settings.data_dir).resolve()), "--name", settings.name,
+           "--device", settings.device, "--threads", str(threads),
+           "--audit", str(state.audit)]
+    if settings.policy:  # the worker's own copy, in its own folder
+        policy = state.audit.parent / "policy.toml"
+        shutil.copyfile(settings.policy, policy)
+        if state.users:
+            os.chown(policy, state.users[1].uid, state.users[1].gid)
+        cmd += ["--policy", str(policy)]
+    if state.users:
+        run = state.users[0]
+        cmd += ["--allow-uid", str(run.uid), "--group", str(run.gid)]
+    return cmd
+
+
+SUPEREXEC_POLL = "0.05"  # seconds between the SuperNode's executor's asks for a task (default 1)
 
 
 EXIT_CODE = re.compile(r"Exit Code: (\d+)")
@@ -160,45 +321,94 @@ EXPLAIN = {
 
 
 def run_node(settings: NodeSettings, env: dict[str, str], log_path: Path | None = None) -> int:
-    """Run ``flower-supernode`` in the foreground; returns its exit status.
+    """Run the site worker and ``flower-supernode`` in the foreground; returns
+    the SuperNode's exit status (or the worker's, if it stopped first).
 
-    Its output goes to this terminal (and ``log_path``); a failure is explained.
-    SIGTERM and SIGINT are passed on to the SuperNode and its children.
+    Their output goes to this terminal (and ``log_path``); a failure is
+    explained. SIGTERM and SIGINT stop both, with everything they started.
     """
+    users = resolve_users(settings)
+    state = prepare_state(settings, users)
+    if settings.policy:
+        from client.policy import SitePolicy
+
+        SitePolicy.load(Path(settings.policy))  # a mistyped policy fails here, not mid-run
     threads = settings.threads or os.cpu_count() or 1
-    env = {**env, "OMP_NUM_THREADS": str(threads)}
-    proc = subprocess.Popen(supernode_command(settings), env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
-    def forward(signum, _frame):
-        try:
-            os.killpg(proc.pid, signum)
-        except ProcessLookupError:
-            pass
-
-    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     tail: list[str] = []
+    sink = open(log_path, "a") if log_path else open(os.devnull, "w")  # noqa: SIM115
+    lock = threading.Lock()
+    procs: list[subprocess.Popen] = []
 
-    def pump() -> None:
+    def pump(proc: subprocess.Popen) -> None:
         assert proc.stdout is not None
-        with open(log_path, "a") if log_path else open(os.devnull, "w") as log:
-            for line in proc.stdout:
+        for line in proc.stdout:
+            with lock:
                 sys.stdout.write(line)
                 sys.stdout.flush()
-                log.write(line)
+                sink.write(line)
                 tail.append(line)
                 del tail[:-40]
 
-    reader = threading.Thread(target=pump, daemon=True)
-    reader.start()
+    def start(cmd: list[str], proc_env: dict[str, str], account: Account | None,
+              cwd: Path) -> subprocess.Popen:
+        proc = subprocess.Popen(cmd, env=proc_env, stdout=subprocess.PIPE, cwd=cwd,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                                **(account.popen_args() if account else {}))
+        procs.append(proc)
+        threading.Thread(target=pump, args=(proc,), daemon=True).start()
+        return proc
+
+    stopping = threading.Event()
+
+    def forward(signum, _frame):
+        stopping.set()
+        for proc in procs:
+            try:
+                os.killpg(proc.pid, signum)
+            except ProcessLookupError:
+                pass
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    app_root = Path(__file__).resolve().parents[1]
+    worker_env = {**env, "OMP_NUM_THREADS": str(threads),
+                  "PYTHONPATH": str(app_root) + os.pathsep + env.get("PYTHONPATH", "")}
+    node_env = {**env, "OMP_NUM_THREADS": "1", "HOME": str(state.supernode),
+                "FLWR_HOME": str(state.supernode / "flwr"),
+                "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": SUPEREXEC_POLL}
     try:
-        code = proc.wait()
+        worker = start(worker_command(settings, state), worker_env,
+                       users[1] if users else None, Path("/") if users else Path.cwd())
+        deadline = time.monotonic() + 120
+        while not state.socket.exists():
+            if worker.poll() is not None or stopping.is_set() or time.monotonic() > deadline:
+                worker.wait(timeout=10) if worker.poll() is None else None
+                time.sleep(0.2)  # let its last lines through
+                print("fedseg node: the site worker did not start (its output is above)",
+                      file=sys.stderr)
+                return worker.returncode or 1
+            time.sleep(0.1)
+        supernode = start(supernode_command(settings, state), node_env,
+                          users[0] if users else None, state.supernode)
+        while worker.poll() is None and supernode.poll() is None:
+            time.sleep(0.2)
+        if supernode.poll() is None:
+            print("fedseg node: the site worker stopped; stopping the SuperNode",
+                  file=sys.stderr)
+        code = supernode.returncode if supernode.poll() is not None else (worker.returncode or 1)
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
-        # The SuperNode's helper (flower-superexec) can outlive it: stop the group.
-        stop_group(proc.pid)
-        reader.join(timeout=10)
+        # The SuperNode's helper (flower-superexec) can outlive it: stop the groups.
+        for proc in reversed(procs):
+            stop_group(proc.pid)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        time.sleep(0.1)
+        sink.close()
+    if stopping.is_set():
+        return 0 if code in (0, -signal.SIGTERM, -signal.SIGINT) else code
     text = "".join(tail)
     flower_code = EXIT_CODE.search(text)
     for needle, sentence in EXPLAIN.items():
@@ -210,4 +420,3 @@ def run_node(settings: NodeSettings, env: dict[str, str], log_path: Path | None 
               f"{flower_code.group(1)}", file=sys.stderr)
         return code or 1
     return code
-

@@ -76,3 +76,21 @@ def stop_group(pgid: int, grace: float = 10.0) -> None:
             time.sleep(0.1)
         if not running():
             return
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Ask Linux to send ``sig`` to this process when its parent dies (also
+    by SIGKILL), so a helper never outlives the command that started it.
+    A no-op elsewhere."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, int(sig), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+    if os.getppid() == 1:  # the parent was already gone
+        os.kill(os.getpid(), sig)

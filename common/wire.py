@@ -26,6 +26,8 @@ SITE_NAME = "name"  # in SITE
 SERVER_ROUND = "server-round"  # in CONFIG, written by Flower's strategies
 ROUNDS_DONE = "rounds-done"  # in CONFIG: rounds of a resumed run already behind
 PROXIMAL_MU = "proximal-mu"  # in CONFIG, written by Flower's FedProx
+EVALUATE_INCOMING = "evaluate-incoming"  # in CONFIG: score the weights received first
+GLOBAL_PREFIX = "global-"  # a train reply's scores of the incoming global model
 NUM_EXAMPLES = "num-examples"  # in METRICS: training cases (FedAvg's weight) or test cases
 TRAIN_LOSS = "train-loss"
 TRAIN_SECONDS = "train-seconds"
@@ -56,6 +58,8 @@ TABLE = (
     Entry(ROUNDS_DONE, CONFIG, DOWN, "rounds of a resumed run already behind; with "
           f"`{SERVER_ROUND}` the run's round, for the learning-rate schedule and the seed"),
     Entry(PROXIMAL_MU, CONFIG, DOWN, "FedProx's proximal weight (FedProx only)"),
+    Entry(EVALUATE_INCOMING, CONFIG, DOWN, "train: first score the global model received "
+          "(the previous round's) on the test cases; one message a round does both"),
     Entry(NUM_EXAMPLES, METRICS, UP, "training cases (train: FedAvg's weight) or test cases "
           "(evaluate)"),
     Entry(TRAIN_LOSS, METRICS, UP, "mean training loss over the round's steps"),
@@ -63,6 +67,9 @@ TABLE = (
     Entry(TRAIN_STEPS, METRICS, UP, "optimiser steps taken (FedNova's normaliser)"),
     *(Entry(score, METRICS, UP, "mean over the site's test cases (evaluate)")
       for score in SCORES),
+    *(Entry(GLOBAL_PREFIX + k, METRICS, UP, "train with `evaluate-incoming`: "
+            f"`{k}` of the global model received, before training")
+      for k in EVAL_METRICS),
     Entry(SITE_NAME, SITE, UP, "the site's public name (node setting `site-name`)"),
     Entry(ERROR_SITE, "error reason", UP, "a failed reply: the site's public name"),
     Entry(ERROR_TEXT, "error reason", UP, "a failed reply: the scrubbed cause (kind of "

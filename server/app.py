@@ -15,6 +15,7 @@ from common import wire
 from common.config import RunSettings
 from common.errors import ConfigError
 from common.model import build_model
+from server.prompt_grid import prompt
 from server.runs import RunFolder, runs_root
 from server.strategies import PrivacyBudgetExhausted, build_strategy
 
@@ -46,6 +47,7 @@ def nodes_per_round(grid: Grid, settings: RunSettings, wait: float = 600) -> int
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    grid = prompt(grid)  # replies as they come, not on Flower's 3 s poll
     settings = RunSettings.from_run_config(context.run_config)
     run = RunFolder.open(runs_root(), settings)
     torch.manual_seed(settings.seed)
@@ -58,11 +60,28 @@ def main(grid: Grid, context: Context) -> None:
     ledger = strategy.privacy
     log(INFO, "fedseg run %s: rounds %d..%d", run.path.name, done + 1, settings.num_rounds)
 
+    # Rounds checkpointed whose line waits for their scores, which come with
+    # the next round's train replies (call round, snapshot); a resumed run's
+    # checkpointed round without its line is call round 0.
+    waiting: list[tuple[int, dict]] = []
+    restored = run.pending_round()
+    if restored is not None:
+        strategy.rounds[0], snapshot = restored
+        waiting.append((0, snapshot))
+
+    def write_rows(upto: int) -> None:
+        while waiting and waiting[0][0] <= upto:
+            call_round, snapshot = waiting.pop(0)
+            row = run.append_row(done + call_round, strategy.rounds.pop(call_round, None)
+                                 or strategy.round(call_round), snapshot)
+            log(INFO, "fedseg %s", format_round(row))
+
     def end_of_round(server_round: int, global_arrays: ArrayRecord) -> MetricRecord | None:
         if server_round > 0:  # round 0 is the initial model, before any training
-            row = run.record_round(done + server_round, global_arrays,
-                                   strategy.rounds.pop(server_round), ledger)
-            log(INFO, "fedseg %s", format_round(row))
+            waiting.append((server_round, run.save_checkpoint(
+                done + server_round, global_arrays, strategy.round(server_round), ledger)))
+            last = server_round == settings.num_rounds - done
+            write_rows(server_round if last else server_round - 1)
         return None
 
     result, stopped = None, None
@@ -77,6 +96,7 @@ def main(grid: Grid, context: Context) -> None:
         except (PrivacyBudgetExhausted, FlowerBudgetExhausted) as exc:
             stopped = f"privacy budget: {exc}"
             log(WARNING, "fedseg run %s stopped: %s", run.path.name, stopped)
+    write_rows(settings.num_rounds)  # a stopped run's last rounds, scored or not
     final = result.arrays if result is not None and len(result.arrays) else None
     run.finish(final, stopped=stopped, ledger=ledger)
     log(INFO, "fedseg run folder: %s", run.path)

@@ -77,11 +77,14 @@ class RunFolder:
     """A run's folder; created fresh, or reopened to resume."""
 
     def __init__(self, path: Path, settings: RunSettings, last_round: int,
-                 history: list[dict[str, Any]]) -> None:
+                 history: list[dict[str, Any]], pending: dict[str, Any] | None = None) -> None:
         self.path = path
         self.settings = settings
         self.last_round = last_round
         self.history = history
+        # A checkpointed round whose line waits for its scores (they come with
+        # the next round's train replies): what the checkpoint kept of it.
+        self.pending = pending
         self._clock = time.perf_counter()
 
     @classmethod
@@ -104,7 +107,10 @@ class RunFolder:
             history = [row for row in read_metrics(path) if row["round"] <= last]
             _atomic_write(path / "metrics.jsonl",
                           "".join(json.dumps(r) + "\n" for r in history).encode())
-            return cls(path, settings, last, history)
+            pending = saved.get("pending")
+            if history and history[-1]["round"] == last:
+                pending = None  # its line was written before the stop
+            return cls(path, settings, last, history, pending)
         if (path / "metrics.jsonl").exists():
             raise ConfigError(
                 f"run folder {name!r} already holds a run; resume it or choose another name"
@@ -120,18 +126,53 @@ class RunFolder:
 
     def dp_releases(self) -> int:
         """DP releases so far (for the accountant when a run resumes)."""
+        if self.pending:
+            return int(self.pending["dp_releases"] or 0)
         return int(self.history[-1].get("dp_releases") or 0) if self.history else 0
+
+    def pending_round(self) -> tuple[RoundRecord, dict[str, Any]] | None:
+        """A resumed run's checkpointed round without its line: its record
+        (train side) and snapshot, to be completed by the next scores."""
+        if not self.pending:
+            return None
+        kept = dict(self.pending["record"])
+        for key in ("failed", "left_out"):
+            kept[key] = set(kept[key])
+        return RoundRecord(**kept), self.pending
 
     def record_round(self, server_round: int, arrays: ArrayRecord, rec: RoundRecord,
                      ledger: PrivacyAccount | None = None) -> dict[str, Any]:
-        """Save the global model and append the round's line."""
+        """Save the global model and append the round's line at once."""
+        return self.append_row(server_round, rec,
+                               self.save_checkpoint(server_round, arrays, rec, ledger))
+
+    def save_checkpoint(self, server_round: int, arrays: ArrayRecord, rec: RoundRecord,
+                        ledger: PrivacyAccount | None = None) -> dict[str, Any]:
+        """Save the global model of ``server_round`` (what a resumed run goes
+        on from), with what is known of the round so far; returns the round's
+        snapshot (seconds, privacy spent) for its line."""
         now = time.perf_counter()
         seconds, self._clock = now - self._clock, now
+        snapshot = {"round": server_round, "seconds": seconds,
+                    "epsilon": ledger.epsilon if ledger else None,
+                    "dp_releases": ledger.releases if ledger else None,
+                    "record": {**rec.__dict__, "failed": sorted(rec.failed),
+                               "left_out": sorted(rec.left_out),
+                               "failures": list(rec.failures)}}
         state = arrays.to_torch_state_dict()
         buffer_path = self.path / ".checkpoint.pt.tmp"
         torch.save({"round": server_round, "state_dict": state,
-                    "config": self.settings.to_run_config()}, buffer_path)
+                    "config": self.settings.to_run_config(),
+                    "pending": _json_safe(snapshot)}, buffer_path)
         os.replace(buffer_path, self.path / "checkpoint.pt")
+        self.last_round = server_round
+        return snapshot
+
+    def append_row(self, server_round: int, rec: RoundRecord, snapshot: dict[str, Any]
+                   ) -> dict[str, Any]:
+        """Append the line of ``server_round`` (checkpointed before, see
+        :meth:`save_checkpoint`), with the scores ``rec`` holds by now."""
+        seconds = snapshot["seconds"]
         row = {
             "round": server_round,
             "dice": {site: m["dice"] for site, m in sorted(rec.evaluate.items())},
@@ -148,14 +189,14 @@ class RunFolder:
             "trained": rec.trained,
             "failed_sites": sorted(rec.failed),
             "aggregated": rec.aggregated,
-            "epsilon": ledger.epsilon if ledger else None,
-            "dp_releases": ledger.releases if ledger else None,
+            "epsilon": snapshot["epsilon"],
+            "dp_releases": snapshot["dp_releases"],
         }
         row = _json_safe(row)
         with open(self.path / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(row) + "\n")
         self.history.append(row)
-        self.last_round = server_round
+        self.pending = None
         self.plot()
         return row
 

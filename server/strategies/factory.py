@@ -84,6 +84,8 @@ def build_strategy(settings: RunSettings, num_sampled: int | None = None,
     recorder.privacy = privacy
     recorder.evaluate_due = lambda r: ((rounds_done + r) % settings.evaluate_every == 0
                                        or rounds_done + r == settings.num_rounds)
+    recorder.rounds_done = rounds_done
+    recorder.last_round = settings.num_rounds - rounds_done
     checks.on_reject = recorder.note_failure
     if isinstance(fedavg, SecAggPlusFedAvg):
         fedavg.on_round = recorder.secure_round

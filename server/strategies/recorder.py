@@ -11,7 +11,7 @@ from logging import WARNING
 from pathlib import Path
 from typing import Any
 
-from flwr.app import Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp.strategy import Strategy
 
@@ -86,6 +86,12 @@ class RoundRecord:
 class SiteRecorder(StrategyWrapper):
     """Record per-site metrics, failures and bytes of each round.
 
+    One message a round: the train message of round r asks the sites to score
+    the model they receive (round r-1's) first (``evaluate-incoming``); those
+    scores, in the train replies as ``global-*``, are recorded as round r-1's
+    evaluation. Only the call's last round sends evaluate messages, so its
+    model is scored too.
+
     With ``FEDSEG_AUDIT_DIR`` set in the server's environment, every reply is
     also kept there as received (see ``server.wire.audit``).
     """
@@ -98,6 +104,8 @@ class SiteRecorder(StrategyWrapper):
         self.privacy: Any = None  # the DP account (epsilon, releases), set by the factory
         # Which rounds the sites score the global model in (``evaluate-every``)
         self.evaluate_due: Callable[[int], bool] = lambda server_round: True
+        self.last_round = 0  # this call's last round (0: unknown; every round evaluates)
+        self.rounds_done = 0  # rounds of a resumed run before this call
 
     def round(self, server_round: int) -> RoundRecord:
         return self.rounds.setdefault(server_round, RoundRecord())
@@ -112,11 +120,22 @@ class SiteRecorder(StrategyWrapper):
             if train:
                 rec.left_out.add(site)
 
+    def scores_of_incoming(self, server_round: int, site: str, values: dict[str, float]
+                           ) -> dict[str, float]:
+        """Move a train reply's scores of the incoming model (``global-*``) to
+        the previous round's evaluation; the train metrics are what is left."""
+        scores = {k.removeprefix(wire.GLOBAL_PREFIX): v for k, v in values.items()
+                  if k.startswith(wire.GLOBAL_PREFIX)}
+        if scores:
+            self.round(server_round - 1).evaluate[site] = scores
+        return {k: v for k, v in values.items() if not k.startswith(wire.GLOBAL_PREFIX)}
+
     def secure_round(self, server_round: int, result: SecureRound) -> None:
         """A SecAgg+ round's traffic and per-site numbers (its messages bypass
         ``configure_train``/``aggregate_train``)."""
         rec = self.round(server_round)
-        rec.train.update(result.sites)
+        rec.train.update({site: self.scores_of_incoming(server_round, site, values)
+                          for site, values in result.sites.items()})
         rec.bytes_down += result.bytes_down
         rec.bytes_up += result.bytes_up
         if result.halted:
@@ -156,9 +175,13 @@ class SiteRecorder(StrategyWrapper):
                 continue
             rec.bytes_up += content_bytes(msg.content)
             metrics = next(iter(msg.content.metric_records.values()), {})
-            values = {k: int(v) if k == wire.NUM_EXAMPLES else float(v) for k, v in metrics.items()
+            values = {k: int(v) if k.endswith(wire.NUM_EXAMPLES) else float(v)
+                      for k, v in metrics.items()
                       if isinstance(v, int | float) and k != UNIFORM_WEIGHT}
-            (rec.train if phase == "train" else rec.evaluate)[name] = values
+            if phase == "train":
+                rec.train[name] = self.scores_of_incoming(server_round, name, values)
+            else:
+                rec.evaluate[name] = values
         why = f" ({'; '.join(sorted(set(lost)))})" if lost else ""
         for node in sorted(pending):  # sent, never answered by the node itself
             name = self.names.get(node) or registered_names().get(node, f"node-{node}")
@@ -168,6 +191,9 @@ class SiteRecorder(StrategyWrapper):
         return replies
 
     def configure_train(self, server_round, arrays, config, grid):
+        incoming = self.rounds_done + server_round - 1  # the run's round of ``arrays``
+        config = ConfigRecord({**dict(config), wire.EVALUATE_INCOMING:
+                               incoming >= 1 and self.evaluate_due(server_round - 1)})
         return self._sent(server_round, super().configure_train(server_round, arrays, config,
                                                                 grid))
 
@@ -178,7 +204,9 @@ class SiteRecorder(StrategyWrapper):
         return arrays, metrics
 
     def configure_evaluate(self, server_round, arrays, config, grid):
-        if not self.evaluate_due(server_round):
+        # Scored with the next round's train message, except the last round's
+        if not self.evaluate_due(server_round) or (self.last_round
+                                                   and server_round < self.last_round):
             return []
         return self._sent(server_round, super().configure_evaluate(server_round, arrays,
                                                                    config, grid))

@@ -103,8 +103,14 @@ def test_a_broken_update_is_left_out_and_the_site_named(sites, tmp_path, kind, s
 def test_evaluate_every_scores_only_due_rounds(sites, tmp_path):
     grid, _, rows = run(sites, tmp_path, "every", **{"num-rounds": 3, "evaluate-every": 2})
     assert [bool(r["dice"]) for r in rows] == [False, True, True]  # round 2 and the last
+    # One message a round: round 2's model is scored inside round 3's train
+    # message; only the last round sends evaluate messages.
     evaluate = [m for m in grid.sent if m.metadata.message_type.endswith("evaluate")]
-    assert len(evaluate) == 2 * 3
+    assert len(evaluate) == 3
+    train = [m for m in grid.sent if m.metadata.message_type.endswith("train")]
+    asked = [(int(m.content["config"]["server-round"]),
+              bool(m.content["config"]["evaluate-incoming"])) for m in train]
+    assert sorted(set(asked)) == [(1, False), (2, False), (3, True)]
 
 
 def test_resume_continues_from_the_last_round(sites, tmp_path):
@@ -166,7 +172,8 @@ def test_failed_replies_carry_only_the_scrubbed_cause(sites, tmp_path):
                for r in replies)
     for r in replies:
         metrics = r.content[wire.METRICS]
-        allowed = wire.TRAIN_METRICS if wire.ARRAYS in r.content else wire.EVAL_METRICS
+        allowed = ((*wire.TRAIN_METRICS, *(wire.GLOBAL_PREFIX + k for k in wire.EVAL_METRICS))
+                   if wire.ARRAYS in r.content else wire.EVAL_METRICS)
         assert set(metrics.keys()) <= set(allowed)
 
 

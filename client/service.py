@@ -1,0 +1,127 @@
+"""What a site does for a federation, as a closed set of requests.
+
+:class:`SiteService` answers ``train``, ``evaluate`` and ``describe`` for the
+site's data, through one :class:`~common.site_algorithm.SiteAlgorithm` per
+run (model, decoded cases, Adam's moments kept between rounds). It is the
+same code in both transports:
+
+* in a deployment the site worker (``client/worker.py``) runs it, the only
+  process that reads the data folder; the ClientApp reaches it over the
+  local channel (``client/channel.py``);
+* in a simulation the ClientApp calls it in process.
+
+Its replies hold only weights of the run's model, with the names and shapes
+of the model the run's settings build, and the metrics ``common.wire`` names.
+Anything else is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from client.policy import SitePolicy
+from common import wire
+from common.config import RunSettings
+from common.errors import FedsegError
+
+log = logging.getLogger(__name__)
+
+DESCRIBE_METRICS = ("training-cases", "test-cases")
+
+
+class RequestRefused(FedsegError):
+    """A request outside the closed set, or weights that are not the run's model."""
+
+    kind = "request refused by the site"
+
+    def scrubbed(self) -> str:
+        return f"{self.kind}: {self}"
+
+
+def _allowed_metrics(kind: str) -> set[str]:
+    if kind == "train":
+        return {*wire.TRAIN_METRICS, *(wire.GLOBAL_PREFIX + k for k in wire.EVAL_METRICS)}
+    if kind == "evaluate":
+        return set(wire.EVAL_METRICS)
+    return set(DESCRIBE_METRICS)
+
+
+class SiteService:
+    """One site's answers. ``policy``: the hospital's (none in a simulation)."""
+
+    REQUESTS = ("train", "evaluate", "describe")
+
+    def __init__(self, site: str, data_dir: Path, device: str = "auto",
+                 policy: SitePolicy | None = None) -> None:
+        self.site = site
+        self.data_dir = Path(data_dir)
+        self.device = device
+        self.policy = policy or SitePolicy()
+        self._run: tuple[int, RunSettings] | None = None
+        self._algorithm: Any = None
+        self._shapes: dict[str, tuple[tuple[int, ...], str]] = {}
+        self.rounds_trained: dict[int, int] = {}
+
+    def algorithm(self, run_id: int, run_config: Mapping[str, Any]):
+        """The run's algorithm, built once per run (a new run replaces it)."""
+        settings = RunSettings.from_run_config(run_config)
+        self.policy.check(settings)
+        if self._run != (run_id, settings):
+            from common.site_algorithm import SiteAlgorithm
+
+            self._algorithm = None  # free the old run's model and cases first
+            algo = SiteAlgorithm(settings, self.site, self.data_dir, device=self.device)
+            self._shapes = {k: (tuple(v.shape), str(v.dtype).removeprefix("torch."))
+                            for k, v in algo.weights().items()}
+            self._algorithm, self._run = algo, (run_id, settings)
+            self.rounds_trained = {run_id: self.rounds_trained.get(run_id, 0)}
+        return self._algorithm
+
+    def check_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+        """The run's model, name for name and shape for shape, or refused."""
+        if set(weights) != set(self._shapes):
+            missing, extra = set(self._shapes) - set(weights), set(weights) - set(self._shapes)
+            raise RequestRefused(f"the weights are not the run's model ({len(missing)} "
+                                 f"missing, {len(extra)} unknown)")
+        for name, (shape, _) in self._shapes.items():
+            if tuple(weights[name].shape) != shape:
+                raise RequestRefused(f"weight {name!r} has shape {tuple(weights[name].shape)}, "
+                                     f"the run's model has {shape}")
+
+    def handle(self, kind: str, run_id: int, run_config: Mapping[str, Any],
+               round_config: Mapping[str, Any], weights: Mapping[str, np.ndarray] | None
+               ) -> tuple[dict[str, np.ndarray], dict[str, int | float]]:
+        if kind not in self.REQUESTS:
+            raise RequestRefused(f"unknown request {str(kind)[:40]!r}; this site answers "
+                                 f"{', '.join(self.REQUESTS)}")
+        algo = self.algorithm(run_id, run_config)
+        if kind == "describe":
+            from common.data.site import list_cases
+
+            return {}, {"training-cases": len(list_cases(self.data_dir, "training")),
+                        "test-cases": len(list_cases(self.data_dir, "test"))}
+        if weights is None or not weights:
+            raise RequestRefused(f"a {kind} request needs the global model's weights")
+        self.check_weights(weights)
+        out: dict[str, np.ndarray] = {}
+        if kind == "evaluate":
+            metrics = algo.evaluate(weights, round_config)
+        else:
+            self.policy.check_round(self.rounds_trained.get(run_id, 0))
+            scored = algo.evaluate(weights, round_config) if round_config.get(
+                wire.EVALUATE_INCOMING) else {}
+            new, metrics = algo.train(weights, round_config)
+            self.rounds_trained[run_id] = self.rounds_trained.get(run_id, 0) + 1
+            metrics.update({wire.GLOBAL_PREFIX + k: v for k, v in scored.items()})
+            out = {k: v.numpy() for k, v in new.items()}
+            self.check_weights(out)  # never anything but the model
+        allowed = _allowed_metrics(kind)
+        stray = set(metrics) - allowed
+        if stray:  # a programming error here, never sent
+            raise RuntimeError(f"metrics outside the wire's names: {sorted(stray)}")
+        return out, metrics

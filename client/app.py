@@ -91,7 +91,7 @@ class InProcessSite:
 
     def request(self, kind: str, run_id: int, run_config: Mapping[str, Any],
                 round_config: Mapping[str, Any], weights: Mapping[str, np.ndarray] | None
-                ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+                ) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, str]]:
         service = self.service(RunSettings.from_run_config(run_config))
         state = self.context.state
         if kind == "train":
@@ -112,8 +112,8 @@ def site(context: Context) -> WorkerClient | InProcessSite:
 
 
 def ask(kind: str, msg: Message, context: Context
-        ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """The site's answer to ``msg``: weights by name, and metrics."""
+        ) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, str]]:
+    """The site's answer to ``msg``: weights by name, metrics, notes."""
     weights = ({k: a.numpy() for k, a in msg.content[wire.ARRAYS].items()}
                if wire.ARRAYS in msg.content.array_records else None)
     config = dict(msg.content[wire.CONFIG]) if wire.CONFIG in msg.content.config_records else {}
@@ -175,7 +175,9 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
         fitres = FitRes(Status(Code.OK, ""),
                         ndarrays_to_parameters(reply.content[wire.ARRAYS].to_numpy_ndarrays()),
                         weight,
-                        {**metrics, wire.SITE: str(reply.content[wire.SITE][wire.SITE_NAME])})
+                        {**metrics, **{k: v for k, v in reply.content[wire.SITE].items()
+                                       if k == wire.EVALUATE_ERROR},
+                         wire.SITE: str(reply.content[wire.SITE][wire.SITE_NAME])})
         return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=inner)
 
     return secaggplus_mod(msg, context, plain_train)
@@ -197,14 +199,15 @@ def train_handler(msg: Message, context: Context) -> Message:
     """Train the global model on this site's training cases (scoring it first
     when the message asks)."""
     try:
-        weights, metrics = ask("train", msg, context)
+        weights, metrics, notes = ask("train", msg, context)
     except Exception as exc:  # noqa: BLE001 - every failure leaves scrubbed
         return _failed(msg, context, exc, "train")
+    site = {wire.SITE_NAME: _site_name(context) or "",
+            **{k: v for k, v in notes.items() if k == wire.EVALUATE_ERROR}}
     return Message(RecordDict({wire.ARRAYS: ArrayRecord({k: Array(v) for k, v in
                                                          weights.items()}),
                                wire.METRICS: MetricRecord(metrics),
-                               wire.SITE: ConfigRecord({wire.SITE_NAME: _site_name(context)
-                                                        or ""})}),
+                               wire.SITE: ConfigRecord(site)}),
                    reply_to=msg)
 
 
@@ -212,7 +215,7 @@ def train_handler(msg: Message, context: Context) -> Message:
 def evaluate_handler(msg: Message, context: Context) -> Message:
     """Score the global model on this site's test cases; reply with means only."""
     try:
-        _, metrics = ask("evaluate", msg, context)
+        _, metrics, _ = ask("evaluate", msg, context)
     except Exception as exc:  # noqa: BLE001
         return _failed(msg, context, exc, "evaluate")
     return Message(RecordDict({wire.METRICS: MetricRecord(metrics),

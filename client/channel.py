@@ -120,8 +120,8 @@ class WorkerClient:
 
     def request(self, kind: str, run_id: int, run_config: Mapping[str, Any],
                 round_config: Mapping[str, Any], weights: Mapping[str, np.ndarray] | None
-                ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        """Ask the worker; its weights and metrics, or a :class:`WorkerRefused`
+                ) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, str]]:
+        """Ask the worker; its weights, metrics and notes, or a :class:`WorkerRefused`
         / :class:`WorkerFailed` carrying the worker's scrubbed reason."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(self.timeout)
@@ -141,7 +141,9 @@ class WorkerClient:
         if not header.get("ok"):
             cls = WorkerRefused if header.get("refused") else WorkerFailed
             raise cls(str(header.get("error", "no reason given")))
-        return arrays, dict(header.get("metrics", {}))
+        notes = header.get("notes") or {}
+        return arrays, dict(header.get("metrics", {})), {str(k): str(v)[:300]
+                                                        for k, v in notes.items()}
 
 
 class WorkerFailed(FedsegError):

@@ -342,6 +342,9 @@ def run_node(settings: NodeSettings, env: dict[str, str], log_path: Path | None 
     def pump(proc: subprocess.Popen) -> None:
         assert proc.stdout is not None
         for line in proc.stdout:
+            now = time.time()
+            stamp = time.strftime("%H:%M:%S", time.localtime(now))
+            line = f"{stamp}.{int(now % 1 * 1000):03d} {line}"
             with lock:
                 sys.stdout.write(line)
                 sys.stdout.flush()

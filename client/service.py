@@ -10,8 +10,9 @@ same code in both transports:
   local channel (``client/channel.py``);
 * in a simulation the ClientApp calls it in process.
 
-Its replies hold only weights of the run's model, with the names and shapes
-of the model the run's settings build, and the metrics ``common.wire`` names.
+Its replies hold only weights of the run's model, packed as
+``common/packing.py`` says, with the sizes of the model the run's settings
+build, and the metrics ``common.wire`` names.
 Anything else is refused.
 """
 
@@ -27,7 +28,8 @@ import numpy as np
 from client.policy import SitePolicy
 from common import wire
 from common.config import RunSettings
-from common.errors import FedsegError
+from common.errors import FedsegError, scrub, write_local_log
+from common.packing import Template, pack, packed_template, template_of, unpack
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +66,8 @@ class SiteService:
         self.policy = policy or SitePolicy()
         self._run: tuple[int, RunSettings] | None = None
         self._algorithm: Any = None
-        self._shapes: dict[str, tuple[tuple[int, ...], str]] = {}
+        self._template: Template = {}
+        self._shapes: Template = {}  # the packed weights' (common/packing.py)
         self.rounds_trained: dict[int, int] = {}
 
     def algorithm(self, run_id: int, run_config: Mapping[str, Any]):
@@ -76,8 +79,8 @@ class SiteService:
 
             self._algorithm = None  # free the old run's model and cases first
             algo = SiteAlgorithm(settings, self.site, self.data_dir, device=self.device)
-            self._shapes = {k: (tuple(v.shape), str(v.dtype).removeprefix("torch."))
-                            for k, v in algo.weights().items()}
+            self._template = template_of(algo.weights())
+            self._shapes = packed_template(self._template)
             self._algorithm, self._run = algo, (run_id, settings)
             self.rounds_trained = {run_id: self.rounds_trained.get(run_id, 0)}
         return self._algorithm
@@ -88,14 +91,17 @@ class SiteService:
             missing, extra = set(self._shapes) - set(weights), set(weights) - set(self._shapes)
             raise RequestRefused(f"the weights are not the run's model ({len(missing)} "
                                  f"missing, {len(extra)} unknown)")
-        for name, (shape, _) in self._shapes.items():
-            if tuple(weights[name].shape) != shape:
-                raise RequestRefused(f"weight {name!r} has shape {tuple(weights[name].shape)}, "
-                                     f"the run's model has {shape}")
+        for name, (shape, dtype) in self._shapes.items():
+            if tuple(weights[name].shape) != shape or weights[name].dtype.name != dtype:
+                raise RequestRefused(f"weight {name!r} is {weights[name].dtype.name} "
+                                     f"{tuple(weights[name].shape)}, the run's model has "
+                                     f"{dtype} {shape}")
 
     def handle(self, kind: str, run_id: int, run_config: Mapping[str, Any],
                round_config: Mapping[str, Any], weights: Mapping[str, np.ndarray] | None
-               ) -> tuple[dict[str, np.ndarray], dict[str, int | float]]:
+               ) -> tuple[dict[str, np.ndarray], dict[str, int | float], dict[str, str]]:
+        """The reply: weights, metrics, and notes (scrubbed texts: a failed
+        scoring of the incoming model, which does not stop the training)."""
         if kind not in self.REQUESTS:
             raise RequestRefused(f"unknown request {str(kind)[:40]!r}; this site answers "
                                  f"{', '.join(self.REQUESTS)}")
@@ -104,24 +110,33 @@ class SiteService:
             from common.data.site import list_cases
 
             return {}, {"training-cases": len(list_cases(self.data_dir, "training")),
-                        "test-cases": len(list_cases(self.data_dir, "test"))}
+                        "test-cases": len(list_cases(self.data_dir, "test"))}, {}
         if weights is None or not weights:
             raise RequestRefused(f"a {kind} request needs the global model's weights")
         self.check_weights(weights)
+        weights = unpack(weights, self._template)
         out: dict[str, np.ndarray] = {}
+        notes: dict[str, str] = {}
         if kind == "evaluate":
             metrics = algo.evaluate(weights, round_config)
         else:
             self.policy.check_round(self.rounds_trained.get(run_id, 0))
-            scored = algo.evaluate(weights, round_config) if round_config.get(
-                wire.EVALUATE_INCOMING) else {}
+            scored = {}
+            if round_config.get(wire.EVALUATE_INCOMING):
+                try:
+                    scored = algo.evaluate(weights, round_config)
+                except Exception as exc:  # noqa: BLE001 - scoring failed; training goes on
+                    log.error("scoring the incoming model failed at this site: %s", exc,
+                              exc_info=not isinstance(exc, FedsegError))
+                    notes[wire.EVALUATE_ERROR] = scrub(exc)
+                    write_local_log(self.site, "evaluate", exc)  # simulation only
             new, metrics = algo.train(weights, round_config)
             self.rounds_trained[run_id] = self.rounds_trained.get(run_id, 0) + 1
             metrics.update({wire.GLOBAL_PREFIX + k: v for k, v in scored.items()})
-            out = {k: v.numpy() for k, v in new.items()}
+            out = pack(new)
             self.check_weights(out)  # never anything but the model
         allowed = _allowed_metrics(kind)
         stray = set(metrics) - allowed
         if stray:  # a programming error here, never sent
             raise RuntimeError(f"metrics outside the wire's names: {sorted(stray)}")
-        return out, metrics
+        return out, metrics, notes

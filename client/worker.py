@@ -70,7 +70,7 @@ class Worker:
             rnd = run_round(round_config) if kind != "describe" else None
             start = time.perf_counter()
             conn.settimeout(None)
-            out, metrics = self.service.handle(kind, run, run_config, round_config, arrays)
+            out, metrics, notes = self.service.handle(kind, run, run_config, round_config, arrays)
         except (ChannelError, RequestRefused, PolicyRefusal, ValueError, TypeError) as exc:
             if isinstance(exc, FedsegError) and not isinstance(exc, ChannelError | RequestRefused
                                                                 | PolicyRefusal):
@@ -84,9 +84,9 @@ class Worker:
             return
         except Exception as exc:  # noqa: BLE001 - the site's log has it; the server a scrub
             return self._failed(conn, exc, kind, run, rnd)
-        nbytes = self._reply(conn, {"ok": True, "metrics": metrics}, out)
+        nbytes = self._reply(conn, {"ok": True, "metrics": metrics, "notes": notes}, out)
         self.audit.append(run=run, round=rnd, kind=kind, outcome="sent", metrics=metrics,
-                          arrays=out, nbytes=nbytes)
+                          arrays=out, nbytes=nbytes, reason="; ".join(notes.values()) or None)
         log.info("%s (run %d, round %s) answered in %.1f s", kind, run, rnd,
                  time.perf_counter() - start)
 

@@ -23,6 +23,7 @@ SITE = "site"  # the site's public name (ConfigRecord)
 
 # Keys
 SITE_NAME = "name"  # in SITE
+EVALUATE_ERROR = "evaluate-error"  # in SITE: scoring the incoming model failed (scrubbed)
 SERVER_ROUND = "server-round"  # in CONFIG, written by Flower's strategies
 ROUNDS_DONE = "rounds-done"  # in CONFIG: rounds of a resumed run already behind
 PROXIMAL_MU = "proximal-mu"  # in CONFIG, written by Flower's FedProx
@@ -71,6 +72,8 @@ TABLE = (
             f"`{k}` of the global model received, before training")
       for k in EVAL_METRICS),
     Entry(SITE_NAME, SITE, UP, "the site's public name (node setting `site-name`)"),
+    Entry(EVALUATE_ERROR, SITE, UP, "train with `evaluate-incoming`: why scoring the incoming "
+          "model failed (scrubbed, as a failed reply's cause); the site trained all the same"),
     Entry(ERROR_SITE, "error reason", UP, "a failed reply: the site's public name"),
     Entry(ERROR_TEXT, "error reason", UP, "a failed reply: the scrubbed cause (kind of "
           "failure, case position), never a path, file or case name or DICOM value"),

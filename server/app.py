@@ -16,7 +16,7 @@ from common.config import RunSettings
 from common.errors import ConfigError
 from common.model import build_model
 from server.prompt_grid import prompt
-from server.runs import RunFolder, runs_root
+from server.runs import RunFolder, packed_arrays, runs_root
 from server.strategies import PrivacyBudgetExhausted, build_strategy
 
 app = ServerApp()
@@ -51,7 +51,7 @@ def main(grid: Grid, context: Context) -> None:
     settings = RunSettings.from_run_config(context.run_config)
     run = RunFolder.open(runs_root(), settings)
     torch.manual_seed(settings.seed)
-    arrays = run.checkpoint_arrays() or ArrayRecord(build_model(settings.model).state_dict())
+    arrays = run.checkpoint_arrays() or packed_arrays(build_model(settings.model).state_dict())
     done = run.last_round
     # Only DP needs the number of nodes up front (to scale its noise).
     sampled = nodes_per_round(grid, settings) if settings.dp != "off" else None

@@ -29,7 +29,11 @@ def cmd_bench_deploy(args: argparse.Namespace) -> int:
     from common.data.synthetic import write_federation
     from server.localfed import LocalFederation
 
-    work = Path(tempfile.mkdtemp(prefix="bench-deploy-", dir=fedseg_home()))
+    # As root the nodes run as unprivileged users, who must reach the folder:
+    # the system's temporary folder then, not root's home.
+    base = Path(tempfile.gettempdir()) if os.geteuid() == 0 else fedseg_home()
+    base.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="bench-deploy-", dir=base))
     sites = write_federation(work / "data", args.hospitals, n_train=6, n_test=3)
     console.print(f"TLS deployment on 127.0.0.1: {args.hospitals} hospitals, "
                   f"{args.rounds} rounds, {args.threads} thread(s) each; work folder {work}")

@@ -8,6 +8,9 @@ when it leaves its ``with`` block, also on error.
 
 from __future__ import annotations
 
+import os
+import pwd
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +19,37 @@ from typing import Any
 from server import deployment
 from server.processes import free_port, stop_process_group, wait_for_port
 from server.provision import provision
+
+RUN_USER, DATA_USER = "fedseg-run", "fedseg-data"  # as docs/deploy.md creates them
+
+
+def ensure_user(name: str) -> None:
+    """A system user without a home or login, made if missing (root only)."""
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        if not shutil.which("useradd"):
+            raise RuntimeError(f"user {name!r} is missing and useradd is not here") from None
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell",
+                        "/usr/sbin/nologin", name], check=True, capture_output=True)
+
+
+def open_path_to(path: Path) -> None:
+    """Let every user pass through (not list) the folders above ``path``."""
+    for folder in Path(path).resolve().parents:
+        mode = folder.stat().st_mode
+        if mode & 0o001 == 0:
+            os.chmod(folder, mode | 0o001)
+
+
+def hand_to_data_user(site: Path) -> None:
+    """The site folder readable by the worker's user only, as a hospital sets it."""
+    data = pwd.getpwnam(DATA_USER)
+    for path in [site, *site.rglob("*")]:
+        os.chown(path, data.pw_uid, data.pw_gid, follow_symlinks=False)
+        if not path.is_symlink():
+            os.chmod(path, path.stat().st_mode & 0o700 | (0o700 if path.is_dir() else 0))
+    open_path_to(site)
 
 
 class LocalFederation:
@@ -58,6 +92,13 @@ class LocalFederation:
         return self
 
     def _start(self) -> None:
+        if os.geteuid() == 0:  # nodes started as root run as the users a hospital makes
+            for name in (RUN_USER, DATA_USER):
+                ensure_user(name)
+            for site in self.sites:
+                hand_to_data_user(site)
+            os.chmod(self.work, self.work.stat().st_mode | 0o005)
+            open_path_to(self.work)
         provision(self.certs, ["127.0.0.1", "localhost"], self.names)
         link = ["superlink", "--state", str(self.state.root), "--host", "127.0.0.1",
                 "--port", str(self.port), "--local-port", str(self.local_port)]
@@ -79,7 +120,10 @@ class LocalFederation:
                    extra: tuple[str, ...] = ()) -> subprocess.Popen:
         insecure = self.insecure if insecure is None else insecure
         args = ["node", "--superlink", self.address, "--data-dir", str(site), "--name", name,
-                "--threads", str(self.threads), "--port", str(port), *extra]
+                "--threads", str(self.threads), "--port", str(port),
+                "--state", str(self.work / f"site-{name}-{port}"), *extra]
+        if os.geteuid() == 0:
+            args += ["--run-user", RUN_USER, "--data-user", DATA_USER]
         if insecure:
             args.append("--insecure")
         else:

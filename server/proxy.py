@@ -64,7 +64,9 @@ def nginx_config(folder: Path, *, host: str, port: int, local_port: int,
     lines += [
         "events { worker_connections 256; }",
         "http {",
-        f"    access_log {folder / 'access.log'};",
+        "    log_format timed '$remote_addr [$time_local] \"$request\" $status "
+        "$body_bytes_sent $request_length $request_time $upstream_response_time';",
+        f"    access_log {folder / 'access.log'} timed;",
         *(f"    {kind}_temp_path {folder / 'tmp' / kind};"
           for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")),
         "    server_tokens off;",

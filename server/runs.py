@@ -31,6 +31,8 @@ from common import wire
 from common.config import RunSettings
 from common.errors import ConfigError
 from common.metrics import weighted_mean
+from common.model import build_model
+from common.packing import pack, template_of, unpack
 from common.privacy.accounting import PrivacyAccount
 from common.wire import SCORES as METRICS
 from server.strategies import RoundRecord
@@ -71,6 +73,13 @@ def read_metrics(folder: Path) -> list[dict[str, Any]]:
         except ValueError:
             break  # a line cut short by a crash: ignore it and what follows
     return rows
+
+
+def packed_arrays(state: dict[str, Any]) -> ArrayRecord:
+    """A state dict as the wire carries it (``common/packing.py``)."""
+    from flwr.app import Array
+
+    return ArrayRecord({k: Array(v) for k, v in pack(state).items()})
 
 
 class RunFolder:
@@ -122,7 +131,13 @@ class RunFolder:
         if self.last_round == 0:
             return None
         saved = torch.load(self.path / "checkpoint.pt", map_location="cpu", weights_only=True)
-        return ArrayRecord(saved["state_dict"])
+        return packed_arrays(saved["state_dict"])
+
+    def state_dict(self, arrays: ArrayRecord) -> dict[str, torch.Tensor]:
+        """The global model's state dict from its packed arrays."""
+        template = template_of(build_model(self.settings.model).state_dict())
+        flat = {k: a.numpy() for k, a in arrays.items()}
+        return {k: torch.from_numpy(v.copy()) for k, v in unpack(flat, template).items()}
 
     def dp_releases(self) -> int:
         """DP releases so far (for the accountant when a run resumes)."""
@@ -159,7 +174,7 @@ class RunFolder:
                     "record": {**rec.__dict__, "failed": sorted(rec.failed),
                                "left_out": sorted(rec.left_out),
                                "failures": list(rec.failures)}}
-        state = arrays.to_torch_state_dict()
+        state = self.state_dict(arrays)
         buffer_path = self.path / ".checkpoint.pt.tmp"
         torch.save({"round": server_round, "state_dict": state,
                     "config": self.settings.to_run_config(),
@@ -207,7 +222,7 @@ class RunFolder:
         if final_arrays is None:
             final_arrays = self.checkpoint_arrays()
         if final_arrays is not None:
-            torch.save(final_arrays.to_torch_state_dict(), self.path / "final_model.pt")
+            torch.save(self.state_dict(final_arrays), self.path / "final_model.pt")
         summary = self.summary(stopped, ledger)
         _atomic_write(self.path / "summary.json", json.dumps(summary, indent=2).encode())
         self.plot()

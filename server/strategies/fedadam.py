@@ -24,4 +24,14 @@ class ScheduledFedAdam(FedAdam):
         done = (self.rounds_done + server_round - 1) / self.settings.num_rounds
         self.eta = (self.settings.fedadam_eta * learning_rate_at(done, self.settings)
                     / self.settings.learning_rate)
-        return super().aggregate_train(server_round, replies)
+        replies = list(replies)
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if arrays is not None:  # Flower's Adam computes in float64: back to the model's type
+            from flwr.app import Array, ArrayRecord
+
+            dtypes = {k: a.numpy().dtype for m in replies if m.has_content()
+                      for k, a in next(iter(m.content.array_records.values())).items()}
+            arrays = ArrayRecord({k: Array(a.numpy().astype(dtypes.get(k, a.numpy().dtype),
+                                                             copy=False))
+                                  for k, a in arrays.items()})
+        return arrays, metrics

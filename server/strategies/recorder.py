@@ -130,12 +130,20 @@ class SiteRecorder(StrategyWrapper):
             self.round(server_round - 1).evaluate[site] = scores
         return {k: v for k, v in values.items() if not k.startswith(wire.GLOBAL_PREFIX)}
 
+    def scoring_failed(self, server_round: int, site: str, reason: str) -> None:
+        """A site trained in ``server_round`` but could not score the model it
+        received: a failure of the previous round's evaluation."""
+        self.note_failure(server_round - 1, f"evaluate at {site}: {reason}", site, train=False)
+        log(WARNING, "round %d: evaluate failed at %s: %s", server_round - 1, site, reason)
+
     def secure_round(self, server_round: int, result: SecureRound) -> None:
         """A SecAgg+ round's traffic and per-site numbers (its messages bypass
         ``configure_train``/``aggregate_train``)."""
         rec = self.round(server_round)
         rec.train.update({site: self.scores_of_incoming(server_round, site, values)
                           for site, values in result.sites.items()})
+        for site, reason in result.evaluate_errors.items():
+            self.scoring_failed(server_round, site, reason)
         rec.bytes_down += result.bytes_down
         rec.bytes_up += result.bytes_up
         if result.halted:
@@ -180,6 +188,10 @@ class SiteRecorder(StrategyWrapper):
                       if isinstance(v, int | float) and k != UNIFORM_WEIGHT}
             if phase == "train":
                 rec.train[name] = self.scores_of_incoming(server_round, name, values)
+                site_record = msg.content.config_records.get(wire.SITE, {})
+                if wire.EVALUATE_ERROR in site_record:
+                    self.scoring_failed(server_round, name,
+                                        str(site_record[wire.EVALUATE_ERROR]))
             else:
                 rec.evaluate[name] = values
         why = f" ({'; '.join(sorted(set(lost)))})" if lost else ""

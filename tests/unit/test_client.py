@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common.serde import message_to_proto
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -15,6 +15,7 @@ from common.config import RunSettings
 from common.data.site import list_cases
 from common.errors import LOCAL_LOG_ENV, parse_error_reason
 from common.model import build_model
+from common.packing import pack, template_of, unpack
 from common.wire import EVAL_METRICS, TRAIN_METRICS
 
 RUN_CONFIG = {"local-epochs": 1, "seed": 0}
@@ -32,8 +33,17 @@ def context(data_dir: Path, name: str = "hospital-a") -> Context:
                    state=RecordDict(), run_config=dict(RUN_CONFIG))
 
 
+def received(reply: Message, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A train reply's weights unpacked to the model's state dict."""
+    packed = {k: a.numpy() for k, a in reply.content["arrays"].items()}
+    assert set(packed) == {"weights-float32"}  # one flat vector, nothing else
+    return {k: torch.from_numpy(v.copy())
+            for k, v in unpack(packed, template_of(model.state_dict())).items()}
+
+
 def message(kind: str, model: torch.nn.Module) -> Message:
-    content = RecordDict({"arrays": ArrayRecord(model.state_dict()),
+    content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in
+                                                 pack(model.state_dict()).items()}),
                           "config": ConfigRecord({"server-round": 1})})
     return Message(content=content, dst_node_id=7, message_type=kind)
 
@@ -64,7 +74,7 @@ def test_train_reply_holds_weights_and_named_numbers_only(synthetic_sites, model
     assert set(reply.content["metrics"].keys()) == set(TRAIN_METRICS)
     assert reply.content["metrics"]["num-examples"] == len(list_cases(site, "training"))
     assert dict(reply.content["site"]) == {"name": "hospital-a"}
-    arrays = reply.content["arrays"].to_torch_state_dict()
+    arrays = received(reply, model)
     before = model.state_dict()
     assert arrays.keys() == before.keys()
     assert all(arrays[k].shape == before[k].shape for k in before)
@@ -129,7 +139,9 @@ def test_mismatched_model_is_a_scrubbed_error(synthetic_sites):
     reply = train_handler(message(MessageType.TRAIN, other), context(synthetic_sites[0]))
     assert reply.has_error()
     reason = parse_error_reason(reply.error.reason)[1]
-    assert reason.startswith("request refused by the site: the weights are not the run's model")
+    assert reason == ("request refused by the site: weight 'weights-float32' is float32 "
+                      f"({sum(v.numel() for v in other.state_dict().values())},), the run's "
+                      "model has float32 (1625161,)")
 
 
 def test_a_site_keeps_its_optimiser_state_between_rounds_and_never_sends_it(
@@ -147,7 +159,7 @@ def test_a_site_keeps_its_optimiser_state_between_rounds_and_never_sends_it(
     kept = ctx.state.array_records[OPTIMIZER_STATE]
     assert float(kept["0.step"].numpy()) == steps
     assert set(first.content.keys()) == {"arrays", "metrics", "site"}
-    assert first.content["arrays"].keys() == model.state_dict().keys()  # weights only
+    assert received(first, model).keys() == model.state_dict().keys()  # weights only
 
     second = train_handler(message(MessageType.TRAIN, model), ctx)
     assert float(ctx.state.array_records[OPTIMIZER_STATE]["0.step"].numpy()) == 2 * steps
@@ -156,6 +168,6 @@ def test_a_site_keeps_its_optimiser_state_between_rounds_and_never_sends_it(
     fresh = train_handler(message(MessageType.TRAIN, model), off)
     assert OPTIMIZER_STATE not in off.state.array_records
     # The same global weights, data and seed: only the carried moments differ.
-    a = second.content["arrays"].to_torch_state_dict()
-    b = fresh.content["arrays"].to_torch_state_dict()
+    a = received(second, model)
+    b = received(fresh, model)
     assert any(not torch.equal(a[k], b[k]) for k in a)

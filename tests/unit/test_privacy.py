@@ -9,7 +9,6 @@ import pytest
 import torch
 from dp_accounting import dp_event, rdp
 from flwr.app import (
-    ArrayRecord,
     ConfigRecord,
     Context,
     Message,
@@ -22,6 +21,7 @@ from common.config import RunSettings
 from common.errors import ConfigError
 from common.model import build_model
 from common.privacy.accounting import PrivacyLedger
+from server.runs import packed_arrays
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -64,7 +64,7 @@ def test_client_side_clipping_bounds_the_update_norm(synthetic_sites):
     settings = RunSettings.from_run_config(run_config)
     torch.manual_seed(0)
     model = build_model(settings.model)
-    sent = ArrayRecord(model.state_dict())
+    sent = packed_arrays(model.state_dict())
     msg = Message(content=RecordDict({"arrays": sent, "config": ConfigRecord(
         {"server-round": 1, "clipping_norm": clip})}), dst_node_id=7,
         message_type=MessageType.TRAIN)

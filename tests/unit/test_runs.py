@@ -10,7 +10,7 @@ from flwr.app import ArrayRecord
 from common.config import RunSettings
 from common.errors import ConfigError
 from common.model import build_model
-from server.runs import RunFolder, read_metrics
+from server.runs import RunFolder, packed_arrays, read_metrics
 from server.strategies import RoundRecord
 
 CFG = {"model-channels": "4,8", "patch-size": 16, "num-rounds": 3, "run-name": "r1"}
@@ -27,9 +27,14 @@ def round_record(dice_a: float, dice_b: float) -> RoundRecord:
     )
 
 
-def arrays(seed: int) -> ArrayRecord:
+def state(seed: int) -> dict[str, torch.Tensor]:
     torch.manual_seed(seed)
-    return ArrayRecord(build_model(RunSettings.from_run_config(CFG).model).state_dict())
+    return build_model(RunSettings.from_run_config(CFG).model).state_dict()
+
+
+def arrays(seed: int) -> ArrayRecord:
+    """The model as the wire carries it (packed, common/packing.py)."""
+    return packed_arrays(state(seed))
 
 
 def test_rounds_summary_and_plot(tmp_path):
@@ -50,7 +55,8 @@ def test_rounds_summary_and_plot(tmp_path):
                                                 "specificity"}
     assert summary["dice_first_round"] < summary["dice_final"]
     final = torch.load(folder / "final_model.pt", weights_only=True)
-    assert all(torch.equal(final[k], v) for k, v in arrays(2).to_torch_state_dict().items())
+    assert final.keys() == state(2).keys()
+    assert all(torch.equal(final[k], v) for k, v in state(2).items())
 
 
 def test_resume_continues_after_the_last_saved_round(tmp_path):
@@ -63,8 +69,8 @@ def test_resume_continues_after_the_last_saved_round(tmp_path):
     resumed = RunFolder.open(tmp_path, RunSettings.from_run_config({**CFG, "resume": True}))
     assert resumed.last_round == 2
     assert [r["round"] for r in read_metrics(tmp_path / "r1")] == [1, 2]
-    restored = resumed.checkpoint_arrays().to_torch_state_dict()
-    assert all(torch.equal(restored[k], v) for k, v in arrays(2).to_torch_state_dict().items())
+    restored = resumed.state_dict(resumed.checkpoint_arrays())
+    assert all(torch.equal(restored[k], v) for k, v in state(2).items())
 
 
 def test_a_finished_folder_is_not_overwritten(tmp_path):

@@ -3,7 +3,7 @@ produced, kept in the site's state folder and printed by ``fedseg node audit``.
 
 Each line: time, run, round, kind, outcome (``sent``, ``refused``,
 ``failed``), the reply's record keys (metric names, array count), its byte
-size on the local channel, and a SHA-256 of the weights' bytes (name, dtype,
+size on the local channel, the seconds the worker spent on it, and a SHA-256 of the weights' bytes (name, dtype,
 shape and data of every array in order), so a privacy officer can match a
 reply to what the server kept (``FEDSEG_AUDIT_DIR`` on the server side).
 """
@@ -39,7 +39,7 @@ class AuditLog:
     def append(self, *, run: int, round: int | None, kind: str, outcome: str,
                metrics: Mapping[str, Any] | None = None,
                arrays: Mapping[str, np.ndarray] | None = None, nbytes: int = 0,
-               reason: str | None = None) -> dict[str, Any]:
+               reason: str | None = None, seconds: float | None = None) -> dict[str, Any]:
         arrays = arrays or {}
         entry = {
             "time": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -50,6 +50,8 @@ class AuditLog:
             "bytes": nbytes,
             "weights_sha256": weights_hash(arrays),
         }
+        if seconds is not None:
+            entry["seconds"] = float(f"{seconds:.3f}")  # the worker's own time on it
         if reason:
             entry["reason"] = reason
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -86,7 +86,8 @@ class Worker:
             return self._failed(conn, exc, kind, run, rnd)
         nbytes = self._reply(conn, {"ok": True, "metrics": metrics, "notes": notes}, out)
         self.audit.append(run=run, round=rnd, kind=kind, outcome="sent", metrics=metrics,
-                          arrays=out, nbytes=nbytes, reason="; ".join(notes.values()) or None)
+                          arrays=out, nbytes=nbytes, reason="; ".join(notes.values()) or None,
+                          seconds=time.perf_counter() - start)
         log.info("%s (run %d, round %s) answered in %.1f s", kind, run, rnd,
                  time.perf_counter() - start)
 
@@ -163,7 +164,10 @@ def main(argv: list[str] | None = None) -> int:
         while True:
             conn, _ = srv.accept()
             with conn:
-                worker.serve_one(conn)
+                try:
+                    worker.serve_one(conn)
+                except Exception as exc:  # noqa: BLE001 - one bad request never stops the site
+                    log.error("request not served: %s", exc, exc_info=exc)
     except (SystemExit, KeyboardInterrupt):
         return 0
     finally:

@@ -22,12 +22,15 @@ QUALITY_LOCAL_EPOCHS = 2
 
 def cmd_bench_deploy(args: argparse.Namespace) -> int:
     """Wall time per round of a TLS deployment on this machine, split into the
-    hospitals' local training and everything else."""
+    site work (the slowest site worker's training and scoring, from the sites'
+    audit logs) and everything else, with the same run simulated next to it."""
     import platform
     import tempfile
 
     from common.data.synthetic import write_federation
     from server.localfed import LocalFederation
+    from server.runs import read_metrics
+    from server.simulation import Site, simulate
 
     # As root the nodes run as unprivileged users, who must reach the folder:
     # the system's temporary folder then, not root's home.
@@ -35,31 +38,52 @@ def cmd_bench_deploy(args: argparse.Namespace) -> int:
     base.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench-deploy-", dir=base))
     sites = write_federation(work / "data", args.hospitals, n_train=6, n_test=3)
+    names = [f"hospital-{chr(ord('a') + i)}" for i in range(len(sites))]
+    config = {"num-rounds": args.rounds, "local-epochs": 1}
     console.print(f"TLS deployment on 127.0.0.1: {args.hospitals} hospitals, "
                   f"{args.rounds} rounds, {args.threads} thread(s) each; work folder {work}")
-    with LocalFederation(work, sites, threads=args.threads) as fed:
-        summary = fed.run("bench", {"num-rounds": args.rounds, "local-epochs": 1},
-                          on_round=round_line)
+    with LocalFederation(work, sites, names=names, threads=args.threads) as fed:
+        summary = fed.run("bench", config, on_round=round_line)
+        memory = worker_memory(fed)
         cost = proxy_cost(fed, args.rounds)
-    from server.runs import read_metrics
-
-    rows = read_metrics(fed.state.runs / "bench")
+    deployed = read_metrics(fed.state.runs / "bench")
+    site_work = worker_seconds(work)
+    console.print("the same run, simulated (Flower's simulation engine, same sites and seeds):")
+    sim_summary = simulate([Site(n, s) for n, s in zip(names, sites, strict=True)],
+                           work / "sim" / "bench", config, on_round=round_line,
+                           threads_per_client=args.threads)
+    simulated = read_metrics(work / "sim" / "bench")
     table = Table(title="seconds per round")
-    for col in ("round", "wall", "training (slowest site)", "everything else", "share"):
+    for col in ("round", "deployed", "site work", "other", "simulated", "Dice dep.",
+                "Dice sim."):
         table.add_column(col, justify="right")
-    for r in rows:
-        train = max(v for v in r["train_seconds"].values() if v is not None)
-        table.add_row(str(r["round"]), f"{r['seconds']:.1f}", f"{train:.1f}",
-                      f"{r['seconds'] - train:.1f}", f"{train / r['seconds']:.0%}")
-    steady = rows[1:] or rows
-    wall = sum(r["seconds"] for r in steady) / len(steady)
-    train = sum(max(r["train_seconds"].values()) for r in steady) / len(steady)
-    table.add_row("mean, rounds 2+" if rows[1:] else "mean", f"{wall:.1f}", f"{train:.1f}",
-                  f"{wall - train:.1f}", f"{train / wall:.0%}")
+    for r, s in zip(deployed, simulated, strict=True):
+        work_s = site_work.get(r["round"], 0.0)
+        table.add_row(str(r["round"]), f"{r['seconds']:.1f}", f"{work_s:.1f}",
+                      f"{r['seconds'] - work_s:.1f}", f"{s['seconds']:.1f}",
+                      fmt(r["dice_mean"]), fmt(s["dice_mean"]))
+    steady = [r for r in deployed[1:-1]] or deployed  # the last round also evaluates apart
+    if steady:
+        wall = sum(r["seconds"] for r in steady) / len(steady)
+        work_s = sum(site_work.get(r["round"], 0.0) for r in steady) / len(steady)
+        sim = [s for s in simulated if s["round"] in {r["round"] for r in steady}]
+        table.add_row("mean 2..n-1", f"{wall:.1f}", f"{work_s:.1f}",
+                      f"{wall - work_s:.1f}",
+                      f"{sum(s['seconds'] for s in sim) / max(1, len(sim)):.1f}", "", "")
     console.print(table)
+    console.print("deployed: the round's wall time at the ServerApp; site work: the slowest "
+                  "site worker's own time (training, and scoring the incoming model), from the "
+                  "sites' audit logs; other: the rest (Flower's polling, the ClientApp process, "
+                  "transfers); simulated: the same run in Flower's simulation engine; the last "
+                  "round also sends evaluate messages", soft_wrap=True)
     console.print(f"machine: {platform.machine()}, {os.cpu_count()} cores, "
                   f"{platform.python_implementation()} {platform.python_version()}; "
-                  f"final Dice {fmt(summary['dice_final'])}", soft_wrap=True)
+                  f"final Dice deployment {fmt(summary['dice_final'])}, simulation "
+                  f"{fmt(sim_summary['dice_final'])}", soft_wrap=True)
+    if memory:
+        console.print("site worker memory (resident; peak): " + ", ".join(
+            f"{n} {rss / 2**20:.0f} MiB; {peak / 2**20:.0f} MiB" for n, (rss, peak)
+            in memory.items()), soft_wrap=True)
     console.print(
         f"proxy (nginx in front of the SuperLink): {cost['requests_per_round']:.0f} requests a "
         f"round through it; a request {cost['via_ms']:.2f} ms through nginx against "
@@ -67,6 +91,38 @@ def cmd_bench_deploy(args: argparse.Namespace) -> int:
         f"most {cost['seconds_per_round']:.3f} s a round if every request waited in turn",
         soft_wrap=True)
     return 0
+
+
+def worker_seconds(work: Path) -> dict[int, float]:
+    """Per round, the slowest site worker's time (training and scoring), from
+    the sites' audit logs (``fedseg node audit``)."""
+    from client.audit import AuditLog
+
+    per_round: dict[int, dict[str, float]] = {}
+    for log in work.glob("site-*/audit/audit.jsonl"):
+        for e in AuditLog(log).entries():
+            if e.get("outcome") == "sent" and e.get("round"):
+                sites = per_round.setdefault(int(e["round"]), {})
+                sites[str(log)] = sites.get(str(log), 0.0) + float(e.get("seconds", 0.0))
+    return {r: max(v.values()) for r, v in per_round.items()}
+
+
+def worker_memory(fed) -> dict[str, tuple[int, int]]:
+    """Resident and peak memory of each site worker of ``fed`` (Linux /proc)."""
+    out = {}
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            cmdline = (status.parent / "cmdline").read_bytes().split(b"\0")
+            text = status.read_text()
+        except OSError:
+            continue
+        if b"client.worker" not in cmdline or str(fed.work).encode() not in b" ".join(cmdline):
+            continue
+        name = cmdline[cmdline.index(b"--name") + 1].decode()
+        fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+        kib = {k: int(fields[k].split()[0]) * 1024 for k in ("VmRSS", "VmHWM")}
+        out[name] = (kib["VmRSS"], kib["VmHWM"])
+    return out
 
 
 def proxy_cost(fed, rounds: int, batches: int = 6, per_batch: int = 100) -> dict[str, float]:

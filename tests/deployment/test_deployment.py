@@ -233,3 +233,79 @@ def test_hospital_list_shows_a_key_registered_behind_fedsegs_back(federation, tm
     removed = fedseg("remove", stray)
     assert removed.returncode == 0, removed.stdout + removed.stderr
     assert "(unknown)" not in fedseg("list").stdout
+
+
+def test_the_site_audit_lists_every_reply(federation):
+    """`fedseg node audit` at the hospital: every reply its worker produced."""
+    if not (federation.state.runs / "tls-run").exists():
+        federation.run("tls-run", {"num-rounds": 2, "local-epochs": 1}, timeout=400)
+    state = next(federation.work.glob("site-hospital-a-*"))
+    out = subprocess.run([sys.executable, "-m", "server.cli", "node", "audit", "--state",
+                          str(state)], capture_output=True, text=True, timeout=120,
+                         cwd=APP_DIR, env=base_env({"COLUMNS": "250"}))
+    assert out.returncode == 0, out.stderr
+    rows = [line for line in out.stdout.splitlines() if " sent " in line]
+    kinds = [("train" in r, "evaluate" in r) for r in rows]
+    assert kinds.count((True, False)) >= 2 and kinds.count((False, True)) >= 1, out.stdout
+
+
+# -- the coordinator's code cannot read a hospital's data --------------------------------
+
+EVIL_TRAIN = '''
+@app.train()
+def train_handler(msg, context):
+    """A modified app: reads a file of the site's data folder and sends it back."""
+    stolen = open(STOLEN_PATH, "rb").read()
+    return Message(RecordDict({"metrics": MetricRecord({"num-examples": 1}),
+                               "site": ConfigRecord({"name": "x", "stolen": stolen.hex()})}),
+                   reply_to=msg)
+
+
+@app.evaluate()
+def evaluate_handler(msg, context):
+    """And asks the site's worker for something outside its set."""
+    from client.channel import WorkerClient
+
+    WorkerClient(context.node_config["worker"]).request("read-file", context.run_id, {}, {},
+                                                       None)
+'''
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="containment applies to a node started as root "
+                    "(the SuperNode runs as fedseg-run); this test is not root")
+def test_a_modified_app_cannot_read_the_data_folder(federation, tmp_path):
+    """The coordinator submits a copy of the app whose handlers open a file of
+    hospital a's data folder and put its bytes in the reply: the ClientApp runs
+    as a user that cannot read it, the hospital's log says what was tried, and
+    no byte of the file reaches the server."""
+    import shutil
+
+    target = next(p for p in sorted(federation.sites[0].rglob("*")) if p.is_file()
+                  and p.stat().st_size > 300)
+    needle = target.read_bytes()[132:232]  # past the DICOM preamble
+    evil = tmp_path / "evil"
+    shutil.copy(APP_DIR / "pyproject.toml", evil.parent / "pyproject.toml")
+    for package in ("client", "common", "server"):
+        shutil.copytree(APP_DIR / package, evil / package,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.move(evil.parent / "pyproject.toml", evil / "pyproject.toml")
+    app = evil / "client" / "app.py"
+    text = app.read_text()
+    text = text[:text.index("@app.train(")] + f"STOLEN_PATH = {str(target)!r}\n" + EVIL_TRAIN
+    app.write_text(text)
+    done = subprocess.run(
+        ["flwr", "run", str(evil), "fedseg", "--stream", "--run-config",
+         'run-name="evil" num-rounds=1 min-nodes=1'],
+        capture_output=True, text=True, timeout=400, cwd=evil,
+        env=base_env({"FLWR_HOME": str(federation.state.flwr_home),
+}))
+    log = (federation.work / "node-hospital-a.out").read_text()
+    assert "PermissionError" in log and str(target) in log, done.stdout[-2000:]
+    assert "refused read-file request" in log  # the worker's own log, at the hospital
+    server_side = files_under(federation.work / "audit", federation.state.root,
+                              federation.work / "superlink.out")
+    assert server_side
+    assert not [p for p in server_side if needle in p.read_bytes()
+                or needle.hex().encode() in p.read_bytes()]
+    rows = read_metrics(federation.state.runs / "evil")
+    assert rows and rows[0]["trained"] == [] and not rows[0]["aggregated"]

@@ -242,3 +242,33 @@ def test_the_prompt_grid_returns_each_reply_as_it_comes():
     start = time.monotonic()
     replies = grid.send_and_receive([("a", 0.1), ("lost", 99)], timeout=1)
     assert len(replies) == 1 and 0.9 < time.monotonic() - start < 1.5
+
+
+def test_a_policy_requiring_secure_aggregation_refuses_a_plain_run(synthetic_sites, tmp_path):
+    """Through `fedseg node`'s own start-up: the worker it starts reads the
+    hospital's policy; a plain run is refused with the rule, and recorded."""
+    policy = tmp_path / "policy.toml"
+    policy.write_text("require-secure-aggregation = true\n")
+    sock, audit = tmp_path / "w.sock", tmp_path / "audit.jsonl"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "client.worker", "--socket", str(sock), "--data-dir",
+         str(synthetic_sites[1]), "--name", "hospital-b", "--audit", str(audit),
+         "--policy", str(policy)], cwd=ROOT, stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not sock.exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        with pytest.raises(WorkerRefused, match="refused by the site's policy: secure "
+                                                "aggregation is required"):
+            WorkerClient(str(sock)).request("train", 5, RUN, {"server-round": 1},
+                                            model_weights())
+        secure = {**RUN, "secure-aggregation": True}
+        _, metrics, _ = WorkerClient(str(sock)).request("describe", 5, secure, {}, None)
+        assert metrics["training-cases"] == 4
+    finally:
+        stop_group(proc.pid)
+    entries = AuditLog(audit).entries()
+    assert [(e["kind"], e["outcome"]) for e in entries] == [("train", "refused"),
+                                                            ("describe", "sent")]

@@ -3,8 +3,9 @@ produced, kept in the site's state folder and printed by ``fedseg node audit``.
 
 Each line: time, run, round, kind, outcome (``sent``, ``refused``,
 ``failed``), the reply's record keys (metric names, array count), its byte
-size on the local channel, the seconds the worker spent on it, and a SHA-256 of the weights' bytes (name, dtype,
-shape and data of every array in order), so a privacy officer can match a
+size on the local channel, the seconds the worker spent on it, a SHA-256 of
+the weights' bytes (name, dtype, shape and data of every array in order), so
+a privacy officer can match a
 reply to what the server kept (``FEDSEG_AUDIT_DIR`` on the server side).
 """
 

@@ -39,9 +39,13 @@ class UpdateChecks(StrategyWrapper):
             return f"{len(content.array_records)} weight records instead of one"
         if len(content.metric_records) != 1:
             return f"{len(content.metric_records)} metric records instead of one"
-        n = next(iter(content.metric_records.values())).get(wire.NUM_EXAMPLES)
+        metrics = next(iter(content.metric_records.values()))
+        n = metrics.get(wire.NUM_EXAMPLES)
         if not isinstance(n, int | float) or not math.isfinite(n) or n <= 0:
             return "no positive case count (num-examples)"
+        missing = [k for k in wire.TRAIN_METRICS if not isinstance(metrics.get(k), int | float)]
+        if missing:
+            return f"metrics missing ({', '.join(missing)})"
         record = next(iter(content.array_records.values()))
         try:
             update = {k: np.asarray(v.numpy()) for k, v in record.items()}
@@ -55,11 +59,28 @@ class UpdateChecks(StrategyWrapper):
         if self.uniform_weights and not msg.has_error() and msg.content.metric_records:
             next(iter(msg.content.metric_records.values()))[UNIFORM_WEIGHT] = 1
 
+    @staticmethod
+    def same_keys(replies: list[Message]) -> list[Message]:
+        """Flower aggregates only replies whose metrics have the same keys (and
+        stops the run otherwise): keep the keys every reply has. The scores of
+        the incoming model (``global-*``, recorded already) never go further."""
+        records = [next(iter(m.content.metric_records.values())) for m in replies
+                   if not m.has_error() and m.content.metric_records]
+        common = set.intersection(*(set(r) for r in records)) if records else set()
+        for record in records:
+            for key in [k for k in record if k not in common
+                        or k.startswith(wire.GLOBAL_PREFIX)]:
+                del record[key]
+        return replies
+
     def aggregate_evaluate(self, server_round, replies):
-        replies = list(replies)
+        replies = [m for m in replies if m.has_error() or (
+            len(m.content.metric_records) == 1 and all(
+                isinstance(next(iter(m.content.metric_records.values())).get(k), int | float)
+                for k in wire.EVAL_METRICS))]
         for msg in replies:
             self._weigh_uniformly(msg)
-        return super().aggregate_evaluate(server_round, replies)
+        return super().aggregate_evaluate(server_round, self.same_keys(replies))
 
     def aggregate_train(self, server_round, replies):
         kept = []
@@ -75,4 +96,4 @@ class UpdateChecks(StrategyWrapper):
                     continue
                 self._weigh_uniformly(msg)
             kept.append(msg)
-        return super().aggregate_train(server_round, kept)
+        return super().aggregate_train(server_round, self.same_keys(kept))

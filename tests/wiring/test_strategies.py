@@ -207,3 +207,43 @@ def test_server_side_clipping_bounds_the_aggregate_update(sites, tmp_path):
     norm = update_vector(tmp_path / "clip", RunSettings.from_run_config(config)).norm().item()
     assert 0 < norm <= clip * (1 + 1e-4)  # each update clipped: their mean cannot be longer
     assert summary["privacy"]["epsilon"] is None  # no noise: no finite epsilon claimed
+
+
+def test_replies_whose_metrics_differ_do_not_stop_the_run(sites, tmp_path):
+    """Flower stops a run when replies' metric keys differ. A site that could
+    not score the incoming model (no global-* keys, its reason in the site
+    record) and one that adds a stray metric still train; the scoring failure
+    is named in the round it belongs to; a reply missing a train metric is
+    left out, named."""
+    def unscored(node, msg, deliver):
+        reply = deliver()
+        if msg.metadata.message_type.endswith("train") and not reply.has_error():
+            metrics = reply.content[wire.METRICS]
+            for key in [k for k in metrics if k.startswith(wire.GLOBAL_PREFIX)]:
+                del metrics[key]
+            reply.content[wire.SITE][wire.EVALUATE_ERROR] = "fedseg data error in case #1"
+        return reply
+
+    def stray(node, msg, deliver):
+        reply = deliver()
+        if not reply.has_error():
+            reply.content[wire.METRICS]["stray-key"] = 1.0
+        return reply
+
+    def partial(node, msg, deliver):
+        reply = deliver()
+        if msg.metadata.message_type.endswith("train") and not reply.has_error():
+            del reply.content[wire.METRICS][wire.TRAIN_STEPS]
+        return reply
+
+    _, summary, rows = run(sites, tmp_path, "mixed", faults={100: unscored, 101: stray},
+                           **{"num-rounds": 3})
+    assert [r["trained"] for r in rows] == [["hospital-a", "hospital-b", "hospital-c"]] * 3
+    assert rows[0]["failures"] == rows[1]["failures"] == [
+        "evaluate at hospital-a: fedseg data error in case #1"]
+    assert set(rows[0]["dice"]) == {"hospital-b", "hospital-c"}
+    assert set(rows[2]["dice"]) == {"hospital-a", "hospital-b", "hospital-c"}  # last: apart
+    _, _, rows = run(sites, tmp_path, "partial", faults={102: partial})
+    assert all(r["trained"] == ["hospital-a", "hospital-b"] for r in rows)
+    assert any("hospital-c left out: metrics missing (train-steps)" in f
+               for f in rows[0]["failures"])

@@ -195,6 +195,11 @@ class SiteState:
     def supernode(self) -> Path:
         return self.root / "supernode"
 
+    @property
+    def worker_home(self) -> Path:
+        """The worker's own caches (torch, matplotlib): its user's, not the install's."""
+        return self.root / "worker-home"
+
 
 def can_list(account: Account, folder: Path) -> bool:
     """Whether ``account`` can list ``folder`` (asked as that user)."""
@@ -243,7 +248,7 @@ def prepare_state(settings: NodeSettings, users: tuple[Account, Account] | None)
     state = SiteState(root, users)
     root.mkdir(parents=True, exist_ok=True)
     os.chmod(root, 0o755 if users else 0o700)
-    for folder in (state.socket.parent, state.audit.parent, state.supernode):
+    for folder in (state.socket.parent, state.audit.parent, state.supernode, state.worker_home):
         folder.mkdir(exist_ok=True)
         os.chmod(folder, 0o700)
     if users:
@@ -252,6 +257,8 @@ def prepare_state(settings: NodeSettings, users: tuple[Account, Account] | None)
         os.chown(state.socket.parent, data.uid, run.gid)
         os.chmod(state.socket.parent, 0o2750)
         os.chown(state.audit.parent, data.uid, data.gid)
+        for path in [state.worker_home, *state.worker_home.rglob("*")]:
+            os.chown(path, data.uid, data.gid)
         if state.audit.exists():
             os.chown(state.audit, data.uid, data.gid)
         for path in [state.supernode, *state.supernode.rglob("*")]:
@@ -373,9 +380,14 @@ def run_node(settings: NodeSettings, env: dict[str, str], log_path: Path | None 
 
     old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     app_root = Path(__file__).resolve().parents[1]
-    worker_env = {**env, "OMP_NUM_THREADS": str(threads),
+    def own_caches(home: Path) -> dict[str, str]:
+        return {"HOME": str(home), "FEDSEG_HOME": str(home), "XDG_CACHE_HOME": str(home),
+                "MPLCONFIGDIR": str(home / "matplotlib"),
+                "TORCHINDUCTOR_CACHE_DIR": str(home / "torchinductor")}
+
+    worker_env = {**env, **own_caches(state.worker_home), "OMP_NUM_THREADS": str(threads),
                   "PYTHONPATH": str(app_root) + os.pathsep + env.get("PYTHONPATH", "")}
-    node_env = {**env, "OMP_NUM_THREADS": "1", "HOME": str(state.supernode),
+    node_env = {**env, **own_caches(state.supernode), "OMP_NUM_THREADS": "1",
                 "FLWR_HOME": str(state.supernode / "flwr"),
                 "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": SUPEREXEC_POLL}
     try:

@@ -162,6 +162,12 @@ class RunSettings:
     evaluate_every: int = setting(1, "rounds between the sites scoring the model (and always "
                                      "the last)", at_least(1))
     min_nodes: int = setting(2, "fewest sites a round needs", at_least(1))
+    node_wait: float = setting(300.0, "seconds to wait for min-nodes sites to be connected "
+                                      "before a round; then the run stops (resumable)",
+                               positive())
+    round_timeout: float = setting(600.0, "seconds a round waits for replies; then the "
+                                          "replies in hand count, the rest are failures",
+                                   positive())
     local_epochs: int = setting(1, "passes over a site's training cases per round",
                                 at_least(1))
     learning_rate: float = setting(1e-3, "the sites' Adam learning rate", positive())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from logging import INFO, WARNING
 
 import torch
@@ -13,11 +12,11 @@ from flwr.serverapp.exception import PrivacyBudgetExhausted as FlowerBudgetExhau
 
 from common import wire
 from common.config import RunSettings
-from common.errors import ConfigError
 from common.model import build_model
 from server.prompt_grid import prompt
 from server.runs import RunFolder, packed_arrays, runs_root
-from server.strategies import PrivacyBudgetExhausted, build_strategy
+from server.strategies import PrivacyBudgetExhausted, TooFewSites, build_strategy
+from server.strategies.recorder import wait_for_sites
 
 app = ServerApp()
 
@@ -33,16 +32,11 @@ def format_round(row: dict) -> str:
             f"  {row['seconds']:.1f} s{eps}")
 
 
-def nodes_per_round(grid: Grid, settings: RunSettings, wait: float = 600) -> int:
+def nodes_per_round(grid: Grid, settings: RunSettings) -> int:
     """Nodes each round samples, once ``min-nodes`` are connected (DP scales its
     noise to this number)."""
-    deadline = time.monotonic() + wait
-    while len(list(grid.get_node_ids())) < settings.min_nodes:
-        if time.monotonic() > deadline:
-            raise ConfigError(f"fewer than min-nodes={settings.min_nodes} nodes connected "
-                              f"within {wait:.0f} s")
-        time.sleep(1.0)
-    return max(int(len(list(grid.get_node_ids())) * settings.fraction_train), settings.min_nodes)
+    connected = wait_for_sites(grid, settings.min_nodes, settings.node_wait, "at the start")
+    return max(int(connected * settings.fraction_train), settings.min_nodes)
 
 
 @app.main()
@@ -54,7 +48,12 @@ def main(grid: Grid, context: Context) -> None:
     arrays = run.checkpoint_arrays() or packed_arrays(build_model(settings.model).state_dict())
     done = run.last_round
     # Only DP needs the number of nodes up front (to scale its noise).
-    sampled = nodes_per_round(grid, settings) if settings.dp != "off" else None
+    try:
+        sampled = nodes_per_round(grid, settings) if settings.dp != "off" else None
+    except TooFewSites as exc:
+        log(WARNING, "fedseg run %s stopped: %s", run.path.name, exc)
+        run.finish(None, stopped=str(exc))
+        return
     strategy = build_strategy(settings, sampled, rounds_done=done,
                               dp_releases=run.dp_releases())
     ledger = strategy.privacy
@@ -92,9 +91,13 @@ def main(grid: Grid, context: Context) -> None:
                                     # Flower counts this call's rounds from 1; the sites'
                                     # learning-rate schedule spans the whole run
                                     train_config=ConfigRecord({wire.ROUNDS_DONE: done}),
-                                    evaluate_fn=end_of_round)
+                                    evaluate_fn=end_of_round,
+                                    timeout=settings.round_timeout)
         except (PrivacyBudgetExhausted, FlowerBudgetExhausted) as exc:
             stopped = f"privacy budget: {exc}"
+            log(WARNING, "fedseg run %s stopped: %s", run.path.name, stopped)
+        except TooFewSites as exc:  # resumable: the last round's checkpoint is kept
+            stopped = f"too few sites: {exc}"
             log(WARNING, "fedseg run %s stopped: %s", run.path.name, stopped)
     write_rows(settings.num_rounds)  # a stopped run's last rounds, scored or not
     final = result.arrays if result is not None and len(result.arrays) else None

@@ -249,7 +249,9 @@ class RunFolder:
             "stopped": stopped,
             "rounds_aggregated": sum(1 for r in self.history if r.get("aggregated", True)),
             "participation": participation,
-            "problems": self.problems(participation),
+            "problems": self.problems(participation) + (
+                [f"stopped before its last round: {stopped}"]
+                if stopped and not stopped.startswith("privacy budget") else []),
             "privacy": {
                 "secure_aggregation": self.settings.secure_aggregation,
                 "dp": self.settings.dp,

@@ -7,7 +7,7 @@ settings ask for)."""
 
 from server.strategies.budget import PrivacyBudgetExhausted
 from server.strategies.factory import build_strategy
-from server.strategies.recorder import REGISTRY_ENV, RoundRecord, SiteRecorder
+from server.strategies.recorder import REGISTRY_ENV, RoundRecord, SiteRecorder, TooFewSites
 
 __all__ = ["REGISTRY_ENV", "PrivacyBudgetExhausted", "RoundRecord", "SiteRecorder",
-           "build_strategy"]
+           "TooFewSites", "build_strategy"]

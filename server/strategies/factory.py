@@ -85,6 +85,7 @@ def build_strategy(settings: RunSettings, num_sampled: int | None = None,
     recorder.evaluate_due = lambda r: ((rounds_done + r) % settings.evaluate_every == 0
                                        or rounds_done + r == settings.num_rounds)
     recorder.rounds_done = rounds_done
+    recorder.min_nodes, recorder.node_wait = settings.min_nodes, settings.node_wait
     recorder.last_round = settings.num_rounds - rounds_done
     checks.on_reject = recorder.note_failure
     if isinstance(fedavg, SecAggPlusFedAvg):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from logging import WARNING
@@ -16,13 +17,32 @@ from flwr.common.logger import log
 from flwr.serverapp.strategy import Strategy
 
 from common import wire
-from common.errors import parse_error_reason
+from common.errors import FedsegError, parse_error_reason
 from common.metrics import combine
 from server.strategies.base import UNIFORM_WEIGHT, StrategyWrapper
 from server.strategies.secagg import SecureRound
 from server.wire import audit, content_bytes
 
 REGISTRY_ENV = "FEDSEG_REGISTRY"
+
+
+class TooFewSites(FedsegError):
+    """Fewer than ``min-nodes`` sites connected within ``node-wait``: the run
+    stops (its last round's checkpoint is kept; ``--resume`` goes on)."""
+
+    kind = "too few sites"
+
+
+def wait_for_sites(grid, needed: int, limit: float, what: str) -> int:
+    """Wait up to ``limit`` seconds for ``needed`` connected sites (Flower's
+    own wait has no limit); the number connected, or :class:`TooFewSites`."""
+    deadline = time.monotonic() + limit
+    while (n := len(list(grid.get_node_ids()))) < needed:
+        if time.monotonic() >= deadline:
+            raise TooFewSites(f"{n} of the {needed} sites needed (min-nodes) were connected "
+                              f"{what}, after waiting {limit:.0f} s (node-wait)")
+        time.sleep(min(1.0, max(0.05, deadline - time.monotonic())))
+    return n
 
 def registered_names() -> dict[int, str]:
     """Node id -> hospital name from the coordinator's registry
@@ -105,6 +125,8 @@ class SiteRecorder(StrategyWrapper):
         # Which rounds the sites score the global model in (``evaluate-every``)
         self.evaluate_due: Callable[[int], bool] = lambda server_round: True
         self.last_round = 0  # this call's last round (0: unknown; every round evaluates)
+        self.min_nodes = 0  # sites a round waits for (at most node_wait seconds); 0: Flower's
+        self.node_wait = 300.0
         self.rounds_done = 0  # rounds of a resumed run before this call
 
     def round(self, server_round: int) -> RoundRecord:
@@ -203,6 +225,9 @@ class SiteRecorder(StrategyWrapper):
         return replies
 
     def configure_train(self, server_round, arrays, config, grid):
+        if self.min_nodes:
+            wait_for_sites(grid, self.min_nodes, self.node_wait,
+                           f"for round {self.rounds_done + server_round}")
         incoming = self.rounds_done + server_round - 1  # the run's round of ``arrays``
         config = ConfigRecord({**dict(config), wire.EVALUATE_INCOMING:
                                incoming >= 1 and self.evaluate_due(server_round - 1)})
@@ -220,6 +245,13 @@ class SiteRecorder(StrategyWrapper):
         if not self.evaluate_due(server_round) or (self.last_round
                                                    and server_round < self.last_round):
             return []
+        if self.min_nodes:
+            try:
+                wait_for_sites(grid, self.min_nodes, self.node_wait, "to score the final model")
+            except TooFewSites as exc:
+                self.note_failure(server_round, f"evaluate skipped: {exc}")
+                log(WARNING, "round %d: evaluate skipped: %s", server_round, exc)
+                return []
         return self._sent(server_round, super().configure_evaluate(server_round, arrays,
                                                                    config, grid))
 

@@ -247,3 +247,29 @@ def test_replies_whose_metrics_differ_do_not_stop_the_run(sites, tmp_path):
     assert all(r["trained"] == ["hospital-a", "hospital-b"] for r in rows)
     assert any("hospital-c left out: metrics missing (train-steps)" in f
                for f in rows[0]["failures"])
+
+
+def test_too_few_sites_stop_the_run_after_node_wait_and_it_resumes(sites, tmp_path):
+    """Every site goes away after round 1: round 2 waits node-wait (1 s here),
+    not forever (Flower's own wait has no limit); the run stops with the
+    reason, round 1 kept, and a resumed run finishes once they are back."""
+    held = {}
+
+    def vanish(node, msg, deliver):
+        reply = deliver()
+        held["grid"].offline.update(held["grid"].contexts)  # every site drops out
+        return reply
+
+    grid = federation(sites, {**TINY, "run-name": "gone", "num-rounds": 3, "node-wait": 1.0},
+                      {100: vanish})
+    held["grid"] = grid
+    summary = run_server(grid, tmp_path)
+    assert summary["rounds_completed"] == 1
+    assert summary["stopped"].startswith("too few sites: 0 of the 3 sites needed (min-nodes) "
+                                         "were connected for round 2, after waiting 1 s")
+    assert any(p.startswith("stopped before its last round") for p in summary["problems"])
+    rows = read_metrics(tmp_path / "gone")
+    assert [r["round"] for r in rows] == [1] and rows[0]["trained"]
+    grid, resumed, rows = run(sites, tmp_path, "gone", resume=True, **{"num-rounds": 3})
+    assert resumed["rounds_completed"] == 3 and resumed["stopped"] is None
+    assert [r["round"] for r in rows] == [1, 2, 3]

@@ -34,7 +34,8 @@ def reply(name: str, arrays: dict[str, np.ndarray], n: int = 4) -> Message:
     request = Message(content=RecordDict({}), dst_node_id=1, message_type=MessageType.TRAIN)
     content = RecordDict({"arrays": ArrayRecord([], keep_input=True) if not arrays else
                           ArrayRecord({k: _array(v) for k, v in arrays.items()}),
-                          "metrics": MetricRecord({"num-examples": n}),
+                          "metrics": MetricRecord({"num-examples": n, "train-loss": 0.5,
+                                                   "train-seconds": 1.0, "train-steps": 3}),
                           "site": ConfigRecord({"name": name})})
     return Message(content, reply_to=request)
 

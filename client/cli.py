@@ -41,7 +41,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         superlink=args.superlink, data_dir=Path(args.data_dir), name=args.name,
         key=Path(args.key) if args.key else None, ca=Path(args.ca) if args.ca else None,
         insecure=args.insecure, threads=args.threads or 0, device=args.device, port=args.port,
-        max_wait=args.max_wait, state=Path(args.state),
+        max_wait=args.max_wait, state=Path(args.state or f"fedseg-site-{args.name}"),
         policy=Path(args.policy) if args.policy else None, run_user=args.run_user,
         data_user=args.data_user)
     if args.insecure:
@@ -57,7 +57,12 @@ def cmd_node_audit(args: argparse.Namespace) -> int:
     from client.audit import AuditLog
     from client.node import SiteState
 
-    log = AuditLog(SiteState(Path(args.state).resolve(), None).audit)
+    if not (args.state or args.name):
+        console.print("error: fedseg node audit needs --state (or --name, for "
+                      "./fedseg-site-NAME)")
+        return 2
+    state = Path(args.state or f"fedseg-site-{args.name}")
+    log = AuditLog(SiteState(state.resolve(), None).audit)
     entries = log.entries()
     if not entries:
         console.print(f"no replies recorded in {log.path}")
@@ -90,9 +95,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--superlink", help="host:port of the SuperLink")
     p.add_argument("--data-dir", help="this hospital's site folder")
     p.add_argument("--name", help="this hospital's public name")
-    p.add_argument("--state", default="fedseg-site",
+    p.add_argument("--state",
                    help="this site's state folder: worker socket, audit log, Flower's files "
-                        "(default ./fedseg-site; never inside the data folder)")
+                        "(default ./fedseg-site-NAME; never inside the data folder)")
     p.add_argument("--policy", help="this hospital's policy file (TOML; docs/deploy.md)")
     p.add_argument("--run-user", default="fedseg-run",
                    help="as root: the user the SuperNode and the ClientApps run as")

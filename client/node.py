@@ -61,7 +61,7 @@ class NodeSettings:
     device: str = "auto"
     port: int = 9094  # local Runtime API port
     max_wait: float | None = None  # give up connecting after this many seconds
-    state: Path = Path("fedseg-site")  # the site's own state (socket, audit log, Flower home)
+    state: Path = Path("fedseg-site-node")  # the site's own state (socket, audit log, Flower home)
     policy: Path | None = None  # the hospital's policy file (client/policy.py)
     run_user: str = "fedseg-run"  # as root: the SuperNode's and ClientApps' user
     data_user: str | None = None  # as root: the worker's user (default: the data's owner)

@@ -59,7 +59,7 @@ class Worker:
             return
         conn.settimeout(READ_TIMEOUT)
         run, rnd, kind = 0, None, "?"
-        try:
+        try:  # reading the request: anything wrong here is the sender's, refused
             header, arrays, _ = recv_frame(conn)
             kind = str(header.get("kind", "?"))[:40]
             run = int(header.get("run", 0))
@@ -68,20 +68,14 @@ class Worker:
             if not isinstance(run_config, dict) or not isinstance(round_config, dict):
                 raise RequestRefused("settings must be key-value objects")
             rnd = run_round(round_config) if kind != "describe" else None
-            start = time.perf_counter()
-            conn.settimeout(None)
+        except (ChannelError, RequestRefused, ValueError, TypeError) as exc:
+            return self._refused(conn, exc, kind, run, rnd)
+        start = time.perf_counter()
+        conn.settimeout(None)
+        try:  # doing it: a refusal of the service's, or a failure at the site
             out, metrics, notes = self.service.handle(kind, run, run_config, round_config, arrays)
-        except (ChannelError, RequestRefused, PolicyRefusal, ValueError, TypeError) as exc:
-            if isinstance(exc, FedsegError) and not isinstance(exc, ChannelError | RequestRefused
-                                                                | PolicyRefusal):
-                return self._failed(conn, exc, kind, run, rnd)  # a bad setting, say
-            refusal = exc if isinstance(exc, RequestRefused | PolicyRefusal) else RequestRefused(
-                f"malformed request ({type(exc).__name__})")
-            log.warning("refused %s request (run %s, round %s): %s", kind, run, rnd, exc)
-            self.audit.append(run=run, round=rnd, kind=kind, outcome="refused",
-                              reason=str(exc)[:300])
-            self._reply(conn, {"ok": False, "refused": True, "error": refusal.scrubbed()})
-            return
+        except (RequestRefused, PolicyRefusal) as exc:
+            return self._refused(conn, exc, kind, run, rnd)
         except Exception as exc:  # noqa: BLE001 - the site's log has it; the server a scrub
             return self._failed(conn, exc, kind, run, rnd)
         nbytes = self._reply(conn, {"ok": True, "metrics": metrics, "notes": notes}, out)
@@ -90,6 +84,15 @@ class Worker:
                           seconds=time.perf_counter() - start)
         log.info("%s (run %d, round %s) answered in %.1f s", kind, run, rnd,
                  time.perf_counter() - start)
+
+    def _refused(self, conn: socket.socket, exc: Exception, kind: str, run: int,
+                 rnd: int | None) -> None:
+        refusal = exc if isinstance(exc, RequestRefused | PolicyRefusal) else RequestRefused(
+            f"malformed request ({type(exc).__name__})")
+        log.warning("refused %s request (run %s, round %s): %s", kind, run, rnd, exc)
+        self.audit.append(run=run, round=rnd, kind=kind, outcome="refused",
+                          reason=str(exc)[:300])
+        self._reply(conn, {"ok": False, "refused": True, "error": refusal.scrubbed()})
 
     def _failed(self, conn: socket.socket, exc: Exception, kind: str, run: int,
                 rnd: int | None) -> None:

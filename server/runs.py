@@ -16,6 +16,7 @@ No site path or patient value is written here: sites appear by their public name
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -32,7 +33,7 @@ from common.config import RunSettings
 from common.errors import ConfigError
 from common.metrics import weighted_mean
 from common.model import build_model
-from common.packing import pack, template_of, unpack
+from common.packing import Template, pack, template_of, unpack
 from common.privacy.accounting import PrivacyAccount
 from common.wire import SCORES as METRICS
 from server.strategies import RoundRecord
@@ -133,9 +134,14 @@ class RunFolder:
         saved = torch.load(self.path / "checkpoint.pt", map_location="cpu", weights_only=True)
         return packed_arrays(saved["state_dict"])
 
+    @functools.cached_property
+    def template(self) -> Template:
+        """The names and shapes of the run's model (built once, not every round)."""
+        return template_of(build_model(self.settings.model).state_dict())
+
     def state_dict(self, arrays: ArrayRecord) -> dict[str, torch.Tensor]:
         """The global model's state dict from its packed arrays."""
-        template = template_of(build_model(self.settings.model).state_dict())
+        template = self.template
         flat = {k: a.numpy() for k, a in arrays.items()}
         return {k: torch.from_numpy(v.copy()) for k, v in unpack(flat, template).items()}
 

@@ -272,3 +272,16 @@ def test_a_policy_requiring_secure_aggregation_refuses_a_plain_run(synthetic_sit
     entries = AuditLog(audit).entries()
     assert [(e["kind"], e["outcome"]) for e in entries] == [("train", "refused"),
                                                             ("describe", "sent")]
+
+
+def test_a_failure_while_training_is_a_failure_not_a_refusal(worker):
+    """A request read whole whose work then fails (here an unusable round
+    setting deep in training) is the site's failure, scrubbed to its type;
+    only what cannot be read as a request is refused."""
+    client, audit, _, _ = worker
+    with pytest.raises(WorkerFailed) as err:
+        client.request("train", 3, RUN, {"server-round": 1, "rounds-in-call": "x"},
+                       model_weights())
+    assert not isinstance(err.value, WorkerRefused)
+    assert str(err.value) == "internal error (ValueError)"
+    assert audit.entries()[-1]["outcome"] == "failed"

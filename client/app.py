@@ -176,7 +176,7 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
                         ndarrays_to_parameters(reply.content[wire.ARRAYS].to_numpy_ndarrays()),
                         weight,
                         {**metrics, **{k: v for k, v in reply.content[wire.SITE].items()
-                                       if k == wire.EVALUATE_ERROR},
+                                       if k in wire.SITE_NOTES},
                          wire.SITE: str(reply.content[wire.SITE][wire.SITE_NAME])})
         return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=inner)
 
@@ -203,7 +203,7 @@ def train_handler(msg: Message, context: Context) -> Message:
     except Exception as exc:  # noqa: BLE001 - every failure leaves scrubbed
         return _failed(msg, context, exc, "train")
     site = {wire.SITE_NAME: _site_name(context) or "",
-            **{k: v for k, v in notes.items() if k == wire.EVALUATE_ERROR}}
+            **{k: v for k, v in notes.items() if k in wire.SITE_NOTES}}
     return Message(RecordDict({wire.ARRAYS: ArrayRecord({k: Array(v) for k, v in
                                                          weights.items()}),
                                wire.METRICS: MetricRecord(metrics),
@@ -215,10 +215,11 @@ def train_handler(msg: Message, context: Context) -> Message:
 def evaluate_handler(msg: Message, context: Context) -> Message:
     """Score the global model on this site's test cases; reply with means only."""
     try:
-        _, metrics, _ = ask("evaluate", msg, context)
+        _, metrics, notes = ask("evaluate", msg, context)
     except Exception as exc:  # noqa: BLE001
         return _failed(msg, context, exc, "evaluate")
+    site = {wire.SITE_NAME: _site_name(context) or "",
+            **{k: v for k, v in notes.items() if k in wire.SITE_NOTES}}
     return Message(RecordDict({wire.METRICS: MetricRecord(metrics),
-                               wire.SITE: ConfigRecord({wire.SITE_NAME: _site_name(context)
-                                                        or ""})}),
+                               wire.SITE: ConfigRecord(site)}),
                    reply_to=msg)

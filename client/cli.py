@@ -46,7 +46,8 @@ def cmd_node(args: argparse.Namespace) -> int:
         data_user=args.data_user)
     if args.insecure:
         warn_insecure("this node")
-    preflight(settings)
+    check = run_site_check(settings.data_dir, show_all=False)  # unusable cases, named
+    preflight(settings, check)
     return run_node(settings, base_env())
 
 
@@ -81,7 +82,60 @@ def cmd_node_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_site_check(args: argparse.Namespace) -> int:
+    """Every case of a site folder: usable or not, and why (exit 1 when the
+    site cannot join: no usable training case; with --strict, when any case
+    is unusable)."""
+    site_dir = Path(args.site_dir)
+    result = run_site_check(site_dir, show_all=not args.problems_only)
+    console.print(f"{site_dir}: {result.summary()}", soft_wrap=True)
+    if not result.can_join:
+        console.print("[red]this site cannot join a run: no usable training case[/red]")
+        return 1
+    if args.strict and not result.all_usable:
+        return 1
+    return 0
+
+
+def run_site_check(site_dir: Path, show_all: bool = True):
+    """Check ``site_dir`` with a progress bar; print the per-case table (every
+    case, or only those with a problem or a note). Returns the ``SiteCheck``."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    from rich.table import Table
+
+    from common.data.check import check_site, count_cases
+
+    total = count_cases(site_dir)
+    with Progress(TextColumn("checking cases"), BarColumn(), MofNCompleteColumn(),
+                  console=console, transient=True, disable=total < 20) as progress:
+        task = progress.add_task("check", total=total)
+        result = check_site(site_dir, on_case=lambda _: progress.advance(task))
+    rows = [c for c in result.cases if show_all or not c.usable or c.note]
+    if rows:
+        table = Table(title=f"cases of {site_dir}")
+        for col in ("split", "#", "case", "usable", "shape", "foreground", "why / note"):
+            table.add_column(col)
+        for c in rows:
+            table.add_row(c.split, str(c.index), c.case_id,
+                          "yes" if c.usable else "[red]no[/red]",
+                          "x".join(map(str, c.shape)),
+                          "" if c.foreground is None else f"{100 * c.foreground:.1f}%",
+                          c.problem or c.note)
+        console.print(table)
+    return result
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("site", help="hospital: check a site folder before it joins")
+    ssub = p.add_subparsers(dest="site", required=True)
+    c = ssub.add_parser("check", help="read every case: what is usable, what is not and why")
+    c.add_argument("site_dir", metavar="DIR")
+    c.add_argument("--strict", action="store_true",
+                   help="exit 1 if any case is unusable (default: only if none can train)")
+    c.add_argument("--problems-only", action="store_true",
+                   help="list only the cases with a problem or a note")
+    c.set_defaults(func=cmd_site_check)
+
     p = sub.add_parser("keygen", help="hospital: make this hospital's own key pair")
     p.add_argument("out")
     p.add_argument("--name", required=True)

@@ -40,7 +40,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.data.site import list_cases
 from common.errors import ConfigError, FedsegError
 from common.processes import stop_group
 
@@ -74,15 +73,23 @@ def split_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def preflight(settings: NodeSettings) -> None:
-    """Fail early, in plain words, on what Flower would report obscurely."""
-    try:
-        n_train = len(list_cases(settings.data_dir, "training"))
-        n_test = len(list_cases(settings.data_dir, "test"))
-    except FedsegError as exc:
-        raise NodeError(f"the data folder is not usable: {exc}") from None
-    print(f"fedseg node: data folder {settings.data_dir}: {n_train} training and {n_test} "
-          f"test cases", flush=True)
+def preflight(settings: NodeSettings, check=None) -> None:
+    """Fail early, in plain words, on what Flower would report obscurely.
+    ``check``: the data folder's ``SiteCheck`` (``common.data.check``), read
+    here if not given; a site without a usable training case does not join."""
+    if check is None:
+        from common.data.check import check_site
+
+        check = check_site(settings.data_dir)
+    for why in check.split_errors.values():
+        raise NodeError(f"the data folder is not usable: {why}")
+    if not check.can_join:
+        reasons = "; ".join(f"#{c.index} {c.case_id!r}: {c.problem}" for c in check.cases
+                            if c.split == "training")
+        raise NodeError(f"the data folder has no usable training case, so this node does not "
+                        f"join ({reasons}); `fedseg site check {settings.data_dir}` lists "
+                        f"every case")
+    print(f"fedseg node: data folder {settings.data_dir}: {check.summary()}", flush=True)
     if not settings.insecure:
         if settings.key is None or settings.ca is None:
             raise ConfigError("a node needs --key (its private key) and --ca (the federation's "

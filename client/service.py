@@ -28,6 +28,7 @@ import numpy as np
 from client.policy import SitePolicy
 from common import wire
 from common.config import RunSettings
+from common.data.site import left_out_summary
 from common.errors import FedsegError, scrub, write_local_log
 from common.packing import Template, pack, packed_template, template_of, unpack
 
@@ -106,6 +107,7 @@ class SiteService:
             raise RequestRefused(f"unknown request {str(kind)[:40]!r}; this site answers "
                                  f"{', '.join(self.REQUESTS)}")
         algo = self.algorithm(run_id, run_config)
+        algo.left_out = {}  # what this reply leaves out, from the reads below
         if kind == "describe":
             from common.data.site import list_cases
 
@@ -135,6 +137,10 @@ class SiteService:
             metrics.update({wire.GLOBAL_PREFIX + k: v for k, v in scored.items()})
             out = pack(new)
             self.check_weights(out)  # never anything but the model
+        left_out = [f"{split}: {left_out_summary(errors)}"
+                    for split, errors in sorted(algo.left_out.items()) if errors]
+        if left_out:
+            notes[wire.LEFT_OUT] = "; ".join(left_out)
         allowed = _allowed_metrics(kind)
         stray = set(metrics) - allowed
         if stray:  # a programming error here, never sent

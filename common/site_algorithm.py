@@ -29,6 +29,7 @@ from common import wire
 from common.config import RunSettings
 from common.data.cache import load_prepared
 from common.data.site import Case
+from common.errors import DataError
 from common.model import build_model, pick_device
 from common.training import evaluate, train
 
@@ -70,14 +71,19 @@ class SiteAlgorithm:
         self.model = build_model(settings.model)
         self.optimizer_state: dict[str, np.ndarray] | None = None
         self._cases = {"training": train_cases, "test": test_cases}
+        self.left_out: dict[str, list[DataError]] = {}  # by split, at the last read
 
     def cases(self, split: str) -> list[Case]:
+        """The usable cases of ``split``; those left out (a warning in this
+        site's log each) are in ``self.left_out[split]``."""
         given = self._cases[split]
         if given is not None:
             return given
         if self.data_dir is None:
             raise ValueError(f"site {self.site} has neither a data folder nor {split} cases")
-        return load_prepared(self.data_dir, split, self.settings.input_channels)
+        cases, self.left_out[split] = load_prepared(self.data_dir, split,
+                                                    self.settings.input_channels)
+        return cases
 
     def _load(self, weights: Mapping[str, Any] | None) -> None:
         if weights is not None:

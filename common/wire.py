@@ -24,6 +24,8 @@ SITE = "site"  # the site's public name (ConfigRecord)
 # Keys
 SITE_NAME = "name"  # in SITE
 EVALUATE_ERROR = "evaluate-error"  # in SITE: scoring the incoming model failed (scrubbed)
+LEFT_OUT = "left-out"  # in SITE: unusable cases left out of this reply (counts and kinds)
+SITE_NOTES = (EVALUATE_ERROR, LEFT_OUT)  # what a reply's SITE record may add to its name
 SERVER_ROUND = "server-round"  # in CONFIG, written by Flower's strategies
 ROUNDS_DONE = "rounds-done"  # in CONFIG: rounds of a resumed run already behind
 PROXIMAL_MU = "proximal-mu"  # in CONFIG, written by Flower's FedProx
@@ -74,6 +76,9 @@ TABLE = (
     Entry(SITE_NAME, SITE, UP, "the site's public name (node setting `site-name`)"),
     Entry(EVALUATE_ERROR, SITE, UP, "train with `evaluate-incoming`: why scoring the incoming "
           "model failed (scrubbed, as a failed reply's cause); the site trained all the same"),
+    Entry(LEFT_OUT, SITE, UP, "cases of the site that could not be used and were left out "
+          "of this reply's training or scoring: counts and kinds per split (`training: 1 "
+          "(missing label)`), never a name"),
     Entry(ERROR_SITE, "error reason", UP, "a failed reply: the site's public name"),
     Entry(ERROR_TEXT, "error reason", UP, "a failed reply: the scrubbed cause (kind of "
           "failure, case position), never a path, file or case name or DICOM value"),

@@ -36,11 +36,25 @@ def cmd_bench_deploy(args: argparse.Namespace) -> int:
     # the system's temporary folder then, not root's home.
     base = Path(tempfile.gettempdir()) if os.geteuid() == 0 else fedseg_home()
     base.mkdir(parents=True, exist_ok=True)
+    folders = [Path(p) for p in args.site_dirs]
+    missing = [str(f) for f in folders if not f.is_dir()]
+    if missing:
+        raise FedsegError(f"site folder(s) not found: {', '.join(missing)}")
     work = Path(tempfile.mkdtemp(prefix="bench-deploy-", dir=base))
-    sites = write_federation(work / "data", args.hospitals, n_train=6, n_test=3)
-    names = [f"hospital-{chr(ord('a') + i)}" for i in range(len(sites))]
-    config = {"num-rounds": args.rounds, "local-epochs": 1}
-    console.print(f"TLS deployment on 127.0.0.1: {args.hospitals} hospitals, "
+    config: dict[str, object] = {"num-rounds": args.rounds, "local-epochs": 1}
+    if folders:  # real sites: copied into the work folder, which the nodes' users own
+        import shutil
+
+        from server.bench import RETINA
+
+        sites = [Path(shutil.copytree(f, work / "data" / f.resolve().name)) for f in folders]
+        names = [f.resolve().name for f in folders]
+        if args.retina_defaults:
+            config = {**RETINA, "evaluate-every": 1, **config}
+    else:
+        sites = write_federation(work / "data", args.hospitals, n_train=6, n_test=3)
+        names = [f"hospital-{chr(ord('a') + i)}" for i in range(len(sites))]
+    console.print(f"TLS deployment on 127.0.0.1: {len(sites)} hospitals, "
                   f"{args.rounds} rounds, {args.threads} thread(s) each; work folder {work}")
     with LocalFederation(work, sites, names=names, threads=args.threads) as fed:
         summary = fed.run("bench", config, on_round=round_line)
@@ -252,9 +266,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="measurements (see docs/performance.md)")
     bsub = p.add_subparsers(dest="bench", required=True)
     b = bsub.add_parser("deploy", help="seconds per round of a TLS deployment on this machine")
+    b.add_argument("site_dirs", nargs="*", metavar="SITE_DIR",
+                   help="site folders to deploy (copied into the work folder; default: "
+                        "--hospitals synthetic DICOM sites)")
     b.add_argument("--rounds", type=int, default=3)
     b.add_argument("--hospitals", type=int, default=2)
     b.add_argument("--threads", type=int, default=1, help="CPU threads per hospital")
+    b.add_argument("--no-retina-defaults", dest="retina_defaults", action="store_false",
+                   help="with SITE_DIRs, do not apply the retina settings (as bench quality)")
     b.set_defaults(func=cmd_bench_deploy)
     b = bsub.add_parser("privacy", help="secure aggregation's cost and DP's effect on Dice")
     b.add_argument("--hospitals", type=int, nargs="+", default=[3, 10])

@@ -209,6 +209,7 @@ class RunFolder:
             "failures": rec.failures,
             "trained": rec.trained,
             "failed_sites": sorted(rec.failed),
+            "cases_left_out": dict(sorted(rec.cases_left_out.items())),
             "aggregated": rec.aggregated,
             "epsilon": snapshot["epsilon"],
             "dp_releases": snapshot["dp_releases"],
@@ -255,6 +256,8 @@ class RunFolder:
             "stopped": stopped,
             "rounds_aggregated": sum(1 for r in self.history if r.get("aggregated", True)),
             "participation": participation,
+            "cases_left_out": {site: text for r in self.history  # the latest per site
+                               for site, text in r.get("cases_left_out", {}).items()},
             "problems": self.problems(participation) + (
                 [f"stopped before its last round: {stopped}"]
                 if stopped and not stopped.startswith("privacy budget") else []),

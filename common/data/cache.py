@@ -15,7 +15,7 @@ import logging
 from collections import OrderedDict
 from pathlib import Path
 
-from common.data.site import Case, list_cases, load_site
+from common.data.site import Case, DataError, list_cases, read_site
 from common.data.transforms import prepared
 
 log = logging.getLogger(__name__)
@@ -24,7 +24,7 @@ MAX_ENTRIES = 4  # training + test of two sites: a simulation worker may serve b
 
 _Key = tuple[str, str, str]
 _Signature = tuple[tuple[str, int, int], ...]
-_cache: OrderedDict[_Key, tuple[_Signature, list[Case]]] = OrderedDict()
+_cache: OrderedDict[_Key, tuple[_Signature, list[Case], list[DataError]]] = OrderedDict()
 
 
 def _files(path: Path) -> list[Path]:
@@ -48,25 +48,28 @@ def _signature(site_dir: Path, split: str) -> _Signature:
     return tuple(signature)
 
 
-def load_prepared(site_dir: Path, split: str, channels: str) -> list[Case]:
-    """The cases of ``split``, prepared for ``channels`` (see
-    ``common.data.transforms.prepared``); from memory when the files are the
-    ones read last time. The arrays are shared between calls: read them, do
-    not write to them."""
+def load_prepared(site_dir: Path, split: str, channels: str
+                  ) -> tuple[list[Case], list[DataError]]:
+    """The usable cases of ``split``, prepared for ``channels`` (see
+    ``common.data.transforms.prepared``), and the errors of the cases left out
+    (``common.data.site.read_site``); from memory when the files are the ones
+    read last time. The arrays are shared between calls: read them, do not
+    write to them."""
     site_dir = Path(site_dir).resolve()
     key = (str(site_dir), split, channels)
     signature = _signature(site_dir, split)
     hit = _cache.get(key)
     if hit is not None and hit[0] == signature:
         _cache.move_to_end(key)
-        return list(hit[1])
+        return list(hit[1]), list(hit[2])
     _cache.pop(key, None)
-    cases = prepared(load_site(site_dir, split), channels)
-    _cache[key] = (signature, cases)
+    read = read_site(site_dir, split)
+    cases = prepared(read.cases, channels)
+    _cache[key] = (signature, cases, read.left_out)
     while len(_cache) > MAX_ENTRIES:
         _cache.popitem(last=False)
     log.info("prepared %d %s cases (kept for the next rounds)", len(cases), split)
-    return list(cases)
+    return list(cases), list(read.left_out)
 
 
 def clear() -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,8 +156,76 @@ def load_case(ref: CaseRef, index: int) -> Case:
 
 
 def load_site(site_dir: Path, split: str) -> list[Case]:
-    """Load every case of a split; the first bad case stops the load with its error."""
+    """Load every case of a split; the first bad case stops the load with its
+    error (for tools that want all or nothing; a site's rounds use
+    :func:`read_site`)."""
     refs = list_cases(site_dir, split)
     cases = [load_case(ref, i) for i, ref in enumerate(refs)]
     log.info("loaded %d %s cases from %s", len(cases), split, site_dir)
     return cases
+
+
+@dataclass
+class SiteRead:
+    """The usable cases of a split, and the cases left out with their errors."""
+
+    split: str
+    cases: list[Case]
+    left_out: list[DataError]
+
+
+
+def read_site(site_dir: Path, split: str,
+              on_case: Callable[[CaseRef, int, Case | DataError], None] | None = None,
+              keep: bool = True) -> SiteRead:
+    """Load the cases of a split, leaving out each case that cannot be used
+    (with a warning in this site's log naming it and why) rather than failing
+    the whole split; :class:`NoUsableCaseError` when none is left.
+    ``on_case(ref, index, case or error)`` after each case (progress, tables);
+    ``keep=False``: only check, holding no case in memory (``cases`` empty)."""
+    refs = list_cases(site_dir, split)
+    cases: list[Case] = []
+    usable = 0
+    left_out: list[DataError] = []
+    for i, ref in enumerate(refs):
+        try:
+            case = load_case(ref, i)
+        except DataError as exc:
+            log.warning("%s case left out: %s", split, exc)
+            left_out.append(exc)
+            if on_case is not None:
+                on_case(ref, i, exc)
+            continue
+        usable += 1
+        if keep:
+            cases.append(case)
+        if on_case is not None:
+            on_case(ref, i, case)
+    if not usable:
+        raise NoUsableCaseError(split, left_out)
+    log.info("read %d %s cases from %s (%d left out)", usable, split, site_dir,
+             len(left_out))
+    return SiteRead(split, cases, left_out)
+
+
+def left_out_summary(errors: list[DataError]) -> str:
+    """What may leave the site about cases left out: how many, and of which
+    kinds (``2 (missing label), 1 (unreadable file)``); never a name."""
+    kinds: dict[str, int] = {}
+    for exc in errors:
+        kinds[exc.category] = kinds.get(exc.category, 0) + 1
+    return ", ".join(f"{n} ({kind})" for kind, n in sorted(kinds.items()))
+
+
+class NoUsableCaseError(EmptyDatasetError):
+    """Every case of a split was left out."""
+
+    def __init__(self, split: str, left_out: list[DataError]) -> None:
+        first = f"; first: {left_out[0]}" if left_out else ""
+        super().__init__(f"no usable {split} case: all {len(left_out)} left out{first}")
+        self.split, self.left_out = split, left_out
+
+    @property
+    def category(self) -> str:
+        return (f"no usable {self.split} case: {len(self.left_out)} left out, "
+                f"{left_out_summary(self.left_out)}")

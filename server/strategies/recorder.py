@@ -94,6 +94,7 @@ class RoundRecord:
     failures: list[str] = field(default_factory=list)
     failed: set[str] = field(default_factory=set)  # sites with a failure this round
     left_out: set[str] = field(default_factory=set)  # sites whose update did not count
+    cases_left_out: dict[str, str] = field(default_factory=dict)  # site -> unusable cases
     aggregated: bool = False  # the round produced a new global model
     bytes_down: int = 0
     bytes_up: int = 0
@@ -158,6 +159,16 @@ class SiteRecorder(StrategyWrapper):
         self.note_failure(server_round - 1, f"evaluate at {site}: {reason}", site, train=False)
         log(WARNING, "round %d: evaluate failed at %s: %s", server_round - 1, site, reason)
 
+    def cases_left_out(self, server_round: int, site: str, text: Any) -> None:
+        """A site left unusable cases out of its reply (its own log names
+        them; the server gets counts and kinds)."""
+        if not text:
+            return
+        rec = self.round(server_round)
+        if rec.cases_left_out.get(site) != str(text):
+            log(WARNING, "round %d: %s left out unusable cases: %s", server_round, site, text)
+        rec.cases_left_out[site] = str(text)
+
     def secure_round(self, server_round: int, result: SecureRound) -> None:
         """A SecAgg+ round's traffic and per-site numbers (its messages bypass
         ``configure_train``/``aggregate_train``)."""
@@ -166,6 +177,8 @@ class SiteRecorder(StrategyWrapper):
                           for site, values in result.sites.items()})
         for site, reason in result.evaluate_errors.items():
             self.scoring_failed(server_round, site, reason)
+        for site, text in result.left_out.items():
+            self.cases_left_out(server_round, site, text)
         rec.bytes_down += result.bytes_down
         rec.bytes_up += result.bytes_up
         if result.halted:
@@ -216,6 +229,8 @@ class SiteRecorder(StrategyWrapper):
                                         str(site_record[wire.EVALUATE_ERROR]))
             else:
                 rec.evaluate[name] = values
+            self.cases_left_out(server_round, name, msg.content.config_records.get(
+                wire.SITE, {}).get(wire.LEFT_OUT))
         why = f" ({'; '.join(sorted(set(lost)))})" if lost else ""
         for node in sorted(pending):  # sent, never answered by the node itself
             name = self.names.get(node) or registered_names().get(node, f"node-{node}")

@@ -64,6 +64,7 @@ class SecureRound:
     aggregate: list[np.ndarray] | None = None
     sites: dict[str, dict[str, float]] = field(default_factory=dict)
     evaluate_errors: dict[str, str] = field(default_factory=dict)  # site -> scrubbed cause
+    left_out: dict[str, str] = field(default_factory=dict)  # site -> unusable cases left out
     failures: int = 0
     halted: bool = False  # the protocol stopped: too few sites to unmask
     bytes_down: int = 0
@@ -88,6 +89,8 @@ class _Capture(LegacyStrategy):
             name = str(metrics.pop(wire.SITE, "unknown"))
             if wire.EVALUATE_ERROR in metrics:
                 self.result.evaluate_errors[name] = str(metrics.pop(wire.EVALUATE_ERROR))
+            if wire.LEFT_OUT in metrics:
+                self.result.left_out[name] = str(metrics.pop(wire.LEFT_OUT))
             self.result.sites[name] = {k: float(v) for k, v in metrics.items()
                                        if isinstance(v, int | float)}
         self.result.failures = len(failures)

@@ -4,6 +4,7 @@ hospital's commands live apart from the coordinator's."""
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -11,8 +12,11 @@ from server.simulation import APP_DIR
 
 
 def fedseg(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    import os
+
     return subprocess.run([sys.executable, "-m", "server.cli", *args], capture_output=True,
-                          text=True, timeout=timeout, cwd=APP_DIR)
+                          text=True, timeout=timeout, cwd=APP_DIR,
+                          env={**os.environ, "COLUMNS": "250"})  # tables not wrapped
 
 
 @pytest.mark.parametrize(("args", "says"), [
@@ -50,3 +54,42 @@ def test_the_hospitals_commands_live_apart_from_the_coordinators():
                   "--name", "h", "--device", "gpu", "--insecure")
     assert proc.returncode == 2
     assert "node setting 'device' must be auto, cpu or cuda[:N]" in " ".join(proc.stdout.split())
+
+
+def labels_removed(site: Path, into: Path) -> Path:
+    """A copy of a synthetic site whose training images have no labels."""
+    import shutil
+
+    copy = Path(shutil.copytree(site, into))
+    if (copy / "dataset.json").exists():
+        (copy / "dataset.json").unlink()  # pair by folder names, then drop the labels
+    shutil.rmtree(copy / "labelsTr")
+    return copy
+
+
+def test_site_check_lists_every_case_and_exits_by_whether_the_site_can_join(
+        tmp_path, synthetic_sites):
+    good = fedseg("site", "check", str(synthetic_sites[0]))
+    assert good.returncode == 0, good.stdout + good.stderr
+    assert "4 of 4 training cases usable; 2 of 2 test cases usable" in " ".join(
+        good.stdout.split())
+    bad = labels_removed(synthetic_sites[0], tmp_path / "nolabels")
+    proc = fedseg("site", "check", str(bad))
+    out = " ".join(proc.stdout.split())
+    assert proc.returncode == 1
+    assert "0 of 4 training cases usable (4 left out)" in out
+    assert out.count("no label file for this image") == 4 and "cannot join" in out
+
+
+def test_a_node_on_a_folder_without_labels_is_refused_at_start_with_the_reason(
+        tmp_path, synthetic_sites):
+    bad = labels_removed(synthetic_sites[1], tmp_path / "nolabels")
+    start = time.monotonic()
+    proc = fedseg("node", "--superlink", "127.0.0.1:1", "--data-dir", str(bad), "--name", "h",
+                  "--insecure", "--state", str(tmp_path / "state"))
+    out = " ".join((proc.stdout + proc.stderr).split())
+    assert proc.returncode != 0
+    assert "has no usable training case, so this node does not join" in out
+    assert "no label file for this image" in out
+    assert "fedseg site check" in out and "cannot reach" not in out  # before any connection
+    assert time.monotonic() - start < 60

@@ -166,18 +166,76 @@ def test_a_node_keeps_prepared_cases_until_a_file_changes(tmp_path):
     cache.clear()
     png(tmp_path / "imagesTr" / "a.png")
     png(tmp_path / "labelsTr" / "a.png", value=255)
-    first = cache.load_prepared(tmp_path, "training", "grey")
-    again = cache.load_prepared(tmp_path, "training", "grey")
-    assert again[0].image is first[0].image  # from memory, not read again
-    assert cache.load_prepared(tmp_path, "training", "rgb")[0].image.shape == (3, 32, 32)
+    first, left_out = cache.load_prepared(tmp_path, "training", "grey")
+    again, _ = cache.load_prepared(tmp_path, "training", "grey")
+    assert again[0].image is first[0].image and left_out == []  # from memory, not read again
+    assert cache.load_prepared(tmp_path, "training", "rgb")[0][0].image.shape == (3, 32, 32)
 
     png(tmp_path / "labelsTr" / "a.png", shape=(32, 32), value=0)  # relabelled: empty
-    changed = cache.load_prepared(tmp_path, "training", "grey")
+    changed, _ = cache.load_prepared(tmp_path, "training", "grey")
     assert changed[0].label.sum() == 0 and first[0].label.sum() == 64
 
-    png(tmp_path / "imagesTr" / "b.png")  # a new case without its label
-    with pytest.raises(MissingLabelError, match="'b'"):
-        cache.load_prepared(tmp_path, "training", "grey")
+    png(tmp_path / "imagesTr" / "b.png")  # a new case without its label: left out, named
+    cases, left_out = cache.load_prepared(tmp_path, "training", "grey")
+    assert [c.case_id for c in cases] == ["a"]
+    assert [(type(e), e.case, e.case_index) for e in left_out] == [(MissingLabelError, "b", 1)]
     png(tmp_path / "labelsTr" / "b.png", value=255)
-    assert [c.case_id for c in cache.load_prepared(tmp_path, "training", "grey")] == ["a", "b"]
+    assert [c.case_id for c in cache.load_prepared(tmp_path, "training", "grey")[0]] == ["a",
+                                                                                      "b"]
     cache.clear()
+
+
+def broken_folder(root: Path, dicom_dir: Path) -> Path:
+    """Training: one good case, one without its label, one truncated DICOM;
+    test: one good case."""
+    png(root / "imagesTr" / "good.png")
+    png(root / "labelsTr" / "good.png", value=255)
+    png(root / "imagesTr" / "DOE_nolabel.png")
+    (root / "imagesTr").joinpath("DOE_cut.dcm").write_bytes(
+        (dicom_dir / "pydicom_testfiles/test_files/CT_small.dcm").read_bytes()[:700])
+    png(root / "labelsTr" / "DOE_cut.png")
+    png(root / "imagesTs" / "t.png")
+    png(root / "labelsTs" / "t.png", value=255)
+    return root
+
+
+def test_a_broken_case_is_left_out_named_locally_counted_in_the_open(tmp_path, dicom_dir):
+    from common.data.site import left_out_summary, read_site
+
+    read = read_site(broken_folder(tmp_path, dicom_dir), "training")
+    assert [c.case_id for c in read.cases] == ["good"]
+    assert sorted((e.case, e.case_index, type(e)) for e in read.left_out) == [
+        ("DOE_cut", 0, UnreadableFileError), ("DOE_nolabel", 1, MissingLabelError)]
+    summary = left_out_summary(read.left_out)
+    assert summary == "1 (missing label), 1 (unreadable file)" and "DOE" not in summary
+
+
+def test_no_usable_case_is_one_error_with_counts_and_no_names(tmp_path, dicom_dir):
+    from common.data.site import NoUsableCaseError, read_site
+
+    broken_folder(tmp_path, dicom_dir)
+    for name in ("good.png",):
+        (tmp_path / "labelsTr" / name).unlink()
+    with pytest.raises(NoUsableCaseError) as info:
+        read_site(tmp_path, "training")
+    assert "DOE" in str(info.value)  # the site's log names them
+    assert scrub(info.value) == ("fedseg data error (no usable training case: 3 left out, "
+                                 "2 (missing label), 1 (unreadable file))")
+
+
+def test_the_site_check_gives_every_case_its_verdict(tmp_path, dicom_dir):
+    from common.data.check import check_site
+
+    seen = []
+    result = check_site(broken_folder(tmp_path, dicom_dir), on_case=seen.append)
+    verdicts = {(c.split, c.case_id): (c.usable, c.problem) for c in result.cases}
+    assert verdicts[("training", "good")] == (True, "")
+    assert verdicts[("training", "DOE_nolabel")] == (False, "no label file for this image")
+    assert not verdicts[("training", "DOE_cut")][0]
+    assert "DOE_cut.dcm" in verdicts[("training", "DOE_cut")][1]  # which file, at the site
+    assert verdicts[("test", "t")] == (True, "")
+    assert len(seen) == 4 and result.can_join and not result.all_usable
+    assert result.summary() == ("1 of 3 training cases usable (2 left out); "
+                                "1 of 1 test cases usable")
+    good = next(c for c in result.cases if c.case_id == "good")
+    assert good.shape == (1, 32, 32) and good.foreground == pytest.approx(64 / 1024)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -273,3 +274,18 @@ def test_too_few_sites_stop_the_run_after_node_wait_and_it_resumes(sites, tmp_pa
     grid, resumed, rows = run(sites, tmp_path, "gone", resume=True, **{"num-rounds": 3})
     assert resumed["rounds_completed"] == 3 and resumed["stopped"] is None
     assert [r["round"] for r in rows] == [1, 2, 3]
+
+
+def test_a_broken_case_is_left_out_and_counted_not_a_failed_round(sites, tmp_path):
+    import shutil
+
+    copy = Path(shutil.copytree(sites[0][1], tmp_path / "a-copy"))
+    label = sorted((copy / "labelsTr").iterdir())[0]
+    label.write_bytes(b"not a label")  # one training case cannot be read
+    _, summary, rows = run([(sites[0][0], copy), *sites[1:]], tmp_path, "left-out")
+    assert summary["problems"] == [] and all(r["failures"] == [] for r in rows)
+    assert all(r["trained"] == ["hospital-a", "hospital-b", "hospital-c"] for r in rows)
+    for r in rows:
+        assert r["cases_left_out"] == {"hospital-a": "training: 1 (unsupported format)"}
+    assert summary["cases_left_out"] == {"hospital-a": "training: 1 (unsupported format)"}
+    assert label.name not in json.dumps(rows)

@@ -2,8 +2,8 @@
 node authentication, the real U-Net on synthetic DICOM hospitals.
 
 Hospital b is a canary: a string planted in its DICOM headers, file names and
-folder name, and one of its test cases broken, so its evaluation fails every
-round. Its failure must be named by its site name from round 1, and the canary
+folder name, and every one of its test cases broken (each is left out, named
+in b's own log), so its evaluation fails every round. Its failure must be named by its site name from round 1, and the canary
 must not reach any byte the server receives, any server-side log or state, or
 the run folder. Set FEDSEG_CANARY to plant a string of your own."""
 
@@ -38,7 +38,7 @@ SAFE = CANARY.replace("/", "_").replace("\0", "_")  # what can stand in a file n
 
 def plant(site: Path) -> Path:
     """Rename the site and its cases after the canary, write it into every
-    DICOM header, and break one test case."""
+    DICOM header, and break every test case."""
     planted = site.with_name(f"ward-{SAFE}")
     site.rename(planted)
     for images, labels in (("imagesTr", "labelsTr"), ("imagesTs", "labelsTs")):
@@ -53,8 +53,9 @@ def plant(site: Path) -> Path:
             label = planted / labels / f"{case.name}.nii.gz"
             label.rename(planted / labels / f"{SAFE}_{case.name}.nii.gz")
             case.rename(case.with_name(f"{SAFE}_{case.name}"))
-    broken = sorted(sorted((planted / "imagesTs").iterdir())[0].iterdir())[0]
-    broken.write_bytes(broken.read_bytes()[:400])  # truncated: evaluation fails here
+    for case in (planted / "imagesTs").iterdir():  # truncated: no usable test case
+        broken = sorted(case.iterdir())[0]
+        broken.write_bytes(broken.read_bytes()[:400])
     return planted
 
 
@@ -88,8 +89,8 @@ def test_two_hospitals_train_over_tls_with_authenticated_nodes(federation):
     assert len(rows) == 2
     for row in rows:  # both train; b's evaluation fails, named by its site name
         assert row["trained"] == ["hospital-a", "hospital-b"]
-        assert row["failures"] == ["evaluate at hospital-b: fedseg data error in case #0 "
-                                   "(unreadable file)"]
+        assert row["failures"] == ["evaluate at hospital-b: fedseg data error (no usable "
+                                   "test case: 2 left out, 2 (unreadable file))"]
     assert set(summary["final"]["sites"]) == {"hospital-a"}
     assert summary["final"]["sites"]["hospital-a"]["num-examples"] == 2
     assert summary["problems"] == ["site hospital-b failed every round (2 of 2)"]

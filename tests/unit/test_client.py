@@ -106,7 +106,8 @@ def test_a_failing_site_sends_a_scrubbed_error(tmp_path, model):
     reply = train_handler(message(MessageType.TRAIN, model), context(site))
     assert reply.has_error()
     assert parse_error_reason(reply.error.reason) == (
-        "hospital-a", "fedseg data error in case #0 (unreadable file)")
+        "hospital-a", "fedseg data error (no usable training case: 1 left out, 1 (unreadable "
+                      "file))")
     assert b"DOE" not in wire_bytes(reply)
 
 

@@ -30,9 +30,10 @@ SMALL = {"num-rounds": 1, "seed": 0, "secagg-max-weight": MAX_WEIGHT,
 def four_sites(tmp_path_factory):
     folders = write_federation(tmp_path_factory.mktemp("sa"), 4, n_train=CASES, n_test=1,
                                seed=5)
-    # The last site cannot train (a training label is missing): it drops out of
-    # the secure round after the key exchange, when training is asked for.
-    next((folders[3] / "labelsTr").iterdir()).unlink()
+    # The last site cannot train (its training labels are missing): it drops out
+    # of the secure round after the key exchange, when training is asked for.
+    for label in (folders[3] / "labelsTr").iterdir():
+        label.unlink()
     return [(f"site-{i}", f) for i, f in enumerate(folders)]
 
 

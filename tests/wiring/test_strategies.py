@@ -131,8 +131,8 @@ def test_a_site_that_fails_is_named_from_round_one(sites, tmp_path, tmp_path_fac
     (broken / "imagesTr" / "case_1.nii.gz").write_bytes(b"not a nifti")
     (broken / "labelsTr" / "case_1.nii.gz").write_bytes(b"not a nifti")
     _, summary, rows = run([*sites[:2], ("hospital-x", broken)], tmp_path, "broken")
-    assert rows[0]["failures"][0] == ("train at hospital-x: fedseg data error in case #0 "
-                                      "(unreadable file)")
+    assert rows[0]["failures"][0] == ("train at hospital-x: fedseg data error (no usable "
+                                      "training case: 1 left out, 1 (unreadable file))")
     assert "case_1" not in json.dumps(rows)
     assert "site hospital-x failed every round (2 of 2)" in summary["problems"]
 

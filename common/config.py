@@ -24,6 +24,9 @@ from common.errors import ConfigError
 
 INPUT_CHANNELS = {"grey": 1, "rgb": 3, "red": 1, "green": 1, "blue": 1}
 STRATEGIES = ("fedavg", "fedprox", "fednova", "fedadam")
+# How FedAvg combines the updates: its weighted mean, or one of Flower's robust
+# rules (FedMedian, FedTrimmedAvg, Krum, MultiKrum, Bulyan); docs/robustness.md.
+AGGREGATIONS = ("mean", "median", "trimmed-mean", "krum", "multi-krum", "bulyan")
 LR_SCHEDULES = ("cosine", "constant")
 DP_MODES = ("off", "server-fixed", "server-adaptive", "client-fixed", "client-adaptive")
 
@@ -168,6 +171,9 @@ class RunSettings:
     round_timeout: float = setting(600.0, "seconds a round waits for replies; then the "
                                           "replies in hand count, the rest are failures",
                                    positive())
+    max_short_rounds: int = setting(3, "rounds in a row with fewer than min-nodes replies "
+                                       "(each skipped, the model unchanged) before the run "
+                                       "stops (resumable)", at_least(1))
     local_epochs: int = setting(1, "passes over a site's training cases per round",
                                 at_least(1))
     learning_rate: float = setting(1e-3, "the sites' Adam learning rate", positive())
@@ -204,6 +210,15 @@ class RunSettings:
                                            "test", at_least(1))
     strategy: str = setting("fedavg", "server aggregation", one_of(*STRATEGIES))
     fedprox_mu: float = setting(0.01, "FedProx proximal term weight", at_least(0))
+    aggregation: str = setting("mean", "fedavg's rule: the case-weighted mean, or a robust "
+                                       "rule against a broken or poisoned site "
+                                       "(docs/robustness.md)", one_of(*AGGREGATIONS))
+    robust_trim: float = setting(0.25, "trimmed-mean: share of the sites' values cut at each "
+                                       "end, weight by weight", within(0, 0.5, high_open=True))
+    robust_malicious: int = setting(1, "krum, multi-krum, bulyan: sites assumed malicious "
+                                       "(f)", at_least(0))
+    robust_select: int = setting(0, "multi-krum: updates averaged; 0: sites - f",
+                                 at_least(0))
     fedadam_eta: float = setting(0.01, "FedAdam server learning rate", positive())
     fedadam_tau: float = setting(1e-3, "FedAdam adaptivity", positive())
     secure_aggregation: bool = setting(False, "SecAgg+: the server sees only the sum of "
@@ -248,6 +263,26 @@ class RunSettings:
              "privacy's equal-weight clipped updates do not allow: use fedavg or fedprox"),
             (not (self.dp_max_epsilon and self.dp == "off"),
              "dp-max-epsilon needs differential privacy on (dp = client-fixed, ...)"),
+            (self.aggregation == "mean" or self.strategy == "fedavg",
+             f"aggregation {self.aggregation} replaces fedavg's mean: use strategy fedavg, "
+             f"not {self.strategy}"),
+            (self.aggregation == "mean" or not self.secure_aggregation,
+             f"aggregation {self.aggregation} looks at each site's update, which secure "
+             f"aggregation hides (the server sees only the sum): use one or the other"),
+            (self.aggregation == "mean" or self.dp == "off",
+             f"differential privacy calibrates its noise to a mean of clipped updates; "
+             f"aggregation {self.aggregation} is not one: use one or the other"),
+            (self.aggregation != "trimmed-mean" or int(self.robust_trim * self.min_nodes) >= 1,
+             f"trimmed-mean with robust-trim {self.robust_trim} and min-nodes "
+             f"{self.min_nodes} cuts nothing: raise robust-trim to at least "
+             f"{1 / max(1, self.min_nodes):.2f}"),
+            (self.aggregation not in ("krum", "multi-krum")
+             or self.min_nodes >= 2 * self.robust_malicious + 3,
+             f"{self.aggregation} tolerates robust-malicious {self.robust_malicious} only with "
+             f"min-nodes >= {2 * self.robust_malicious + 3} (n > 2f + 2)"),
+            (self.aggregation != "bulyan" or self.min_nodes >= 4 * self.robust_malicious + 3,
+             f"bulyan tolerates robust-malicious {self.robust_malicious} only with min-nodes "
+             f">= {4 * self.robust_malicious + 3} (n >= 4f + 3)"),
             (not (self.secure_aggregation and self.dp.startswith("server")),
              "server-side DP clipping needs every update in the clear, which secure "
              "aggregation hides: use dp = client-fixed or client-adaptive with it"),

@@ -12,7 +12,16 @@ From the outside in:
 
 from __future__ import annotations
 
-from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
+from flwr.serverapp.strategy import (
+    Bulyan,
+    FedAvg,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    Krum,
+    MultiKrum,
+    Strategy,
+)
 
 from common import wire
 from common.config import RunSettings
@@ -25,6 +34,24 @@ from server.strategies.fedadam import ScheduledFedAdam
 from server.strategies.fednova import FedNova
 from server.strategies.recorder import SiteRecorder, aggregate_site_metrics
 from server.strategies.secagg import SecAggPlusFedAvg
+
+
+def robust_fedavg(settings: RunSettings, fedavg_args: dict) -> FedAvg:
+    """FedAvg with the rule of ``aggregation``: Flower's own strategies."""
+    f = settings.robust_malicious
+    rule = settings.aggregation
+    if rule == "median":
+        return FedMedian(**fedavg_args)
+    if rule == "trimmed-mean":
+        return FedTrimmedAvg(beta=settings.robust_trim, **fedavg_args)
+    if rule == "krum":
+        return Krum(num_malicious_nodes=f, **fedavg_args)
+    if rule == "multi-krum":
+        return MultiKrum(num_malicious_nodes=f, num_nodes_to_select=settings.robust_select
+                         or max(1, settings.min_nodes - f), **fedavg_args)
+    if rule == "bulyan":
+        return Bulyan(num_malicious_nodes=f, **fedavg_args)
+    return FedAvg(**fedavg_args)
 
 
 def build_strategy(settings: RunSettings, num_sampled: int | None = None,
@@ -64,7 +91,7 @@ def build_strategy(settings: RunSettings, num_sampled: int | None = None,
         fedavg = ScheduledFedAdam(settings, rounds_done, eta=settings.fedadam_eta,
                                   tau=settings.fedadam_tau, **fedavg_args)
     else:
-        fedavg = FedAvg(**fedavg_args)
+        fedavg = robust_fedavg(settings, fedavg_args)
     num_sampled = num_sampled or settings.min_nodes
     privacy: FlowerAccount | PrivacyLedger | None = None
     if dp_on and flower_accounts_for(settings, fedavg):
@@ -86,6 +113,7 @@ def build_strategy(settings: RunSettings, num_sampled: int | None = None,
                                        or rounds_done + r == settings.num_rounds)
     recorder.rounds_done = rounds_done
     recorder.min_nodes, recorder.node_wait = settings.min_nodes, settings.node_wait
+    recorder.max_short_rounds = settings.max_short_rounds
     recorder.last_round = settings.num_rounds - rounds_done
     checks.on_reject = recorder.note_failure
     if isinstance(fedavg, SecAggPlusFedAvg):

@@ -128,6 +128,8 @@ class SiteRecorder(StrategyWrapper):
         self.last_round = 0  # this call's last round (0: unknown; every round evaluates)
         self.min_nodes = 0  # sites a round waits for (at most node_wait seconds); 0: Flower's
         self.node_wait = 300.0
+        self.max_short_rounds = 3  # rounds in a row under min-nodes replies before a stop
+        self.short_rounds = 0
         self.rounds_done = 0  # rounds of a resumed run before this call
 
     def round(self, server_round: int) -> RoundRecord:
@@ -250,10 +252,29 @@ class SiteRecorder(StrategyWrapper):
                                                                 grid))
 
     def aggregate_train(self, server_round, replies):
-        arrays, metrics = super().aggregate_train(
-            server_round, self._received(server_round, replies, "train"))
+        replies = self._received(server_round, replies, "train")
+        answered = len(self.round(server_round).train)  # replies, or a secure round's sites
+        if self.min_nodes and answered < self.min_nodes:
+            return self.short_round(server_round, answered)
+        self.short_rounds = 0
+        arrays, metrics = super().aggregate_train(server_round, replies)
         self.round(server_round).aggregated = arrays is not None
         return arrays, metrics
+
+    def short_round(self, server_round: int, answered: int) -> tuple[None, None]:
+        """Fewer than ``min-nodes`` sites answered (within ``round-timeout``):
+        the round is skipped and the model unchanged; after ``max-short-rounds``
+        such rounds in a row the run stops (:class:`TooFewSites`, resumable)."""
+        self.short_rounds += 1
+        why = (f"{answered} of the {self.min_nodes} sites needed (min-nodes) answered "
+               f"round {self.rounds_done + server_round}")
+        self.round(server_round).failures.append(
+            f"round skipped: {why}; the model is unchanged")
+        log(WARNING, "round %d skipped: %s", server_round, why)
+        if self.short_rounds >= self.max_short_rounds:
+            raise TooFewSites(f"{why}: {self.short_rounds} rounds in a row with too few "
+                              f"replies (max-short-rounds {self.max_short_rounds})")
+        return None, None
 
     def configure_evaluate(self, server_round, arrays, config, grid):
         # Scored with the next round's train message, except the last round's

@@ -262,7 +262,7 @@ def test_too_few_sites_stop_the_run_after_node_wait_and_it_resumes(sites, tmp_pa
         return reply
 
     grid = federation(sites, {**TINY, "run-name": "gone", "num-rounds": 3, "node-wait": 1.0},
-                      {100: vanish})
+                      {102: vanish})  # the last of the three to be asked
     held["grid"] = grid
     summary = run_server(grid, tmp_path)
     assert summary["rounds_completed"] == 1
@@ -289,3 +289,24 @@ def test_a_broken_case_is_left_out_and_counted_not_a_failed_round(sites, tmp_pat
         assert r["cases_left_out"] == {"hospital-a": "training: 1 (unsupported format)"}
     assert summary["cases_left_out"] == {"hospital-a": "training: 1 (unsupported format)"}
     assert label.name not in json.dumps(rows)
+
+
+def test_rounds_short_of_min_nodes_are_skipped_then_the_run_stops_and_resumes(sites,
+                                                                              tmp_path):
+    """One of three sites never answers, min-nodes 3: each round is skipped
+    (model unchanged, the reason recorded); after max-short-rounds such rounds
+    the run stops, resumable, and finishes once the site is back."""
+    _, summary, rows = run(sites, tmp_path, "short", faults={101: lambda n, m, d: None},
+                           **{"num-rounds": 4, "max-short-rounds": 2})
+    assert [r["round"] for r in rows] == [1]  # round 2 stopped the run before its line
+    assert rows[0]["aggregated"] is False and rows[0]["trained"] == []
+    assert "round skipped: 2 of the 3 sites needed (min-nodes) answered round 1; the model " \
+           "is unchanged" in rows[0]["failures"]
+    assert "train at node-101: no reply" in rows[0]["failures"]  # no registry on the grid
+    assert summary["stopped"] == ("too few sites: 2 of the 3 sites needed (min-nodes) answered "
+                                  "round 2: 2 rounds in a row with too few replies "
+                                  "(max-short-rounds 2)")
+    assert any(p.startswith("stopped before its last round") for p in summary["problems"])
+    _, resumed, rows = run(sites, tmp_path, "short", resume=True, **{"num-rounds": 4})
+    assert resumed["rounds_completed"] == 4 and resumed["stopped"] is None
+    assert [r["aggregated"] for r in rows] == [False, True, True, True]

@@ -5,7 +5,8 @@ Hospital b is a canary: a string planted in its DICOM headers, file names and
 folder name, and every one of its test cases broken (each is left out, named
 in b's own log), so its evaluation fails every round. Its failure must be
 named by its site name from round 1, and the canary must not reach any byte
-the server receives, any server-side log or state, or the run folder. Set FEDSEG_CANARY to plant a string of your own."""
+the server receives, any server-side log or state, or the run folder. Set
+FEDSEG_CANARY to plant a string of your own."""
 
 from __future__ import annotations
 

@@ -49,6 +49,7 @@ from client.channel import WorkerClient
 from common import wire
 from common.config import RunSettings, SiteSettings, fedseg_home, simulation_sites
 from common.errors import FedsegError, error_reason, scrub, write_local_log
+from common.processes import exit_when_orphaned
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,10 @@ class InProcessSite:
 def site(context: Context) -> WorkerClient | InProcessSite:
     """The worker when ``fedseg node`` named one, else the service in process."""
     path = context.node_config.get(WORKER)
-    return WorkerClient(str(path)) if path else InProcessSite(context)
+    if not path:
+        return InProcessSite(context)
+    exit_when_orphaned("ClientApp")  # a killed SuperNode does not leave it hanging
+    return WorkerClient(str(path))
 
 
 def ask(kind: str, msg: Message, context: Context

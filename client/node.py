@@ -41,7 +41,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import ConfigError, FedsegError
-from common.processes import stop_group
+from common.processes import (
+    become_subreaper,
+    child_dies_with_parent,
+    reap_orphans,
+    stop_group,
+)
 
 
 class NodeError(FedsegError):
@@ -258,6 +263,7 @@ def prepare_state(settings: NodeSettings, users: tuple[Account, Account] | None)
     for folder in (state.socket.parent, state.audit.parent, state.supernode, state.worker_home):
         folder.mkdir(exist_ok=True)
         os.chmod(folder, 0o700)
+    state.socket.unlink(missing_ok=True)  # a killed worker's: its successor listens anew
     if users:
         run, data = users
         # the socket's folder: the worker's, entered by the run user's group only
@@ -322,8 +328,11 @@ SUPEREXEC_POLL = "0.05"  # seconds between the SuperNode's executor's asks for a
 
 
 EXIT_CODE = re.compile(r"Exit Code: (\d+)")
+NOT_ACTIVATED = "Failed to activate SuperNode"
+ACTIVATION_RETRY = 90.0  # Flower's heartbeat patience (2 x 30 s) and a margin
+ACTIVATION_PAUSE = 5.0
 EXPLAIN = {
-    "Failed to activate SuperNode": (
+    NOT_ACTIVATED: (
         "the SuperLink refused this node: its key is not registered. Send {name}.pub to the "
         "coordinator (fedseg hospital register) and start again"),
     "Server disconnected without sending a response": (
@@ -366,10 +375,17 @@ def run_node(settings: NodeSettings, env: dict[str, str], log_path: Path | None 
                 tail.append(line)
                 del tail[:-40]
 
+    # Killed outright (SIGKILL), this command takes the worker and the
+    # SuperNode with it (PDEATHSIG; Flower's superexec follows the SuperNode),
+    # and it reaps whatever of theirs is orphaned while it runs.
+    become_subreaper()
+    dies_with_us = child_dies_with_parent()
+
     def start(cmd: list[str], proc_env: dict[str, str], account: Account | None,
               cwd: Path) -> subprocess.Popen:
         proc = subprocess.Popen(cmd, env=proc_env, stdout=subprocess.PIPE, cwd=cwd,
                                 stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                                preexec_fn=dies_with_us,
                                 **(account.popen_args() if account else {}))
         procs.append(proc)
         threading.Thread(target=pump, args=(proc,), daemon=True).start()
@@ -392,6 +408,9 @@ def run_node(settings: NodeSettings, env: dict[str, str], log_path: Path | None 
                 "MPLCONFIGDIR": str(home / "matplotlib"),
                 "TORCHINDUCTOR_CACHE_DIR": str(home / "torchinductor")}
 
+    running = state.root / "running"  # left behind when this command is killed
+    unclean = running.exists()
+    running.write_text(f"{os.getpid()}\n")
     worker_env = {**env, **own_caches(state.worker_home), "OMP_NUM_THREADS": str(threads),
                   "PYTHONPATH": str(app_root) + os.pathsep + env.get("PYTHONPATH", "")}
     node_env = {**env, **own_caches(state.supernode), "OMP_NUM_THREADS": "1",
@@ -409,10 +428,31 @@ def run_node(settings: NodeSettings, env: dict[str, str], log_path: Path | None 
                       file=sys.stderr)
                 return worker.returncode or 1
             time.sleep(0.1)
-        supernode = start(supernode_command(settings, state), node_env,
-                          users[0] if users else None, state.supernode)
-        while worker.poll() is None and supernode.poll() is None:
-            time.sleep(0.2)
+        refused_until = None
+        while True:
+            del tail[:]  # what explains this SuperNode's end
+            supernode = start(supernode_command(settings, state), node_env,
+                              users[0] if users else None, state.supernode)
+            while worker.poll() is None and supernode.poll() is None:
+                reap_orphans({p.pid for p in procs})
+                time.sleep(0.2)
+            time.sleep(0.2)  # its last lines
+            if (stopping.is_set() or worker.poll() is not None
+                    or NOT_ACTIVATED not in "".join(tail)):
+                break
+            # Flower keeps a node that vanished (killed, power cut) online for
+            # 2 x 30 s after its last heartbeat and refuses its key until then.
+            # Only a node that did not stop cleanly last time waits for that.
+            refused_until = refused_until or time.monotonic() + ACTIVATION_RETRY
+            if not unclean or time.monotonic() > refused_until:
+                break
+            print(f"fedseg node: the SuperLink did not activate this node; this node did not "
+                  f"stop cleanly last time, so the SuperLink may still hold its last session "
+                  f"(up to a minute): trying again in {ACTIVATION_PAUSE:.0f} s (for up to "
+                  f"{ACTIVATION_RETRY:.0f} s)", file=sys.stderr, flush=True)
+            stop_group(supernode.pid)
+            procs.remove(supernode)
+            stopping.wait(ACTIVATION_PAUSE)
         if supernode.poll() is None:
             print("fedseg node: the site worker stopped; stopping the SuperNode",
                   file=sys.stderr)
@@ -427,6 +467,8 @@ def run_node(settings: NodeSettings, env: dict[str, str], log_path: Path | None 
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 pass
+        reap_orphans({p.pid for p in procs})
+        running.unlink(missing_ok=True)
         time.sleep(0.1)
         sink.close()
     if stopping.is_set():

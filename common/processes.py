@@ -78,6 +78,96 @@ def stop_group(pgid: int, grace: float = 10.0) -> None:
             return
 
 
+def _prctl():
+    """libc's ``prctl``, or None off Linux (loaded once, before any fork)."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except OSError:
+        return None
+
+
+PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
+
+
+def child_dies_with_parent(sig: int = signal.SIGTERM):
+    """A ``preexec_fn`` for ``subprocess.Popen``: the child gets ``sig`` when
+    the process that started it dies, even by SIGKILL. It runs in the child
+    after the user switch (``Popen(user=...)``), so the setting survives into
+    the unprivileged program; it calls only libc (safe after fork), loaded
+    here, before the fork. None where Linux's prctl is not available."""
+    prctl = _prctl()
+    if prctl is None:
+        return None
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+
+    return preexec
+
+
+def become_subreaper() -> bool:
+    """Make this process the reaper of its orphaned descendants (Linux), so a
+    helper whose parent died comes back to us to be reaped instead of
+    lingering as a zombie under a PID 1 that does not reap (a container)."""
+    prctl = _prctl()
+    return prctl is not None and prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+
+
+def reap_orphans(own: set[int]) -> list[int]:
+    """Reap every ended child that is not one of ``own`` (whose status their
+    ``Popen`` reads): the orphans a subreaper inherits. Returns their pids."""
+    reaped = []
+    while True:
+        try:
+            info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return reaped
+        if info is None:
+            return reaped
+        if info.si_pid in own:  # its Popen reaps it; look no further this time
+            return reaped
+        try:
+            os.waitpid(info.si_pid, 0)
+            reaped.append(info.si_pid)
+        except ChildProcessError:
+            pass
+
+
+_watching = False
+
+
+def exit_when_orphaned(what: str, grace: float = 5.0) -> None:
+    """Start (once per process) a watchdog that ends this process when the
+    process that started it is gone: Flower's ServerApp and ClientApp
+    processes otherwise hang at exit, their threads retrying requests to a
+    SuperLink or SuperNode that was killed (Flower's own parent monitor raises
+    SIGINT, but the interpreter then waits for those threads forever). Each
+    round is checkpointed before the next starts, so nothing done is lost."""
+    global _watching
+    if _watching:
+        return
+    _watching = True
+    import sys
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        print(f"fedseg: the process that started this {what} is gone; ending it in "
+              f"{grace:.0f} s", file=sys.stderr, flush=True)
+        time.sleep(grace)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="fedseg-orphan-watch", daemon=True).start()
+
+
 def die_with_parent(sig: int = signal.SIGTERM) -> None:
     """Ask Linux to send ``sig`` to this process when its parent dies (also
     by SIGKILL), so a helper never outlives the command that started it.

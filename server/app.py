@@ -13,6 +13,7 @@ from flwr.serverapp.exception import PrivacyBudgetExhausted as FlowerBudgetExhau
 from common import wire
 from common.config import RunSettings
 from common.model import build_model
+from common.processes import exit_when_orphaned
 from server.prompt_grid import prompt
 from server.runs import RunFolder, packed_arrays, runs_root
 from server.strategies import PrivacyBudgetExhausted, TooFewSites, build_strategy
@@ -41,6 +42,7 @@ def nodes_per_round(grid: Grid, settings: RunSettings) -> int:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    exit_when_orphaned("ServerApp")  # a killed SuperLink does not leave it hanging
     grid = prompt(grid)  # replies as they come, not on Flower's 3 s poll
     settings = RunSettings.from_run_config(context.run_config)
     run = RunFolder.open(runs_root(), settings)

@@ -159,6 +159,7 @@ def cmd_superlink(args: argparse.Namespace) -> int:
     """The SuperLink on 127.0.0.1 and nginx on the public port in front of it,
     forwarding the Fleet API only (server/proxy.py); both stopped, by process
     group, on Ctrl-C, SIGTERM or when either exits."""
+    from common.processes import become_subreaper, child_dies_with_parent, reap_orphans
     from server import proxy
     from server.deployment import State, superlink_command, superlink_env, write_connection
     from server.processes import stop_process_group, wait_for_port
@@ -181,12 +182,19 @@ def cmd_superlink(args: argparse.Namespace) -> int:
                      args.insecure)
     probe = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     procs = []
+    # Killed outright (SIGKILL), this command takes both with it (PDEATHSIG),
+    # and it reaps whatever of theirs is orphaned while it runs.
+    # Flower's SuperLink does not end on SIGTERM while it serves (its server
+    # threads hold it), so it gets SIGKILL; its state is SQLite, safe from that.
+    become_subreaper()
+    hold = {"preexec_fn": child_dies_with_parent(), "start_new_session": True}
     try:
-        superlink = subprocess.Popen(cmd, env=superlink_env(state), start_new_session=True)
+        superlink = subprocess.Popen(cmd, env=superlink_env(state), start_new_session=True,
+                                     preexec_fn=child_dies_with_parent(signal.SIGKILL))
         procs.append(superlink)
         wait_for_port(local_port, superlink, "the SuperLink", state.logs / "superlink.log")
         if nginx is not None:
-            front = subprocess.Popen(nginx, start_new_session=True)
+            front = subprocess.Popen(nginx, **hold)
             procs.append(front)
             wait_for_port(args.port, front, "nginx", state.root / "proxy" / "error.log",
                           host=probe)
@@ -198,6 +206,7 @@ def cmd_superlink(args: argparse.Namespace) -> int:
                       f"API only); this machine's flwr CLI uses 127.0.0.1:{local_port}; "
                       f"state in {state.root}, run folders in {state.runs}", soft_wrap=True)
         while all(p.poll() is None for p in procs):
+            reap_orphans({p.pid for p in procs})
             time.sleep(0.5)
         gone = next(p for p in procs if p.poll() is not None)
         what = "the SuperLink" if gone is superlink else "nginx"
@@ -206,6 +215,7 @@ def cmd_superlink(args: argparse.Namespace) -> int:
     finally:
         for proc in reversed(procs):
             stop_process_group(proc)
+        reap_orphans({p.pid for p in procs})
 
 
 def cmd_hospital(args: argparse.Namespace) -> int:

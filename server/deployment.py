@@ -21,6 +21,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable, Mapping
@@ -219,6 +220,24 @@ def remove(state: State, name_or_key: str) -> dict[str, Any]:
     return {"name": name, **entry}
 
 
+STARTED = re.compile(r"Successfully started run (\d+)")
+FLOWER_RUN_ID = "flower-run-id"  # in a run folder: the Flower run that wrote it last
+
+
+def stop_previous(state: State, run_dir: Path) -> None:
+    """Before a resume: stop the Flower run that wrote ``run_dir`` last, if the
+    SuperLink still has it running (its ServerApp died with a crashed
+    SuperLink): otherwise the hospitals first work through its stale
+    messages, about half a minute each, before the resumed run's reach them."""
+    path = run_dir / FLOWER_RUN_ID
+    if not path.exists():
+        return
+    try:
+        _flwr(state, "stop", path.read_text().strip(), CONNECTION)
+    except (DeploymentError, subprocess.TimeoutExpired):
+        pass  # finished or gone already: nothing to stop
+
+
 def launch(state: State, run_dir_name: str, overrides: Mapping[str, Any], *,
            on_round: Callable[[dict[str, Any]], None] | None = None,
            log_path: Path | None = None, timeout: float | None = None) -> dict[str, Any]:
@@ -232,13 +251,21 @@ def launch(state: State, run_dir_name: str, overrides: Mapping[str, Any], *,
     if (run_dir / "metrics.jsonl").exists() and not overrides.get("resume"):
         raise ConfigError(f"{run_dir} already holds a run: resume it or choose another name")
     config = {**overrides, "run-name": run_dir_name}
+    if overrides.get("resume"):
+        stop_previous(state, run_dir)
     cmd = ["flwr", "run", str(APP_DIR), CONNECTION, "--stream",
            "--run-config", run_config_arg(config)]
     log_path = log_path or state.logs / f"run-{run_dir_name}.log"
+    start = log_path.stat().st_size if log_path.exists() else 0
     with open(log_path, "ab") as log:
         code = run_and_follow(cmd, env=base_env({"FLWR_HOME": str(state.flwr_home)}),
                               cwd=state.root, log=log, run_dir=run_dir, on_round=on_round,
                               timeout=timeout)
+    with open(log_path, "rb") as log:
+        log.seek(start)
+        started = STARTED.search(log.read().decode(errors="replace"))
+    if started and run_dir.is_dir():  # which Flower run this was, for a resume to stop
+        (run_dir / FLOWER_RUN_ID).write_text(started.group(1) + "\n")
     summary = run_dir / "summary.json"
     if code != 0 or not summary.exists():
         raise DeploymentError(f"the run did not finish (flwr run exit code {code});"

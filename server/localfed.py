@@ -100,17 +100,33 @@ class LocalFederation:
             os.chmod(self.work, self.work.stat().st_mode | 0o005)
             open_path_to(self.work)
         provision(self.certs, ["127.0.0.1", "localhost"], self.names)
-        link = ["superlink", "--state", str(self.state.root), "--host", "127.0.0.1",
-                "--port", str(self.port), "--local-port", str(self.local_port)]
-        link += ["--insecure"] if self.insecure else ["--certs", str(self.certs / "superlink")]
-        superlink = self.fedseg(*link, log="superlink.out")
-        wait_for_port(self.port, superlink, "the SuperLink", self.work / "superlink.out")
-        wait_for_port(self.local_port, superlink, "the SuperLink", self.work / "superlink.out")
+        self.start_superlink()
         if not self.insecure:
             for name in self.names:
                 deployment.register(self.state, self.key(name).with_suffix(".pub"), name)
         for i, (name, site) in enumerate(zip(self.names, self.sites, strict=True)):
             self.start_node(name, site, log=f"node-{name}.out", port=free_port(), index=i)
+
+    def start_superlink(self) -> subprocess.Popen:
+        """``fedseg superlink`` on this federation's state and ports (again,
+        after :meth:`kill_superlink`: the nodes reconnect by themselves)."""
+        link = ["superlink", "--state", str(self.state.root), "--host", "127.0.0.1",
+                "--port", str(self.port), "--local-port", str(self.local_port)]
+        link += ["--insecure"] if self.insecure else ["--certs", str(self.certs / "superlink")]
+        self.superlink = self.fedseg(*link, log="superlink.out")
+        wait_for_port(self.port, self.superlink, "the SuperLink", self.work / "superlink.out")
+        wait_for_port(self.local_port, self.superlink, "the SuperLink",
+                      self.work / "superlink.out")
+        return self.superlink
+
+    def kill_superlink(self) -> None:
+        """SIGKILL ``fedseg superlink`` alone, as a crash would: what it started
+        must go with it (it takes them along itself)."""
+        import signal
+
+        self.superlink.send_signal(signal.SIGKILL)
+        self.superlink.wait(timeout=10)
+        self.processes.remove(self.superlink)
 
     def key(self, name: str) -> Path:
         return self.certs / "hospitals" / name / f"{name}.key"

@@ -1,0 +1,194 @@
+"""Fault drills on a real deployment (SuperLink behind nginx, two nodes with
+their site workers, TLS, as real processes on 127.0.0.1): a hospital killed
+outright in the middle of a run, a frozen hospital, the SuperLink killed and
+the run resumed. Each drill is bounded by the run settings it states
+(``round-timeout``, ``node-wait``), not by Flower's 60 s heartbeat.
+
+Slow (about a minute each): marked ``slow``, run by CI after the default
+suite (``python3 bootstrap.py test -m slow``)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from common.data.synthetic import write_federation
+from common.errors import ConfigError
+from common.processes import group_and_descendants
+from server.deployment import DeploymentError
+from server.localfed import LocalFederation
+from server.proxy import nginx_binary
+from server.runs import read_metrics
+from tests.federation.conftest import FLOWER_PROCESSES, processes_matching
+
+pytestmark = [pytest.mark.federation, pytest.mark.slow]
+
+SMALL = {"model-channels": "8,16", "patch-size": 32, "batch-size": 4, "patches-per-image": 1,
+         "test-time-flips": False, "mixed-precision": False, "local-epochs": 1}
+
+
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory):
+    try:
+        nginx_binary()
+    except ConfigError as exc:
+        pytest.skip(f"no real deployment without its proxy: {exc}")
+    work = tmp_path_factory.mktemp("faults")
+    os.chmod(work, 0o755)
+    sites = write_federation(work / "data", 2, n_train=3, n_test=1, seed=4)
+    before = set(processes_matching(*FLOWER_PROCESSES, "client.worker", "nginx: master"))
+    with LocalFederation(work, sites) as federation:
+        yield federation
+    time.sleep(0.5)
+    left = {p: c for p, c in processes_matching(*FLOWER_PROCESSES, "client.worker",
+                                                "nginx: master").items() if p not in before}
+    assert not left, f"processes left running: {left}"
+
+
+def state_of(pid: int) -> str | None:
+    """A process's state letter (Z: ended, not yet reaped), None if gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2]
+
+
+def wait_gone(pids: set[int], limit: float) -> dict[int, str]:
+    """Wait up to ``limit`` s for ``pids`` to end; those still running."""
+    deadline = time.monotonic() + limit
+    while True:
+        running = {p: s for p in pids if (s := state_of(p)) not in (None, "Z")}
+        if not running or time.monotonic() > deadline:
+            return running
+        time.sleep(0.2)
+
+
+def started_tree(pid: int, limit: float = 90) -> set[int]:
+    """``fedseg node`` ``pid`` and what it started, once the SuperNode's
+    superexec is up (the node is then fully started)."""
+    deadline = time.monotonic() + limit
+    while True:
+        tree = group_and_descendants(pid)
+        cmds = " ".join(_cmdline(p) for p in tree)
+        if "flower-superexec" in cmds and "client.worker" in cmds:
+            return tree
+        assert time.monotonic() < deadline, f"node {pid} did not start: {cmds}"
+        time.sleep(0.2)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def node_of(fed: LocalFederation, name: str):
+    """The ``fedseg node`` process of hospital ``name``."""
+    needle = f"--name {name} "
+    return next(p for p in fed.processes if needle in " ".join(p.args) + " ")
+
+
+def test_a_node_killed_mid_run_the_run_finishes_without_it_and_it_rejoins(fed):
+    node = node_of(fed, "hospital-b")
+    tree = started_tree(node.pid)  # fedseg node, worker, SuperNode, superexec
+    killed = {}
+
+    def kill_after_round_1(row):
+        if row["round"] == 1 and not killed:
+            os.kill(node.pid, signal.SIGKILL)  # only fedseg node: no cleanup code runs
+            killed["left"] = wait_gone(tree - {node.pid}, 15)
+
+    start = time.monotonic()
+    summary = fed.run("killed", {**SMALL, "num-rounds": 3, "min-nodes": 1,
+                                 "round-timeout": 10.0, "node-wait": 30.0},
+                      on_round=kill_after_round_1, timeout=300)
+    assert killed["left"] == {}, f"still running after fedseg node was killed: {killed}"
+    node.wait(timeout=10)
+    fed.processes.remove(node)
+    fed.killed = [node]
+    assert summary["rounds_completed"] == 3 and summary["stopped"] is None
+    rows = read_metrics(fed.state.runs / "killed")
+    assert rows[0]["trained"] == ["hospital-a", "hospital-b"]
+    assert rows[-1]["trained"] == ["hospital-a"]
+    assert any("at hospital-b: no reply" in f for f in rows[-1]["failures"])
+    assert time.monotonic() - start < 90
+
+
+def test_a_killed_node_restarted_at_once_rejoins(fed):
+    """Restarted on its state folder right after being killed: Flower still
+    holds its last session (up to 2 x 30 s); the node retries until it is let
+    in, then trains in the next run's rounds."""
+    gone = [p for p in fed.killed if "hospital-b" in " ".join(p.args)]
+    assert gone, "needs the node killed by the test before"
+    args = gone[0].args
+    port = int(args[args.index("--port") + 1])
+    start = time.monotonic()
+    fed.start_node("hospital-b", fed.sites[1], log="node-hospital-b-again.out", port=port,
+                   index=1)
+    log = fed.work / "node-hospital-b-again.out"
+    while "SuperNode ID:" not in (log.read_text() if log.exists() else ""):
+        assert time.monotonic() - start < 90, "the restarted node was never let in"
+        time.sleep(0.5)  # (a message sent to its old session fails when that expires)
+    fed.run("back", {**SMALL, "num-rounds": 1, "min-nodes": 2, "node-wait": 90.0},
+            timeout=300)
+    assert read_metrics(fed.state.runs / "back")[0]["trained"] == ["hospital-a", "hospital-b"]
+    assert time.monotonic() - start < 90
+    out = log.read_text()
+    assert "did not stop cleanly last time" in out and "not registered" not in out
+
+
+def test_a_frozen_node_is_cut_off_by_the_round_timeout(fed):
+    node = node_of(fed, "hospital-b")
+    tree = started_tree(node.pid)
+    for pid in tree:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        summary = fed.run("frozen", {**SMALL, "num-rounds": 1, "min-nodes": 1,
+                                     "round-timeout": 8.0}, timeout=300)
+    finally:
+        for pid in tree:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+    row = read_metrics(fed.state.runs / "frozen")[0]
+    assert row["trained"] == ["hospital-a"]
+    assert "train at hospital-b: no reply" in row["failures"]
+    assert 8.0 <= row["seconds"] < 60, row["seconds"]  # the timeout, not the heartbeat
+    assert summary["rounds_completed"] == 1
+
+
+def test_the_superlink_killed_and_resumed_loses_no_completed_round(fed):
+    crashed = {}
+
+    def crash_after_round_1(row):
+        if row["round"] == 1 and not crashed:
+            before = processes_matching("flower-superlink", "flwr-serverapp", "nginx: master")
+            fed.kill_superlink()
+            crashed["left"] = wait_gone(set(before), 15)
+
+    with pytest.raises(DeploymentError):
+        fed.run("crash", {**SMALL, "num-rounds": 3, "min-nodes": 2}, on_round=crash_after_round_1,
+                timeout=300)
+    assert crashed["left"] == {}, f"SuperLink side still running: {crashed['left']}"
+    kept = read_metrics(fed.state.runs / "crash")
+    assert [r["round"] for r in kept] == [1]
+    fed.start_superlink()  # same state folder; the nodes reconnect by themselves
+    summary = fed.run("crash", {**SMALL, "num-rounds": 3, "min-nodes": 2, "resume": True,
+                                "node-wait": 90.0}, timeout=300)
+    rows = read_metrics(fed.state.runs / "crash")
+    assert summary["rounds_completed"] == 3 and [r["round"] for r in rows] == [1, 2, 3]
+    assert rows[0] == kept[0]  # the completed round, as it was
+    assert all(r["trained"] == ["hospital-a", "hospital-b"] for r in rows[1:])
+
+
+def _free_port() -> int:
+    from server.processes import free_port
+
+    return free_port()

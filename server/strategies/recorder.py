@@ -130,6 +130,7 @@ class SiteRecorder(StrategyWrapper):
         self.node_wait = 300.0
         self.max_short_rounds = 3  # rounds in a row under min-nodes replies before a stop
         self.short_rounds = 0
+        self.dp_sampled = 0  # under DP: the sites sampled each round, all of which must answer
         self.rounds_done = 0  # rounds of a resumed run before this call
 
     def round(self, server_round: int) -> RoundRecord:
@@ -255,18 +256,22 @@ class SiteRecorder(StrategyWrapper):
         replies = self._received(server_round, replies, "train")
         answered = len(self.round(server_round).train)  # replies, or a secure round's sites
         if self.min_nodes and answered < self.min_nodes:
-            return self.short_round(server_round, answered)
+            return self.short_round(server_round, answered, self.min_nodes, "min-nodes")
+        if self.dp_sampled and answered < self.dp_sampled:  # Flower's DP wrappers refuse it
+            return self.short_round(server_round, answered, self.dp_sampled,
+                                    "DP: its noise is calibrated to every sampled site")
         self.short_rounds = 0
         arrays, metrics = super().aggregate_train(server_round, replies)
         self.round(server_round).aggregated = arrays is not None
         return arrays, metrics
 
-    def short_round(self, server_round: int, answered: int) -> tuple[None, None]:
-        """Fewer than ``min-nodes`` sites answered (within ``round-timeout``):
-        the round is skipped and the model unchanged; after ``max-short-rounds``
+    def short_round(self, server_round: int, answered: int, needed: int, rule: str
+                    ) -> tuple[None, None]:
+        """Fewer than ``needed`` sites answered (within ``round-timeout``): the
+        round is skipped and the model unchanged; after ``max-short-rounds``
         such rounds in a row the run stops (:class:`TooFewSites`, resumable)."""
         self.short_rounds += 1
-        why = (f"{answered} of the {self.min_nodes} sites needed (min-nodes) answered "
+        why = (f"{answered} of the {needed} sites needed ({rule}) answered "
                f"round {self.rounds_done + server_round}")
         self.round(server_round).failures.append(
             f"round skipped: {why}; the model is unchanged")

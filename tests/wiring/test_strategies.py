@@ -310,3 +310,17 @@ def test_rounds_short_of_min_nodes_are_skipped_then_the_run_stops_and_resumes(si
     _, resumed, rows = run(sites, tmp_path, "short", resume=True, **{"num-rounds": 4})
     assert resumed["rounds_completed"] == 4 and resumed["stopped"] is None
     assert [r["aggregated"] for r in rows] == [False, True, True, True]
+
+
+def test_under_dp_a_round_missing_a_sampled_site_is_skipped_with_the_reason(sites, tmp_path):
+    """Flower's DP noise is calibrated to every sampled site: a round one of
+    them misses is not aggregated (Flower's rule), and now says so, and
+    counts toward max-short-rounds instead of stalling the run."""
+    _, summary, rows = run(sites, tmp_path, "dp-short", faults={101: lambda n, m, d: None},
+                           **{"min-nodes": 2, "dp": "server-fixed", "num-rounds": 3,
+                              "max-short-rounds": 2})
+    assert [r["aggregated"] for r in rows] == [False]
+    assert ("round skipped: 2 of the 3 sites needed (DP: its noise is calibrated to every "
+            "sampled site) answered round 1; the model is unchanged") in rows[0]["failures"]
+    assert summary["stopped"].startswith("too few sites: 2 of the 3 sites needed (DP")
+    assert rows[0]["dp_releases"] in (0, None) and summary["privacy"]["epsilon"] == 0.0

@@ -100,6 +100,36 @@ def test_two_hospitals_train_over_tls_with_authenticated_nodes(federation):
     assert json.loads((run_dir / "summary.json").read_text()) == summary
 
 
+def test_the_deployment_gives_what_the_simulation_gives(federation, tmp_path):
+    """Same sites, seeds and settings: the deployed run (site workers behind
+    Flower's SuperNodes) and the same run on the in-process grid (the same
+    site service in process) give the same metrics, round by round."""
+    import torch
+
+    from tests.grid import federation as grid_of
+    from tests.grid import run_server
+
+    if not (federation.state.runs / "tls-run").exists():
+        federation.run("tls-run", {"num-rounds": 2, "local-epochs": 1}, timeout=400)
+    deployed = read_metrics(federation.state.runs / "tls-run")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(federation.threads)  # as each worker: the same sums, same order
+    try:
+        run_server(grid_of(list(zip(federation.names, federation.sites, strict=True)),
+                           {"num-rounds": 2, "local-epochs": 1, "run-name": "same"}), tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+    simulated = read_metrics(tmp_path / "same")
+    assert len(deployed) == len(simulated) == 2
+    for d, s in zip(deployed, simulated, strict=True):
+        assert d["dice"].keys() == s["dice"].keys() == {"hospital-a"}
+        assert d["dice"]["hospital-a"] == pytest.approx(s["dice"]["hospital-a"], abs=1e-4)
+        assert d["train_loss_sites"].keys() == s["train_loss_sites"].keys()
+        for site, loss in d["train_loss_sites"].items():
+            assert loss == pytest.approx(s["train_loss_sites"][site], abs=1e-4)
+        assert d["failures"] == s["failures"] and d["trained"] == s["trained"]
+
+
 def test_the_canary_never_reaches_the_server(federation):
     if not (federation.state.runs / "tls-run").exists():
         federation.run("tls-run", {"num-rounds": 1}, timeout=400)

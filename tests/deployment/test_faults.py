@@ -81,6 +81,17 @@ def started_tree(pid: int, limit: float = 90) -> set[int]:
         time.sleep(0.2)
 
 
+def wait_online(fed: LocalFederation, name: str, limit: float = 90) -> None:
+    """Until the SuperLink lists hospital ``name`` as online."""
+    from server.deployment import hospitals
+
+    deadline = time.monotonic() + limit
+    while not any(h["name"] == name and h["status"] == "online"
+                  for h in hospitals(fed.state)):
+        assert time.monotonic() < deadline, f"{name} never came online"
+        time.sleep(0.5)
+
+
 def _cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
@@ -143,25 +154,49 @@ def test_a_killed_node_restarted_at_once_rejoins(fed):
     assert "did not stop cleanly last time" in out and "not registered" not in out
 
 
-def test_a_frozen_node_is_cut_off_by_the_round_timeout(fed):
+def test_a_frozen_node_is_cut_off_by_the_round_timeout_and_its_late_reply_ignored(fed):
+    """Hospital b frozen (SIGSTOP) through round 1: the round ends at
+    ``round-timeout`` with a alone; b thaws during round 2 and answers round
+    1's message late: that reply is discarded without harm."""
+    import threading
+
     node = node_of(fed, "hospital-b")
     tree = started_tree(node.pid)
-    for pid in tree:
-        os.kill(pid, signal.SIGSTOP)
-    try:
-        summary = fed.run("frozen", {**SMALL, "num-rounds": 1, "min-nodes": 1,
-                                     "round-timeout": 8.0}, timeout=300)
-    finally:
+    wait_online(fed, "hospital-b")
+
+    def thaw() -> None:
         for pid in tree:
             try:
                 os.kill(pid, signal.SIGCONT)
             except ProcessLookupError:
                 pass
-    row = read_metrics(fed.state.runs / "frozen")[0]
-    assert row["trained"] == ["hospital-a"]
-    assert "train at hospital-b: no reply" in row["failures"]
-    assert 8.0 <= row["seconds"] < 60, row["seconds"]  # the timeout, not the heartbeat
-    assert summary["rounds_completed"] == 1
+
+    checkpoint = fed.state.runs / "frozen" / "checkpoint.pt"
+    done = threading.Event()
+
+    def thaw_after_round_1() -> None:  # b thaws in round 2
+        while not checkpoint.exists() and not done.wait(0.2):
+            pass
+        thaw()
+
+    for pid in tree:
+        os.kill(pid, signal.SIGSTOP)
+    watcher = threading.Thread(target=thaw_after_round_1, daemon=True)
+    watcher.start()
+    try:
+        summary = fed.run("frozen", {**SMALL, "num-rounds": 2, "min-nodes": 1,
+                                     "round-timeout": 20.0}, timeout=300)
+    finally:
+        done.set()
+        watcher.join(timeout=5)
+        thaw()
+    rows = read_metrics(fed.state.runs / "frozen")
+    assert rows[0]["trained"] == ["hospital-a"]
+    assert "train at hospital-b: no reply" in rows[0]["failures"]
+    assert 20.0 <= rows[0]["seconds"] < 60, rows[0]["seconds"]  # the timeout, not the heartbeat
+    assert summary["rounds_completed"] == 2 and summary["stopped"] is None
+    assert rows[1]["aggregated"] and "hospital-a" in rows[1]["trained"]
+    assert not any("round 1" in f for f in rows[1]["failures"])  # the late reply: ignored
 
 
 def test_the_superlink_killed_and_resumed_loses_no_completed_round(fed):
@@ -188,7 +223,13 @@ def test_the_superlink_killed_and_resumed_loses_no_completed_round(fed):
     assert all(r["trained"] == ["hospital-a", "hospital-b"] for r in rows[1:])
 
 
-def _free_port() -> int:
-    from server.processes import free_port
+def test_sigterm_stops_a_node_and_everything_it_started(fed):
+    """What systemd stop and Ctrl-C do: the node stops its worker, SuperNode
+    and Flower's helpers, and exits 0."""
+    node = node_of(fed, "hospital-a")
+    tree = started_tree(node.pid)
+    node.send_signal(signal.SIGTERM)
+    assert node.wait(timeout=30) == 0
+    fed.processes.remove(node)
+    assert wait_gone(tree, 15) == {}
 
-    return free_port()

@@ -8,12 +8,23 @@ inferior to superior (2D models train on axial slices). 2D images keep their
 row/column order.
 
 Readers raise :class:`common.errors.DataError` subclasses, never a library's
-exception: the caller adds which case it was.
+exception: the caller adds which case it was. Damaged or hostile files are
+refused before decoding where their headers can be checked: an image or label
+may hold at most :data:`MAX_VALUES` values (voxels x channels) and
+:data:`MAX_BYTES` bytes of stored pixel data, and a header must agree with the
+data the file holds (a NIfTI header with its file size, a DICOM header with the
+size of the JPEG / JPEG 2000 image inside), so a corrupt size field cannot make
+a reader allocate gigabytes or decode for minutes.
 """
 
 from __future__ import annotations
 
+import io
+import math
+import os
+import struct
 import warnings
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,9 +40,22 @@ from common.errors import (
 )
 
 PIL_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+# what Pillow may parse such a file as (not every format it knows: EPS, PDF, ...)
+PIL_FORMATS = ("PNG", "JPEG", "MPO", "BMP", "TIFF")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 RTSTRUCT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
+DEFLATED_SYNTAX = "1.2.840.10008.1.2.1.99"
+
+# Size limits, checked from the headers before any pixel is decoded.
+# MAX_VALUES: voxels x channels of one image or label: 2**28, 1 GiB as float32
+# (a 512 x 512 x 1024 CT, a 16384 x 16384 grey image). MAX_BYTES: stored bytes of
+# one file's pixel data once out of gzip / deflate: 1 GiB (MAX_VALUES at 32 bits,
+# half of it at 64). Reading an image at the limits takes about 2 GiB of memory.
+MAX_VALUES = 1 << 28
+MAX_BYTES = 1 << 30
+# deflate (gzip, deflated DICOM) cannot expand data more than 1032-fold
+_DEFLATE_MAX_RATIO = 1032
 
 
 @dataclass
@@ -69,27 +93,87 @@ def read_image(path: Path) -> tuple[np.ndarray, ImageMeta]:
     kind = file_kind(path)
     if kind == "pil":
         array = _read_pil(path)
-        return _channels_first(array).astype(np.float32), ImageMeta("pil", (1.0, 1.0))
-    if kind == "nifti":
+        image, meta = _channels_first(array).astype(np.float32), ImageMeta("pil", (1.0, 1.0))
+    elif kind == "nifti":
         data, spacing, transform = _read_nifti(path)
-        return data[None].astype(np.float32), ImageMeta("nifti", spacing, transform=transform)
-    if kind == "dicom-series":
-        return _read_dicom_series(path)
-    return _read_dicom_file(path)
+        image = data[None]
+        if image.dtype != np.float32 or any(step < 0 for step in image.strides):
+            image = image.astype(np.float32)  # (a float32 volume is not copied again)
+        meta = ImageMeta("nifti", spacing, transform=transform)
+    elif kind == "dicom-series":
+        image, meta = _read_dicom_series(path)
+    else:
+        image, meta = _read_dicom_file(path)
+    if image.size == 0:
+        raise UnreadableFileError(f"image {path.name} holds no pixels (shape {image.shape})")
+    return image, meta
+
+
+def _check_size(dims: tuple[int, ...], name: str, itemsize: int = 1,
+                shown: str | None = None) -> None:
+    """Refuse, before decoding, an image whose header claims no pixels or too many."""
+    shown = shown or " x ".join(str(d) for d in dims)
+    if any(d <= 0 for d in dims):
+        raise UnreadableFileError(
+            f"the header of {name} says the image is {shown}: no pixels (corrupt header?)")
+    values = math.prod(dims)
+    if values > MAX_VALUES or values * itemsize > MAX_BYTES:
+        raise UnsupportedFormatError(
+            f"the header of {name} says the image is {shown} = {values:,} values "
+            f"({values * itemsize / 2**30:.3g} GiB stored); fedseg reads at most "
+            f"{MAX_VALUES:,} values and {MAX_BYTES >> 30} GiB per image: if the size is real, "
+            f"crop or resample the image, otherwise the header is corrupt")
+
+
+class _BoundedFile(io.BufferedReader):
+    """A file whose ``read(n)`` never asks for more than what is left of it: pydicom
+    reads an element, and Pillow a PNG chunk, by its length field, and a corrupt
+    length of gigabytes would otherwise allocate gigabytes before the read comes
+    up short."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(io.FileIO(str(path), "rb"))
+        self._size = os.fstat(self.fileno()).st_size
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is not None and size > 0:
+            size = min(size, max(0, self._size - self.tell()))
+            if size == 0:
+                return b""
+        return super().read(size)
 
 
 def _read_pil(path: Path) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     try:
-        with Image.open(path) as img:
-            if img.mode in ("P", "PA", "RGBA", "LA", "CMYK", "YCbCr"):
-                img = img.convert("RGB" if img.mode != "LA" else "L")
-            elif img.mode == "1":
-                img = img.convert("L")
-            return np.asarray(img)
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise UnreadableFileError(f"cannot decode {path.name} as an image: {exc}") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # DecompressionBombWarning: sizes checked here
+            with _BoundedFile(path) as fp, Image.open(fp, formats=PIL_FORMATS) as img:
+                width, height = img.size
+                to_rgb = img.mode in ("P", "PA", "RGBA", "CMYK", "YCbCr")
+                bands = 3 if to_rgb else len(img.getbands())  # the channels it is read with
+                _check_size((height, width, bands), path.name,
+                            shown=f"{width} x {height} pixels x {bands} channel(s)")
+                if to_rgb or img.mode == "LA":
+                    img = img.convert("RGB" if img.mode != "LA" else "L")
+                elif img.mode == "1":
+                    img = img.convert("L")
+                return np.asarray(img)
+    except DataError:
+        raise
+    except MemoryError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise UnsupportedFormatError(
+            f"{path.name} claims a size over Pillow's decompression-bomb limit ({exc}); "
+            f"if the size is real, downsample the image, otherwise the file is corrupt"
+        ) from None
+    except Exception as exc:  # Pillow raises OSError, SyntaxError, EOFError, ValueError, ...
+        raise UnreadableFileError(
+            f"cannot decode {path.name} as an image ({type(exc).__name__}: {exc}); "
+            f"the file is damaged or not the image format its suffix says"
+        ) from None
 
 
 def _channels_first(array: np.ndarray) -> np.ndarray:
@@ -101,21 +185,91 @@ def _channels_first(array: np.ndarray) -> np.ndarray:
 
 
 def _read_nifti(path: Path) -> tuple[np.ndarray, tuple[float, ...], np.ndarray]:
+    name = path.name
     try:
-        img = nib.load(str(path))
-        canonical = ornt.io_orientation(img.affine)
-        transform = ornt.ornt_transform(canonical, ornt.axcodes2ornt(("R", "A", "S")))
-        data = np.asanyarray(img.dataobj)
-    except Exception as exc:  # nibabel raises many types for bad files
-        raise UnreadableFileError(f"cannot read {path.name} as NIfTI: {exc}") from None
-    data = np.squeeze(data)
-    if data.ndim == 3:
-        data = ornt.apply_orientation(data, transform)
-        zooms = img.header.get_zooms()[:3]
-        return data, _reorder(zooms, transform), transform
-    if data.ndim == 2:
-        return data, tuple(float(z) for z in img.header.get_zooms()[:2]), transform
-    raise UnsupportedFormatError(f"NIfTI {path.name} has shape {data.shape}; expected 2D or 3D")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img = nib.load(str(path))
+            shape = tuple(int(d) for d in img.shape)
+            dtype = np.dtype(img.get_data_dtype())
+            offset = int(img.dataobj.offset)
+            zooms = tuple(float(z) for z in img.header.get_zooms())
+            affine = np.asarray(img.affine, dtype=float)
+    except MemoryError:
+        raise
+    except Exception as exc:  # nibabel raises many types for bad headers
+        raise UnreadableFileError(
+            f"cannot read the NIfTI header of {name} ({type(exc).__name__}: {exc})") from None
+    if dtype.fields is not None or dtype.kind not in "biuf":
+        raise UnsupportedFormatError(
+            f"NIfTI {name} stores {dtype} values (RGB or complex); fedseg reads one grey "
+            f"value per voxel")
+    _check_size(shape, name, dtype.itemsize)
+    stored = math.prod(shape) * dtype.itemsize
+    size = path.stat().st_size
+    gz = name.lower().endswith(".gz")
+    if offset < 0 or offset + stored > (size * _DEFLATE_MAX_RATIO if gz else size):
+        raise UnreadableFileError(
+            f"the header of NIfTI {name} says its data is {stored:,} bytes from byte {offset}, "
+            f"more than the {size:,}-byte {'compressed ' if gz else ''}file can hold: the "
+            f"file is truncated or its header corrupt")
+    spatial = list(shape[:3]) + [1] * (3 - min(len(shape), 3))
+    if any(d != 1 for d in shape[3:]):
+        raise UnsupportedFormatError(
+            f"NIfTI {name} has shape {shape}: a time series or several channels; fedseg "
+            f"reads one 2D or 3D grey image per file")
+    keep = [i for i, d in enumerate(spatial) if d != 1]
+    if len(keep) < 2:
+        raise UnsupportedFormatError(f"NIfTI {name} has shape {shape}; expected 2D or 3D")
+    spacing = tuple(zooms[i] if i < len(zooms) else 1.0 for i in keep)
+    _check_spacing(spacing, name, "pixdim (voxel size)")
+    if not np.isfinite(affine).all():
+        raise UnreadableFileError(
+            f"the orientation (qform / sform) in the header of NIfTI {name} holds NaN or "
+            f"infinite numbers")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            canonical = ornt.io_orientation(affine)
+            transform = ornt.ornt_transform(canonical, ornt.axcodes2ornt(("R", "A", "S")))
+    except MemoryError:
+        raise
+    except Exception as exc:
+        raise UnsupportedFormatError(
+            f"cannot work out the orientation of NIfTI {name} from its header: its axes "
+            f"(qform / sform) are degenerate ({exc})") from None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            data = np.asanyarray(img.dataobj)
+    except MemoryError:
+        raise
+    except Exception as exc:
+        raise UnreadableFileError(
+            f"cannot read the voxels of NIfTI {name} ({type(exc).__name__}: {exc}); the file "
+            f"is truncated or damaged") from None
+    # an uncompressed .nii comes memory-mapped: copy it, so no case holds the file open
+    data = (np.array(data) if isinstance(data, np.memmap) else np.asarray(data)).reshape(spatial)
+    if len(keep) == 3:
+        return ornt.apply_orientation(data, transform), _reorder(zooms, transform), transform
+    return np.squeeze(data), spacing, transform
+
+
+def _check_spacing(spacing, name: str, what: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(s) for s in spacing)
+    except (TypeError, ValueError):
+        values = ()
+    if not values or not all(math.isfinite(v) and v > 0 for v in values):
+        raise UnsupportedFormatError(
+            f"the {what} of {name} is {_show(spacing)}: it must be positive numbers of mm; "
+            f"fix the header")
+    return values
+
+
+def _show(value) -> str:
+    text = repr(list(value) if isinstance(value, (list, tuple)) else value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _reorder(zooms, transform: np.ndarray) -> tuple[float, ...]:
@@ -129,48 +283,301 @@ def _dcmread(path: Path, **kwargs):
     import pydicom
     from pydicom.errors import InvalidDicomError
 
-    try:
-        with warnings.catch_warnings():
+    def dcmread(**more):
+        with warnings.catch_warnings(), _BoundedFile(path) as fp:
             warnings.simplefilter("ignore")
-            return pydicom.dcmread(path, **kwargs)
+            return pydicom.dcmread(fp, **kwargs, **more)
+
+    name = path.name
+    if path.stat().st_size == 0:
+        raise UnreadableFileError(f"{name} is an empty file (0 bytes)")
+    _check_deflated(path)
+    try:
+        return dcmread()
     except InvalidDicomError:
         # Files written without the 128-byte preamble and meta header are still
         # DICOM; accept them when they parse into a dataset with pixel data or a UID.
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                ds = pydicom.dcmread(path, force=True, **kwargs)
+            ds = dcmread(force=True)
             if "PixelData" in ds or "SOPClassUID" in ds:
                 return ds
+        except MemoryError:
+            raise
         except Exception:  # noqa: BLE001 - any failure means: not DICOM
             pass
+        if path.suffix.lower() in (".dcm", ".dicom"):
+            raise UnreadableFileError(
+                f"{name} is named as DICOM but is not readable DICOM: no 'DICM' marker at "
+                f"byte 128 and no dataset without it (truncated or damaged file?)") from None
         raise UnsupportedFormatError(
-            f"{path.name} is not a DICOM file (no DICM preamble) and its suffix is not "
+            f"{name} is not a DICOM file (no DICM preamble) and its suffix is not "
             f"one of .png .jpg .nii .nii.gz"
         ) from None
+    except MemoryError:
+        raise
     except Exception as exc:
-        raise UnreadableFileError(f"cannot parse DICOM file {path.name}: {exc}") from None
+        raise UnreadableFileError(
+            f"cannot parse DICOM file {name} ({type(exc).__name__}: {exc}); the file is "
+            f"truncated or damaged") from None
 
 
-def _pixels(ds, name: str) -> np.ndarray:
+def _check_deflated(path: Path) -> None:
+    """pydicom inflates a deflated DICOM file whole when it opens it: refuse one that
+    would inflate to more than :data:`MAX_BYTES` (a deflate bomb) first."""
+    try:
+        from pydicom.filereader import _read_file_meta_info, read_preamble
+
+        with open(path, "rb") as fp:
+            read_preamble(fp, False)
+            syntax = _read_file_meta_info(fp).get("TransferSyntaxUID")
+            if syntax != DEFLATED_SYNTAX:
+                return
+            inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+            total = 0
+            while (chunk := fp.read(1 << 20)) and not inflater.eof:
+                while chunk and not inflater.eof:
+                    total += len(inflater.decompress(chunk, 1 << 24))
+                    if total > MAX_BYTES:
+                        raise UnsupportedFormatError(
+                            f"deflated DICOM file {path.name} inflates to more than "
+                            f"{MAX_BYTES >> 30} GiB, more than fedseg reads (a corrupt or "
+                            f"hostile file?)")
+                    chunk = inflater.unconsumed_tail
+    except DataError:
+        raise
+    except Exception:  # noqa: BLE001 - no readable file meta: dcmread says what is wrong
+        return
+
+
+_MISSING = object()
+
+
+def _attr(ds, keyword: str, name: str, default=None):
+    """A DICOM attribute's value. pydicom parses a value when it is first read, so a
+    damaged value fails here, with the attribute named."""
+    try:
+        return ds.get(keyword, default)
+    except MemoryError:
+        raise
+    except Exception as exc:
+        raise UnreadableFileError(
+            f"DICOM file {name}: the value of {keyword} cannot be parsed ({exc})") from None
+
+
+def _int_attr(ds, keyword: str, name: str, default=_MISSING, *, allowed=None, low: int = 1,
+              high: int | None = None) -> int:
+    """A whole-number DICOM attribute, checked against its allowed values."""
+    value = _attr(ds, keyword, name, _MISSING)
+    if value is _MISSING or value is None or (isinstance(value, str) and not value.strip()):
+        if default is _MISSING:
+            raise UnreadableFileError(f"DICOM file {name} has no {keyword}, which an image needs")
+        return default
+    number = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = int(value)
+    elif isinstance(value, float) and value.is_integer():
+        number = int(value)
+    elif isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+        number = int(value.strip())
+    if (number is None or (allowed is not None and number not in allowed) or number < low
+            or (high is not None and number > high)):
+        expected = (f"one of {sorted(allowed)}" if allowed is not None else
+                    f"a whole number from {low}" + (f" to {high}" if high is not None else ""))
+        raise UnreadableFileError(
+            f"DICOM file {name}: {keyword} is {_show(value)}, not {expected} (corrupt header?)")
+    return number
+
+
+def _floats(value, count: int, keyword: str, name: str) -> np.ndarray:
+    try:
+        values = np.array([float(v) for v in value], dtype=float)
+    except (TypeError, ValueError):
+        values = np.array([])
+    if values.shape != (count,) or not np.isfinite(values).all():
+        raise UnreadableFileError(
+            f"DICOM file {name}: {keyword} is {_show(value)}, not {count} numbers "
+            f"(corrupt header?)")
+    return values
+
+
+@dataclass(frozen=True)
+class _PixelHeader:
+    """The image pixel attributes, checked, before any pixel is decoded."""
+
+    rows: int
+    columns: int
+    frames: int
+    samples: int
+    bits: int
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape pydicom decodes the pixel data to."""
+        return (((self.frames,) if self.frames > 1 else ()) + (self.rows, self.columns)
+                + ((self.samples,) if self.samples > 1 else ()))
+
+
+def _pixel_header(ds, name: str) -> _PixelHeader:
+    rows = _int_attr(ds, "Rows", name, high=65535)
+    columns = _int_attr(ds, "Columns", name, high=65535)
+    samples = _int_attr(ds, "SamplesPerPixel", name, 1, allowed={1, 3})
+    bits = _int_attr(ds, "BitsAllocated", name, allowed={1, 8, 16, 32, 64})
+    frames = max(1, _int_attr(ds, "NumberOfFrames", name, 1, low=0))  # 0: pydicom reads 1
+    _int_attr(ds, "PixelRepresentation", name, 0, allowed={0, 1}, low=0)
+    header = _PixelHeader(rows, columns, frames, samples, bits)
+    shown = f"{rows} x {columns} pixels" + (f" x {frames} frames" if frames > 1 else "") + (
+        f" x {samples} samples" if samples > 1 else "")
+    _check_size((rows, columns, frames, samples), name, max(1, bits // 8), shown)
+    return header
+
+
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF,
+             0xF7}  # SOF0-15 (JPEG) and SOF55 (JPEG-LS)
+
+
+def _codestream_size(data) -> tuple[int, int, int, int] | None:
+    """``(rows, columns, components, tiles)`` from the header of a JPEG, JPEG-LS or
+    JPEG 2000 codestream, or None where no such header is found."""
+    data = memoryview(data)
+    if bytes(data[:2]) == b"\xff\xd8":
+        pos = 2
+        while pos + 4 <= len(data):
+            if data[pos] != 0xFF:
+                return None
+            marker = data[pos + 1]
+            if marker == 0xFF:  # fill byte
+                pos += 1
+                continue
+            if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a segment
+                pos += 2
+                continue
+            if marker in _JPEG_SOF:
+                if pos + 10 > len(data):
+                    return None
+                rows, columns = struct.unpack(">HH", data[pos + 5: pos + 9])
+                return rows, columns, data[pos + 9], 1
+            length = struct.unpack(">H", data[pos + 2: pos + 4])[0]
+            if marker == 0xDA or length < 2:  # a scan before any frame header
+                return None
+            pos += 2 + length
+        return None
+    pos = 0
+    if bytes(data[4:8]) == b"jP  ":  # JP2 file format: find the codestream box
+        while pos + 8 <= len(data):
+            length, box = struct.unpack(">I4s", data[pos: pos + 8])
+            if box == b"jp2c":
+                pos += 8
+                break
+            if length == 1 and pos + 16 <= len(data):
+                length = struct.unpack(">Q", data[pos + 8: pos + 16])[0]
+            if length < 8:
+                return None
+            pos += length
+    if bytes(data[pos: pos + 4]) != b"\xff\x4f\xff\x51" or pos + 42 > len(data):
+        return None
+    x, y, x0, y0, tx, ty, tx0, ty0 = struct.unpack(">8I", data[pos + 8: pos + 40])
+    components = struct.unpack(">H", data[pos + 40: pos + 42])[0]
+    if tx == 0 or ty == 0 or x <= x0 or y <= y0 or tx0 > x0 or ty0 > y0:
+        return 0, 0, components, 0
+    tiles = math.ceil((x - tx0) / tx) * math.ceil((y - ty0) / ty)
+    return y - y0, x - x0, components, tiles
+
+
+def _check_codestreams(ds, header: _PixelHeader, name: str) -> None:
+    """Compare the image size in each JPEG / JPEG-LS / JPEG 2000 frame's own header with
+    the DICOM header before decoding: a decoder allocates what its codestream claims."""
+    from pydicom.encaps import generate_frames
+    from pydicom.uid import UID
+
+    meta = getattr(ds, "file_meta", None)
+    syntax = _attr(meta, "TransferSyntaxUID", name) if meta is not None else None
+    try:
+        encapsulated = bool(UID(str(syntax)).is_encapsulated) if syntax else False
+    except ValueError:  # not a transfer syntax pydicom knows: decoding will say so
+        encapsulated = False
+    if not encapsulated or "PixelData" not in ds:
+        return
+    try:
+        offsets = (_attr(ds, "ExtendedOffsetTable", name),
+                   _attr(ds, "ExtendedOffsetTableLengths", name))
+        frames = generate_frames(_attr(ds, "PixelData", name), number_of_frames=header.frames,
+                                 extended_offsets=offsets if all(offsets) else None)
+        for index, frame in enumerate(frames):
+            if index >= header.frames:
+                break
+            size = _codestream_size(frame)
+            if size is None:
+                continue  # RLE, or no header found: the decoder checks it
+            rows, columns, components, tiles = size
+            if (rows, columns, components) != (header.rows, header.columns, header.samples):
+                raise UnreadableFileError(
+                    f"frame {index + 1} of {name} holds a {rows} x {columns} image with "
+                    f"{components} components, but the DICOM header says {header.rows} x "
+                    f"{header.columns} with {header.samples}: the file is corrupt")
+            if not 1 <= tiles <= 65535:
+                raise UnreadableFileError(
+                    f"frame {index + 1} of {name} is a JPEG 2000 image with {tiles} tiles "
+                    f"(at most 65535 are valid): the file is corrupt")
+    except DataError:
+        raise
+    except MemoryError:
+        raise
+    except Exception as exc:  # pydicom's fragment parsing on broken encapsulation
+        raise UnreadableFileError(
+            f"the compressed pixel data of {name} is not well formed ({exc})") from None
+
+
+def _has_pixels(ds) -> bool:
+    return any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
+
+
+def _pixels(ds, name: str, header: _PixelHeader) -> np.ndarray:
     """Decoded pixels with the modality LUT (rescale slope/intercept) applied."""
     from pydicom.pixels import apply_modality_lut
 
-    if "PixelData" not in ds and "FloatPixelData" not in ds:
+    if not _has_pixels(ds):
         raise UnreadableFileError(f"DICOM file {name} holds no pixel data")
+    _check_codestreams(ds, header, name)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            arr = ds.pixel_array
-            if ds.get("SamplesPerPixel", 1) == 1:
-                arr = apply_modality_lut(arr, ds)
+            stored = ds.pixel_array
+            if header.samples == 1 and stored.shape == header.shape:
+                # pydicom rescales in float64: do it a block at a time into float32
+                arr = np.empty(stored.shape, np.float32)
+                flat, out = stored.reshape(-1), arr.reshape(-1)
+                for start in range(0, flat.size, 1 << 22):
+                    out[start: start + (1 << 22)] = apply_modality_lut(
+                        flat[start: start + (1 << 22)], ds)
+            else:
+                arr = np.asarray(stored, dtype=np.float32)
+            del stored
+    except MemoryError:
+        raise
     except Exception as exc:
         ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         ts_name = getattr(ts, "name", "unknown transfer syntax")
         raise UnreadableFileError(
             f"cannot decode the pixel data of {name} ({ts_name}): {exc}"
         ) from None
-    return np.asarray(arr, dtype=np.float32)
+    if arr.shape != header.shape:
+        raise UnreadableFileError(
+            f"the pixel data of {name} decoded to shape {arr.shape}, not the "
+            f"{header.shape} its header says: the file is corrupt")
+    return arr
+
+
+def _pixel_spacing(ds, name: str) -> tuple[float, float]:
+    value = _attr(ds, "PixelSpacing", name)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return 1.0, 1.0  # absent or empty: unknown, 1 mm
+    values = [value] if isinstance(value, (str, bytes, float, int)) else value
+    spacing = _check_spacing(values, name, "PixelSpacing (mm between pixel centres)")
+    if len(spacing) != 2:
+        raise UnsupportedFormatError(
+            f"the PixelSpacing of {name} is {_show(value)}: it must be two numbers "
+            f"(row spacing, column spacing); fix the header")
+    return spacing[0], spacing[1]
 
 
 def _read_dicom_file(path: Path) -> tuple[np.ndarray, ImageMeta]:
@@ -178,35 +585,54 @@ def _read_dicom_file(path: Path) -> tuple[np.ndarray, ImageMeta]:
 
 
 def _image_from_dataset(ds, path: Path) -> tuple[np.ndarray, ImageMeta]:
-    if ds.get("SOPClassUID") == SEG_SOP_CLASS:
-        raise UnsupportedFormatError(f"{path.name} is a DICOM SEG: a label, not an image")
-    arr = _pixels(ds, path.name)
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    rgb = ds.get("SamplesPerPixel", 1) > 1
-    spacing = tuple(float(s) for s in ds.get("PixelSpacing", [1.0, 1.0]))
-    if frames == 1:
-        return _channels_first(arr), ImageMeta("dicom", spacing)
-    if rgb:
+    name = path.name
+    if _attr(ds, "SOPClassUID", name) == SEG_SOP_CLASS:
+        raise UnsupportedFormatError(f"{name} is a DICOM SEG: a label, not an image")
+    if not _has_pixels(ds):
+        raise UnreadableFileError(f"DICOM file {name} holds no pixel data")
+    header = _pixel_header(ds, name)
+    if header.frames > 1 and header.samples > 1:
         raise UnsupportedFormatError(
-            f"{path.name} is a multi-frame colour DICOM; fedseg reads grey volumes"
-        )
+            f"{name} is a multi-frame colour DICOM; fedseg reads grey volumes")
+    spacing = _pixel_spacing(ds, name)
+    arr = _pixels(ds, name, header)
+    if header.frames == 1:
+        return _channels_first(arr), ImageMeta("dicom", spacing)
     # Multi-frame: frames become the last (slice) axis.
     return np.moveaxis(arr, 0, -1)[None], ImageMeta("dicom", spacing + (1.0,))
 
 
-def _is_image_class(ds) -> bool:
+def _is_image_class(ds, name: str) -> bool:
     """Whether the dataset's SOP class (or its file meta's) is an image storage class."""
     meta = getattr(ds, "file_meta", None)
-    uids = [ds.get("SOPClassUID"), meta.get("MediaStorageSOPClassUID") if meta else None]
-    return any("Image Storage" in getattr(uid, "name", "") for uid in uids)
+    uids = [_attr(ds, "SOPClassUID", name),
+            _attr(meta, "MediaStorageSOPClassUID", name) if meta is not None else None]
+    return any("Image Storage" in str(getattr(uid, "name", "")) for uid in uids)
 
 
-def _slice_position(ds) -> float | None:
-    try:
-        iop = np.array(ds.ImageOrientationPatient, dtype=float)
-        ipp = np.array(ds.ImagePositionPatient, dtype=float)
-    except (AttributeError, ValueError, TypeError):
+def _orientation(ds, name: str) -> np.ndarray | None:
+    """ImageOrientationPatient (row then column direction cosines), checked; None if
+    absent (no geometry)."""
+    value = _attr(ds, "ImageOrientationPatient", name)
+    if value is None or (isinstance(value, str) and not value.strip()):
         return None
+    values = [value] if isinstance(value, (str, bytes, float, int)) else value
+    iop = _floats(values, 6, "ImageOrientationPatient", name)
+    row, col = iop[:3], iop[3:]
+    if (abs(np.linalg.norm(row) - 1) > 0.05 or abs(np.linalg.norm(col) - 1) > 0.05
+            or abs(float(np.dot(row, col))) > 0.05):
+        raise UnsupportedFormatError(
+            f"the ImageOrientationPatient of {name} is {_show(value)}: not two unit vectors "
+            f"at right angles, so the slice geometry is unknown; fix the header")
+    return iop
+
+
+def _slice_position(ds, name: str, iop: np.ndarray | None) -> float | None:
+    value = _attr(ds, "ImagePositionPatient", name)
+    if iop is None or value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    values = [value] if isinstance(value, (str, bytes, float, int)) else value
+    ipp = _floats(values, 3, "ImagePositionPatient", name)
     return float(np.dot(np.cross(iop[:3], iop[3:]), ipp))
 
 
@@ -218,58 +644,77 @@ def _read_dicom_series(folder: Path) -> tuple[np.ndarray, ImageMeta]:
             ds = _dcmread(f)
         except UnsupportedFormatError:
             continue  # DICOMDIR-less folders often hold a README or similar; skip non-DICOM
-        if "PixelData" in ds:
+        if _has_pixels(ds):
             datasets.append((f, ds))
-        elif "Rows" in ds or _is_image_class(ds):
+        elif "Rows" in ds or _is_image_class(ds, f.name):
             # an image slice whose pixels are gone (a truncated file), not a non-image file
             raise UnreadableFileError(
                 f"{f.name} in series {folder.name} has no pixel data (truncated file?)")
     if not datasets:
         raise UnreadableFileError(f"folder {folder.name} holds no DICOM image with pixel data")
-    series = {str(ds.get("SeriesInstanceUID", "")) for _, ds in datasets}
+    series = {str(_attr(ds, "SeriesInstanceUID", f.name, "")) for f, ds in datasets}
     if len(series) > 1:
         raise DataError(
             f"folder {folder.name} mixes {len(series)} DICOM series; put one series per folder"
         )
-    shapes = {(int(ds.Rows), int(ds.Columns)) for _, ds in datasets}
-    if len(shapes) > 1:
-        raise ShapeMismatchError(f"slices in {folder.name} differ in size: {sorted(shapes)}")
-    positions = [_slice_position(ds) for _, ds in datasets]
-    if all(p is not None for p in positions):
-        order = np.argsort(positions, kind="stable")
-    else:
-        order = np.argsort([int(ds.get("InstanceNumber", i)) for i, (_, ds) in enumerate(datasets)])
-    datasets = [datasets[i] for i in order]
     if len(datasets) == 1:
         f, ds = datasets[0]
         arr, meta = _image_from_dataset(ds, f)  # already read: no second pass
-        meta.source_uids = [str(ds.SOPInstanceUID)]
+        meta.source_uids = [_instance_uid(ds, f.name)]
         return arr, meta
-    stack = np.stack([_pixels(ds, f.name) for f, ds in datasets])  # slices x rows x cols
-    if stack.ndim != 3:
-        raise UnsupportedFormatError(f"series {folder.name} is not a grey volume")
-    first = datasets[0][1]
-    row_sp, col_sp = (float(s) for s in first.get("PixelSpacing", [1.0, 1.0]))
-    sorted_pos = [p for p in (_slice_position(ds) for _, ds in datasets) if p is not None]
+    headers = [_pixel_header(ds, f.name) for f, ds in datasets]
+    shapes = {(h.rows, h.columns) for h in headers}
+    if len(shapes) > 1:
+        raise ShapeMismatchError(f"slices in {folder.name} differ in size: {sorted(shapes)}")
+    for (f, _), h in zip(datasets, headers, strict=True):
+        if h.frames > 1 or h.samples > 1:
+            raise UnsupportedFormatError(
+                f"{f.name} in series {folder.name} is a multi-frame or colour image; a series "
+                f"folder holds one grey slice per file")
+    rows, columns = shapes.pop()
+    _check_size((len(datasets), rows, columns), folder.name,
+                shown=f"{len(datasets)} slices of {rows} x {columns} pixels")
+    orientations = [_orientation(ds, f.name) for f, ds in datasets]
+    positions = [_slice_position(ds, f.name, iop)
+                 for (f, ds), iop in zip(datasets, orientations, strict=True)]
+    if all(p is not None for p in positions):
+        order = np.argsort(positions, kind="stable")
+    else:
+        order = np.argsort([_int_attr(ds, "InstanceNumber", f.name, i, low=-(1 << 31))
+                            for i, (f, ds) in enumerate(datasets)], kind="stable")
+    datasets = [datasets[i] for i in order]
+    headers = [headers[i] for i in order]
+    stack = np.empty((len(datasets), rows, columns), np.float32)  # slices x rows x cols
+    for k, ((f, ds), h) in enumerate(zip(datasets, headers, strict=True)):
+        stack[k] = _pixels(ds, f.name, h)
+    first_file, first = datasets[0]
+    row_sp, col_sp = _pixel_spacing(first, first_file.name)
+    sorted_pos = sorted(p for p in positions if p is not None)
     slice_sp = float(np.median(np.diff(sorted_pos))) if len(sorted_pos) > 1 else 1.0
     volume = np.transpose(stack, (2, 1, 0))  # columns x rows x slices (i, j, k)
-    transform = _dicom_transform(first)
+    transform = _dicom_transform(orientations[order[0]])
     volume = ornt.apply_orientation(volume, transform)
     spacing = _reorder((col_sp, row_sp, abs(slice_sp) or 1.0), transform)
     meta = ImageMeta(
         "dicom-series",
         spacing,
-        source_uids=[str(ds.SOPInstanceUID) for _, ds in datasets],
+        source_uids=[_instance_uid(ds, f.name) for f, ds in datasets],
         transform=transform,
     )
     return volume[None].astype(np.float32), meta
 
 
-def _dicom_transform(ds) -> np.ndarray:
+def _instance_uid(ds, name: str) -> str:
+    uid = str(_attr(ds, "SOPInstanceUID", name) or "").strip()
+    if not uid:
+        raise UnreadableFileError(
+            f"DICOM file {name} has no SOPInstanceUID, which every DICOM image needs")
+    return uid
+
+
+def _dicom_transform(iop: np.ndarray | None) -> np.ndarray:
     """Orientation transform from DICOM (i=column, j=row, k=slice) to RAS order."""
-    try:
-        iop = np.array(ds.ImageOrientationPatient, dtype=float)
-    except (AttributeError, ValueError, TypeError):
+    if iop is None:
         return np.array([[0.0, 1.0], [1.0, 1.0], [2.0, 1.0]])  # no geometry: keep axes
     col_dir, row_dir = iop[:3], iop[3:]  # direction of increasing i, of increasing j
     normal = np.cross(col_dir, row_dir)
@@ -294,17 +739,20 @@ def read_label(path: Path, image_meta: ImageMeta) -> np.ndarray:
     if not path.exists():
         raise DataError(f"label file not found: {path.name}")
     kind = file_kind(path)
-    if kind == "pil":
-        arr = _read_pil(path)
-        if arr.ndim == 3:
-            arr = arr.max(axis=-1)
-        arr = arr.astype(np.float32)
-        top = float(arr.max())
-        mask = arr > top / 2.0 if top > 0 else np.zeros(arr.shape, bool)
-    elif kind == "nifti":
-        arr, _spacing, _transform = _read_nifti(path)
-        integral = np.all(np.mod(arr, 1) == 0)
-        mask = arr > 0 if integral else arr > float(arr.max()) / 2.0
+    if kind in ("pil", "nifti"):
+        arr = _read_pil(path) if kind == "pil" else _read_nifti(path)[0]
+        if arr.size == 0:
+            raise UnreadableFileError(f"label {path.name} holds no pixels (shape {arr.shape})")
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            raise UnreadableFileError(f"label {path.name} holds NaN or infinite values")
+        if kind == "pil":
+            if arr.ndim == 3:
+                arr = arr.max(axis=-1)
+            top = float(arr.max())
+            mask = arr > top / 2.0 if top > 0 else np.zeros(arr.shape, bool)
+        else:
+            integral = arr.dtype.kind in "biu" or bool(np.all(np.mod(arr, 1) == 0))
+            mask = arr > 0 if integral else arr > float(arr.max()) / 2.0
     elif kind == "dicom":
         mask = _read_seg(path, image_meta)
     else:
@@ -317,14 +765,28 @@ def read_label(path: Path, image_meta: ImageMeta) -> np.ndarray:
 def _read_seg(path: Path, image_meta: ImageMeta) -> np.ndarray:
     import highdicom as hd
 
+    name = path.name
     ds = _dcmread(path)
-    if ds.get("SOPClassUID") == RTSTRUCT_SOP_CLASS:
+    sop_class = _attr(ds, "SOPClassUID", name)
+    if sop_class == RTSTRUCT_SOP_CLASS:
         raise UnsupportedFormatError(
-            f"label {path.name} is an RTSTRUCT (contours); export the label as DICOM SEG "
+            f"label {name} is an RTSTRUCT (contours); export the label as DICOM SEG "
             f"or NIfTI"
         )
-    if ds.get("SOPClassUID") != SEG_SOP_CLASS:
-        raise UnsupportedFormatError(f"label {path.name} is DICOM but not a DICOM SEG")
+    if sop_class != SEG_SOP_CLASS:
+        raise UnsupportedFormatError(f"label {name} is DICOM but not a DICOM SEG")
+    if not _has_pixels(ds):
+        raise UnreadableFileError(f"DICOM SEG {name} holds no pixel data")
+    header = _pixel_header(ds, name)
+    segments = _attr(ds, "SegmentSequence", name)
+    if not segments:
+        raise UnreadableFileError(f"DICOM SEG {name} describes no segment (SegmentSequence)")
+    # the label is read as slices x rows x columns x segments before segments merge
+    slices = len(image_meta.source_uids) or header.frames
+    _check_size((slices, header.rows, header.columns, len(segments)), name,
+                shown=f"{slices} slices of {header.rows} x {header.columns} pixels x "
+                      f"{len(segments)} segments")
+    _check_codestreams(ds, header, name)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -333,7 +795,7 @@ def _read_seg(path: Path, image_meta: ImageMeta) -> np.ndarray:
                 referenced = {uid for _, _, uid in seg.get_source_image_uids()}
                 if not referenced & set(image_meta.source_uids):
                     raise UnsupportedFormatError(
-                        f"DICOM SEG {path.name} does not reference any slice of its image "
+                        f"DICOM SEG {name} does not reference any slice of its image "
                         f"series: it belongs to another series"
                     )
                 pixels = seg.get_pixels_by_source_instance(
@@ -347,9 +809,11 @@ def _read_seg(path: Path, image_meta: ImageMeta) -> np.ndarray:
             pixels = np.asarray(pixels).any(axis=-1)  # all segments: one foreground
     except DataError:
         raise
+    except MemoryError:
+        raise
     except Exception as exc:
         raise UnreadableFileError(
-            f"cannot read DICOM SEG {path.name} against its image: {exc}"
+            f"cannot read DICOM SEG {name} against its image ({type(exc).__name__}: {exc})"
         ) from None
     if image_meta.transform is not None and pixels.ndim == 3:
         volume = np.transpose(pixels, (2, 1, 0))

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from common.data.readers import check_pair, read_image, read_label
-from common.errors import DataError, EmptyDatasetError, MissingLabelError
+from common.errors import DataError, EmptyDatasetError, MissingLabelError, UnreadableFileError
 
 log = logging.getLogger(__name__)
 
@@ -139,15 +139,28 @@ def _from_folders(site_dir: Path, images: str, labels: str) -> list[CaseRef]:
 
 
 def load_case(ref: CaseRef, index: int) -> Case:
-    """Read and check one case; errors name the case (locally) and its index."""
+    """Read and check one case; errors name the case (locally) and its index.
+
+    The readers raise only :class:`DataError`; should a library's exception still
+    get out of one (a file damaged in a way no reader check foresaw), it becomes
+    an :class:`UnreadableFileError` for this case, chained to the original, rather
+    than an error that stops the whole site."""
     try:
-        if ref.label is None:
-            raise MissingLabelError("no label file for this image")
-        image, meta = read_image(ref.image)
-        label = read_label(ref.label, meta)
-        check_pair(image, label)
-        if not np.isfinite(image).all():
-            raise DataError("image holds NaN or infinite values")
+        try:
+            if ref.label is None:
+                raise MissingLabelError("no label file for this image")
+            image, meta = read_image(ref.image)
+            label = read_label(ref.label, meta)
+            check_pair(image, label)
+            if not np.isfinite(image).all():
+                raise DataError("image holds NaN or infinite values")
+        except DataError:
+            raise
+        except Exception as exc:  # last resort: KeyboardInterrupt / SystemExit pass
+            raise UnreadableFileError(
+                f"reading this case's files failed unexpectedly ({type(exc).__name__}: "
+                f"{exc}); the image or label file is damaged or in a form fedseg does not "
+                f"read: check that it opens in a viewer") from exc
     except DataError as exc:
         exc.case, exc.case_index = ref.case_id, index
         exc.args = (f"case {ref.case_id!r}: {exc.problem}",)

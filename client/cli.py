@@ -125,7 +125,108 @@ def run_site_check(site_dir: Path, show_all: bool = True):
     return result
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Segment new images with a saved model; one output per input, in the
+    form its viewers open (docs/using-the-model.md)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from common.errors import FedsegError
+    from common.inference import load_model, segment, write_result
+    from common.model import pick_device
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        console.print(f"error: {out} is not empty: fedseg predict does not overwrite; "
+                      f"give a new folder")
+        return 2
+    missing = [p for p in args.inputs if not Path(p).exists()]
+    if missing:
+        console.print(f"error: input(s) not found: {', '.join(missing)}")
+        return 2
+    saved = load_model(Path(args.model))
+    device = pick_device(args.device)
+    out.mkdir(parents=True, exist_ok=True)
+    console.print(f"model {saved.path} (sha256 {saved.sha256[:16]}), "
+                  f"{saved.settings.model.spatial_dims}D, input {saved.settings.input_channels}"
+                  f", on {device}", soft_wrap=True)
+    failed = 0
+    with Progress(TextColumn("segmenting"), BarColumn(), MofNCompleteColumn(),
+                  console=console, disable=len(args.inputs) < 2) as progress:
+        task = progress.add_task("predict", total=len(args.inputs))
+        for source in map(Path, args.inputs):
+            try:
+                result = segment(saved, source, device)
+                written = write_result(saved, result, out, fractional=args.fractional,
+                                       label=args.label)
+                console.print(f"{source} -> {', '.join(str(p) for p in written)} "
+                              f"({int(result.mask.sum())} foreground voxels)", soft_wrap=True)
+            except FedsegError as exc:
+                failed += 1
+                console.print(f"[red]{source}: {exc}[/red]", soft_wrap=True)
+            progress.advance(task)
+    if failed:
+        console.print(f"[red]{failed} of {len(args.inputs)} input(s) not segmented[/red]")
+    return 1 if failed else 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Score a saved model on a site's test cases, at the site: per-case
+    metrics and their means (a table, and a CSV that stays here)."""
+    import csv
+
+    from rich.table import Table
+
+    from common.data.site import read_site
+    from common.data.transforms import prepared
+    from common.inference import load_model
+    from common.model import pick_device
+    from common.training import evaluate
+    from common.wire import SCORES
+
+    saved = load_model(Path(args.model))
+    read = read_site(Path(args.site_dir), "test")
+    for exc in read.left_out:
+        console.print(f"[yellow]left out: {exc}[/yellow]", soft_wrap=True)
+    cases = prepared(read.cases, saved.settings.input_channels)
+    result = evaluate(saved.model, cases, saved.settings, pick_device(args.device))
+    table = Table(title=f"{saved.path.name} on {args.site_dir} (test cases)")
+    for col in ("case", *SCORES):
+        table.add_column(col, justify="right")
+    rows = [(c.case_id, m) for c, m in zip(cases, result.per_case, strict=True)]
+    for case_id, m in rows:
+        table.add_row(case_id, *(f"{m[k]:.4f}" for k in SCORES))
+    summary = result.summary
+    table.add_row("mean", *(f"{summary[k]:.4f}" for k in SCORES))
+    console.print(table)
+    out = Path(args.csv or f"fedseg-evaluate-{saved.sha256[:12]}.csv")
+    with open(out, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["case", *SCORES])
+        writer.writerows([case_id, *(m[k] for k in SCORES)] for case_id, m in rows)
+        writer.writerow(["mean", *(summary[k] for k in SCORES)])
+    console.print(f"per-case metrics written to {out} (they stay at this site)")
+    return 0
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="hospital: segment new images with a saved model")
+    p.add_argument("model", help="final_model.pt of a run folder (its summary.json beside it)")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="DICOM series folders, NIfTI files, PNG/JPEG images")
+    p.add_argument("--out", required=True, help="a new (or empty) folder for the results")
+    p.add_argument("--fractional", action="store_true",
+                   help="DICOM SEG of the foreground probability instead of a binary mask")
+    p.add_argument("--label", default="foreground", help="the segment's label")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda:N")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("evaluate", help="hospital: score a saved model on a site's test cases")
+    p.add_argument("model", help="final_model.pt of a run folder (its summary.json beside it)")
+    p.add_argument("site_dir", metavar="SITE_DIR")
+    p.add_argument("--csv", help="per-case CSV to write (default ./fedseg-evaluate-HASH.csv)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda:N")
+    p.set_defaults(func=cmd_evaluate)
+
     p = sub.add_parser("site", help="hospital: check a site folder before it joins")
     ssub = p.add_subparsers(dest="site", required=True)
     c = ssub.add_parser("check", help="read every case: what is usable, what is not and why")

@@ -213,9 +213,11 @@ MAX_BATCH_VOXELS = 2**26  # mirrored copies stacked for one sliding window: at m
 
 @torch.no_grad()
 def predict(
-    model: torch.nn.Module, image: np.ndarray, settings: RunSettings, device: torch.device
+    model: torch.nn.Module, image: np.ndarray, settings: RunSettings, device: torch.device,
+    probabilities: bool = False,
 ) -> np.ndarray:
-    """Label map ``1 x spatial`` (uint8) of a prepared image ``C x spatial``,
+    """Label map ``1 x spatial`` (uint8) of a prepared image ``C x spatial``
+    (``probabilities``: the foreground's probability, float32, instead),
     by sliding-window inference at full resolution (slice by slice for a 2D
     model on a volume), windows overlapping by ``sw-overlap`` and blended with
     Gaussian weights. With ``test-time-flips`` the class probabilities are
@@ -247,6 +249,8 @@ def predict(
             p = logits.float().softmax(dim=1)
             for k, axes in enumerate(chunk):
                 probs = probs + (torch.flip(p[k:k + 1], axes) if axes else p[k:k + 1])
+        if probabilities:
+            return (probs[:, 1] / len(flips)).float().cpu().numpy()  # 1 x spatial
         return probs.argmax(dim=1).to(torch.uint8).cpu().numpy()  # 1 x spatial
 
     if image.ndim - 1 == dims:

@@ -136,7 +136,8 @@ def _series(
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
         ds.Rows, ds.Columns = stored.shape[1:]
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-        ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = 1.0, -scanner.offset, "US"
+        ds.RescaleSlope, ds.RescaleIntercept = 1.0, -scanner.offset  # CT: Hounsfield units
+        ds.PatientPosition, ds.AcquisitionNumber, ds.BodyPartExamined = "HFS", 1, "ABDOMEN"
         ds.KVP = 120
         ds.PixelData = np.ascontiguousarray(stored[k]).tobytes()
         datasets.append(ds)

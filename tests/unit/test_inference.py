@@ -1,0 +1,168 @@
+"""Using a model at a hospital: ``fedseg predict`` writes what viewers open
+(DICOM SEG that an independent validator accepts and highdicom reads back to
+the same mask; NIfTI on the source's grid; PNG mask and overlay), and
+``fedseg evaluate`` scores a model as the federation does."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+import torch
+
+from common.config import RunSettings
+from common.data.readers import read_image, read_label
+from common.errors import ConfigError, UnsupportedFormatError
+from common.inference import load_model, segment, write_result
+from common.model import build_model
+from server.simulation import APP_DIR
+
+CONFIG = {"model-channels": "8,16", "patch-size": 32, "test-time-flips": False,
+          "mixed-precision": False}
+CPU = torch.device("cpu")
+
+
+def saved_model(folder: Path, **overrides) -> Path:
+    """A run folder's ``final_model.pt`` and ``summary.json`` (its settings)."""
+    settings = RunSettings.from_run_config({**CONFIG, **overrides})
+    torch.manual_seed(0)
+    model = build_model(settings.model)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), folder / "final_model.pt")
+    (folder / "summary.json").write_text(json.dumps({"config": settings.to_run_config()}))
+    return folder / "final_model.pt"
+
+
+def fedseg(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "server.cli", *args], capture_output=True,
+                          text=True, timeout=300, cwd=APP_DIR)
+
+
+def test_a_dicom_series_gets_a_dicom_seg_that_reads_back_to_the_same_mask(
+        tmp_path, synthetic_sites):
+    model = load_model(saved_model(tmp_path / "run"))
+    series = sorted((synthetic_sites[0] / "imagesTs").iterdir())[0]
+    result = segment(model, series, CPU)
+    assert 0 < result.mask.sum() < result.mask.size  # a mask worth writing
+    (out,) = write_result(model, result, tmp_path / "out")
+    image, meta = read_image(series)
+    assert np.array_equal(read_label(out, meta)[0], result.mask)  # highdicom reads it back
+    seg = pydicom.dcmread(out)
+    source = pydicom.dcmread(next(series.iterdir()))
+    assert seg.Modality == "SEG" and seg.SegmentationType == "BINARY"
+    assert seg.StudyInstanceUID == source.StudyInstanceUID
+    assert seg.FrameOfReferenceUID == source.FrameOfReferenceUID
+    assert seg.SeriesInstanceUID != source.SeriesInstanceUID
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == source.SeriesInstanceUID
+    segment_0 = seg.SegmentSequence[0]
+    assert segment_0.SegmentAlgorithmType == "AUTOMATIC"
+    algorithm = segment_0.SegmentationAlgorithmIdentificationSequence[0]
+    assert algorithm.AlgorithmName == "fedseg"
+    assert model.sha256[:64] in str(algorithm.AlgorithmParameters)
+    assert int(seg.NumberOfFrames) == image.shape[-1]
+    (tmp_path / "frac").mkdir()
+    (fractional,) = write_result(model, result, tmp_path / "frac", fractional=True)
+    assert pydicom.dcmread(fractional).SegmentationType == "FRACTIONAL"
+    validator = shutil.which("dciodvfy")
+    if validator is None:
+        pytest.skip("dciodvfy (dicom3tools, an independent DICOM validator) is not "
+                    "installed: apt-get install dicom3tools")
+    for path in (out, fractional, next(series.iterdir())):
+        report = subprocess.run([validator, str(path)], capture_output=True, text=True)
+        errors = [line for line in (report.stdout + report.stderr).splitlines()
+                  if line.startswith("Error")]
+        assert errors == [], (path.name, errors)
+
+
+def test_a_real_ct_series_gets_a_valid_seg(tmp_path, dicom_dir):
+    series = tmp_path / "ct"
+    series.mkdir()
+    for f in (dicom_dir / "rtutils_ct_rtstruct" / "mock_data").glob("ct_*.dcm"):
+        shutil.copy(f, series / f.name)
+    model = load_model(saved_model(tmp_path / "run"))
+    result = segment(model, series, CPU)
+    (out,) = write_result(model, result, tmp_path)
+    assert np.array_equal(read_label(out, result.meta)[0], result.mask)
+    validator = shutil.which("dciodvfy")
+    if validator:
+        report = subprocess.run([validator, str(out)], capture_output=True, text=True)
+        assert not [line for line in (report.stdout + report.stderr).splitlines()
+                    if line.startswith("Error")]
+
+
+def test_nifti_gets_a_label_map_on_the_sources_grid(tmp_path):
+    rng = np.random.default_rng(0)
+    data = rng.normal(size=(40, 36, 5)).astype(np.float32)
+    data[10:20, 8:30, :] += 4
+    affine = np.diag([-0.8, -0.8, 2.5, 1.0])  # LPS-like: flipped against RAS
+    affine[:3, 3] = (12, -30, 5)
+    src = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(data, affine), str(src))
+    model = load_model(saved_model(tmp_path / "run"))
+    result = segment(model, src, CPU)
+    (out,) = write_result(model, result, tmp_path)
+    written = nib.load(str(out))
+    assert written.shape == data.shape and np.allclose(written.affine, affine)
+    _, meta = read_image(src)
+    assert np.array_equal(read_label(out, meta)[0], result.mask)  # same voxels, same place
+
+
+def test_png_gets_a_mask_and_an_overlay(tmp_path):
+    from PIL import Image
+
+    img = np.zeros((48, 64, 3), np.uint8)
+    img[10:30, 20:40] = (200, 60, 40)
+    src = tmp_path / "fundus.png"
+    Image.fromarray(img).save(src)
+    model = load_model(saved_model(tmp_path / "run", **{"input-channels": "rgb"}))
+    mask, overlay = write_result(model, segment(model, src, CPU), tmp_path)
+    assert np.asarray(Image.open(mask)).shape == (48, 64)
+    assert set(np.unique(np.asarray(Image.open(mask)))) <= {0, 255}
+    assert np.asarray(Image.open(overlay)).shape == (48, 64, 3)
+
+
+def test_a_model_that_does_not_fit_its_settings_or_its_input_is_refused(tmp_path):
+    path = saved_model(tmp_path / "run")
+    (tmp_path / "run" / "summary.json").write_text(json.dumps(
+        {"config": {**CONFIG, "model-channels": "8,16,32"}}))
+    with pytest.raises(ConfigError, match="does not match the U-Net its settings describe"):
+        load_model(path)
+    lone = tmp_path / "lone" / "final_model.pt"
+    lone.parent.mkdir()
+    shutil.copy(path, lone)
+    with pytest.raises(ConfigError, match="no run settings beside it"):
+        load_model(lone)
+    model3d = load_model(saved_model(tmp_path / "run3d", **{"model-spatial-dims": 3}))
+    from PIL import Image
+
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "flat.png")
+    with pytest.raises(UnsupportedFormatError, match="is 2D; the model is 3D"):
+        segment(model3d, tmp_path / "flat.png", CPU)
+
+
+def test_predict_and_evaluate_from_the_command_line(tmp_path, synthetic_sites):
+    model = saved_model(tmp_path / "run")
+    series = sorted((synthetic_sites[0] / "imagesTs").iterdir())
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes(b"not a nifti")
+    proc = fedseg("predict", str(model), *map(str, series), str(broken), "--out",
+                  str(tmp_path / "out"))
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # one input failed, named
+    assert "broken.nii.gz" in proc.stdout and "1 of 3 input(s) not segmented" in proc.stdout
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        f"{s.name}_seg.dcm" for s in series]
+    again = fedseg("predict", str(model), str(series[0]), "--out", str(tmp_path / "out"))
+    assert again.returncode == 2 and "does not overwrite" in again.stdout
+    csv = tmp_path / "scores.csv"
+    proc = fedseg("evaluate", str(model), str(synthetic_sites[0]), "--csv", str(csv))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = csv.read_text().splitlines()
+    assert rows[0] == "case,dice,iou,hd95,sensitivity,specificity" and rows[-1].startswith(
+        "mean,") and len(rows) == 2 + len(series)

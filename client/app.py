@@ -87,7 +87,9 @@ class InProcessSite:
         if service is None or (service.site, service.data_dir) != (site.name, data_dir):
             for other in [k for k in _SERVICES if k[0] != self.context.run_id]:
                 del _SERVICES[other]  # a finished run's
-            service = _SERVICES[key] = SiteService(site.name, data_dir, device=site.device)
+            service = _SERVICES[key] = SiteService(
+                site.name, data_dir, device=site.device,
+                models_dir=fedseg_home() / "sites" / site.name / "models")
         return service
 
     def request(self, kind: str, run_id: int, run_config: Mapping[str, Any],

@@ -25,6 +25,8 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 def cmd_node(args: argparse.Namespace) -> int:
     if args.action == "audit":
         return cmd_node_audit(args)
+    if args.action == "models":
+        return cmd_node_models(args)
     missing = [f"--{k.replace('_', '-')}" for k in ("superlink", "data_dir", "name")
                if not getattr(args, k)]
     if missing:
@@ -49,6 +51,36 @@ def cmd_node(args: argparse.Namespace) -> int:
     check = run_site_check(settings.data_dir, show_all=False)  # unusable cases, named
     preflight(settings, check)
     return run_node(settings, base_env())
+
+
+def cmd_node_models(args: argparse.Namespace) -> int:
+    """The runs' final models this site kept, from their model cards."""
+    import json
+
+    from rich.table import Table
+
+    from client.node import SiteState
+
+    if not (args.state or args.name):
+        console.print("error: fedseg node models needs --state (or --name, for "
+                      "./fedseg-site-NAME)")
+        return 2
+    folder = SiteState(Path(args.state or f"fedseg-site-{args.name}").resolve(), None).models
+    cards = sorted(folder.glob("*/model-card.json"))
+    if not cards:
+        console.print(f"no models kept in {folder}")
+        return 0
+    table = Table(title=f"models kept at this site ({folder})")
+    for col in ("run", "rounds", "saved", "federation Dice", "Dice here", "sha256", "file"):
+        table.add_column(col)
+    for path in cards:
+        card = json.loads(path.read_text())
+        fed, here = card.get("federation_dice"), card.get("site_scores", {}).get("dice")
+        table.add_row(card["run"], str(card["rounds"]), card["saved"],
+                      "" if fed is None else f"{fed:.3f}", "" if here is None else f"{here:.3f}",
+                      card["sha256"][:16], str(path.with_name("final_model.pt")))
+    console.print(table)
+    return 0
 
 
 def cmd_node_audit(args: argparse.Namespace) -> int:
@@ -245,8 +277,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("node", help="hospital: run this hospital's node (site worker and "
                                     "SuperNode); `fedseg node audit`: what left this site")
-    p.add_argument("action", nargs="?", default="run", choices=["run", "audit"],
-                   help="run (default) the node, or print its audit log")
+    p.add_argument("action", nargs="?", default="run", choices=["run", "audit", "models"],
+                   help="run (default) the node, print its audit log, or list the final "
+                        "models it kept")
     p.add_argument("--superlink", help="host:port of the SuperLink")
     p.add_argument("--data-dir", help="this hospital's site folder")
     p.add_argument("--name", help="this hospital's public name")

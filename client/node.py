@@ -208,6 +208,11 @@ class SiteState:
         return self.root / "supernode"
 
     @property
+    def models(self) -> Path:
+        """The runs' final models the site kept, each with its model card."""
+        return self.root / "models"
+
+    @property
     def worker_home(self) -> Path:
         """The worker's own caches (torch, matplotlib): its user's, not the install's."""
         return self.root / "worker-home"
@@ -260,7 +265,8 @@ def prepare_state(settings: NodeSettings, users: tuple[Account, Account] | None)
     state = SiteState(root, users)
     root.mkdir(parents=True, exist_ok=True)
     os.chmod(root, 0o755 if users else 0o700)
-    for folder in (state.socket.parent, state.audit.parent, state.supernode, state.worker_home):
+    for folder in (state.socket.parent, state.audit.parent, state.supernode, state.worker_home,
+                   state.models):
         folder.mkdir(exist_ok=True)
         os.chmod(folder, 0o700)
     state.socket.unlink(missing_ok=True)  # a killed worker's: its successor listens anew
@@ -270,7 +276,8 @@ def prepare_state(settings: NodeSettings, users: tuple[Account, Account] | None)
         os.chown(state.socket.parent, data.uid, run.gid)
         os.chmod(state.socket.parent, 0o2750)
         os.chown(state.audit.parent, data.uid, data.gid)
-        for path in [state.worker_home, *state.worker_home.rglob("*")]:
+        for path in [state.worker_home, *state.worker_home.rglob("*"), state.models,
+                     *state.models.rglob("*")]:
             os.chown(path, data.uid, data.gid)
         if state.audit.exists():
             os.chown(state.audit, data.uid, data.gid)
@@ -311,7 +318,7 @@ def worker_command(settings: NodeSettings, state: SiteState) -> list[str]:
     cmd = [sys.executable, "-m", "client.worker", "--socket", str(state.socket),
            "--data-dir", str(Path(settings.data_dir).resolve()), "--name", settings.name,
            "--device", settings.device, "--threads", str(threads),
-           "--audit", str(state.audit)]
+           "--audit", str(state.audit), "--models", str(state.models)]
     if settings.policy:  # the worker's own copy, in its own folder
         policy = state.audit.parent / "policy.toml"
         shutil.copyfile(settings.policy, policy)

@@ -54,13 +54,47 @@ def _allowed_metrics(kind: str) -> set[str]:
     return set(DESCRIBE_METRICS)
 
 
+def keep_model(models_dir: Path, site: str, settings: RunSettings,
+               weights: Mapping[str, np.ndarray], round_config: Mapping[str, Any],
+               scores: Mapping[str, Any], run_id: int = 0) -> Path:
+    """Save a run's final model in the site's own state, with its card (run,
+    rounds, settings, the federation's Dice and this site's scores of it, the
+    file's SHA-256, date). Returns the model's path."""
+    import hashlib
+    import json
+    import time
+
+    import torch
+
+    run = settings.run_name or f"flower-run-{run_id}"
+    folder = Path(models_dir) / run
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "final_model.pt"
+    torch.save({k: torch.as_tensor(np.asarray(v)) for k, v in weights.items()}, path)
+    card = {
+        "run": run, "site": site,
+        "rounds": int(round_config.get(wire.SERVER_ROUND, 0))
+        + int(round_config.get(wire.ROUNDS_DONE, 0)),
+        "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "federation_dice": round_config.get(wire.FEDERATION_DICE),
+        "site_scores": dict(scores),
+        "config": settings.to_run_config(),
+    }
+    (folder / "model-card.json").write_text(json.dumps(card, indent=2) + "\n")
+    log.info("kept the final model of run %s in %s (sha256 %s)", run, folder,
+             card["sha256"][:16])
+    return path
+
+
 class SiteService:
     """One site's answers. ``policy``: the hospital's (none in a simulation)."""
 
     REQUESTS = ("train", "evaluate", "describe")
 
     def __init__(self, site: str, data_dir: Path, device: str = "auto",
-                 policy: SitePolicy | None = None) -> None:
+                 policy: SitePolicy | None = None, models_dir: Path | None = None) -> None:
+        self.models_dir = models_dir  # where the site keeps the runs' final models
         self.site = site
         self.data_dir = Path(data_dir)
         self.device = device
@@ -120,7 +154,17 @@ class SiteService:
         out: dict[str, np.ndarray] = {}
         notes: dict[str, str] = {}
         if kind == "evaluate":
-            metrics = algo.evaluate(weights, round_config)
+            keep = round_config.get(wire.KEEP_MODEL) and self.models_dir is not None
+            try:
+                metrics = algo.evaluate(weights, round_config)
+            except Exception:
+                if keep:  # the site keeps the model even where it cannot score it
+                    keep_model(self.models_dir, self.site, algo.settings, weights,
+                               round_config, {}, run_id)
+                raise
+            if keep:
+                keep_model(self.models_dir, self.site, algo.settings, weights, round_config,
+                           metrics, run_id)
         else:
             self.policy.check_round(self.rounds_trained.get(run_id, 0))
             scored = {}

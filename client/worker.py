@@ -136,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--policy")
     p.add_argument("--audit", required=True)
+    p.add_argument("--models", help="where the site keeps the runs' final models")
     p.add_argument("--allow-uid", type=int, action="append", default=[])
     p.add_argument("--group", type=int, help="gid that may open the socket")
     args = p.parse_args(argv)
@@ -149,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
     policy = SitePolicy.load(Path(args.policy) if args.policy else None)
-    service = SiteService(args.name, Path(args.data_dir), device=args.device, policy=policy)
+    service = SiteService(args.name, Path(args.data_dir), device=args.device, policy=policy,
+                          models_dir=Path(args.models) if args.models else None)
     worker = Worker(service, AuditLog(Path(args.audit)), {os.getuid(), *args.allow_uid})
     srv = listen(Path(args.socket), args.group)
 

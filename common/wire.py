@@ -30,6 +30,8 @@ SERVER_ROUND = "server-round"  # in CONFIG, written by Flower's strategies
 ROUNDS_DONE = "rounds-done"  # in CONFIG: rounds of a resumed run already behind
 PROXIMAL_MU = "proximal-mu"  # in CONFIG, written by Flower's FedProx
 EVALUATE_INCOMING = "evaluate-incoming"  # in CONFIG: score the weights received first
+KEEP_MODEL = "keep-model"  # in CONFIG (evaluate): the run's final model; the site keeps a copy
+FEDERATION_DICE = "federation-dice"  # in CONFIG (with KEEP_MODEL): for the site's model card
 GLOBAL_PREFIX = "global-"  # a train reply's scores of the incoming global model
 NUM_EXAMPLES = "num-examples"  # in METRICS: training cases (FedAvg's weight) or test cases
 TRAIN_LOSS = "train-loss"
@@ -63,6 +65,10 @@ TABLE = (
     Entry(PROXIMAL_MU, CONFIG, DOWN, "FedProx's proximal weight (FedProx only)"),
     Entry(EVALUATE_INCOMING, CONFIG, DOWN, "train: first score the global model received "
           "(the previous round's) on the test cases; one message a round does both"),
+    Entry(KEEP_MODEL, CONFIG, DOWN, "evaluate of the run's last round: the weights are the "
+          "final model; the site keeps a copy with a model card in its own state"),
+    Entry(FEDERATION_DICE, CONFIG, DOWN, "with `keep-model`: the federation's last mean Dice, "
+          "for the site's model card"),
     Entry(NUM_EXAMPLES, METRICS, UP, "training cases (train: FedAvg's weight) or test cases "
           "(evaluate)"),
     Entry(TRAIN_LOSS, METRICS, UP, "mean training loss over the round's steps"),

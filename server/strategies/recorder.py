@@ -293,6 +293,12 @@ class SiteRecorder(StrategyWrapper):
                 self.note_failure(server_round, f"evaluate skipped: {exc}")
                 log(WARNING, "round %d: evaluate skipped: %s", server_round, exc)
                 return []
+        if server_round == self.last_round:  # the final model: each site keeps a copy
+            scored = self.round(server_round - 1).evaluate or {}
+            dice = combine(list(scored.values())).get("dice") if scored else None
+            config = ConfigRecord({**dict(config), wire.KEEP_MODEL: True,
+                                   **({wire.FEDERATION_DICE: float(dice)}
+                                      if dice is not None else {})})
         return self._sent(server_round, super().configure_evaluate(server_round, arrays,
                                                                    config, grid))
 

@@ -281,6 +281,31 @@ def test_the_site_audit_lists_every_reply(federation):
     assert kinds.count((True, False)) >= 2 and kinds.count((False, True)) >= 1, out.stdout
 
 
+def test_each_hospital_keeps_the_final_model_in_its_own_state(federation):
+    """At the end of a run the site worker keeps the final model and its card
+    in the site's state (not the data folder); `fedseg node models` lists it;
+    `fedseg predict` can use it as it is."""
+    import torch
+
+    if not (federation.state.runs / "tls-run").exists():
+        federation.run("tls-run", {"num-rounds": 2, "local-epochs": 1}, timeout=400)
+    final = torch.load(federation.state.runs / "tls-run" / "final_model.pt", weights_only=True)
+    for name in ("hospital-a", "hospital-b"):
+        state = next(federation.work.glob(f"site-{name}-*"))
+        kept = state / "models" / "tls-run"
+        card = json.loads((kept / "model-card.json").read_text())
+        assert card["site"] == name and card["rounds"] == 2
+        weights = torch.load(kept / "final_model.pt", weights_only=True)
+        assert all(torch.equal(weights[k], final[k]) for k in final)
+        out = subprocess.run([sys.executable, "-m", "server.cli", "node", "models", "--state",
+                              str(state)], capture_output=True, text=True, timeout=120,
+                             cwd=APP_DIR, env=base_env({"COLUMNS": "250"}))
+        assert out.returncode == 0 and "tls-run" in out.stdout and card["sha256"][:16] in \
+            out.stdout, out.stdout + out.stderr
+    assert not any("final_model" in p.name for site in federation.sites
+                   for p in site.rglob("*"))  # never in the data folder
+
+
 # -- the coordinator's code cannot read a hospital's data --------------------------------
 
 EVIL_TRAIN = '''

@@ -324,3 +324,21 @@ def test_under_dp_a_round_missing_a_sampled_site_is_skipped_with_the_reason(site
             "sampled site) answered round 1; the model is unchanged") in rows[0]["failures"]
     assert summary["stopped"].startswith("too few sites: 2 of the 3 sites needed (DP")
     assert rows[0]["dp_releases"] in (0, None) and summary["privacy"]["epsilon"] == 0.0
+
+
+def test_every_site_keeps_the_final_model_with_its_card(sites, tmp_path, monkeypatch):
+    from common.inference import load_model
+
+    monkeypatch.setenv("FEDSEG_HOME", str(tmp_path / "home"))
+    _, summary, rows = run(sites, tmp_path, "kept")
+    final = torch.load(tmp_path / "kept" / "final_model.pt", weights_only=True)
+    for name, _ in sites:
+        folder = tmp_path / "home" / "sites" / name / "models" / "kept"
+        card = json.loads((folder / "model-card.json").read_text())
+        assert card["run"] == "kept" and card["site"] == name and card["rounds"] == 2
+        assert card["federation_dice"] == pytest.approx(rows[0]["dice_mean"])
+        assert card["site_scores"]["dice"] == pytest.approx(summary["final"]["sites"][name]["dice"])
+        saved = load_model(folder / "final_model.pt")  # settings from the card
+        assert saved.sha256 == card["sha256"]
+        kept = saved.model.state_dict()
+        assert all(torch.equal(kept[k], final[k]) for k in final)

@@ -220,11 +220,12 @@ class RunFolder:
         self.history.append(row)
         self.pending = None
         self.plot()
+        self.report()
         return row
 
     def finish(self, final_arrays: ArrayRecord | None, stopped: str | None = None,
                ledger: PrivacyAccount | None = None) -> dict[str, Any]:
-        """Write ``final_model.pt``, ``summary.json`` and ``dice.png``.
+        """Write ``final_model.pt``, ``summary.json``, ``dice.png`` and ``report.html``.
         ``stopped``: why the run ended before its planned rounds, if it did."""
         if final_arrays is None:
             final_arrays = self.checkpoint_arrays()
@@ -233,7 +234,15 @@ class RunFolder:
         summary = self.summary(stopped, ledger)
         _atomic_write(self.path / "summary.json", json.dumps(summary, indent=2).encode())
         self.plot()
+        self.report(summary)
         return summary
+
+    def report(self, summary: dict[str, Any] | None = None) -> None:
+        """``report.html``: the run as a page (server/report.py)."""
+        from server.report import write_report
+
+        write_report(self.path, self.path.name, self.settings.to_run_config(), self.history,
+                     summary)
 
     def summary(self, stopped: str | None = None, ledger: PrivacyAccount | None = None
                 ) -> dict[str, Any]:

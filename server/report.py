@@ -1,0 +1,161 @@
+"""``report.html``: a run folder as a page people read. Self-contained (plots
+embedded as PNG data, no script or style from the network), rewritten after
+every round and at the end: the run's settings, Dice and training loss per
+round per site, time and bytes per round, failures, the privacy budget
+spent, and the final per-site table."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+from common.wire import SCORES
+
+STYLE = """
+body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:2em auto;max-width:1100px;
+color:#222;padding:0 1em}
+h1{font-size:1.6em;margin-bottom:.2em} h2{font-size:1.2em;margin-top:1.8em;
+border-bottom:1px solid #ddd;padding-bottom:.2em}
+table{border-collapse:collapse;margin:.5em 0;font-size:.9em}
+th,td{border:1px solid #ccc;padding:.25em .6em;text-align:right}
+th{background:#f3f3f3} td.l,th.l{text-align:left}
+.plots{display:flex;flex-wrap:wrap;gap:1em} .plots img{max-width:100%;border:1px solid #eee}
+.bad{color:#a00} .note{color:#666;font-size:.9em}
+"""
+
+# Marks, once the page has loaded, how many plots decoded (a browser test reads it).
+CHECK = """
+window.addEventListener('load',function(){var i=document.images,ok=0;
+for(var k=0;k<i.length;k++){if(i[k].complete&&i[k].naturalWidth>0){ok++;}}
+document.body.setAttribute('data-plots-ok',ok+'/'+i.length);});
+"""
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value))
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return _e(value)
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _plots(history: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    out = []
+    for key, mean_key, ylabel, limits in (("dice", "dice_mean", "Dice (test cases)", (0, 1)),
+                                          ("train_loss_sites", "train_loss", "training loss",
+                                           None)):
+        fig, ax = plt.subplots(figsize=(5.2, 3.4), dpi=100)
+        sites = sorted({s for r in history for s in r.get(key, {})})
+        for site in sites:
+            pts = [(r["round"], r[key][site]) for r in history
+                   if r.get(key, {}).get(site) is not None]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", label=site)
+        pts = [(r["round"], r[mean_key]) for r in history if r.get(mean_key) is not None]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), "k--", label="all sites")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set(xlabel="round", ylabel=ylabel, **({"ylim": limits} if limits else {}))
+        ax.grid(alpha=0.3)
+        if sites:
+            ax.legend(fontsize="small")
+        fig.tight_layout()
+        out.append((ylabel, _png(fig)))
+        plt.close(fig)
+    fig, ax = plt.subplots(figsize=(5.2, 3.4), dpi=100)
+    rounds = [r["round"] for r in history]
+    ax.bar(rounds, [r.get("seconds", 0) for r in history], color="#4c78a8")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set(xlabel="round", ylabel="seconds")
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    out.append(("seconds per round", _png(fig)))
+    plt.close(fig)
+    return out
+
+
+def render(name: str, config: dict[str, Any], history: list[dict[str, Any]],
+           summary: dict[str, Any] | None) -> str:
+    """The page, as text."""
+    parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+             f"<title>fedseg run {_e(name)}</title><style>{STYLE}</style></head><body>",
+             f"<h1>fedseg run {_e(name)}</h1>"]
+    planned = config.get("num-rounds")
+    status = (f"finished: {summary['rounds_completed']} of {planned} rounds"
+              if summary else f"in progress: {len(history)} of {planned} rounds recorded")
+    if summary and summary.get("stopped"):
+        status += f"; <span class='bad'>stopped: {_e(summary['stopped'])}</span>"
+    parts.append(f"<p>{status}</p>")
+    if summary and summary.get("problems"):
+        parts.append("<ul class='bad'>" + "".join(f"<li>{_e(p)}</li>"
+                                                 for p in summary["problems"]) + "</ul>")
+    parts.append("<h2>Dice, loss and time</h2><div class='plots'>" + "".join(
+        f"<img alt='{_e(title)}' title='{_e(title)}' src='{src}'>"
+        for title, src in _plots(history)) + "</div>")
+    if summary:
+        sites = summary.get("final", {}).get("sites", {})
+        rows = "".join(f"<tr><td class='l'>{_e(s)}</td><td>{_fmt(m.get('num-examples'))}</td>"
+                       + "".join(f"<td>{_fmt(m.get(k))}</td>" for k in SCORES) + "</tr>"
+                       for s, m in sorted(sites.items()))
+        overall = summary.get("final", {}).get("overall", {})
+        rows += ("<tr><th class='l'>all (case-weighted)</th><th></th>"
+                 + "".join(f"<th>{_fmt(overall.get(k))}</th>" for k in SCORES) + "</tr>")
+        parts.append(f"<h2>Final model, per site (round {_e(summary['final'].get('round'))})"
+                     f"</h2><table id='final'><tr><th class='l'>site</th><th>test cases</th>"
+                     + "".join(f"<th>{k}</th>" for k in SCORES) + f"</tr>{rows}</table>")
+    parts.append("<h2>Rounds</h2><table id='rounds'><tr><th>round</th><th>mean Dice</th>"
+                 "<th>train loss</th><th>seconds</th><th>MB down</th><th>MB up</th>"
+                 "<th class='l'>trained</th><th class='l'>failures</th><th>ε</th></tr>")
+    for r in history:
+        failures = "<br>".join(_e(f) for f in r.get("failures", []))
+        parts.append(
+            f"<tr><td>{r['round']}</td><td>{_fmt(r.get('dice_mean'))}</td>"
+            f"<td>{_fmt(r.get('train_loss'))}</td><td>{_fmt(r.get('seconds'), 1)}</td>"
+            f"<td>{r.get('bytes_down', 0) / 1e6:.1f}</td><td>{r.get('bytes_up', 0) / 1e6:.1f}"
+            f"</td><td class='l'>{_e(', '.join(r.get('trained', [])))}</td>"
+            f"<td class='l bad'>{failures}</td><td>{_fmt(r.get('epsilon'), 2)}</td></tr>")
+    parts.append("</table>")
+    if summary:
+        privacy = summary.get("privacy", {})
+        parts.append("<h2>Privacy</h2><table id='privacy'>" + "".join(
+            f"<tr><th class='l'>{_e(k)}</th><td class='l'>{_fmt(v)}</td></tr>"
+            for k, v in privacy.items()) + "</table>")
+        left = summary.get("cases_left_out") or {}
+        if left:
+            parts.append("<p class='note'>cases left out at the sites (counts and kinds): "
+                         + "; ".join(f"{_e(s)}: {_e(t)}" for s, t in left.items()) + "</p>")
+    parts.append("<h2>Settings</h2><table id='settings'>" + "".join(
+        f"<tr><th class='l'>{_e(k)}</th><td class='l'>{_e(v)}</td></tr>"
+        for k, v in sorted(config.items())) + "</table>")
+    parts.append(f"<script>{CHECK}</script></body></html>")
+    return "".join(parts)
+
+
+def write_report(folder: Path, name: str, config: dict[str, Any],
+                 history: list[dict[str, Any]], summary: dict[str, Any] | None) -> Path:
+    """Write ``folder/report.html`` atomically; its path."""
+    path = Path(folder) / "report.html"
+    tmp = path.with_suffix(".html.tmp")
+    tmp.write_text(render(name, config, history, summary), encoding="utf-8")
+    os.replace(tmp, path)
+    return path

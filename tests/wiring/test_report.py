@@ -1,0 +1,49 @@
+"""``report.html`` of a real run (the real ServerApp and ClientApp on the
+in-process grid), opened in a real browser: headless Chromium from the OS
+packages renders its plots and tables."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+
+from tests.grid import federation, run_server
+
+TINY = {"model-channels": "8,16", "patch-size": 32, "batch-size": 2, "patches-per-image": 1,
+        "num-rounds": 2, "min-nodes": 2, "test-time-flips": False, "mixed-precision": False}
+
+
+def browser() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
+        if path := shutil.which(name):
+            return path
+    pytest.skip("no Chromium on this machine (apt-get install chromium; .ci/run does)")
+
+
+def test_the_run_report_renders_in_a_real_browser(synthetic_sites, tmp_path, tmp_path_factory):
+    chromium = browser()
+    broken = tmp_path_factory.mktemp("broken")
+    (broken / "imagesTr").mkdir()
+    (broken / "labelsTr").mkdir()
+    (broken / "imagesTr" / "x.nii.gz").write_bytes(b"not a nifti")
+    (broken / "labelsTr" / "x.nii.gz").write_bytes(b"not a nifti")
+    sites = [("hospital-a", synthetic_sites[0]), ("hospital-b", synthetic_sites[1]),
+             ("hospital-x", broken)]
+    run_server(federation(sites, {**TINY, "run-name": "shown"}), tmp_path)
+    report = tmp_path / "shown" / "report.html"
+    assert "http" not in report.read_text().split("<body>")[0]  # nothing from the network
+    flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+             f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([*flags, "--virtual-time-budget=5000", "--dump-dom",
+                          report.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    assert 'data-plots-ok="3/3"' in dom, dom[-2000:]  # every plot decoded and shown
+    for table in ("final", "rounds", "privacy", "settings"):
+        assert f'<table id="{table}"' in dom
+    assert "hospital-a" in dom and "train at hospital-x: fedseg data error" in dom
+    assert "site hospital-x failed every round" in dom
+    shot = tmp_path / "report.png"
+    subprocess.run([*flags, "--window-size=1200,1600", f"--screenshot={shot}",
+                    report.as_uri()], capture_output=True, timeout=120)
+    assert shot.exists() and shot.stat().st_size > 20_000  # a page, not a blank

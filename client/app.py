@@ -87,8 +87,11 @@ class InProcessSite:
         if service is None or (service.site, service.data_dir) != (site.name, data_dir):
             for other in [k for k in _SERVICES if k[0] != self.context.run_id]:
                 del _SERVICES[other]  # a finished run's
+            from client.policy import SitePolicy
+
             service = _SERVICES[key] = SiteService(
                 site.name, data_dir, device=site.device,
+                policy=SitePolicy(share_local_model=settings.cross_site),  # the user's consent
                 models_dir=fedseg_home() / "sites" / site.name / "models")
         return service
 

@@ -10,6 +10,8 @@ never leaves the site. Every key is optional::
     max-rounds = 100                    # the run's rounds at most this
     max-local-epochs = 5                # local epochs per round at most this
     allowed-strategies = ["fedavg", "fedprox"]
+    share-local-model = true            # this site's last local model may be scored at
+                                        # the other sites (a run's cross-site; off by default)
 
 The site worker checks each request's run settings against it and refuses a
 run that breaks it: the full reason in the hospital's log, the rule that was
@@ -49,6 +51,7 @@ class SitePolicy:
     max_rounds: int | None = None
     max_local_epochs: int | None = None
     allowed_strategies: tuple[str, ...] | None = None
+    share_local_model: bool = False
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -78,7 +81,8 @@ class SitePolicy:
                                   f"{', '.join(known)}")
             expected = {"require-secure-aggregation": bool, "require-dp": bool,
                         "max-epsilon": (int, float), "min-sites": int, "max-rounds": int,
-                        "max-local-epochs": int, "allowed-strategies": list}[key]
+                        "max-local-epochs": int, "allowed-strategies": list,
+                        "share-local-model": bool}[key]
             if isinstance(value, bool) and expected is not bool or not isinstance(value,
                                                                                   expected):
                 raise ConfigError(f"{where}: {key} must be "

@@ -56,10 +56,12 @@ def _allowed_metrics(kind: str) -> set[str]:
 
 def keep_model(models_dir: Path, site: str, settings: RunSettings,
                weights: Mapping[str, np.ndarray], round_config: Mapping[str, Any],
-               scores: Mapping[str, Any], run_id: int = 0) -> Path:
-    """Save a run's final model in the site's own state, with its card (run,
-    rounds, settings, the federation's Dice and this site's scores of it, the
-    file's SHA-256, date). Returns the model's path."""
+               scores: Mapping[str, Any], run_id: int = 0, at_round: int | None = None
+               ) -> Path:
+    """Save a run's final model (``at_round``: the global model of that round,
+    in ``round-NNN/``) in the site's own state, with its card (run, rounds,
+    settings, the federation's Dice and this site's scores of it, the file's
+    SHA-256, date). Returns the model's path."""
     import hashlib
     import json
     import time
@@ -68,13 +70,15 @@ def keep_model(models_dir: Path, site: str, settings: RunSettings,
 
     run = settings.run_name or f"flower-run-{run_id}"
     folder = Path(models_dir) / run
+    if at_round is not None:
+        folder = folder / f"round-{at_round:03d}"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "final_model.pt"
     torch.save({k: torch.as_tensor(np.asarray(v)) for k, v in weights.items()}, path)
     card = {
         "run": run, "site": site,
-        "rounds": int(round_config.get(wire.SERVER_ROUND, 0))
-        + int(round_config.get(wire.ROUNDS_DONE, 0)),
+        "rounds": at_round if at_round is not None else
+        int(round_config.get(wire.SERVER_ROUND, 0)) + int(round_config.get(wire.ROUNDS_DONE, 0)),
         "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
         "federation_dice": round_config.get(wire.FEDERATION_DICE),
@@ -176,8 +180,15 @@ class SiteService:
                               exc_info=not isinstance(exc, FedsegError))
                     notes[wire.EVALUATE_ERROR] = scrub(exc)
                     write_local_log(self.site, "evaluate", exc)  # simulation only
+            if round_config.get(wire.KEEP_MODEL) and self.models_dir is not None:
+                from common.site_algorithm import run_round  # the incoming model's round
+
+                keep_model(self.models_dir, self.site, algo.settings, weights, round_config,
+                           scored, run_id, at_round=run_round(round_config) - 1)
             new, metrics = algo.train(weights, round_config)
             self.rounds_trained[run_id] = self.rounds_trained.get(run_id, 0) + 1
+            if algo.settings.cross_site and self.policy.share_local_model:
+                notes[wire.SHARE_LOCAL] = "yes"
             metrics.update({wire.GLOBAL_PREFIX + k: v for k, v in scored.items()})
             out = pack(new)
             self.check_weights(out)  # never anything but the model

@@ -171,6 +171,13 @@ class RunSettings:
     round_timeout: float = setting(600.0, "seconds a round waits for replies; then the "
                                           "replies in hand count, the rest are failures",
                                    positive())
+    cross_site: bool = setting(False, "at the end, each site's last local model is scored at "
+                                      "the other sites, where the site's policy allows it "
+                                      "(share-local-model; in a simulation this setting is "
+                                      "every site's consent)")
+    keep_model_every: int = setting(0, "every N rounds each site also keeps that round's "
+                                       "global model (its final one always); 0: the final "
+                                       "only", at_least(0))
     max_short_rounds: int = setting(3, "rounds in a row with fewer than min-nodes replies "
                                        "(each skipped, the model unchanged) before the run "
                                        "stops (resumable)", at_least(1))
@@ -283,6 +290,9 @@ class RunSettings:
             (self.aggregation != "bulyan" or self.min_nodes >= 4 * self.robust_malicious + 3,
              f"bulyan tolerates robust-malicious {self.robust_malicious} only with min-nodes "
              f">= {4 * self.robust_malicious + 3} (n >= 4f + 3)"),
+            (not self.cross_site or (not self.secure_aggregation and self.dp == "off"),
+             "cross-site scores each site's own local model at the others: secure "
+             "aggregation hides it and differential privacy would be defeated by sharing it"),
             (not (self.secure_aggregation and self.dp.startswith("server")),
              "server-side DP clipping needs every update in the clear, which secure "
              "aggregation hides: use dp = client-fixed or client-adaptive with it"),

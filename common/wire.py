@@ -25,12 +25,14 @@ SITE = "site"  # the site's public name (ConfigRecord)
 SITE_NAME = "name"  # in SITE
 EVALUATE_ERROR = "evaluate-error"  # in SITE: scoring the incoming model failed (scrubbed)
 LEFT_OUT = "left-out"  # in SITE: unusable cases left out of this reply (counts and kinds)
-SITE_NOTES = (EVALUATE_ERROR, LEFT_OUT)  # what a reply's SITE record may add to its name
+SHARE_LOCAL = "share-local-model"  # in SITE (train): the site's policy lets others score it
+SITE_NOTES = (EVALUATE_ERROR, LEFT_OUT, SHARE_LOCAL)  # what a reply's SITE record may add
+CROSS_SITE_OF = "cross-site-of"  # in CONFIG (evaluate): whose local model the weights are
 SERVER_ROUND = "server-round"  # in CONFIG, written by Flower's strategies
 ROUNDS_DONE = "rounds-done"  # in CONFIG: rounds of a resumed run already behind
 PROXIMAL_MU = "proximal-mu"  # in CONFIG, written by Flower's FedProx
 EVALUATE_INCOMING = "evaluate-incoming"  # in CONFIG: score the weights received first
-KEEP_MODEL = "keep-model"  # in CONFIG (evaluate): the run's final model; the site keeps a copy
+KEEP_MODEL = "keep-model"  # in CONFIG: the site keeps a copy of the global model received
 FEDERATION_DICE = "federation-dice"  # in CONFIG (with KEEP_MODEL): for the site's model card
 GLOBAL_PREFIX = "global-"  # a train reply's scores of the incoming global model
 NUM_EXAMPLES = "num-examples"  # in METRICS: training cases (FedAvg's weight) or test cases
@@ -65,8 +67,9 @@ TABLE = (
     Entry(PROXIMAL_MU, CONFIG, DOWN, "FedProx's proximal weight (FedProx only)"),
     Entry(EVALUATE_INCOMING, CONFIG, DOWN, "train: first score the global model received "
           "(the previous round's) on the test cases; one message a round does both"),
-    Entry(KEEP_MODEL, CONFIG, DOWN, "evaluate of the run's last round: the weights are the "
-          "final model; the site keeps a copy with a model card in its own state"),
+    Entry(KEEP_MODEL, CONFIG, DOWN, "the site keeps a copy of the global model received, with "
+          "a model card, in its own state: the final model (the last round's evaluate) and, "
+          "with `keep-model-every`, every N rounds' (train)"),
     Entry(FEDERATION_DICE, CONFIG, DOWN, "with `keep-model`: the federation's last mean Dice, "
           "for the site's model card"),
     Entry(NUM_EXAMPLES, METRICS, UP, "training cases (train: FedAvg's weight) or test cases "
@@ -85,6 +88,10 @@ TABLE = (
     Entry(LEFT_OUT, SITE, UP, "cases of the site that could not be used and were left out "
           "of this reply's training or scoring: counts and kinds per split (`training: 1 "
           "(missing label)`), never a name"),
+    Entry(SHARE_LOCAL, SITE, UP, "train, with the run's `cross-site` on: the site's policy "
+          "(`share-local-model`) lets its local model be scored at the other sites"),
+    Entry(CROSS_SITE_OF, CONFIG, DOWN, "evaluate at the end of a `cross-site` run: the weights "
+          "are that site's last local model, not the global one"),
     Entry(ERROR_SITE, "error reason", UP, "a failed reply: the site's public name"),
     Entry(ERROR_TEXT, "error reason", UP, "a failed reply: the scrubbed cause (kind of "
           "failure, case position), never a path, file or case name or DICOM value"),

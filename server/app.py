@@ -33,6 +33,37 @@ def format_round(row: dict) -> str:
             f"  {row['seconds']:.1f} s{eps}")
 
 
+def cross_site(grid: Grid, strategy, settings: RunSettings) -> dict[str, dict[str, dict]]:
+    """Each shareable site's last local model scored at every connected site
+    (its own included): ``{model's site: {scoring site: means}}``. Only the
+    sites whose policy allowed it (``share-local-model``) are in the rows."""
+    from flwr.app import Message, MessageType, RecordDict
+
+    names = {node: name for node, name in strategy.names.items()}
+    connected = set(grid.get_node_ids())
+    messages, asked = [], {}
+    for owner, (_node, arrays) in sorted(strategy.local_models.items()):
+        for node in sorted(connected & set(names)):
+            msg = Message(RecordDict({wire.ARRAYS: arrays, wire.CONFIG: ConfigRecord(
+                {wire.CROSS_SITE_OF: owner, wire.SERVER_ROUND: settings.num_rounds})}),
+                dst_node_id=node, message_type=MessageType.EVALUATE)
+            messages.append(msg)
+    for msg in messages:
+        asked[msg.metadata.message_id] = msg
+    matrix: dict[str, dict[str, dict]] = {}
+    for reply in grid.send_and_receive(messages, timeout=settings.round_timeout):
+        sent = asked.get(reply.metadata.reply_to_message_id)
+        if sent is None or reply.has_error():
+            continue
+        owner = str(sent.content[wire.CONFIG][wire.CROSS_SITE_OF])
+        scorer = names.get(reply.metadata.src_node_id, str(reply.metadata.src_node_id))
+        metrics = next(iter(reply.content.metric_records.values()), {})
+        matrix.setdefault(owner, {})[scorer] = {k: float(v) for k, v in metrics.items()}
+    log(INFO, "cross-site: %d local model(s) scored at %d site(s)", len(matrix),
+        len({t for row in matrix.values() for t in row}))
+    return matrix
+
+
 def nodes_per_round(grid: Grid, settings: RunSettings) -> int:
     """Nodes each round samples, once ``min-nodes`` are connected (DP scales its
     noise to this number)."""
@@ -103,5 +134,7 @@ def main(grid: Grid, context: Context) -> None:
             log(WARNING, "fedseg run %s stopped: %s", run.path.name, stopped)
     write_rows(settings.num_rounds)  # a stopped run's last rounds, scored or not
     final = result.arrays if result is not None and len(result.arrays) else None
+    if settings.cross_site and stopped is None and strategy.local_models:
+        run.cross_site = cross_site(grid, strategy, settings)
     run.finish(final, stopped=stopped, ledger=ledger)
     log(INFO, "fedseg run folder: %s", run.path)

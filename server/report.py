@@ -123,6 +123,18 @@ def render(name: str, config: dict[str, Any], history: list[dict[str, Any]],
         parts.append(f"<h2>Final model, per site (round {_e(summary['final'].get('round'))})"
                      f"</h2><table id='final'><tr><th class='l'>site</th><th>test cases</th>"
                      + "".join(f"<th>{k}</th>" for k in SCORES) + f"</tr>{rows}</table>")
+    matrix = (summary or {}).get("cross_site")
+    if matrix:
+        scorers = sorted({t for row in matrix.values() for t in row})
+        parts.append("<h2>Cross-site: Dice of each model at each site</h2>"
+                     "<table id='cross-site'><tr><th class='l'>model</th>"
+                     + "".join(f"<th>{_e(t)}</th>" for t in scorers) + "</tr>"
+                     + "".join(f"<tr><td class='l'>{_e(m)}</td>"
+                               + "".join(f"<td>{_fmt(row.get(t))}</td>" for t in scorers)
+                               + "</tr>" for m, row in matrix.items()) + "</table>"
+                     "<p class='note'>rows: the final global model, then each site's last "
+                     "local model where that site's policy allowed it to be shared "
+                     "(share-local-model).</p>")
     parts.append("<h2>Rounds</h2><table id='rounds'><tr><th>round</th><th>mean Dice</th>"
                  "<th>train loss</th><th>seconds</th><th>MB down</th><th>MB up</th>"
                  "<th class='l'>trained</th><th class='l'>failures</th><th>ε</th></tr>")

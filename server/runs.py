@@ -96,6 +96,8 @@ class RunFolder:
         # the next round's train replies): what the checkpoint kept of it.
         self.pending = pending
         self._clock = time.perf_counter()
+        # each shareable site's last local model scored at each site (cross-site)
+        self.cross_site: dict[str, dict[str, dict]] = {}
 
     @classmethod
     def open(cls, root: Path, settings: RunSettings) -> RunFolder:
@@ -237,6 +239,18 @@ class RunFolder:
         self.report(summary)
         return summary
 
+    def cross_site_table(self) -> dict[str, dict[str, float | None]] | None:
+        """Dice of each model (the global one, then each shareable site's last
+        local model) at each site, or None without a cross-site evaluation."""
+        if not self.cross_site:
+            return None
+        last = next((r for r in reversed(self.history) if r["sites"]), None)
+        table = {"global": {s: m.get("dice") for s, m in (last["sites"] if last else {})
+                            .items()}}
+        for owner, row in sorted(self.cross_site.items()):
+            table[f"local {owner}"] = {s: m.get("dice") for s, m in sorted(row.items())}
+        return table
+
     def report(self, summary: dict[str, Any] | None = None) -> None:
         """``report.html``: the run as a page (server/report.py)."""
         from server.report import write_report
@@ -265,6 +279,7 @@ class RunFolder:
             "stopped": stopped,
             "rounds_aggregated": sum(1 for r in self.history if r.get("aggregated", True)),
             "participation": participation,
+            "cross_site": self.cross_site_table(),
             "cases_left_out": {site: text for r in self.history  # the latest per site
                                for site, text in r.get("cases_left_out", {}).items()},
             "problems": self.problems(participation) + (

@@ -114,6 +114,7 @@ def build_strategy(settings: RunSettings, num_sampled: int | None = None,
     recorder.rounds_done = rounds_done
     recorder.min_nodes, recorder.node_wait = settings.min_nodes, settings.node_wait
     recorder.max_short_rounds = settings.max_short_rounds
+    recorder.keep_every = settings.keep_model_every
     recorder.dp_sampled = num_sampled if dp_on else 0
     recorder.last_round = settings.num_rounds - rounds_done
     checks.on_reject = recorder.note_failure

@@ -12,7 +12,7 @@ from logging import WARNING
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp.strategy import Strategy
 
@@ -130,6 +130,8 @@ class SiteRecorder(StrategyWrapper):
         self.node_wait = 300.0
         self.max_short_rounds = 3  # rounds in a row under min-nodes replies before a stop
         self.short_rounds = 0
+        self.local_models: dict[str, tuple[int, ArrayRecord]] = {}  # cross-site: shareable
+        self.keep_every = 0  # every N rounds the sites keep the global model (keep-model-every)
         self.dp_sampled = 0  # under DP: the sites sampled each round, all of which must answer
         self.rounds_done = 0  # rounds of a resumed run before this call
 
@@ -227,6 +229,11 @@ class SiteRecorder(StrategyWrapper):
             if phase == "train":
                 rec.train[name] = self.scores_of_incoming(server_round, name, values)
                 site_record = msg.content.config_records.get(wire.SITE, {})
+                if site_record.get(wire.SHARE_LOCAL) and wire.ARRAYS in msg.content:
+                    # its latest local model, copied before aggregation consumes it
+                    self.local_models[name] = (node, ArrayRecord(
+                        {k: Array(a.numpy().copy())
+                         for k, a in msg.content[wire.ARRAYS].items()}))
                 if wire.EVALUATE_ERROR in site_record:
                     self.scoring_failed(server_round, name,
                                         str(site_record[wire.EVALUATE_ERROR]))
@@ -249,6 +256,8 @@ class SiteRecorder(StrategyWrapper):
         incoming = self.rounds_done + server_round - 1  # the run's round of ``arrays``
         config = ConfigRecord({**dict(config), wire.EVALUATE_INCOMING:
                                incoming >= 1 and self.evaluate_due(server_round - 1)})
+        if self.keep_every and incoming >= 1 and incoming % self.keep_every == 0:
+            config[wire.KEEP_MODEL] = True  # the sites keep the model of round ``incoming``
         return self._sent(server_round, super().configure_train(server_round, arrays, config,
                                                                 grid))
 

@@ -330,7 +330,7 @@ def test_every_site_keeps_the_final_model_with_its_card(sites, tmp_path, monkeyp
     from common.inference import load_model
 
     monkeypatch.setenv("FEDSEG_HOME", str(tmp_path / "home"))
-    _, summary, rows = run(sites, tmp_path, "kept")
+    _, summary, rows = run(sites, tmp_path, "kept", **{"keep-model-every": 1})
     final = torch.load(tmp_path / "kept" / "final_model.pt", weights_only=True)
     for name, _ in sites:
         folder = tmp_path / "home" / "sites" / name / "models" / "kept"
@@ -342,3 +342,34 @@ def test_every_site_keeps_the_final_model_with_its_card(sites, tmp_path, monkeyp
         assert saved.sha256 == card["sha256"]
         kept = saved.model.state_dict()
         assert all(torch.equal(kept[k], final[k]) for k in final)
+        round_1 = json.loads((folder / "round-001" / "model-card.json").read_text())
+        assert round_1["rounds"] == 1 and round_1["site_scores"]["dice"] == pytest.approx(
+            rows[0]["dice"][name])  # keep-model-every 1: round 1's model, scored in round 2
+
+
+def test_cross_site_scores_each_local_model_at_every_site(sites, tmp_path):
+    _, summary, rows = run(sites, tmp_path, "cross", **{"cross-site": True})
+    table = summary["cross_site"]
+    names = [name for name, _ in sites]
+    assert list(table) == ["global", *(f"local {n}" for n in names)]
+    for row in table.values():
+        assert sorted(row) == names and all(0 <= d <= 1 for d in row.values())
+    assert table["global"] == {n: summary["final"]["sites"][n]["dice"] for n in names}
+    assert 'id="cross-site"' in (tmp_path / "cross" / "report.html").read_text().replace(
+        "'", '"')
+
+
+def test_a_site_shares_its_local_model_only_where_its_policy_allows(synthetic_sites):
+    from client.policy import SitePolicy
+    from client.service import SiteService
+    from common.packing import pack
+
+    config = {**TINY, "cross-site": True}
+    for policy, shared in ((SitePolicy(), False), (SitePolicy(share_local_model=True), True)):
+        service = SiteService("hospital-a", synthetic_sites[0], device="cpu", policy=policy)
+        algo = service.algorithm(7, config)
+        _, _, notes = service.handle("train", 7, config, {wire.SERVER_ROUND: 1},
+                                     pack(algo.weights()))
+        assert (wire.SHARE_LOCAL in notes) is shared
+    with pytest.raises(Exception, match="cross-site scores each site's own local model"):
+        RunSettings.from_run_config({"cross-site": True, "secure-aggregation": True})

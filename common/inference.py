@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -126,13 +126,14 @@ def write_result(saved: SavedModel, result: Segmentation, out_dir: Path, *,
         return [write_nifti(result, out_dir / f"{stem}_seg.nii.gz")]
     if kind == "pil":
         return write_png(result, out_dir / f"{stem}_mask.png", out_dir / f"{stem}_overlay.png")
-    raise UnsupportedFormatError(f"{result.source.name}: a single DICOM file; give the "
-                                 f"series folder (DICOM SEG references a series)")
+    return [write_dicom_seg(saved, result, out_dir / f"{stem}_seg.dcm",
+                            fractional=fractional, label=label)]  # one (multi-frame) file
 
 
 def _stem(path: Path) -> str:
     name = path.name
-    for suffix in (".nii.gz", ".nii", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"):
+    for suffix in (".nii.gz", ".nii", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp",
+                   ".dcm"):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
@@ -182,6 +183,11 @@ def write_dicom_seg(saved: SavedModel, result: Segmentation, out: Path, *,
     from pydicom.sr.codedict import codes
 
     folder = result.source
+    values = result.probability if fractional else result.mask
+    if folder.is_file():  # one DICOM file: a single frame, or frames last (the reader's)
+        sources = [pydicom.dcmread(folder)]
+        frames = values[None] if values.ndim == 2 else np.moveaxis(values, -1, 0)
+        return _save_seg(hd, codes, saved, sources, frames, fractional, label, out)
     by_uid = {}
     for f in sorted(p for p in folder.rglob("*") if p.is_file()):
         try:
@@ -195,13 +201,17 @@ def write_dicom_seg(saved: SavedModel, result: Segmentation, out: Path, *,
     if missing:
         raise DataError(f"{folder.name}: {len(missing)} source slice(s) could not be read back")
     sources = [by_uid[u] for u in uids]
-    values = result.probability if fractional else result.mask
     if values.ndim == 3 and result.meta.transform is not None:
         # back from the reader's RAS grid to slices x rows x columns, source order
         values = ornt.apply_orientation(values, inverse(result.meta.transform))
         frames = np.transpose(values, (2, 1, 0))
     else:
         frames = values[None] if values.ndim == 2 else values
+    return _save_seg(hd, codes, saved, sources, frames, fractional, label, out)
+
+
+def _save_seg(hd, codes, saved: SavedModel, sources, frames: np.ndarray, fractional: bool,
+              label: str, out: Path) -> Path:
     description = hd.seg.SegmentDescription(
         segment_number=1, segment_label=label[:64],
         segmented_property_category=codes.SCT.Tissue,
@@ -211,11 +221,15 @@ def write_dicom_seg(saved: SavedModel, result: Segmentation, out: Path, *,
             name="fedseg", version=fedseg_version(),
             family=codes.cid7162.ArtificialIntelligence,
             parameters={"model-sha256": saved.sha256[:64]}))
-    import warnings
-
     with warnings.catch_warnings():  # highdicom's doubts about the source's own values
         warnings.simplefilter("ignore", UserWarning)
-        seg = _segmentation(hd, sources, frames, fractional, description, label)
+        try:
+            seg = _segmentation(hd, sources, frames, fractional, description, label)
+        except (ValueError, TypeError, AttributeError, KeyError) as exc:
+            raise UnsupportedFormatError(f"cannot write a DICOM SEG for this source: {exc}"
+                                         ) from None
+    if "FrameOfReferenceUID" not in seg:  # General Image then needs PatientOrientation
+        seg.PatientOrientation = sources[0].get("PatientOrientation", "")
     seg.save_as(out)
     return out
 
@@ -235,8 +249,3 @@ def _segmentation(hd, sources, frames, fractional, description, label):
         software_versions=fedseg_version(), device_serial_number="none",
         series_description=f"fedseg {label}"[:64], omit_empty_frames=False)
 
-
-def model_card(saved: SavedModel, run: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What a saved model is: its hash, settings and (if known) its run."""
-    return {"model": saved.path.name, "sha256": saved.sha256,
-            "config": saved.settings.to_run_config(), **({"run": run} if run else {})}

@@ -166,3 +166,27 @@ def test_predict_and_evaluate_from_the_command_line(tmp_path, synthetic_sites):
     rows = csv.read_text().splitlines()
     assert rows[0] == "case,dice,iou,hd95,sensitivity,specificity" and rows[-1].startswith(
         "mean,") and len(rows) == 2 + len(series)
+
+
+@pytest.mark.parametrize("name", ["pydicom_testfiles/test_files/CT_small.dcm",
+                                  "pydicom_testfiles/test_files/SC_rgb_rle.dcm",
+                                  "pydicom_data/data/eCT_Supplemental.dcm"])
+def test_a_single_dicom_file_single_or_multi_frame_gets_a_valid_seg(tmp_path, dicom_dir,
+                                                                    name):
+    model = load_model(saved_model(tmp_path / "run"))
+    source = dicom_dir / name
+    result = segment(model, source, CPU)
+    (out,) = write_result(model, result, tmp_path / "out")
+    seg, src = pydicom.dcmread(out), pydicom.dcmread(source)
+    referenced = seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0]
+    assert referenced.ReferencedSOPInstanceUID == src.SOPInstanceUID
+    frames = 1 if result.mask.ndim == 2 else result.mask.shape[-1]
+    assert int(seg.NumberOfFrames) == frames
+    stored = seg.pixel_array.reshape(frames, *seg.pixel_array.shape[-2:])
+    expected = result.mask[None] if result.mask.ndim == 2 else np.moveaxis(result.mask, -1, 0)
+    assert np.array_equal(stored.astype(np.uint8), expected)
+    validator = shutil.which("dciodvfy")
+    if validator:
+        report = subprocess.run([validator, str(out)], capture_output=True, text=True)
+        assert not [line for line in (report.stdout + report.stderr).splitlines()
+                    if line.startswith("Error")], name

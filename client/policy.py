@@ -12,6 +12,12 @@ never leaves the site. Every key is optional::
     allowed-strategies = ["fedavg", "fedprox"]
     share-local-model = true            # this site's last local model may be scored at
                                         # the other sites (a run's cross-site; off by default)
+    max-model-parameters = 100000000    # the U-Net a run may build here (default 1e8)
+    max-batch-voxels = 134217728        # batch-size x patch voxels (default 2**27)
+
+The last two bound the memory a run can make the worker take, whatever the
+coordinator declares (the default U-Net has 1.6 million parameters and
+32,768 voxels a batch; they hold unless the policy sets them otherwise).
 
 The site worker checks each request's run settings against it and refuses a
 run that breaks it: the full reason in the hospital's log, the rule that was
@@ -25,12 +31,28 @@ it takes from the run's settings; docs/privacy.md says what that means.
 from __future__ import annotations
 
 import difflib
+import functools
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 from common.config import RunSettings
 from common.errors import ConfigError, FedsegError
+
+
+def parameters(s: RunSettings) -> int:
+    """The parameters of the U-Net ``s`` declares, counted without allocating it."""
+    return _parameters(s.model)
+
+
+@functools.lru_cache(maxsize=16)
+def _parameters(model) -> int:
+    import torch
+
+    from common.model import build_model
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in build_model(model).parameters())
 
 
 class PolicyRefusal(FedsegError):
@@ -52,6 +74,8 @@ class SitePolicy:
     max_local_epochs: int | None = None
     allowed_strategies: tuple[str, ...] | None = None
     share_local_model: bool = False
+    max_model_parameters: int | None = 100_000_000
+    max_batch_voxels: int | None = 1 << 27
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -82,7 +106,8 @@ class SitePolicy:
             expected = {"require-secure-aggregation": bool, "require-dp": bool,
                         "max-epsilon": (int, float), "min-sites": int, "max-rounds": int,
                         "max-local-epochs": int, "allowed-strategies": list,
-                        "share-local-model": bool}[key]
+                        "share-local-model": bool, "max-model-parameters": int,
+                        "max-batch-voxels": int}[key]
             if isinstance(value, bool) and expected is not bool or not isinstance(value,
                                                                                   expected):
                 raise ConfigError(f"{where}: {key} must be "
@@ -114,6 +139,11 @@ class SitePolicy:
             out.append("fewer local epochs are required")
         if self.allowed_strategies and s.strategy not in self.allowed_strategies:
             out.append(f"strategy {s.strategy!r} is not allowed")
+        if self.max_batch_voxels and (s.batch_size * s.patch_size ** s.model.spatial_dims
+                                      > self.max_batch_voxels):
+            out.append("smaller training batches (batch-size x patch voxels) are required")
+        if self.max_model_parameters and parameters(s) > self.max_model_parameters:
+            out.append("a smaller model (model-channels, model-res-units) is required")
         return out
 
     def check(self, s: RunSettings) -> None:

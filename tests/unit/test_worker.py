@@ -24,7 +24,7 @@ from client.channel import (
     recv_frame,
     send_frame,
 )
-from client.policy import SitePolicy
+from client.policy import PolicyRefusal, SitePolicy
 from common.config import ConfigError, RunSettings
 from common.model import build_model
 from common.packing import pack
@@ -285,3 +285,24 @@ def test_a_failure_while_training_is_a_failure_not_a_refusal(worker):
     assert not isinstance(err.value, WorkerRefused)
     assert str(err.value) == "internal error (ValueError)"
     assert audit.entries()[-1]["outcome"] == "failed"
+
+
+def test_a_run_cannot_make_the_worker_build_a_giant_model_or_batch(synthetic_sites):
+    """What a hostile run config declares is bounded by the site, before
+    anything is allocated: a U-Net of ~4e9 parameters, a batch of 10^9 voxels."""
+    from client.service import SiteService
+    from common.errors import scrub
+
+    service = SiteService("hospital-a", synthetic_sites[0], device="cpu",
+                          policy=SitePolicy())
+    giant = {"model-channels": "512,1024,2048,4096,8192,16384", "patch-size": 64}
+    start = time.monotonic()
+    with pytest.raises(PolicyRefusal) as info:
+        service.handle("describe", 9, giant, {}, None)
+    assert scrub(info.value) == ("refused by the site's policy: a smaller model "
+                                 "(model-channels, model-res-units) is required")
+    assert time.monotonic() - start < 30  # counted on the meta device, not built
+    with pytest.raises(PolicyRefusal, match="smaller training batches"):
+        service.handle("describe", 9, {"batch-size": 250_000}, {}, None)
+    relaxed = SitePolicy.from_dict({"max-batch-voxels": 2**40})
+    assert relaxed.violations(RunSettings.from_run_config({"batch-size": 250_000})) == []

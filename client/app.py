@@ -82,17 +82,18 @@ class InProcessSite:
         data_dir = site.data_dir or ensure_site(
             fedseg_home() / "synthetic", site.partition_id, settings.synthetic_train_cases,
             settings.synthetic_test_cases, settings.seed)
+        from client.policy import SitePolicy
+
         key = (self.context.run_id, self.context.node_id)
+        policy = SitePolicy(share_local_model=settings.cross_site)  # the user's consent
+        models = fedseg_home() / "sites" / site.name / "models"
         service = _SERVICES.get(key)
-        if service is None or (service.site, service.data_dir) != (site.name, data_dir):
+        if service is None or (service.site, service.data_dir, service.policy,
+                               service.models_dir) != (site.name, data_dir, policy, models):
             for other in [k for k in _SERVICES if k[0] != self.context.run_id]:
                 del _SERVICES[other]  # a finished run's
-            from client.policy import SitePolicy
-
-            service = _SERVICES[key] = SiteService(
-                site.name, data_dir, device=site.device,
-                policy=SitePolicy(share_local_model=settings.cross_site),  # the user's consent
-                models_dir=fedseg_home() / "sites" / site.name / "models")
+            service = _SERVICES[key] = SiteService(site.name, data_dir, device=site.device,
+                                                   policy=policy, models_dir=models)
         return service
 
     def request(self, kind: str, run_id: int, run_config: Mapping[str, Any],

@@ -48,10 +48,11 @@ def cross_site(grid: Grid, strategy, settings: RunSettings) -> dict[str, dict[st
                 {wire.CROSS_SITE_OF: owner, wire.SERVER_ROUND: settings.num_rounds})}),
                 dst_node_id=node, message_type=MessageType.EVALUATE)
             messages.append(msg)
-    for msg in messages:
-        asked[msg.metadata.message_id] = msg
+    replies = list(grid.send_and_receive(messages, timeout=settings.round_timeout))
+    for msg in messages:  # their ids are given when they are pushed
+        asked[msg.metadata.message_id or msg.object_id] = msg
     matrix: dict[str, dict[str, dict]] = {}
-    for reply in grid.send_and_receive(messages, timeout=settings.round_timeout):
+    for reply in replies:
         sent = asked.get(reply.metadata.reply_to_message_id)
         if sent is None or reply.has_error():
             continue

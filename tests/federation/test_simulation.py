@@ -95,6 +95,7 @@ def test_flwr_run_against_a_local_simulation_connection(tmp_path, no_leftover_pr
     assert os.path.exists(tmp_path / "runs" / "flwr-run" / "summary.json")
 
 
+@pytest.mark.slow  # a process drill, with tests/deployment/test_faults.py
 def test_sigterm_stops_a_simulation_and_every_process_it_started(two_sites, tmp_path,
                                                                  no_leftover_processes):
     """systemd, ``timeout`` and ``kill`` send SIGTERM: the run stops like Ctrl-C,

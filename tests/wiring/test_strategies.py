@@ -286,8 +286,8 @@ def test_a_broken_case_is_left_out_and_counted_not_a_failed_round(sites, tmp_pat
     assert summary["problems"] == [] and all(r["failures"] == [] for r in rows)
     assert all(r["trained"] == ["hospital-a", "hospital-b", "hospital-c"] for r in rows)
     for r in rows:
-        assert r["cases_left_out"] == {"hospital-a": "training: 1 (unsupported format)"}
-    assert summary["cases_left_out"] == {"hospital-a": "training: 1 (unsupported format)"}
+        assert r["cases_left_out"] == {"hospital-a": "training: 1 (unreadable file)"}
+    assert summary["cases_left_out"] == {"hospital-a": "training: 1 (unreadable file)"}
     assert label.name not in json.dumps(rows)
 
 

@@ -18,6 +18,7 @@ from server.simulation import APP_DIR, runtime_env
 pytestmark = pytest.mark.federation
 
 
+@pytest.mark.slow  # a benchmark's smoke run; CI runs it with the drills (default-suite budget)
 def test_quality_benchmark_smoke(tmp_path, no_leftover_processes):
     sites = write_federation(tmp_path / "data", 2, n_train=2, n_test=1, seed=6)
     out = tmp_path / "bench"

@@ -101,15 +101,16 @@ def cmd_node_audit(args: argparse.Namespace) -> int:
         console.print(f"no replies recorded in {log.path}")
         return 0
     table = Table(title=f"what left this site ({log.path})")
-    for col in ("time", "run", "round", "kind", "outcome", "records", "bytes", "weights sha256"):
+    for col in ("time", "run", "round", "kind", "outcome", "records", "bytes", "weights sha256",
+                "why / notes"):
         table.add_column(col)
     for e in entries:
         records = ", ".join(e.get("metrics", []))
         if e.get("arrays"):
             records = f"{e['arrays']} arrays; {records}"
         table.add_row(e["time"], str(e["run"]), str(e.get("round") or ""), e["kind"],
-                      e["outcome"] + (f": {e['reason']}" if e.get("reason") else ""),
-                      records, str(e.get("bytes", 0)), (e.get("weights_sha256") or "")[:16])
+                      e["outcome"], records, str(e.get("bytes", 0)),
+                      (e.get("weights_sha256") or "")[:16], e.get("reason") or "")
     console.print(table)
     return 0
 

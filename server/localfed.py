@@ -56,8 +56,10 @@ class LocalFederation:
     """``with LocalFederation(work, sites) as fed: fed.run(...)``."""
 
     def __init__(self, work: Path, sites: list[Path], names: list[str] | None = None,
-                 threads: int = 1, insecure: bool = False) -> None:
+                 threads: int = 1, insecure: bool = False,
+                 policies: dict[str, str] | None = None) -> None:
         self.work = Path(work)
+        self.policies = policies or {}  # hospital name -> its policy file's text
         self.sites = [Path(s) for s in sites]
         self.names = names or [f"hospital-{chr(ord('a') + i)}" for i in range(len(sites))]
         self.threads = threads
@@ -105,7 +107,13 @@ class LocalFederation:
             for name in self.names:
                 deployment.register(self.state, self.key(name).with_suffix(".pub"), name)
         for i, (name, site) in enumerate(zip(self.names, self.sites, strict=True)):
-            self.start_node(name, site, log=f"node-{name}.out", port=free_port(), index=i)
+            extra: tuple[str, ...] = ()
+            if name in self.policies:
+                policy = self.work / f"policy-{name}.toml"
+                policy.write_text(self.policies[name])
+                extra = ("--policy", str(policy))
+            self.start_node(name, site, log=f"node-{name}.out", port=free_port(), index=i,
+                            extra=extra)
 
     def start_superlink(self) -> subprocess.Popen:
         """``fedseg superlink`` on this federation's state and ports (again,

@@ -77,14 +77,16 @@ def federation(tmp_path_factory):
     before = set(processes_matching(*FLOWER_PROCESSES))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(AUDIT_DIR_ENV, str(work / "audit"))  # every reply the server receives
-        with LocalFederation(work, [sites[0], plant(sites[1])]) as fed:
+        with LocalFederation(work, [sites[0], plant(sites[1])],
+                             policies={"hospital-a": "share-local-model = true\n"}) as fed:
             yield fed
     left = {p: c for p, c in processes_matching(*FLOWER_PROCESSES).items() if p not in before}
     assert not left, f"processes left running: {left}"
 
 
 def test_two_hospitals_train_over_tls_with_authenticated_nodes(federation):
-    summary = federation.run("tls-run", {"num-rounds": 2, "local-epochs": 1}, timeout=400)
+    summary = federation.run("tls-run", {"num-rounds": 2, "local-epochs": 1,
+                                         "cross-site": True}, timeout=400)
     run_dir = federation.state.runs / "tls-run"
     rows = read_metrics(run_dir)
     assert len(rows) == 2
@@ -95,7 +97,11 @@ def test_two_hospitals_train_over_tls_with_authenticated_nodes(federation):
     assert set(summary["final"]["sites"]) == {"hospital-a"}
     assert summary["final"]["sites"]["hospital-a"]["num-examples"] == 2
     assert summary["problems"] == ["site hospital-b failed every round (2 of 2)"]
-    for name in ("summary.json", "final_model.pt", "dice.png"):
+    # cross-site: only hospital-a's policy lets its local model be scored elsewhere;
+    # hospital-b cannot score any model (its test cases are broken)
+    assert list(summary["cross_site"]) == ["global", "local hospital-a"]
+    assert list(summary["cross_site"]["local hospital-a"]) == ["hospital-a"]
+    for name in ("summary.json", "final_model.pt", "dice.png", "report.html"):
         assert (run_dir / name).exists()
     assert json.loads((run_dir / "summary.json").read_text()) == summary
 
@@ -110,7 +116,8 @@ def test_the_deployment_gives_what_the_simulation_gives(federation, tmp_path):
     from tests.grid import run_server
 
     if not (federation.state.runs / "tls-run").exists():
-        federation.run("tls-run", {"num-rounds": 2, "local-epochs": 1}, timeout=400)
+        federation.run("tls-run", {"num-rounds": 2, "local-epochs": 1, "cross-site": True},
+                       timeout=400)
     deployed = read_metrics(federation.state.runs / "tls-run")
     threads = torch.get_num_threads()
     torch.set_num_threads(federation.threads)  # as each worker: the same sums, same order
@@ -270,7 +277,8 @@ def test_hospital_list_shows_a_key_registered_behind_fedsegs_back(federation, tm
 def test_the_site_audit_lists_every_reply(federation):
     """`fedseg node audit` at the hospital: every reply its worker produced."""
     if not (federation.state.runs / "tls-run").exists():
-        federation.run("tls-run", {"num-rounds": 2, "local-epochs": 1}, timeout=400)
+        federation.run("tls-run", {"num-rounds": 2, "local-epochs": 1, "cross-site": True},
+                       timeout=400)
     state = next(federation.work.glob("site-hospital-a-*"))
     out = subprocess.run([sys.executable, "-m", "server.cli", "node", "audit", "--state",
                           str(state)], capture_output=True, text=True, timeout=120,
@@ -288,7 +296,8 @@ def test_each_hospital_keeps_the_final_model_in_its_own_state(federation):
     import torch
 
     if not (federation.state.runs / "tls-run").exists():
-        federation.run("tls-run", {"num-rounds": 2, "local-epochs": 1}, timeout=400)
+        federation.run("tls-run", {"num-rounds": 2, "local-epochs": 1, "cross-site": True},
+                       timeout=400)
     final = torch.load(federation.state.runs / "tls-run" / "final_model.pt", weights_only=True)
     for name in ("hospital-a", "hospital-b"):
         state = next(federation.work.glob(f"site-{name}-*"))

@@ -80,7 +80,8 @@ class Worker:
             return self._failed(conn, exc, kind, run, rnd)
         nbytes = self._reply(conn, {"ok": True, "metrics": metrics, "notes": notes}, out)
         self.audit.append(run=run, round=rnd, kind=kind, outcome="sent", metrics=metrics,
-                          arrays=out, nbytes=nbytes, reason="; ".join(f"{k}: {v}" for k, v in notes.items()) or None,
+                          arrays=out, nbytes=nbytes,
+                          reason="; ".join(f"{k}: {v}" for k, v in notes.items()) or None,
                           seconds=time.perf_counter() - start)
         log.info("%s (run %d, round %s) answered in %.1f s", kind, run, rnd,
                  time.perf_counter() - start)

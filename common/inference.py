@@ -7,6 +7,7 @@ site's test cases. Everything here runs at the site; nothing is sent.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import warnings
 from dataclasses import dataclass
@@ -50,9 +51,9 @@ def load_model(path: Path) -> SavedModel:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"model file {path} not found")
-    raw = path.read_bytes()
+    raw = path.read_bytes()  # read once: hashed and loaded
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file
         raise ConfigError(f"{path} is not a fedseg model: {exc}") from None
     config = obj.get("config") if isinstance(obj, dict) and "state_dict" in obj else None
@@ -147,8 +148,7 @@ def write_nifti(result: Segmentation, out: Path) -> Path:
     mask = result.mask
     if result.meta.transform is not None and mask.ndim == 3:
         mask = ornt.apply_orientation(mask, inverse(result.meta.transform))
-    mask = mask.reshape(src.shape[: mask.ndim]) if mask.size == np.prod(src.shape[: mask.ndim]) \
-        else mask
+    mask = mask.reshape(src.shape)  # the reader squeezed singleton axes: put them back
     img = nib.Nifti1Image(mask.astype(np.uint8), src.affine)
     img.header.set_xyzt_units(*src.header.get_xyzt_units())
     nib.save(img, str(out))

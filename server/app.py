@@ -39,10 +39,10 @@ def cross_site(grid: Grid, strategy, settings: RunSettings) -> dict[str, dict[st
     sites whose policy allowed it (``share-local-model``) are in the rows."""
     from flwr.app import Message, MessageType, RecordDict
 
-    names = {node: name for node, name in strategy.names.items()}
+    names = strategy.names  # node id -> site name
     connected = set(grid.get_node_ids())
     messages, asked = [], {}
-    for owner, (_node, arrays) in sorted(strategy.local_models.items()):
+    for owner, arrays in sorted(strategy.local_models.items()):
         for node in sorted(connected & set(names)):
             msg = Message(RecordDict({wire.ARRAYS: arrays, wire.CONFIG: ConfigRecord(
                 {wire.CROSS_SITE_OF: owner, wire.SERVER_ROUND: settings.num_rounds})}),

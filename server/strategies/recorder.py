@@ -130,7 +130,7 @@ class SiteRecorder(StrategyWrapper):
         self.node_wait = 300.0
         self.max_short_rounds = 3  # rounds in a row under min-nodes replies before a stop
         self.short_rounds = 0
-        self.local_models: dict[str, tuple[int, ArrayRecord]] = {}  # cross-site: shareable
+        self.local_models: dict[str, ArrayRecord] = {}  # cross-site: shareable, by site
         self.keep_every = 0  # every N rounds the sites keep the global model (keep-model-every)
         self.dp_sampled = 0  # under DP: the sites sampled each round, all of which must answer
         self.rounds_done = 0  # rounds of a resumed run before this call
@@ -231,9 +231,9 @@ class SiteRecorder(StrategyWrapper):
                 site_record = msg.content.config_records.get(wire.SITE, {})
                 if site_record.get(wire.SHARE_LOCAL) and wire.ARRAYS in msg.content:
                     # its latest local model, copied before aggregation consumes it
-                    self.local_models[name] = (node, ArrayRecord(
+                    self.local_models[name] = ArrayRecord(
                         {k: Array(a.numpy().copy())
-                         for k, a in msg.content[wire.ARRAYS].items()}))
+                         for k, a in msg.content[wire.ARRAYS].items()})
                 if wire.EVALUATE_ERROR in site_record:
                     self.scoring_failed(server_round, name,
                                         str(site_record[wire.EVALUATE_ERROR]))

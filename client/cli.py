@@ -119,8 +119,15 @@ def cmd_site_check(args: argparse.Namespace) -> int:
     """Every case of a site folder: usable or not, and why (exit 1 when the
     site cannot join: no usable training case; with --strict, when any case
     is unusable)."""
+    from common.errors import ConfigError
+
     site_dir = Path(args.site_dir)
-    result = run_site_check(site_dir, show_all=not args.problems_only)
+    try:
+        result = run_site_check(site_dir, show_all=not args.problems_only,
+                                structures=args.structures)
+    except ConfigError as exc:
+        console.print(f"error: {exc}")
+        return 2
     console.print(f"{site_dir}: {result.summary()}", soft_wrap=True)
     if not result.can_join:
         console.print("[red]this site cannot join a run: no usable training case[/red]")
@@ -130,19 +137,22 @@ def cmd_site_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_site_check(site_dir: Path, show_all: bool = True):
+def run_site_check(site_dir: Path, show_all: bool = True, structures: str | None = None):
     """Check ``site_dir`` with a progress bar; print the per-case table (every
     case, or only those with a problem or a note). Returns the ``SiteCheck``."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
     from rich.table import Table
 
+    from common.config import RunSettings
     from common.data.check import check_site, count_cases
 
     total = count_cases(site_dir)
     with Progress(TextColumn("checking cases"), BarColumn(), MofNCompleteColumn(),
                   console=console, transient=True, disable=total < 20) as progress:
         task = progress.add_task("check", total=total)
-        result = check_site(site_dir, on_case=lambda _: progress.advance(task))
+        result = check_site(site_dir, on_case=lambda _: progress.advance(task),
+                            settings=None if structures is None
+                            else RunSettings(structures=structures))
     rows = [c for c in result.cases if show_all or not c.usable or c.note]
     if rows:
         table = Table(title=f"cases of {site_dir}")
@@ -268,6 +278,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="exit 1 if any case is unusable (default: only if none can train)")
     c.add_argument("--problems-only", action="store_true",
                    help="list only the cases with a problem or a note")
+    c.add_argument("--structures", metavar="NAMES",
+                   help="read the labels as a run learning these structures would "
+                        "(run setting `structures`, e.g. liver,lesion); default: those "
+                        "the site's label map names")
     c.set_defaults(func=cmd_site_check)
 
     p = sub.add_parser("keygen", help="hospital: make this hospital's own key pair")

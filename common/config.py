@@ -15,6 +15,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
@@ -132,6 +133,36 @@ class ModelSettings:
         return 2 ** (len(self.channels) - 1)
 
 
+FOREGROUND = "foreground"  # the one structure of a run that names none
+BACKGROUND = "background"
+
+
+def normal_name(name: str) -> str:
+    """A structure name as compared: case, spaces, ``_`` and ``-`` do not count
+    (``Lung_L`` = ``lung l`` = ``LUNG-L``)."""
+    return re.sub(r"[\s_\-]+", " ", str(name)).strip().casefold()
+
+
+def structure_list(text: str) -> tuple[str, ...]:
+    """The ``structures`` setting's names: comma-separated, each once, never
+    ``background``."""
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    seen: dict[str, str] = {}
+    for name in names:
+        key = normal_name(name)
+        if key == BACKGROUND:
+            raise ConfigError("setting 'structures' names the structures to learn; "
+                              "background is always class 0, leave it out")
+        if key in seen:
+            raise ConfigError(f"setting 'structures' names {seen[key]!r} twice"
+                              + (f" (as {name!r})" if name != seen[key] else ""))
+        if not re.fullmatch(r"[\w .()+\-]{1,64}", name):
+            raise ConfigError(f"setting 'structures': {name!r} is not a structure name "
+                              "(letters, digits, spaces, . ( ) + - _, at most 64)")
+        seen[key] = name
+    return names
+
+
 def _channels(text: str) -> tuple[int, ...]:
     try:
         channels = tuple(int(c) for c in text.split(",") if c.strip())
@@ -197,6 +228,10 @@ class RunSettings:
                                   "holds scalars only)")
     model_res_units: int = setting(2, "residual units per U-Net level", at_least(0))
     model_dropout: float = setting(0.0, "dropout in the U-Net", within(0, 1, high_open=True))
+    structures: str = setting("", "the structures the model learns, comma-separated names "
+                                  "as in the sites' label maps (dataset.json `labels`), "
+                                  "e.g. `liver,lesion`; empty: one structure, each site's "
+                                  "single foreground (docs/data.md)")
     input_channels: str = setting("grey", "input channels taken from the images",
                                   one_of(*INPUT_CHANNELS))
     patch_size: int = setting(64, "training patch and sliding-window size, in pixels",
@@ -258,7 +293,7 @@ class RunSettings:
                                   f"got {value!r}")
         if "/" in self.run_name or "\\" in self.run_name or self.run_name == "..":
             raise ConfigError("setting 'run-name' is a name, not a path")
-        model = self.model  # checks model-channels
+        model = self.model  # checks model-channels and structures
         rules = [
             (self.patch_size % model.divisor == 0,
              f"patch-size must be a multiple of {model.divisor} for "
@@ -302,11 +337,25 @@ class RunSettings:
                 raise ConfigError(message)
 
     @property
+    def structure_names(self) -> tuple[str, ...]:
+        """The structures the model learns, in class order (class ``i`` is
+        ``structure_names[i - 1]``; 0 is background); ``("foreground",)`` when
+        the run names none."""
+        return structure_list(self.structures) or (FOREGROUND,)
+
+    @property
+    def named_structures(self) -> bool:
+        """Whether the run names its structures (each site's label map must then
+        hold exactly those names)."""
+        return bool(structure_list(self.structures))
+
+    @property
     def model(self) -> ModelSettings:
         return ModelSettings(spatial_dims=self.model_spatial_dims,
                              channels=_channels(self.model_channels),
                              res_units=self.model_res_units, dropout=self.model_dropout,
-                             in_channels=INPUT_CHANNELS[self.input_channels])
+                             in_channels=INPUT_CHANNELS[self.input_channels],
+                             out_channels=1 + len(self.structure_names))
 
     @classmethod
     def declared(cls) -> dict[str, Field]:

@@ -28,6 +28,7 @@ import torch
 from common import wire
 from common.config import RunSettings
 from common.data.cache import load_prepared
+from common.data.labels import Classes, site_classes
 from common.data.site import Case
 from common.errors import DataError
 from common.model import build_model, pick_device
@@ -72,6 +73,7 @@ class SiteAlgorithm:
         self.optimizer_state: dict[str, np.ndarray] | None = None
         self._cases = {"training": train_cases, "test": test_cases}
         self.left_out: dict[str, list[DataError]] = {}  # by split, at the last read
+        self.classes: Classes | None = None  # the site's labels as the run's classes
 
     def cases(self, split: str) -> list[Case]:
         """The usable cases of ``split``; those left out (a warning in this
@@ -81,8 +83,10 @@ class SiteAlgorithm:
             return given
         if self.data_dir is None:
             raise ValueError(f"site {self.site} has neither a data folder nor {split} cases")
+        if self.classes is None:  # the site's map against the run's: refused before any case
+            self.classes = site_classes(self.data_dir, self.settings)
         cases, self.left_out[split] = load_prepared(self.data_dir, split,
-                                                    self.settings.input_channels)
+                                                    self.settings.input_channels, self.classes)
         return cases
 
     def _load(self, weights: Mapping[str, Any] | None) -> None:

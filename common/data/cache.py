@@ -15,6 +15,7 @@ import logging
 from collections import OrderedDict
 from pathlib import Path
 
+from common.data.labels import Classes
 from common.data.site import Case, DataError, list_cases, read_site
 from common.data.transforms import prepared
 
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 
 MAX_ENTRIES = 4  # training + test of two sites: a simulation worker may serve both
 
-_Key = tuple[str, str, str]
+_Key = tuple[str, str, str, str]
 _Signature = tuple[tuple[str, int, int], ...]
 _cache: OrderedDict[_Key, tuple[_Signature, list[Case], list[DataError]]] = OrderedDict()
 
@@ -48,22 +49,23 @@ def _signature(site_dir: Path, split: str) -> _Signature:
     return tuple(signature)
 
 
-def load_prepared(site_dir: Path, split: str, channels: str
+def load_prepared(site_dir: Path, split: str, channels: str, classes: Classes | None = None
                   ) -> tuple[list[Case], list[DataError]]:
     """The usable cases of ``split``, prepared for ``channels`` (see
     ``common.data.transforms.prepared``), and the errors of the cases left out
     (``common.data.site.read_site``); from memory when the files are the ones
-    read last time. The arrays are shared between calls: read them, do not
+    read last time. ``classes``: the run's classes at this site
+    (``common.data.labels.site_classes``). The arrays are shared between calls: read them, do not
     write to them."""
     site_dir = Path(site_dir).resolve()
-    key = (str(site_dir), split, channels)
+    key = (str(site_dir), split, channels, repr(classes))
     signature = _signature(site_dir, split)
     hit = _cache.get(key)
     if hit is not None and hit[0] == signature:
         _cache.move_to_end(key)
         return list(hit[1]), list(hit[2])
     _cache.pop(key, None)
-    read = read_site(site_dir, split)
+    read = read_site(site_dir, split, classes=classes)
     cases = prepared(read.cases, channels)
     _cache[key] = (signature, cases, read.left_out)
     while len(_cache) > MAX_ENTRIES:

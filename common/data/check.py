@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from common.config import BACKGROUND, RunSettings, normal_name
+from common.data.labels import Classes, read_label_map, site_classes
 from common.data.site import SPLITS, Case, CaseRef, NoUsableCaseError, list_cases, read_site
 from common.errors import DataError, EmptyDatasetError
 
@@ -80,30 +82,57 @@ def count_cases(site_dir: Path) -> int:
     return total
 
 
-def _verdict(split: str, ref: CaseRef, index: int, outcome: Case | DataError) -> CaseCheck:
+def _verdict(split: str, ref: CaseRef, index: int, outcome: Case | DataError,
+             classes: Classes) -> CaseCheck:
     if isinstance(outcome, DataError):
         return CaseCheck(split, index, ref.case_id, False, problem=outcome.problem)
     label = outcome.label
     fg = float(np.count_nonzero(label)) / max(1, label.size)
-    note = "label has no foreground" if fg == 0 else ""
+    present = set(np.unique(label).tolist())
+    absent = [n for i, n in enumerate(classes.structures) if i + 1 not in present]
+    if fg == 0:
+        note = "label has no foreground"
+    elif len(classes.structures) > 1 and absent:
+        note = "label has no " + ", ".join(absent)
+    else:
+        note = ""
     return CaseCheck(split, index, ref.case_id, True, shape=tuple(outcome.image.shape),
                      foreground=fg, note=note)
 
 
-def check_site(site_dir: Path, on_case: Callable[[CaseCheck], None] | None = None
-               ) -> SiteCheck:
-    """Read every case of ``site_dir``; ``on_case`` after each (progress)."""
+def own_structures(site_dir: Path) -> RunSettings:
+    """Settings of a run that learns what the site's label map names (one
+    structure where it has no map or names one)."""
+    label_map = read_label_map(site_dir)
+    if label_map is None:
+        return RunSettings()
+    names = list(dict.fromkeys(n for n in label_map.names.values()
+                               if normal_name(n) != BACKGROUND))
+    return RunSettings(structures=",".join(names) if len(names) > 1 else "")
+
+
+def check_site(site_dir: Path, on_case: Callable[[CaseCheck], None] | None = None,
+               settings: RunSettings | None = None) -> SiteCheck:
+    """Read every case of ``site_dir`` as a run of ``settings`` would (its
+    ``structures`` against the site's label map; default: the structures the
+    site's own map names); ``on_case`` after each (progress)."""
     result = SiteCheck(Path(site_dir))
+    try:
+        classes = site_classes(site_dir, settings or own_structures(site_dir))
+    except DataError as exc:  # the map itself: no case can be read as the run's
+        for split in SPLITS:
+            result.split_errors[split] = exc.problem
+        return result
     for split in SPLITS:
         def record(ref: CaseRef, index: int, outcome: Case | DataError,
                    split: str = split) -> None:
-            verdict = _verdict(split, ref, index, outcome)
+            verdict = _verdict(split, ref, index, outcome, classes)
             result.cases.append(verdict)
             if on_case is not None:
                 on_case(verdict)
 
         try:
-            read_site(site_dir, split, on_case=record, keep=False)
+            read_site(site_dir, split, on_case=record, keep=False, classes=classes)
         except NoUsableCaseError:
             pass  # every case is in the table with its reason
         except EmptyDatasetError as exc:

@@ -32,6 +32,7 @@ import nibabel as nib
 import numpy as np
 from nibabel import orientations as ornt
 
+from common.data.labels import Classes
 from common.errors import (
     DataError,
     ShapeMismatchError,
@@ -728,16 +729,22 @@ def _dicom_transform(iop: np.ndarray | None) -> np.ndarray:
 # --------------------------------------------------------------------------- labels
 
 
-def read_label(path: Path, image_meta: ImageMeta) -> np.ndarray:
-    """Read a label and binarise it. Returns ``1 x spatial`` uint8 in {0, 1}.
+def read_label(path: Path, image_meta: ImageMeta, classes: Classes | None = None
+               ) -> np.ndarray:
+    """Read a label as the run's classes: ``1 x spatial`` uint8, 0 background,
+    ``i`` the ``i``-th of ``classes.structures``.
 
-    8-bit images (PNG/JPEG) are foreground where above half their maximum, so
-    {0, 255} masks and JPEG-compressed masks work; NIfTI and DICOM SEG are
-    foreground where non-zero (all segments merged).
+    With the site's label map (``classes.value_class``), PNG/JPEG and NIfTI
+    labels are read by value through it (:func:`_by_value`); DICOM SEG
+    segments by name. Without one (a run of one structure at a site with no
+    map), the foreground is: above half the maximum in PNG/JPEG (so {0, 255}
+    and JPEG-compressed masks work), non-zero in NIfTI, every segment of a
+    DICOM SEG.
     """
     path = Path(path)
     if not path.exists():
         raise DataError(f"label file not found: {path.name}")
+    by_value = classes is not None and classes.value_class is not None
     kind = file_kind(path)
     if kind in ("pil", "nifti"):
         arr = _read_pil(path) if kind == "pil" else _read_nifti(path)[0]
@@ -745,26 +752,64 @@ def read_label(path: Path, image_meta: ImageMeta) -> np.ndarray:
             raise UnreadableFileError(f"label {path.name} holds no pixels (shape {arr.shape})")
         if arr.dtype.kind == "f" and not np.isfinite(arr).all():
             raise UnreadableFileError(f"label {path.name} holds NaN or infinite values")
+        if kind == "pil" and arr.ndim == 3:
+            arr = arr.max(axis=-1)
+        if by_value:
+            return _by_value(arr, path, classes)[None]
         if kind == "pil":
-            if arr.ndim == 3:
-                arr = arr.max(axis=-1)
             top = float(arr.max())
             mask = arr > top / 2.0 if top > 0 else np.zeros(arr.shape, bool)
         else:
             integral = arr.dtype.kind in "biu" or bool(np.all(np.mod(arr, 1) == 0))
             mask = arr > 0 if integral else arr > float(arr.max()) / 2.0
     elif kind == "dicom":
-        mask = _read_seg(path, image_meta)
+        return _read_dicom_label(path, image_meta, classes)
     else:
         raise UnsupportedFormatError(
-            f"label {path.name} is a folder; labels are one file (PNG/JPEG, NIfTI or DICOM SEG)"
+            f"label {path.name} is a folder; labels are one file (PNG/JPEG, NIfTI, DICOM SEG "
+            f"or RTSTRUCT)"
         )
     return mask.astype(np.uint8)[None]
 
 
-def _read_seg(path: Path, image_meta: ImageMeta) -> np.ndarray:
-    import highdicom as hd
+LOSSY_SUFFIXES = (".jpg", ".jpeg")
 
+
+def _by_value(arr: np.ndarray, path: Path, classes: Classes) -> np.ndarray:
+    """A label's values through the site's map.
+
+    * Values must be the map's; others are a data error naming them, except:
+    * a map of the two values 0 and 1 read from an 8- or 16-bit image mask
+      whose values go beyond 1 stands for the usual 0 / maximum export (0/255):
+      the map's 1 is the image's maximum value (255 or 65535);
+    * a JPEG mask is lossy, its edges ring: each pixel takes the nearest of the
+      map's values (for 0/255 masks: the structure where above 127).
+    """
+    table = classes.value_class
+    assert table is not None
+    name = f"label {path.name}"
+    if arr.dtype.kind == "f":
+        rounded = np.rint(arr)
+        if np.abs(arr - rounded).max() > 1e-3:
+            worst = float(arr.flat[np.argmax(np.abs(arr - rounded))])
+            raise DataError(f"{name} holds fractional values (e.g. {worst:g}); a label "
+                            f"map's values are integers")
+        arr = rounded.astype(np.int64)
+    values = dict(table)
+    image_mask = file_kind(path) == "pil"
+    if (image_mask and set(values) == {0, 1} and arr.dtype in (np.uint8, np.uint16)
+            and int(arr.max()) > 1):
+        values = {0: table[0], int(np.iinfo(arr.dtype).max): table[1]}
+    if image_mask and path.name.lower().endswith(LOSSY_SUFFIXES):
+        keys = np.array(sorted(values), np.int64)
+        nearest = np.abs(arr.astype(np.int64)[..., None] - keys).argmin(axis=-1)
+        arr = keys[nearest]
+    remapped = Classes(classes.structures, values, classes.spellings, classes.map_text)
+    return remapped.classes_of_values(arr, name)
+
+
+def _read_dicom_label(path: Path, image_meta: ImageMeta, classes: Classes | None
+                      ) -> np.ndarray:
     name = path.name
     ds = _dcmread(path)
     sop_class = _attr(ds, "SOPClassUID", name)
@@ -775,6 +820,13 @@ def _read_seg(path: Path, image_meta: ImageMeta) -> np.ndarray:
         )
     if sop_class != SEG_SOP_CLASS:
         raise UnsupportedFormatError(f"label {name} is DICOM but not a DICOM SEG")
+    return _read_seg(ds, path, image_meta).astype(np.uint8)[None]
+
+
+def _read_seg(ds, path: Path, image_meta: ImageMeta) -> np.ndarray:
+    import highdicom as hd
+
+    name = path.name
     if not _has_pixels(ds):
         raise UnreadableFileError(f"DICOM SEG {name} holds no pixel data")
     header = _pixel_header(ds, name)

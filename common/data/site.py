@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common.data.labels import Classes
 from common.data.readers import check_pair, read_image, read_label
 from common.errors import DataError, EmptyDatasetError, MissingLabelError, UnreadableFileError
 
@@ -138,19 +139,21 @@ def _from_folders(site_dir: Path, images: str, labels: str) -> list[CaseRef]:
     return refs
 
 
-def load_case(ref: CaseRef, index: int) -> Case:
+def load_case(ref: CaseRef, index: int, classes: Classes | None = None) -> Case:
     """Read and check one case; errors name the case (locally) and its index.
 
     The readers raise only :class:`DataError`; should a library's exception still
     get out of one (a file damaged in a way no reader check foresaw), it becomes
     an :class:`UnreadableFileError` for this case, chained to the original, rather
-    than an error that stops the whole site."""
+    than an error that stops the whole site. ``classes``: how the site's label
+    values become the run's classes (``common.data.labels``); None: one
+    structure, the site read without a label map."""
     try:
         try:
             if ref.label is None:
                 raise MissingLabelError("no label file for this image")
             image, meta = read_image(ref.image)
-            label = read_label(ref.label, meta)
+            label = read_label(ref.label, meta, classes)
             check_pair(image, label)
             if not np.isfinite(image).all():
                 raise DataError("image holds NaN or infinite values")
@@ -168,12 +171,12 @@ def load_case(ref: CaseRef, index: int) -> Case:
     return Case(ref.case_id, image, label, meta.spacing)
 
 
-def load_site(site_dir: Path, split: str) -> list[Case]:
+def load_site(site_dir: Path, split: str, classes: Classes | None = None) -> list[Case]:
     """Load every case of a split; the first bad case stops the load with its
     error (for tools that want all or nothing; a site's rounds use
     :func:`read_site`)."""
     refs = list_cases(site_dir, split)
-    cases = [load_case(ref, i) for i, ref in enumerate(refs)]
+    cases = [load_case(ref, i, classes) for i, ref in enumerate(refs)]
     log.info("loaded %d %s cases from %s", len(cases), split, site_dir)
     return cases
 
@@ -190,7 +193,7 @@ class SiteRead:
 
 def read_site(site_dir: Path, split: str,
               on_case: Callable[[CaseRef, int, Case | DataError], None] | None = None,
-              keep: bool = True) -> SiteRead:
+              keep: bool = True, classes: Classes | None = None) -> SiteRead:
     """Load the cases of a split, leaving out each case that cannot be used
     (with a warning in this site's log naming it and why) rather than failing
     the whole split; :class:`NoUsableCaseError` when none is left.
@@ -202,7 +205,7 @@ def read_site(site_dir: Path, split: str,
     left_out: list[DataError] = []
     for i, ref in enumerate(refs):
         try:
-            case = load_case(ref, i)
+            case = load_case(ref, i, classes)
         except DataError as exc:
             log.warning("%s case left out: %s", split, exc)
             left_out.append(exc)

@@ -137,6 +137,42 @@ def test_the_deployment_gives_what_the_simulation_gives(federation, tmp_path):
         assert d["failures"] == s["failures"] and d["trained"] == s["trained"]
 
 
+@pytest.mark.slow
+def test_secure_aggregation_and_client_dp_work_through_the_site_workers(federation):
+    """SecAgg+ with client-side DP clipping, deployed: each hospital's worker
+    trains, its ClientApp clips and masks what the worker returned, the server
+    sees only masked uploads and the sum, and spends privacy per round."""
+    from flwr.common.secure_aggregation.secaggplus_constants import Key
+    from flwr.common.serde import message_from_proto
+    from flwr.proto.message_pb2 import Message as ProtoMessage
+
+    for old in (federation.work / "audit").glob("*secagg*"):
+        old.unlink()
+    summary = federation.run("secure-dp", {"num-rounds": 2, "local-epochs": 1,
+                                           "secure-aggregation": True, "dp": "client-fixed",
+                                           "dp-noise-multiplier": 0.5,
+                                           "dp-clipping-norm": 5.0}, timeout=600)
+    rows = read_metrics(federation.state.runs / "secure-dp")
+    assert len(rows) == 2
+    for row in rows:
+        assert set(row["train_loss_sites"]) == {"hospital-a", "hospital-b"}
+        assert row["aggregated"]
+    assert [r["epsilon"] > 0 for r in rows] == [True, True]
+    assert rows[1]["epsilon"] > rows[0]["epsilon"]
+    assert summary["privacy"]["dp"] == "client-fixed"
+    uploads = 0
+    for path in sorted((federation.work / "audit").glob("round0001-secagg*")):
+        proto = ProtoMessage()
+        proto.ParseFromString(path.read_bytes())
+        msg = message_from_proto(proto)
+        if msg.has_error():
+            continue
+        assert all(len(rec) == 0 for rec in msg.content.array_records.values())
+        if any(Key.MASKED_PARAMETERS in cfg for cfg in msg.content.config_records.values()):
+            uploads += 1
+    assert uploads == 2
+
+
 def test_the_canary_never_reaches_the_server(federation):
     if not (federation.state.runs / "tls-run").exists():
         federation.run("tls-run", {"num-rounds": 1}, timeout=400)

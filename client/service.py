@@ -46,11 +46,13 @@ class RequestRefused(FedsegError):
         return f"{self.kind}: {self}"
 
 
-def _allowed_metrics(kind: str) -> set[str]:
+def _allowed_metrics(kind: str, structures: tuple[str, ...]) -> set[str]:
+    """The metric keys a ``kind`` reply of a run that learns ``structures`` may carry."""
+    scores = wire.eval_metrics(structures)
     if kind == "train":
-        return {*wire.TRAIN_METRICS, *(wire.GLOBAL_PREFIX + k for k in wire.EVAL_METRICS)}
+        return {*wire.TRAIN_METRICS, *(wire.GLOBAL_PREFIX + k for k in scores)}
     if kind == "evaluate":
-        return set(wire.EVAL_METRICS)
+        return set(scores)
     return set(DESCRIBE_METRICS)
 
 
@@ -196,7 +198,7 @@ class SiteService:
                     for split, errors in sorted(algo.left_out.items()) if errors]
         if left_out:
             notes[wire.LEFT_OUT] = "; ".join(left_out)
-        allowed = _allowed_metrics(kind)
+        allowed = _allowed_metrics(kind, algo.settings.structure_names)
         stray = set(metrics) - allowed
         if stray:  # a programming error here, never sent
             raise RuntimeError(f"metrics outside the wire's names: {sorted(stray)}")

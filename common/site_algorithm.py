@@ -121,9 +121,11 @@ class SiteAlgorithm:
                  round_config: Mapping[str, Any] | None = None, *,
                  cases: list[Case] | None = None) -> dict[str, int | float]:
         """Score ``weights`` (None: this object's model) on the site's test cases
-        (or ``cases``); the means over cases, the only numbers that may leave."""
+        (or ``cases``); the means over cases of the run's scores
+        (``wire.score_keys``), the only numbers that may leave."""
         self._load(weights)
         summary = evaluate(self.model, self.cases("test") if cases is None else cases,
                            self.settings, self.device).summary
-        return {**{k: float(summary[k]) for k in wire.SCORES},
+        scores = wire.score_keys(self.settings.structure_names)
+        return {**{k: float(summary[k]) for k in scores},
                 wire.NUM_EXAMPLES: int(summary[wire.NUM_EXAMPLES])}

@@ -216,8 +216,10 @@ def predict(
     model: torch.nn.Module, image: np.ndarray, settings: RunSettings, device: torch.device,
     probabilities: bool = False,
 ) -> np.ndarray:
-    """Label map ``1 x spatial`` (uint8) of a prepared image ``C x spatial``
-    (``probabilities``: the foreground's probability, float32, instead),
+    """Label map ``1 x spatial`` (uint8, class indices: 0 background, ``i``
+    the ``i``-th of ``settings.structure_names``) of a prepared image ``C x
+    spatial`` (``probabilities``: every class's probability instead, ``K x
+    spatial`` float32 with K = 1 + structures, summing to 1 per voxel),
     by sliding-window inference at full resolution (slice by slice for a 2D
     model on a volume), windows overlapping by ``sw-overlap`` and blended with
     Gaussian weights. With ``test-time-flips`` the class probabilities are
@@ -250,7 +252,7 @@ def predict(
             for k, axes in enumerate(chunk):
                 probs = probs + (torch.flip(p[k:k + 1], axes) if axes else p[k:k + 1])
         if probabilities:
-            return (probs[:, 1] / len(flips)).float().cpu().numpy()  # 1 x spatial
+            return (probs[0] / len(flips)).float().cpu().numpy()  # K x spatial
         return probs.argmax(dim=1).to(torch.uint8).cpu().numpy()  # 1 x spatial
 
     if image.ndim - 1 == dims:
@@ -263,7 +265,8 @@ def predict(
 def evaluate(
     model: torch.nn.Module, cases: list[Case], settings: RunSettings, device: torch.device
 ) -> EvalResult:
-    """Score ``model`` on ``cases``; per-case metrics (they stay at the site)."""
+    """Score ``model`` on ``cases``; per-case metrics of the run's structures,
+    keyed as ``common.wire.score_keys`` says (they stay at the site)."""
     if not cases:
         raise EmptyDatasetError("no test case to evaluate on")
     start = time.perf_counter()
@@ -271,5 +274,5 @@ def evaluate(
     for case in cases:
         image, label = prepare(case, settings.input_channels)
         pred = predict(model, image, settings, device)
-        per_case.append(case_metrics(pred, label, case.spacing))
+        per_case.append(case_metrics(pred, label, case.spacing, settings.structure_names))
     return EvalResult(per_case, time.perf_counter() - start)

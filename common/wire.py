@@ -13,6 +13,7 @@ Plain strings, no Flower import: ``common`` stays free of the framework.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 # Records of a message
@@ -40,11 +41,40 @@ TRAIN_LOSS = "train-loss"
 TRAIN_SECONDS = "train-seconds"
 TRAIN_STEPS = "train-steps"  # FedNova normalises by it
 SCORES = ("dice", "iou", "hd95", "sensitivity", "specificity")  # means over test cases
+STRUCTURE_SEP = "/"  # a score of one structure: "dice/liver" (no structure name holds it)
 ERROR_SITE = "site"  # in a failed reply's error reason (JSON): the site's public name
 ERROR_TEXT = "error"  # ... and the scrubbed cause
 
 TRAIN_METRICS = (NUM_EXAMPLES, TRAIN_LOSS, TRAIN_SECONDS, TRAIN_STEPS)
-EVAL_METRICS = (NUM_EXAMPLES, *SCORES)
+EVAL_METRICS = (NUM_EXAMPLES, *SCORES)  # of a run with one structure
+
+
+def structure_key(score: str, structure: str) -> str:
+    """The key of ``score`` for one structure of a run with several
+    (``dice/liver``). Structure names come from the run's settings
+    (``structures``), which every node has: the key says nothing of a site."""
+    return f"{score}{STRUCTURE_SEP}{structure}"
+
+
+def score_keys(structures: Sequence[str]) -> tuple[str, ...]:
+    """The scores of a run that learns ``structures`` (in class order): the
+    headline :data:`SCORES` (with several structures, per case the mean over
+    structures of the defined values), then, with several, each score per
+    structure, structure by structure."""
+    if len(structures) < 2:
+        return SCORES
+    return (*SCORES, *(structure_key(m, s) for s in structures for m in SCORES))
+
+
+def eval_metrics(structures: Sequence[str]) -> tuple[str, ...]:
+    """What an evaluate reply of a run that learns ``structures`` carries
+    (:data:`EVAL_METRICS` with one structure)."""
+    return (NUM_EXAMPLES, *score_keys(structures))
+
+
+def is_score(key: str) -> bool:
+    """Whether ``key`` is a score: a headline one or one of a structure."""
+    return key.partition(STRUCTURE_SEP)[0] in SCORES
 
 
 @dataclass(frozen=True)
@@ -82,6 +112,13 @@ TABLE = (
     *(Entry(GLOBAL_PREFIX + k, METRICS, UP, "train with `evaluate-incoming`: "
             f"`{k}` of the global model received, before training")
       for k in EVAL_METRICS),
+    Entry(structure_key("<score>", "<structure>"), METRICS, UP, "evaluate, and train with "
+          f"`evaluate-incoming` (prefixed `{GLOBAL_PREFIX}`), when the run's `structures` "
+          "names several: each score above of one structure (`dice/liver`: its class against "
+          "the rest), "
+          "mean over the site's test cases; the scores above are then per case the mean "
+          "over structures (undefined values left out). The names are the run's setting, "
+          "never a site's"),
     Entry(SITE_NAME, SITE, UP, "the site's public name (node setting `site-name`)"),
     Entry(EVALUATE_ERROR, SITE, UP, "train with `evaluate-incoming`: why scoring the incoming "
           "model failed (scrubbed, as a failed reply's cause); the site trained all the same"),

@@ -34,7 +34,7 @@ from common.metrics import METRICS, combine
 from common.model import pick_device
 from common.site_algorithm import ROUNDS_IN_CALL, SiteAlgorithm
 from common.training import low_precision
-from common.wire import EVAL_METRICS
+from common.wire import eval_metrics
 from server.runs import read_metrics
 from server.simulation import Site, simulate
 
@@ -96,8 +96,8 @@ def quality(sites: list[Site], out: Path, overrides: dict[str, Any], *, rounds: 
 
     def record(method: str, per_site: dict[str, dict], seconds: float,
                curve: list[dict]) -> None:
-        per_site = {s: {k: m[k] for k in EVAL_METRICS} for s, m in
-                    per_site.items()}
+        per_site = {s: {k: m[k] for k in eval_metrics(settings.structure_names)}
+                    for s, m in per_site.items()}
         results[method] = {"sites": per_site, "overall": combine(list(per_site.values())),
                            "seconds": round(seconds, 1)}
         curves[method] = curve

@@ -29,24 +29,38 @@ def round_line(row: dict[str, Any]) -> None:
 
 
 def summary_table(summary: dict[str, Any]) -> Table:
-    table = Table(title=f"run {summary['run']}: round {summary['final']['round']}")
+    """The final scores per site and across sites; with several structures the
+    headline (per case the mean over structures) first, then a block per
+    structure."""
+    structures = summary.get("structures", [])
+    several = len(structures) > 1
+    table = Table(title=f"run {summary['run']}: round {summary['final']['round']}"
+                        + (", mean over structures, then each" if several else ""))
     table.add_column("site")
     for m in METRICS:
         table.add_column(m, justify="right")
     table.add_column("cases", justify="right")
     table.add_column("rounds trained", justify="right")
     rows = dict(summary["final"]["sites"])
+    overall = summary["final"]["overall"]
     taking_part = summary.get("participation", {})
     done = summary["rounds_completed"]
-    for site in sorted(set(rows) | set(taking_part)):
+    sites = sorted(set(rows) | set(taking_part))
+    for site in sites:
         vals = rows.get(site, {})
         trained = taking_part.get(site, {}).get("rounds_trained")
         cell = "" if trained is None else f"{trained} of {done}"
         table.add_row(site, *[fmt(vals.get(m)) for m in METRICS],
                       str(vals.get(wire.NUM_EXAMPLES, "")),
                       f"[red]{cell}[/]" if trained == 0 else cell)
-    table.add_row("[bold]all sites[/]",
-                  *[fmt(summary["final"]["overall"].get(m)) for m in METRICS], "", "")
+    table.add_row("[bold]all sites[/]", *[fmt(overall.get(m)) for m in METRICS], "", "")
+    for structure in structures if several else ():
+        table.add_section()
+        table.add_row(f"[bold]{structure}[/]")
+        keys = [wire.structure_key(m, structure) for m in METRICS]
+        for site in sites:
+            table.add_row(site, *[fmt(rows.get(site, {}).get(k)) for k in keys])
+        table.add_row("[bold]all sites[/]", *[fmt(overall.get(k)) for k in keys])
     return table
 
 

@@ -2,7 +2,8 @@
 embedded as PNG data, no script or style from the network), rewritten after
 every round and at the end: the run's settings, Dice and training loss per
 round per site, time and bytes per round, failures, the privacy budget
-spent, and the final per-site table."""
+spent, and the final per-site table (with several structures, its headline is
+the mean over structures, and a table per structure follows)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from common.wire import SCORES
+from common.wire import SCORES, structure_key
 
 STYLE = """
 body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:2em auto;max-width:1100px;
@@ -94,6 +95,23 @@ def _plots(history: list[dict[str, Any]]) -> list[tuple[str, str]]:
     return out
 
 
+def _per_structure(structures: list[str], sites: dict[str, dict[str, Any]],
+                   overall: dict[str, Any]) -> str:
+    """The final scores of each structure, per site and across sites."""
+    rows = []
+    for structure in structures:
+        keys = [structure_key(k, structure) for k in SCORES]
+        rows += [f"<tr><td class='l'>{_e(structure)}</td><td class='l'>{_e(s)}</td>"
+                 + "".join(f"<td>{_fmt(m.get(k))}</td>" for k in keys) + "</tr>"
+                 for s, m in sorted(sites.items())]
+        rows.append(f"<tr><th class='l'>{_e(structure)}</th><th class='l'>all "
+                    "(case-weighted)</th>"
+                    + "".join(f"<th>{_fmt(overall.get(k))}</th>" for k in keys) + "</tr>")
+    return ("<h2>Final model, per structure</h2><table id='structures'><tr>"
+            "<th class='l'>structure</th><th class='l'>site</th>"
+            + "".join(f"<th>{k}</th>" for k in SCORES) + "</tr>" + "".join(rows) + "</table>")
+
+
 def render(name: str, config: dict[str, Any], history: list[dict[str, Any]],
            summary: dict[str, Any] | None) -> str:
     """The page, as text."""
@@ -123,6 +141,11 @@ def render(name: str, config: dict[str, Any], history: list[dict[str, Any]],
         parts.append(f"<h2>Final model, per site (round {_e(summary['final'].get('round'))})"
                      f"</h2><table id='final'><tr><th class='l'>site</th><th>test cases</th>"
                      + "".join(f"<th>{k}</th>" for k in SCORES) + f"</tr>{rows}</table>")
+        structures = summary.get("structures", [])
+        if len(structures) > 1:
+            parts.append("<p class='note'>with several structures each score above is, per "
+                         "case, the mean over the structures where it is defined.</p>"
+                         + _per_structure(structures, sites, overall))
     matrix = (summary or {}).get("cross_site")
     if matrix:
         scorers = sorted({t for row in matrix.values() for t in row})

@@ -3,13 +3,19 @@
 ``runs/<name>/`` holds
 
 * ``metrics.jsonl``: one JSON object per round (``round``, ``dice`` per site,
-  ``dice_mean``, every metric per site under ``sites``, ``train_loss``,
-  ``seconds``, ``bytes_up``, ``bytes_down``, ``failures``);
+  ``dice_mean``, every metric per site under ``sites`` and across sites
+  (case-weighted) under ``overall``, ``train_loss``, ``seconds``,
+  ``bytes_up``, ``bytes_down``, ``failures``);
 * ``checkpoint.pt``: the global model after the last completed round, with its
   round number and settings (what ``--resume`` continues from);
 * ``final_model.pt``: the global model's state dict when the run ends;
 * ``summary.json``: the final metrics per site and overall, and totals;
 * ``dice.png``: Dice per site over rounds.
+
+Metrics are keyed as :mod:`common.wire` names them: with several
+``structures`` each score per structure (``dice/liver``) beside the headline
+(``dice``: per case the mean over structures; ``common/metrics.py`` says how
+it is averaged). ``summary.json`` names the structures in class order.
 
 No site path or patient value is written here: sites appear by their public name.
 """
@@ -35,7 +41,6 @@ from common.metrics import weighted_mean
 from common.model import build_model
 from common.packing import Template, pack, template_of, unpack
 from common.privacy.accounting import PrivacyAccount
-from common.wire import SCORES as METRICS
 from server.strategies import RoundRecord
 
 RUNS_DIR_ENV = "FEDSEG_RUNS_DIR"
@@ -136,6 +141,12 @@ class RunFolder:
         saved = torch.load(self.path / "checkpoint.pt", map_location="cpu", weights_only=True)
         return packed_arrays(saved["state_dict"])
 
+    def across_sites(self, sites: dict[str, dict[str, Any]]) -> dict[str, float]:
+        """Each of the run's scores (``wire.score_keys``) across ``sites``,
+        case-weighted."""
+        return {k: weighted_mean(sites.values(), k)
+                for k in wire.score_keys(self.settings.structure_names)}
+
     @functools.cached_property
     def template(self) -> Template:
         """The names and shapes of the run's model (built once, not every round)."""
@@ -196,14 +207,17 @@ class RunFolder:
         """Append the line of ``server_round`` (checkpointed before, see
         :meth:`save_checkpoint`), with the scores ``rec`` holds by now."""
         seconds = snapshot["seconds"]
+        kept = wire.eval_metrics(self.settings.structure_names)  # the run's, nothing else
+        overall = self.across_sites(rec.evaluate)
         row = {
             "round": server_round,
             "dice": {site: m["dice"] for site, m in sorted(rec.evaluate.items())},
-            "dice_mean": weighted_mean(rec.evaluate.values(), "dice"),
+            "dice_mean": overall["dice"],
             "train_loss": weighted_mean(rec.train.values(), wire.TRAIN_LOSS),
             "train_loss_sites": {s: m[wire.TRAIN_LOSS] for s, m in sorted(rec.train.items())},
-            "sites": {site: {k: m[k] for k in wire.EVAL_METRICS if k in m}
+            "sites": {site: {k: m[k] for k in kept if k in m}
                       for site, m in sorted(rec.evaluate.items())},
+            "overall": overall,
             "seconds": round(seconds, 3),
             "train_seconds": {s: m.get(wire.TRAIN_SECONDS) for s, m in sorted(rec.train.items())},
             "bytes_up": rec.bytes_up,
@@ -262,13 +276,14 @@ class RunFolder:
                 ) -> dict[str, Any]:
         last = next((r for r in reversed(self.history) if r["sites"]), None)
         sites = last["sites"] if last else {}
-        overall = {m: weighted_mean(sites.values(), m) for m in METRICS}
+        overall = self.across_sites(sites)
         first = self.history[0]["dice_mean"] if self.history else None
         participation = self.participation()
         return _json_safe({
             "run": self.path.name,
             "rounds_completed": self.last_round,
             "rounds_planned": self.settings.num_rounds,
+            "structures": list(self.settings.structure_names),
             "final": {"round": last["round"] if last else None, "sites": sites,
                       "overall": overall},
             "dice_first_round": first,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from logging import WARNING
 
 import numpy as np
@@ -12,6 +12,7 @@ from flwr.common.logger import log
 from flwr.serverapp.strategy import Strategy
 
 from common import wire
+from common.config import FOREGROUND
 from common.privacy.checks import update_problem
 from server.strategies.base import UNIFORM_WEIGHT, StrategyWrapper
 from server.strategies.recorder import site_name
@@ -19,14 +20,18 @@ from server.strategies.recorder import site_name
 
 class UpdateChecks(StrategyWrapper):
     """Leave out train replies that are unfit to aggregate (non-finite values,
-    wrong shapes, missing weights or case count); name the site in the log."""
+    wrong shapes, missing weights or case count); name the site in the log.
+    Evaluate replies must carry the scores of the run's ``structures``
+    (``wire.eval_metrics``), and only those go on to be aggregated."""
 
     def __init__(self, inner: Strategy,
                  on_reject: Callable[[int, str, str], None] | None = None,
-                 uniform_weights: bool = False) -> None:
+                 uniform_weights: bool = False,
+                 structures: Sequence[str] = (FOREGROUND,)) -> None:
         super().__init__(inner)
         self.on_reject = on_reject
         self.uniform_weights = uniform_weights
+        self.eval_keys = wire.eval_metrics(tuple(structures))
         self.reference: dict[str, tuple[tuple[int, ...], str]] = {}
 
     def configure_train(self, server_round, arrays, config, grid):
@@ -77,8 +82,12 @@ class UpdateChecks(StrategyWrapper):
         replies = [m for m in replies if m.has_error() or (
             len(m.content.metric_records) == 1 and all(
                 isinstance(next(iter(m.content.metric_records.values())).get(k), int | float)
-                for k in wire.EVAL_METRICS))]
+                for k in self.eval_keys))]
         for msg in replies:
+            if not msg.has_error():
+                record = next(iter(msg.content.metric_records.values()))
+                for key in [k for k in record if k not in self.eval_keys]:
+                    del record[key]
             self._weigh_uniformly(msg)
         return super().aggregate_evaluate(server_round, self.same_keys(replies))
 

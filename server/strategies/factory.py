@@ -97,11 +97,11 @@ def build_strategy(settings: RunSettings, num_sampled: int | None = None,
     if dp_on and flower_accounts_for(settings, fedavg):
         privacy = FlowerAccount(settings, num_sampled, dp_releases)
         checks = UpdateChecks(dp_wrapper(settings, fedavg, num_sampled, privacy.accountant),
-                              uniform_weights=True)
+                              uniform_weights=True, structures=settings.structure_names)
         outer: Strategy = checks
     else:
         checks = UpdateChecks(dp_wrapper(settings, fedavg, num_sampled),
-                              uniform_weights=dp_on)
+                              uniform_weights=dp_on, structures=settings.structure_names)
         outer = checks
         if dp_on:
             privacy = PrivacyLedger(settings.dp_noise_multiplier, settings.dp_delta,

@@ -47,3 +47,26 @@ def test_the_run_report_renders_in_a_real_browser(synthetic_sites, tmp_path, tmp
     subprocess.run([*flags, "--window-size=1200,1600", f"--screenshot={shot}",
                     report.as_uri()], capture_output=True, timeout=120)
     assert shot.exists() and shot.stat().st_size > 20_000  # a page, not a blank
+
+
+def test_a_run_of_several_structures_shows_a_table_per_structure(tmp_path):
+    """The final table's headline, then each structure per site and across
+    sites (a hand-made summary: the run behind it is tests/wiring/test_structures.py's)."""
+    from common.wire import SCORES, structure_key
+    from server.report import write_report
+
+    chromium = browser()
+    scores = {k: 0.5 for k in SCORES} | {structure_key(k, s): v for s, v in
+                                         (("liver", 0.75), ("lesion", 0.25)) for k in SCORES}
+    summary = {"rounds_completed": 1, "structures": ["liver", "lesion"],
+               "final": {"round": 1, "sites": {"hospital-a": {"num-examples": 2, **scores}},
+                         "overall": scores}, "privacy": {}}
+    history = [{"round": 1, "dice": {"hospital-a": 0.5}, "dice_mean": 0.5, "seconds": 1.0}]
+    report = write_report(tmp_path, "two", {"num-rounds": 1}, history, summary)
+    dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu",
+                          f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom",
+                          report.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    rows = dom.split('<table id="structures">')[1].split("</table>")[0].split("<tr>")[1:]
+    assert len(rows) == 1 + 2 * 2  # headers; per structure (in class order) its site, all
+    assert "liver" in rows[1] and rows[1].count("<td>0.750</td>") == 5
+    assert "lesion" in rows[4] and rows[4].count("<th>0.250</th>") == 5

@@ -174,7 +174,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from common.errors import FedsegError
-    from common.inference import load_model, segment, write_result
+    from common.inference import check_label, load_model, segment, write_result
     from common.model import pick_device
 
     out = Path(args.out)
@@ -187,11 +187,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
         console.print(f"error: input(s) not found: {', '.join(missing)}")
         return 2
     saved = load_model(Path(args.model))
+    check_label(saved, args.label)
     device = pick_device(args.device)
     out.mkdir(parents=True, exist_ok=True)
     console.print(f"model {saved.path} (sha256 {saved.sha256[:16]}), "
                   f"{saved.settings.model.spatial_dims}D, input {saved.settings.input_channels}"
-                  f", on {device}", soft_wrap=True)
+                  f", structures {', '.join(saved.settings.structure_names)}, on {device}",
+                  soft_wrap=True)
     failed = 0
     with Progress(TextColumn("segmenting"), BarColumn(), MofNCompleteColumn(),
                   console=console, disable=len(args.inputs) < 2) as progress:
@@ -201,8 +203,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 result = segment(saved, source, device)
                 written = write_result(saved, result, out, fractional=args.fractional,
                                        label=args.label)
+                counts = ", ".join(f"{name} {n}" for name, n in result.voxels().items())
                 console.print(f"{source} -> {', '.join(str(p) for p in written)} "
-                              f"({int(result.mask.sum())} foreground voxels)", soft_wrap=True)
+                              f"(voxels: {counts})", soft_wrap=True)
             except FedsegError as exc:
                 failed += 1
                 console.print(f"[red]{source}: {exc}[/red]", soft_wrap=True)
@@ -214,20 +217,24 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Score a saved model on a site's test cases, at the site: per-case
-    metrics and their means (a table, and a CSV that stays here)."""
+    metrics and their means (a table, and a CSV that stays here). With several
+    structures the headline columns are the mean over structures, and the
+    table has a block per structure (the CSV a column per structure and score)."""
     import csv
 
     from rich.table import Table
 
+    from common.data.labels import site_classes
     from common.data.site import read_site
     from common.data.transforms import prepared
     from common.inference import load_model
     from common.model import pick_device
     from common.training import evaluate
-    from common.wire import SCORES
+    from common.wire import SCORES, score_keys, structure_key
 
     saved = load_model(Path(args.model))
-    read = read_site(Path(args.site_dir), "test")
+    site = Path(args.site_dir)  # its labels as the model's structures, as a run reads them
+    read = read_site(site, "test", classes=site_classes(site, saved.settings))
     for exc in read.left_out:
         console.print(f"[yellow]left out: {exc}[/yellow]", soft_wrap=True)
     cases = prepared(read.cases, saved.settings.input_channels)
@@ -236,17 +243,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for col in ("case", *SCORES):
         table.add_column(col, justify="right")
     rows = [(c.case_id, m) for c, m in zip(cases, result.per_case, strict=True)]
-    for case_id, m in rows:
-        table.add_row(case_id, *(f"{m[k]:.4f}" for k in SCORES))
     summary = result.summary
-    table.add_row("mean", *(f"{summary[k]:.4f}" for k in SCORES))
+    structures = saved.settings.structure_names
+    blocks = [("", SCORES)] + [(f"{s}: ", [structure_key(k, s) for k in SCORES])
+                               for s in (structures if len(structures) > 1 else ())]
+    for prefix, keys in blocks:
+        table.add_section()
+        for case_id, m in rows:
+            table.add_row(prefix + case_id, *(f"{m[k]:.4f}" for k in keys))
+        table.add_row(f"{prefix}mean", *(f"{summary[k]:.4f}" for k in keys))
     console.print(table)
+    columns = score_keys(structures)
     out = Path(args.csv or f"fedseg-evaluate-{saved.sha256[:12]}.csv")
     with open(out, "w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["case", *SCORES])
-        writer.writerows([case_id, *(m[k] for k in SCORES)] for case_id, m in rows)
-        writer.writerow(["mean", *(summary[k] for k in SCORES)])
+        writer.writerow(["case", *columns])
+        writer.writerows([case_id, *(m[k] for k in columns)] for case_id, m in rows)
+        writer.writerow(["mean", *(summary[k] for k in columns)])
     console.print(f"per-case metrics written to {out} (they stay at this site)")
     return 0
 
@@ -258,8 +271,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="DICOM series folders, NIfTI files, PNG/JPEG images")
     p.add_argument("--out", required=True, help="a new (or empty) folder for the results")
     p.add_argument("--fractional", action="store_true",
-                   help="DICOM SEG of the foreground probability instead of a binary mask")
-    p.add_argument("--label", default="foreground", help="the segment's label")
+                   help="DICOM SEG of each structure's probability instead of its mask")
+    p.add_argument("--label", help="the segment's label of a one-structure model (default: "
+                                   "its structure's name, 'foreground' when the run named "
+                                   "none); several structures' segments take their names")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda:N")
     p.set_defaults(func=cmd_predict)
 

@@ -8,6 +8,13 @@ identically distributed. Sites alternate the two folder layouts (dataset.json,
 imagesTr/labelsTr) and the two label formats, so every path of the site reader
 runs in the demo.
 
+With ``labels`` (a label map, e.g. :data:`ORGAN_LESION`) a site draws
+several structures per case instead: an organ with lesions inside it (and a
+second organ beside it for a third structure), written with the map's values
+and named in its ``dataset.json`` as the map says, so a test can also make a
+site whose map disagrees with a run's. Those sites can also be 3D NIfTI
+volumes or 2D PNG images (``image_format``), and thinner (``slices``).
+
 Generated at run time, deterministic for a given seed; never committed.
 """
 
@@ -16,6 +23,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +33,13 @@ SHAPE = (64, 64)  # rows, columns
 SLICES = 8
 PIXEL_SPACING = 1.5  # mm
 SLICE_SPACING = 3.0  # mm
+
+# A site of several structures: value -> name, background first, then class 1, 2, ...
+ORGAN_LESION = {0: "background", 1: "organ", 2: "lesion"}
+# What class k of a several-structure site is drawn as (at most three):
+ROLES = ("organ", "lesion", "neighbour")  # lesions lie inside the organ, the neighbour beside it
+IMAGE_FORMATS = ("dicom", "nifti", "png")
+LABEL_FORMATS = ("seg", "nifti", "rtstruct", "png")
 
 
 @dataclass(frozen=True)
@@ -92,6 +107,68 @@ def phantom(rng: np.random.Generator, scanner: Scanner) -> tuple[np.ndarray, np.
     signal = signal + rng.normal(0.0, scanner.noise, signal.shape)
     stored = np.clip(signal * scanner.scale + scanner.offset, 0, 65535).astype(np.uint16)
     return stored, mask
+
+
+def structures_phantom(rng: np.random.Generator, scanner: Scanner, n_structures: int,
+                       slices: int = SLICES) -> tuple[np.ndarray, np.ndarray]:
+    """One case of ``n_structures`` (1 to 3) nested and adjacent structures:
+    ``(image, classes)``, both ``slices x rows x cols``; image in stored units,
+    classes uint8 (0 background, 1 an organ, 2 lesions inside it, 3 a second
+    organ beside the first). The organ spans the volume's middle slices and
+    narrows towards its ends; with one slice (a 2D image) it is cut through
+    its middle. The lesions' contrast against the organ is the scanner's
+    ``lesion_contrast``."""
+    if not 1 <= n_structures <= len(ROLES):
+        raise ValueError(f"a synthetic case draws 1 to {len(ROLES)} structures, "
+                         f"not {n_structures}")
+    z, y, x = np.meshgrid(
+        np.arange(slices) * SLICE_SPACING,
+        np.arange(SHAPE[0]) * PIXEL_SPACING,
+        np.arange(SHAPE[1]) * PIXEL_SPACING,
+        indexing="ij",
+    )
+    height, width = SHAPE[0] * PIXEL_SPACING, SHAPE[1] * PIXEL_SPACING
+    cy, cx, cz = height / 2, width / 2, (slices - 1) * SLICE_SPACING / 2
+    depth = max(slices, 2) * SLICE_SPACING
+    body = ((y - cy) / (0.42 * height)) ** 2 + ((x - cx) / (0.46 * width)) ** 2 <= 1.0
+    texture = sum(
+        0.12 * np.sin(rng.uniform(0.05, 0.2) * x + rng.uniform(0, 6))
+        * np.cos(rng.uniform(0.05, 0.2) * y + rng.uniform(0, 6))
+        for _ in range(3)
+    )
+
+    def ellipsoid(centre, radii) -> np.ndarray:
+        return sum(((a - c) / r) ** 2 for a, c, r in zip((z, y, x), centre, radii,
+                                                          strict=True)) <= 1.0
+
+    organ_c = (cz, cy + rng.uniform(-0.06, 0.06) * height,
+               cx - rng.uniform(0.08, 0.14) * width)
+    organ_r = (rng.uniform(0.45, 0.6) * depth, rng.uniform(0.18, 0.24) * height,
+               rng.uniform(0.17, 0.22) * width)
+    organ = ellipsoid(organ_c, organ_r) & body
+    classes = np.where(organ, 1, 0).astype(np.uint8)
+    signal = np.where(body, 1.0, 0.0) + texture * body + 0.8 * organ
+    if n_structures >= 2:
+        lesion = np.zeros(body.shape, bool)
+        for _ in range(int(rng.integers(1, 3))):
+            r = rng.uniform(7.0, 10.0)
+            c = tuple(oc + rng.uniform(-0.45, 0.45) * orr
+                      for oc, orr in zip(organ_c, organ_r, strict=True))
+            lesion |= ellipsoid(c, (1.6 * r, r, r))
+        lesion &= organ
+        classes[lesion] = 2
+        signal = signal + scanner.lesion_contrast * lesion
+    if n_structures >= 3:
+        near_c = (cz, cy + rng.uniform(-0.08, 0.08) * height,
+                  cx + rng.uniform(0.16, 0.22) * width)
+        near = ellipsoid(near_c, (0.4 * depth, rng.uniform(0.11, 0.15) * height,
+                                  rng.uniform(0.08, 0.11) * width)) & body & ~organ
+        classes[near] = 3
+        signal = signal + 1.6 * near
+    bias = 1.0 + scanner.bias * np.sin(x / 40.0 + rng.uniform(0, 6)) * np.cos(y / 50.0)
+    signal = signal * bias + rng.normal(0.0, scanner.noise, signal.shape)
+    stored = np.clip(signal * scanner.scale + scanner.offset, 0, 65535).astype(np.uint16)
+    return stored, classes
 
 
 def _series(
@@ -173,23 +250,110 @@ def _write_seg(datasets: list, mask: np.ndarray, path: Path, seed: int) -> None:
     seg.save_as(path)
 
 
-def _write_nifti(mask: np.ndarray, path: Path) -> None:
-    """The mask on the series' grid: axes (column, row, slice), RAS affine."""
+def _write_segments(datasets: list, classes: np.ndarray, names: list[str], path: Path,
+                    seed: int) -> None:
+    """A DICOM SEG of one segment per structure (class ``i`` is segment ``i``,
+    labelled ``names[i - 1]``), coded by what it is drawn as (:data:`ROLES`)."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+    from pydicom.uid import generate_uid
+
+    coded = {"lesion": (codes.SCT.MorphologicallyAbnormalStructure, codes.SCT.Tumor)}
+    organ = (codes.SCT.AnatomicalStructure, codes.SCT.Organ)
+    descriptions = [
+        hd.seg.SegmentDescription(
+            segment_number=i, segment_label=name,
+            segmented_property_category=coded.get(ROLES[i - 1], organ)[0],
+            segmented_property_type=coded.get(ROLES[i - 1], organ)[1],
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL)
+        for i, name in enumerate(names, start=1)]
+    seg = hd.seg.Segmentation(
+        source_images=datasets,
+        pixel_array=np.stack([classes == i for i in range(1, len(names) + 1)],
+                             axis=-1).astype(np.uint8),
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=generate_uid(entropy_srcs=[str(seed), str(path), "seg-series"]),
+        series_number=2,
+        sop_instance_uid=generate_uid(entropy_srcs=[str(seed), str(path), "seg"]),
+        instance_number=1, manufacturer="fedseg", manufacturer_model_name="synthetic",
+        software_versions="fedseg", device_serial_number="0", omit_empty_frames=False)
+    seg.save_as(path)
+
+
+AFFINE = np.diag([-PIXEL_SPACING, -PIXEL_SPACING, SLICE_SPACING, 1.0])  # the series': LPS -> RAS
+
+
+def _smallest(array: np.ndarray) -> np.ndarray:
+    """``array`` as uint8 when its values fit, else uint16 (a mask, a label
+    map's values or the scanner's stored values)."""
+    fits = array.dtype == bool or int(array.max(initial=0)) <= 255
+    return array.astype(np.uint8 if fits else np.uint16)
+
+
+def _write_nifti(array: np.ndarray, path: Path) -> None:
+    """A mask, label map or image ``slices x rows x cols`` on the series'
+    grid: axes (column, row, slice), RAS affine."""
     import nibabel as nib
 
-    affine = np.diag([-PIXEL_SPACING, -PIXEL_SPACING, SLICE_SPACING, 1.0])  # LPS -> RAS
-    data = np.transpose(mask.astype(np.uint8), (2, 1, 0))
-    nib.save(nib.Nifti1Image(data, affine), str(path))
+    nib.save(nib.Nifti1Image(np.transpose(_smallest(array), (2, 1, 0)), AFFINE), str(path))
+
+
+def _write_png(array: np.ndarray, path: Path) -> None:
+    """A 2D image (16-bit grey: the stored values) or label map (8-bit where its
+    values fit)."""
+    from PIL import Image
+
+    Image.fromarray(_smallest(array)).save(path)
+
+
+def _file_values(labels: Mapping[int, str]) -> np.ndarray:
+    """Class index -> the value the label files hold for it (``labels``' order)."""
+    values = np.array([int(v) for v in labels], np.int64)
+    if len(set(values.tolist())) != len(values) or values.min() < 0 or values.max() > 65535:
+        raise ValueError(f"label values must be distinct and in 0..65535, got {list(labels)}")
+    return values
 
 
 def write_site(
-    folder: Path, site: int, n_train: int, n_test: int, seed: int = 0
+    folder: Path, site: int, n_train: int, n_test: int, seed: int = 0, *,
+    labels: Mapping[int, str] | None = None, image_format: str = "dicom",
+    label_format: str | None = None, slices: int = SLICES,
 ) -> Path:
-    """Write one synthetic hospital into ``folder`` (created; replaced atomically)."""
+    """Write one synthetic hospital into ``folder`` (created; replaced atomically).
+
+    Without ``labels``: round lesions in DICOM series; even sites with
+    ``dataset.json`` and DICOM SEG labels, odd sites with ``imagesTr/`` and
+    NIfTI labels, unless ``label_format`` says otherwise.
+
+    ``labels``: the label map to draw and write, value -> name in class
+    order: the first entry is the background's, the ``k``-th after it class
+    ``k``, drawn as ``ROLES[k - 1]`` (organ, lesions inside it, a second organ
+    beside it). The label files hold those values, segments and ROIs carry
+    those names, and ``dataset.json`` (always written) says the map as given:
+    a different name or value makes a site whose map disagrees with a run's.
+    ``image_format``: ``dicom`` (series), ``nifti`` (volumes) or ``png`` (2D
+    images: one slice, 16-bit). ``label_format`` for DICOM series: ``seg``,
+    ``nifti`` or ``rtstruct`` (default: by site, as without ``labels``);
+    NIfTI and PNG images have labels of their own format. ``slices``: slices
+    per volume (fewer than a 3D patch is a thin volume).
+    """
     folder = Path(folder)
+    if image_format not in IMAGE_FORMATS:
+        raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {image_format!r}")
+    if labels is None and (image_format != "dicom" or slices != SLICES):
+        raise ValueError("NIfTI and PNG images and other slice counts need labels "
+                         "(e.g. ORGAN_LESION); the default site keeps its own form")
+    own = {"nifti": "nifti", "png": "png"}.get(image_format)
+    label_format = own or label_format or ("seg" if site % 2 == 0 else "nifti")
+    if label_format not in LABEL_FORMATS or (own is None and label_format == "png") or (
+            own is not None and label_format != own):
+        raise ValueError(f"{image_format} images cannot have {label_format} labels")
     scanner = scanner_for(site)
     rng = np.random.default_rng([seed, site])
-    use_datalist = site % 2 == 0  # even sites: dataset.json + SEG; odd: imagesTr + NIfTI
+    use_datalist = labels is not None or site % 2 == 0  # else imagesTr + labelsTr only
+    values = _file_values(labels) if labels is not None else None
+    names = [str(n) for n in labels.values()][1:] if labels is not None else ["lesion"]
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
@@ -199,24 +363,46 @@ def write_site(
                 "imagesTs", "labelsTs")
             for i in range(count):
                 case_id = f"case_{'tr' if split == 'training' else 'ts'}{i:03d}"
-                stored, mask = phantom(rng, scanner)
-                datasets = _series(stored, case_id, site, scanner, seed)
-                series_dir = tmp / img_dir / case_id
-                series_dir.mkdir(parents=True)
-                for k, ds in enumerate(datasets):
-                    ds.save_as(series_dir / f"slice_{k:03d}.dcm", enforce_file_format=True)
-                (tmp / lbl_dir).mkdir(exist_ok=True)
-                if use_datalist:
-                    label = f"{lbl_dir}/{case_id}.dcm"
-                    _write_seg(datasets, mask, tmp / label, seed)
+                if values is None:
+                    stored, classes = phantom(rng, scanner)
                 else:
-                    label = f"{lbl_dir}/{case_id}.nii.gz"
-                    _write_nifti(mask, tmp / label)
-                entries[split].append({"image": f"{img_dir}/{case_id}", "label": label})
+                    stored, classes = structures_phantom(
+                        rng, scanner, len(names), 1 if image_format == "png" else slices)
+                written = classes if values is None else values[classes]  # file values
+                (tmp / img_dir).mkdir(exist_ok=True)
+                (tmp / lbl_dir).mkdir(exist_ok=True)
+                if image_format == "png":
+                    image = f"{img_dir}/{case_id}.png"
+                    _write_png(stored[0], tmp / image)
+                elif image_format == "nifti":
+                    image = f"{img_dir}/{case_id}.nii.gz"
+                    _write_nifti(stored, tmp / image)
+                else:
+                    datasets = _series(stored, case_id, site, scanner, seed)
+                    image = f"{img_dir}/{case_id}"
+                    (tmp / image).mkdir()
+                    for k, ds in enumerate(datasets):
+                        ds.save_as(tmp / image / f"slice_{k:03d}.dcm", enforce_file_format=True)
+                suffix = {"seg": ".dcm", "rtstruct": ".dcm", "nifti": ".nii.gz", "png": ".png"}
+                label = f"{lbl_dir}/{case_id}{suffix[label_format]}"
+                if label_format == "seg" and values is None:
+                    _write_seg(datasets, classes, tmp / label, seed)
+                elif label_format == "seg":
+                    _write_segments(datasets, classes, names, tmp / label, seed)
+                elif label_format == "rtstruct":
+                    from common.data.rtstruct import write_rtstruct
+
+                    write_rtstruct(datasets, classes, names, tmp / label, uid_seed=str(seed))
+                elif label_format == "png":
+                    _write_png(written[0], tmp / label)
+                else:
+                    _write_nifti(written, tmp / label)
+                entries[split].append({"image": image, "label": label})
         if use_datalist:
+            spec = ({str(k): v for k, v in labels.items()} if labels is not None
+                    else {"0": "background", "1": "lesion"})
             (tmp / "dataset.json").write_text(
-                json.dumps({"name": f"synthetic-{site}", "labels": {"0": "background",
-                            "1": "lesion"}, **entries}, indent=1)
+                json.dumps({"name": f"synthetic-{site}", "labels": spec, **entries}, indent=1)
             )
         if folder.exists():
             shutil.rmtree(folder)
@@ -228,11 +414,12 @@ def write_site(
 
 
 def write_federation(
-    root: Path, n_sites: int, n_train: int = 6, n_test: int = 3, seed: int = 0
+    root: Path, n_sites: int, n_train: int = 6, n_test: int = 3, seed: int = 0, **options
 ) -> list[Path]:
-    """Write ``n_sites`` hospitals as ``root/hospital-<k>``; returns their folders."""
+    """Write ``n_sites`` hospitals as ``root/hospital-<k>``; returns their folders.
+    ``options``: :func:`write_site`'s (``labels``, ``image_format``, ...)."""
     return [
-        write_site(Path(root) / f"hospital-{k}", k, n_train, n_test, seed)
+        write_site(Path(root) / f"hospital-{k}", k, n_train, n_test, seed, **options)
         for k in range(n_sites)
     ]
 

@@ -1,7 +1,9 @@
 """Using a model at a hospital: ``fedseg predict`` writes what viewers open
 (DICOM SEG that an independent validator accepts and highdicom reads back to
 the same mask; NIfTI on the source's grid; PNG mask and overlay), and
-``fedseg evaluate`` scores a model as the federation does."""
+``fedseg evaluate`` scores a model as the federation does. A model of several
+structures writes every one: a segment each, or a label map of class values
+with the names beside it."""
 
 from __future__ import annotations
 
@@ -18,9 +20,11 @@ import pytest
 import torch
 
 from common.config import RunSettings
+from common.data.labels import LabelMap, classes_for, parse_label_map
 from common.data.readers import read_image, read_label
+from common.data.synthetic import ORGAN_LESION, write_site
 from common.errors import ConfigError, UnsupportedFormatError
-from common.inference import load_model, segment, write_result
+from common.inference import colour, load_model, segment, write_result
 from common.model import build_model
 from server.simulation import APP_DIR
 
@@ -125,7 +129,10 @@ def test_png_gets_a_mask_and_an_overlay(tmp_path):
     mask, overlay = write_result(model, segment(model, src, CPU), tmp_path)
     assert np.asarray(Image.open(mask)).shape == (48, 64)
     assert set(np.unique(np.asarray(Image.open(mask)))) <= {0, 255}
-    assert np.asarray(Image.open(overlay)).shape == (48, 64, 3)
+    drawn = np.asarray(Image.open(overlay))
+    assert drawn.shape == (48, 64, 3)
+    outside = np.asarray(Image.open(mask)) == 0  # the image as read, not as normalised
+    assert np.array_equal(drawn[outside], (img / 200 * 255).astype(np.uint8)[outside])
 
 
 def test_a_model_that_does_not_fit_its_settings_or_its_input_is_refused(tmp_path):
@@ -156,6 +163,7 @@ def test_predict_and_evaluate_from_the_command_line(tmp_path, synthetic_sites):
                   str(tmp_path / "out"))
     assert proc.returncode == 1, proc.stdout + proc.stderr  # one input failed, named
     assert "broken.nii.gz" in proc.stdout and "1 of 3 input(s) not segmented" in proc.stdout
+    assert "(voxels: foreground " in proc.stdout  # per structure: the run named none
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         f"{s.name}_seg.dcm" for s in series]
     again = fedseg("predict", str(model), str(series[0]), "--out", str(tmp_path / "out"))
@@ -190,3 +198,128 @@ def test_a_single_dicom_file_single_or_multi_frame_gets_a_valid_seg(tmp_path, di
         report = subprocess.run([validator, str(out)], capture_output=True, text=True)
         assert not [line for line in (report.stdout + report.stderr).splitlines()
                     if line.startswith("Error")], name
+
+
+# --------------------------------------------------------------- several structures
+
+TWO = {"structures": "organ,lesion"}
+
+
+def dicom_errors(path: Path) -> list[str]:
+    """dciodvfy's errors about ``path``; skips the test when it is not installed."""
+    validator = shutil.which("dciodvfy")
+    if validator is None:
+        pytest.skip("dciodvfy (dicom3tools, an independent DICOM validator) is not "
+                    "installed: apt-get install dicom3tools")
+    report = subprocess.run([validator, str(path)], capture_output=True, text=True)
+    return [line for line in (report.stdout + report.stderr).splitlines()
+            if line.startswith("Error")]
+
+
+def test_a_multi_structure_model_writes_a_dicom_seg_segment_per_structure(tmp_path):
+    import highdicom as hd
+    from nibabel import orientations as ornt
+
+    site = write_site(tmp_path / "site", 0, 1, 1, labels=ORGAN_LESION, label_format="nifti")
+    model = load_model(saved_model(tmp_path / "run", **TWO))
+    series = next((site / "imagesTs").iterdir())
+    result = segment(model, series, CPU)
+    assert result.probabilities.shape == (3, *result.mask.shape)
+    assert np.allclose(result.probabilities.sum(axis=0), 1, atol=1e-4)
+    assert set(np.unique(result.mask)) == {0, 1, 2}  # untrained, but every class somewhere
+    (out,) = write_result(model, result, tmp_path / "out")
+    (frac,) = write_result(model, result, tmp_path / "frac", fractional=True)
+
+    seg = hd.seg.segread(out)
+    assert seg.SegmentationType == "BINARY" and seg.number_of_segments == 2
+    for number, name in ((1, "organ"), (2, "lesion")):
+        described = seg.get_segment_description(number)
+        assert described.segment_label == name
+        assert name in described.SegmentDescription
+        assert described.segmented_property_type.value == "85756007"  # SCT Tissue
+        assert described.algorithm_type.value == "AUTOMATIC"
+    _, meta = read_image(series)
+    pixels = seg.get_pixels_by_source_instance(  # slices x rows x columns x segments
+        source_sop_instance_uids=meta.source_uids, combine_segments=False,
+        ignore_spatial_locations=True)
+    for k, number in enumerate((1, 2)):  # back on the reader's grid: the same voxels
+        on_grid = ornt.apply_orientation(np.transpose(pixels[..., k], (2, 1, 0)),
+                                         meta.transform)
+        assert np.array_equal(on_grid, result.mask == number), number
+    assert np.array_equal(read_label(out, meta)[0], result.mask > 0)  # any segment
+
+    fractional = hd.seg.segread(frac)
+    assert fractional.SegmentationType == "FRACTIONAL" and fractional.number_of_segments == 2
+    probabilities = fractional.get_pixels_by_source_instance(
+        source_sop_instance_uids=meta.source_uids, combine_segments=False,
+        ignore_spatial_locations=True)
+    for k in range(2):
+        on_grid = ornt.apply_orientation(np.transpose(probabilities[..., k], (2, 1, 0)),
+                                         meta.transform)
+        assert np.abs(on_grid - result.probabilities[k + 1]).max() <= 1 / 255 + 1e-6
+    for path in (out, frac):
+        assert dicom_errors(path) == [], path.name
+
+
+def test_a_multi_structure_nifti_is_a_label_map_named_beside_it(tmp_path):
+    site = write_site(tmp_path / "site", 1, 1, 1, labels=ORGAN_LESION, image_format="nifti")
+    model = load_model(saved_model(tmp_path / "run", **TWO))
+    source = next((site / "imagesTs").iterdir())
+    result = segment(model, source, CPU)
+    out, names = write_result(model, result, tmp_path / "out")
+    assert names.name == "case_ts000_labels.json"
+    spec = json.loads(names.read_text())
+    assert spec["labels"] == {"0": "background", "1": "organ", "2": "lesion"}
+    assert spec["model-sha256"] == model.sha256
+    written = nib.load(str(out))
+    assert written.shape == nib.load(str(source)).shape
+    assert written.header.get_intent()[0] == "label"
+    assert b"1=organ 2=lesion" in written.header["descrip"].item()
+    # the result reads back as a site's label, through the map beside it
+    _, meta = read_image(source)
+    classes = classes_for(LabelMap(parse_label_map(spec["labels"])),
+                          RunSettings.from_run_config(TWO))
+    assert np.array_equal(read_label(out, meta, classes)[0], result.mask)
+
+
+def test_a_multi_structure_png_gets_a_label_map_and_a_coloured_overlay(tmp_path):
+    from PIL import Image
+
+    site = write_site(tmp_path / "site", 0, 1, 1, labels=ORGAN_LESION, image_format="png")
+    model = load_model(saved_model(tmp_path / "run", **TWO))
+    source = next((site / "imagesTs").iterdir())
+    result = segment(model, source, CPU)
+    mask, overlay, names = write_result(model, result, tmp_path / "out")
+    values = np.asarray(Image.open(mask))
+    assert np.array_equal(values, result.mask) and set(np.unique(values)) == {0, 1, 2}
+    assert json.loads(names.read_text())["labels"]["2"] == "lesion"
+    rgb = np.asarray(Image.open(overlay)).astype(np.float32)
+    grey = (result.image[0] / result.image.max() * 255)[..., None]
+    expected = {0: grey}  # the image itself, and each class blended with its colour
+    expected.update({n: 0.55 * grey + 0.45 * np.array(colour(n), np.float32) for n in (1, 2)})
+    for number, want in expected.items():
+        where = values == number
+        assert np.abs(rgb[where] - np.broadcast_to(want, rgb.shape)[where]).max() <= 1.0
+
+
+def test_the_command_line_counts_each_structure_and_refuses_a_label_for_several(
+        tmp_path, capsys):
+    import argparse
+
+    from client.cli import cmd_predict
+
+    site = write_site(tmp_path / "site", 0, 1, 1, labels=ORGAN_LESION, image_format="nifti")
+    model = saved_model(tmp_path / "run", **TWO)
+    source = next((site / "imagesTs").iterdir())
+
+    def predict(out: str, label: str | None = None) -> int:
+        return cmd_predict(argparse.Namespace(model=str(model), inputs=[str(source)],
+                                              out=str(tmp_path / out), fractional=False,
+                                              label=label, device="cpu"))
+
+    assert predict("out") == 0
+    counts = segment(load_model(model), source, CPU).voxels()
+    printed = " ".join(capsys.readouterr().out.split())
+    assert f"(voxels: organ {counts['organ']}, lesion {counts['lesion']})" in printed
+    with pytest.raises(ConfigError, match="structures' names"):
+        predict("other", label="liver")

@@ -25,7 +25,8 @@ NIfTI and DICOM SEG, above half the maximum in PNG/JPEG.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +34,8 @@ import numpy as np
 
 from common.config import BACKGROUND, FOREGROUND, RunSettings, normal_name
 from common.errors import DataError
+
+log = logging.getLogger(__name__)
 
 LABELS_KEY = "labels"
 ALIASES_KEY = "label_aliases"
@@ -52,6 +55,19 @@ class LabelMapError(DataError):
         # run config); the site's names and values stay
         about = f" (structure {self.structure!r})" if self.structure else ""
         return f"the site's label map does not fit the run's structures{about}"
+
+
+class StructureMissingError(DataError):
+    """A case's DICOM SEG or RTSTRUCT holds no segment or ROI for one of the
+    run's structures: the case is left out, never read as if it were absent."""
+
+    def __init__(self, problem: str, *, structure: str) -> None:
+        super().__init__(problem)
+        self.structure = structure
+
+    @property
+    def category(self) -> str:
+        return f"label has no {self.structure!r}"  # the run's name, not the site's
 
 
 @dataclass(frozen=True)
@@ -162,6 +178,37 @@ class Classes:
                             f"({self.map_text}) does not have")
         table = np.array([self.value_class[int(v)] for v in found], np.uint8)
         return table[inverse].reshape(values.shape)
+
+
+def classes_of_named(found: Mapping[int, Sequence[str]], classes: Classes, what: str,
+                     kind: str) -> dict[int, int]:
+    """The segments or ROIs of one label file -> the run's classes, by name.
+
+    ``found``: each one's number -> the names it goes by, its own label
+    first (then, for a SEG segment, its coded type's meaning and
+    ``<scheme>:<code>``, e.g. ``SCT:10200004``). A name matches as
+    :meth:`Classes.class_of_name` says (the map's name, the run's, the site's
+    ``label_aliases``). Every structure of the run must be found, else a
+    :class:`StructureMissingError` naming it and what the file holds; those
+    that match no structure are left out and logged here, at the site.
+    ``kind``: ``segment`` or ``ROI``, for messages."""
+    out: dict[int, int] = {}
+    for number, names in found.items():
+        match = next((c for c in map(classes.class_of_name, names) if c is not None), None)
+        if match is not None:
+            out[number] = match
+    held = "; ".join(f"{n} {names[0]!r}" for n, names in found.items()) or "none"
+    for i, structure in enumerate(classes.structures):
+        if i + 1 not in out.values():
+            raise StructureMissingError(
+                f"{what} has no {kind} for {structure!r} (its {kind}s: {held}): name it as "
+                f"the site's label map does, or add its spelling to 'label_aliases' in "
+                f"dataset.json (docs/data.md)", structure=structure)
+    ignored = [f"{n} {found[n][0]!r}" for n in found if n not in out]
+    if ignored:
+        log.info("%s: %s(s) %s match no structure of the run (%s); left out", what, kind,
+                 ", ".join(ignored), ", ".join(classes.structures))
+    return out
 
 
 def legacy(structures: tuple[str, ...] = (FOREGROUND,)) -> Classes:

@@ -59,6 +59,17 @@ MAX_BYTES = 1 << 30
 _DEFLATE_MAX_RATIO = 1032
 
 
+@dataclass(frozen=True)
+class SliceGeometry:
+    """Where a DICOM series' slices lie in patient space (mm), the space an
+    RTSTRUCT's contours are drawn in."""
+
+    positions: np.ndarray  # S x 3: ImagePositionPatient of each slice, in stored order
+    orientation: np.ndarray  # ImageOrientationPatient: row direction, then column direction
+    spacing: tuple[float, float]  # PixelSpacing: between rows, between columns
+    shape: tuple[int, int]  # rows, columns
+
+
 @dataclass
 class ImageMeta:
     """What a reader learned about an image besides its pixels."""
@@ -69,6 +80,8 @@ class ImageMeta:
     # the axis transform applied, so a DICOM SEG label can be put on the same grid.
     source_uids: list[str] = field(default_factory=list)
     transform: np.ndarray | None = None  # nibabel orientation transform, or None
+    # For DICOM series with a geometry: the stored slices in patient space (RTSTRUCT)
+    geometry: SliceGeometry | None = None
 
 
 def file_kind(path: Path) -> str:
@@ -628,13 +641,34 @@ def _orientation(ds, name: str) -> np.ndarray | None:
     return iop
 
 
-def _slice_position(ds, name: str, iop: np.ndarray | None) -> float | None:
+def _position(ds, name: str) -> np.ndarray | None:
+    """ImagePositionPatient, checked; None if absent."""
     value = _attr(ds, "ImagePositionPatient", name)
-    if iop is None or value is None or (isinstance(value, str) and not value.strip()):
+    if value is None or (isinstance(value, str) and not value.strip()):
         return None
     values = [value] if isinstance(value, (str, bytes, float, int)) else value
-    ipp = _floats(values, 3, "ImagePositionPatient", name)
+    return _floats(values, 3, "ImagePositionPatient", name)
+
+
+def _slice_position(ds, name: str, iop: np.ndarray | None) -> float | None:
+    ipp = _position(ds, name) if iop is not None else None
+    if iop is None or ipp is None:
+        return None
     return float(np.dot(np.cross(iop[:3], iop[3:]), ipp))
+
+
+def _geometry(datasets: list, orientations: list, rows: int, columns: int
+              ) -> SliceGeometry | None:
+    """The slices' geometry (``datasets``: ``(path, dataset)`` in stored order),
+    when every slice has one and they share an orientation; else None."""
+    positions = [_position(ds, f.name) for f, ds in datasets]
+    if any(p is None for p in positions) or any(o is None for o in orientations):
+        return None
+    if any(np.abs(o - orientations[0]).max() > 1e-3 for o in orientations):
+        return None
+    f, first = datasets[0]
+    return SliceGeometry(np.array(positions), orientations[0],
+                         _pixel_spacing(first, f.name), (rows, columns))
 
 
 def _read_dicom_series(folder: Path) -> tuple[np.ndarray, ImageMeta]:
@@ -662,6 +696,8 @@ def _read_dicom_series(folder: Path) -> tuple[np.ndarray, ImageMeta]:
         f, ds = datasets[0]
         arr, meta = _image_from_dataset(ds, f)  # already read: no second pass
         meta.source_uids = [_instance_uid(ds, f.name)]
+        if arr.ndim == 3:  # one grey slice (rows x columns)
+            meta.geometry = _geometry(datasets, [_orientation(ds, f.name)], *arr.shape[1:])
         return arr, meta
     headers = [_pixel_header(ds, f.name) for f, ds in datasets]
     shapes = {(h.rows, h.columns) for h in headers}
@@ -701,6 +737,7 @@ def _read_dicom_series(folder: Path) -> tuple[np.ndarray, ImageMeta]:
         spacing,
         source_uids=[_instance_uid(ds, f.name) for f, ds in datasets],
         transform=transform,
+        geometry=_geometry(datasets, [orientations[i] for i in order], rows, columns),
     )
     return volume[None].astype(np.float32), meta
 
@@ -814,16 +851,63 @@ def _read_dicom_label(path: Path, image_meta: ImageMeta, classes: Classes | None
     ds = _dcmread(path)
     sop_class = _attr(ds, "SOPClassUID", name)
     if sop_class == RTSTRUCT_SOP_CLASS:
-        raise UnsupportedFormatError(
-            f"label {name} is an RTSTRUCT (contours); export the label as DICOM SEG "
-            f"or NIfTI"
-        )
+        from common.data.rtstruct import read_rtstruct
+
+        if classes is None or classes.value_class is None:
+            raise DataError(
+                f"label {name} is an RTSTRUCT: its ROIs are found by name, so the site needs "
+                f"a label map ('labels' in dataset.json, e.g. {{\"0\": \"background\", "
+                f"\"1\": \"<the ROI's name>\"}}; docs/data.md)")
+        volume = read_rtstruct(ds, name, image_meta, classes)  # slices x rows x columns
+        return _on_image_grid(volume, image_meta)[None]
     if sop_class != SEG_SOP_CLASS:
-        raise UnsupportedFormatError(f"label {name} is DICOM but not a DICOM SEG")
-    return _read_seg(ds, path, image_meta).astype(np.uint8)[None]
+        raise UnsupportedFormatError(f"label {name} is DICOM but not a DICOM SEG or RTSTRUCT")
+    return _on_image_grid(_read_seg(ds, path, image_meta, classes), image_meta)[None]
 
 
-def _read_seg(ds, path: Path, image_meta: ImageMeta) -> np.ndarray:
+# A FRACTIONAL segment's voxel is in the structure where its value (0 to 1) is at least this
+SEG_FRACTION = 0.5
+
+
+def _segment_names(segment) -> list[str]:
+    """What a SEG segment goes by: its label, then its coded type's meaning and
+    ``<scheme>:<code>`` (``SCT:10200004``), when present."""
+    names = [str(getattr(segment, "SegmentLabel", "") or "").strip()]
+    for code in getattr(segment, "SegmentedPropertyTypeCodeSequence", None) or []:
+        names.append(str(getattr(code, "CodeMeaning", "") or "").strip())
+        value = str(getattr(code, "CodeValue", "") or "").strip()
+        scheme = str(getattr(code, "CodingSchemeDesignator", "") or "").strip()
+        if value and scheme:
+            names.append(f"{scheme}:{value}")
+    return [n for n in names if n] or [f"segment {getattr(segment, 'SegmentNumber', '?')}"]
+
+
+def _segment_classes(segments, classes: Classes | None, name: str) -> dict[int, int]:
+    """Segment number -> the run's class (:func:`common.data.labels.classes_of_named`).
+
+    Without a label map (a run of one structure at a site that has none), every
+    segment is the foreground, as before maps existed. A run of one unnamed
+    structure takes a SEG's only segment whatever its name."""
+    from common.data.labels import classes_of_named
+
+    numbers = [_int_attr(s, "SegmentNumber", name, low=1, high=65535) for s in segments]
+    if len(set(numbers)) != len(numbers):
+        raise UnreadableFileError(f"DICOM SEG {name} numbers two segments the same")
+    if classes is None or classes.value_class is None:
+        return dict.fromkeys(numbers, 1)
+    found = {n: _segment_names(s) for n, s in zip(numbers, segments, strict=True)}
+    if len(found) == 1 and len(classes.structures) == 1 and not any(
+            classes.class_of_name(n) for n in found[numbers[0]]):
+        return {numbers[0]: 1}
+    return classes_of_named(found, classes, f"DICOM SEG {name}", "segment")
+
+
+def _read_seg(ds, path: Path, image_meta: ImageMeta, classes: Classes | None) -> np.ndarray:
+    """The SEG's segments as the run's classes: ``slices x rows x columns`` (or
+    ``rows x columns``) uint8 on the image's stored grid. Segments of the same
+    class are joined; where segments of two classes overlap, the class later
+    in the run's ``structures`` wins (list a structure after the one that
+    contains it: ``liver,lesion``)."""
     import highdicom as hd
 
     name = path.name
@@ -839,6 +923,8 @@ def _read_seg(ds, path: Path, image_meta: ImageMeta) -> np.ndarray:
                 shown=f"{slices} slices of {header.rows} x {header.columns} pixels x "
                       f"{len(segments)} segments")
     _check_codestreams(ds, header, name)
+    segment_class = _segment_classes(segments, classes, name)
+    numbers = sorted(segment_class)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -852,13 +938,13 @@ def _read_seg(ds, path: Path, image_meta: ImageMeta) -> np.ndarray:
                     )
                 pixels = seg.get_pixels_by_source_instance(
                     source_sop_instance_uids=image_meta.source_uids,
+                    segment_numbers=numbers,
                     combine_segments=False,
                     ignore_spatial_locations=True,
                     assert_missing_frames_are_empty=True,
                 )  # slices x rows x cols x segments, in the image's slice order
             else:
-                pixels = seg.get_volume(combine_segments=False).array
-            pixels = np.asarray(pixels).any(axis=-1)  # all segments: one foreground
+                pixels = seg.get_volume(segment_numbers=numbers, combine_segments=False).array
     except DataError:
         raise
     except MemoryError:
@@ -867,12 +953,24 @@ def _read_seg(ds, path: Path, image_meta: ImageMeta) -> np.ndarray:
         raise UnreadableFileError(
             f"cannot read DICOM SEG {name} against its image ({type(exc).__name__}: {exc})"
         ) from None
+    pixels = np.asarray(pixels)
+    inside = pixels >= SEG_FRACTION if pixels.dtype.kind == "f" else pixels > 0
+    out = np.zeros(inside.shape[:-1], np.uint8)
+    for cls in sorted(set(segment_class.values())):  # later structures over earlier ones
+        members = [k for k, n in enumerate(numbers) if segment_class[n] == cls]
+        out[inside[..., members].any(axis=-1)] = cls
+    return out
+
+
+def _on_image_grid(pixels: np.ndarray, image_meta: ImageMeta) -> np.ndarray:
+    """A DICOM label read on its image's stored grid (``slices x rows x
+    columns``) onto the grid the image reader returned (see :func:`_read_dicom_series`)."""
     if image_meta.transform is not None and pixels.ndim == 3:
         volume = np.transpose(pixels, (2, 1, 0))
         if len(image_meta.source_uids) > 1:
-            return ornt.apply_orientation(volume, image_meta.transform)
-        return volume
-    return np.squeeze(pixels)
+            volume = ornt.apply_orientation(volume, image_meta.transform)
+        return np.ascontiguousarray(volume)  # no negative strides: torch takes it as is
+    return np.ascontiguousarray(np.squeeze(pixels))
 
 
 def check_pair(image: np.ndarray, label: np.ndarray) -> None:

@@ -1,11 +1,28 @@
-"""Writing an RTSTRUCT (contours) from a label volume, as a treatment-planning
-system exports one: each structure's outline on each slice of its CT series.
+"""RTSTRUCT (contours) to the run's classes, and back.
 
-Used to make synthetic radiotherapy sites (``common.data.synthetic``); the
-reader is ``common.data.readers``. Outlines come from scikit-image's
-marching squares at the 0.5 level between pixel centres, so the reader's
-point-in-polygon rasterisation (pixel centres) gives the mask back; holes are
-inner outlines, filled even-odd, as RTSTRUCT readers expect.
+Reading (:func:`read_rtstruct`, called by :func:`common.data.readers.read_label`
+with the case's image, a DICOM series): each ROI is found in the site's label
+map by its name (``ROIName``), the run's name or the site's
+``label_aliases``; ROIs that match no structure are left out (logged at the
+site), a structure of the run that no ROI holds makes the case a data error.
+Each CLOSED_PLANAR contour goes onto the slice it references (or, without a
+reference, the slice it lies in), its points from patient space (mm) to
+(row, column) through the slice's position, orientation and pixel spacing, and
+is filled where pixel centres lie inside it (scikit-image's polygon fill).
+Contours of one ROI on one slice combine even-odd, so an inner contour is a
+hole, as the standard and treatment-planning systems draw them. Where ROIs
+of two structures overlap, the structure later in the run's ``structures``
+wins (as for DICOM SEG). Points and OPEN_PLANAR lines carry no area and are
+left out.
+
+Why scikit-image: it is maintained, already a dependency of the scientific
+Python stack, and needs nothing else; rt-utils pulls in OpenCV for the same
+polygon fill, dicompyler-core is no longer maintained, and highdicom reads
+SEG but not RTSTRUCT.
+
+Writing (:func:`write_rtstruct`) makes synthetic radiotherapy sites
+(``common.data.synthetic``): outlines from marching squares at the 0.5 level
+between pixel centres, so the reader's fill gives the mask back exactly.
 """
 
 from __future__ import annotations
@@ -15,8 +32,151 @@ from pathlib import Path
 
 import numpy as np
 
+from common.data.labels import Classes, classes_of_named
+from common.errors import DataError, UnreadableFileError
+
 RTSTRUCT_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 COLOURS = ([255, 0, 0], [0, 160, 255], [0, 200, 0], [255, 200, 0], [200, 0, 255])
+
+
+# An RTSTRUCT is text: bound what one may ask of the reader
+MAX_POINTS = 1 << 24  # contour points in one file (a few hundred MB of text)
+MAX_CONTOURS = 1 << 18
+FAR = 16  # a contour point this many image widths away is not on the image
+
+
+def read_rtstruct(ds, name: str, meta, classes: Classes) -> np.ndarray:
+    """The run's classes from RTSTRUCT ``ds`` (file ``name``) on the stored grid
+    of the image series ``meta`` describes (:class:`common.data.readers.ImageMeta`):
+    ``slices x rows x columns`` uint8, slices in ``meta.source_uids``' order."""
+    geometry = meta.geometry
+    if geometry is None:
+        raise DataError(
+            f"RTSTRUCT {name} draws contours in patient space, but the case's image is not "
+            f"a DICOM series with a slice geometry (ImagePositionPatient, "
+            f"ImageOrientationPatient): give the case its CT/MR series folder as the image")
+    rois = _seq(ds, "StructureSetROISequence", name)
+    found: dict[int, list[str]] = {}
+    for roi in rois:
+        number = _number(roi, "ROINumber", name)
+        found[number] = [str(getattr(roi, "ROIName", "") or "").strip() or f"ROI {number}"]
+    roi_class = classes_of_named(found, classes, f"RTSTRUCT {name}", "ROI")
+
+    uid_slice = {uid: k for k, uid in enumerate(meta.source_uids)}
+    _check_references(ds, name, uid_slice)
+    rows, columns = geometry.shape
+    row_dir, col_dir = geometry.orientation[:3], geometry.orientation[3:]
+    normal = np.cross(row_dir, col_dir)
+    depth = geometry.positions @ normal  # each slice along the normal
+    gap = float(np.median(np.abs(np.diff(np.sort(depth))))) if len(depth) > 1 else 1.0
+    tolerance = max(gap / 2.0, 1e-3)
+    by_class = {c: np.zeros((len(depth), rows, columns), bool) for c in set(roi_class.values())}
+    points_seen = contours_seen = 0
+    for roi_contour in _seq(ds, "ROIContourSequence", name, required=False):
+        cls = roi_class.get(_number(roi_contour, "ReferencedROINumber", name))
+        if cls is None:
+            continue
+        for contour in getattr(roi_contour, "ContourSequence", None) or []:
+            contours_seen += 1
+            if contours_seen > MAX_CONTOURS:
+                raise UnreadableFileError(f"RTSTRUCT {name} holds more than {MAX_CONTOURS} "
+                                          f"contours")
+            if str(getattr(contour, "ContourGeometricType", "")).strip() != "CLOSED_PLANAR":
+                continue  # a point or an open line: no area
+            points = _points(contour, name)
+            points_seen += len(points)
+            if points_seen > MAX_POINTS:
+                raise UnreadableFileError(f"RTSTRUCT {name} holds more than {MAX_POINTS} "
+                                          f"contour points")
+            k = _slice_of(contour, points, uid_slice, depth, normal, tolerance, name)
+            offset = points - geometry.positions[k]
+            r = offset @ col_dir / geometry.spacing[0]  # along the column: the row index
+            c = offset @ row_dir / geometry.spacing[1]
+            reach = FAR * max(rows, columns)
+            if np.abs(r).max() > reach or np.abs(c).max() > reach:
+                raise DataError(f"RTSTRUCT {name} has a contour that reaches far outside its "
+                                f"slice ({rows} x {columns} pixels): not drawn on this series")
+            by_class[cls][k] ^= _fill(r, c, (rows, columns))
+    out = np.zeros((len(depth), rows, columns), np.uint8)
+    for cls in sorted(by_class):  # later structures over earlier ones
+        out[by_class[cls]] = cls
+    return out
+
+
+def _seq(ds, keyword: str, name: str, required: bool = True):
+    value = getattr(ds, keyword, None)
+    if required and not value:
+        raise UnreadableFileError(f"RTSTRUCT {name} has no {keyword}, which an RTSTRUCT needs")
+    return value or []
+
+
+def _number(item, keyword: str, name: str) -> int:
+    value = getattr(item, keyword, None)
+    try:
+        return int(str(value).strip())
+    except (TypeError, ValueError):
+        raise UnreadableFileError(f"RTSTRUCT {name}: {keyword} is {value!r}, not a whole "
+                                  f"number") from None
+
+
+def _points(contour, name: str) -> np.ndarray:
+    """A contour's points, ``N x 3`` (mm), checked."""
+    raw = getattr(contour, "ContourData", None) or []
+    try:
+        values = np.array([float(v) for v in raw], np.float64)
+    except (TypeError, ValueError):
+        raise UnreadableFileError(f"RTSTRUCT {name}: a contour's ContourData is not numbers"
+                                  ) from None
+    if len(values) < 9 or len(values) % 3 or not np.isfinite(values).all():
+        raise UnreadableFileError(
+            f"RTSTRUCT {name}: a closed contour holds {len(values)} coordinates; it needs "
+            f"three per point, at least three points, all finite")
+    return values.reshape(-1, 3)
+
+
+def _check_references(ds, name: str, uid_slice: dict[str, int]) -> None:
+    """The images the RTSTRUCT says it was drawn on must be the case's series:
+    a data error naming how many are missing otherwise."""
+    referenced: list[str] = []
+    for frame in getattr(ds, "ReferencedFrameOfReferenceSequence", None) or []:
+        for study in getattr(frame, "RTReferencedStudySequence", None) or []:
+            for series in getattr(study, "RTReferencedSeriesSequence", None) or []:
+                referenced += [str(getattr(i, "ReferencedSOPInstanceUID", "")).strip()
+                               for i in getattr(series, "ContourImageSequence", None) or []]
+    missing = [u for u in dict.fromkeys(referenced) if u not in uid_slice]
+    if missing:
+        held = len(set(referenced)) - len(missing)
+        raise DataError(
+            f"RTSTRUCT {name} was drawn on {len(set(referenced))} image(s), {len(missing)} of "
+            f"which are not in the case's image series ({held} are): the referenced images "
+            f"are missing; export the RTSTRUCT with its whole CT/MR series")
+
+
+def _slice_of(contour, points: np.ndarray, uid_slice: dict[str, int], depth: np.ndarray,
+              normal: np.ndarray, tolerance: float, name: str) -> int:
+    """The slice a contour lies on: the image it references, else where its points are."""
+    for image in getattr(contour, "ContourImageSequence", None) or []:
+        uid = str(getattr(image, "ReferencedSOPInstanceUID", "")).strip()
+        if uid in uid_slice:
+            return uid_slice[uid]
+        raise DataError(f"RTSTRUCT {name} has a contour on an image that is not in the case's "
+                        f"image series: the referenced image is missing")
+    along = float(np.mean(points @ normal))
+    k = int(np.argmin(np.abs(depth - along)))
+    if abs(depth[k] - along) > tolerance:
+        raise DataError(f"RTSTRUCT {name} has a contour {along:.1f} mm along the slice "
+                        f"normal, on no slice of the case's image series")
+    return k
+
+
+def _fill(r: np.ndarray, c: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """The pixels whose centres lie inside the polygon (rows ``r``, columns ``c``)."""
+    from skimage.draw import polygon
+
+    mask = np.zeros(shape, bool)
+    rr, cc = polygon(r, c, shape)
+    mask[rr, cc] = True
+    return mask
 
 
 def outlines(mask: np.ndarray) -> list[np.ndarray]:

@@ -113,8 +113,9 @@ def test_broken_or_wrong_files_get_a_clear_error(dicom_dir, name, error):
     assert "Traceback" not in str(info.value)
 
 
-def test_rtstruct_label_says_to_export_seg(dicom_dir):
-    with pytest.raises(UnsupportedFormatError, match="RTSTRUCT"):
+def test_an_rtstruct_at_a_site_without_a_label_map_says_to_name_its_rois(dicom_dir):
+    with pytest.raises(DataError, match="RTSTRUCT: its ROIs are found by name, so the site "
+                                        "needs a label map"):
         read_label(dicom_dir / "rtutils_ct_rtstruct/mock_data/rt.dcm", ImageMeta("dicom", (1, 1)))
 
 

@@ -150,3 +150,31 @@ def test_fedseg_evaluate_writes_each_structure(ran, sites, tmp_path):
     rows = csv.read_text().splitlines()
     assert rows[0].split(",") == ["case", *wire.score_keys(STRUCTURES)]
     assert len(rows) == 2 + 2 and rows[-1].startswith("mean,")
+
+
+def test_a_radiotherapy_site_and_a_seg_site_learn_the_same_structures_together(tmp_path):
+    """One hospital exports RTSTRUCT contours (its ROIs spelt 'ORGAN' and
+    'Lesion_1', matched through its label_aliases), the other a DICOM SEG of two
+    segments: both are read as the run's organ and lesion, train, and are
+    scored per structure."""
+    from common.data.synthetic import ORGAN_LESION
+    from common.data.synthetic import write_site as write_synthetic
+
+    rt = write_synthetic(tmp_path / "rt", 0, 2, 1, label_format="rtstruct",
+                         labels={0: "background", 1: "ORGAN", 2: "Lesion_1"})
+    spec = json.loads((rt / "dataset.json").read_text())
+    spec["labels"] = {"0": "background", "1": "organ", "2": "lesion"}
+    spec["label_aliases"] = {"lesion": ["Lesion_1", "GTV"]}
+    (rt / "dataset.json").write_text(json.dumps(spec))
+    seg = write_synthetic(tmp_path / "seg", 1, 2, 1, labels=ORGAN_LESION, label_format="seg")
+    overrides = {**TINY, "structures": "organ,lesion", "num-rounds": 1, "run-name": "rt-seg",
+                 "model-spatial-dims": 3}
+    summary = run_server(federation([("hospital-rt", rt), ("hospital-seg", seg)], overrides),
+                         tmp_path / "runs")
+    assert summary["problems"] == [], summary["problems"]
+    (row,) = read_metrics(tmp_path / "runs" / "rt-seg")
+    assert row["trained"] == ["hospital-rt", "hospital-seg"] and row["failures"] == []
+    for site in ("hospital-rt", "hospital-seg"):
+        scores = row["sites"][site]
+        assert list(scores) == [wire.NUM_EXAMPLES, *wire.score_keys(("organ", "lesion"))]
+        assert 0 <= scores["dice/organ"] <= 1 and 0 <= scores["dice/lesion"] <= 1

@@ -1,0 +1,264 @@
+"""DICOM labels as the run's structures: SEG segments and RTSTRUCT ROIs found
+by name (label, coded type, the site's aliases), overlaps resolved by the
+run's order, contours rasterised onto the series' grid; real files from
+../shared/data and synthetic radiotherapy sites."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+
+from common.config import RunSettings, normal_name
+from common.data.labels import LabelMap, StructureMissingError, classes_for, site_classes
+from common.data.readers import _on_image_grid, read_image, read_label
+from common.data.site import load_site
+from common.data.synthetic import ORGAN_LESION, write_site
+from common.errors import DataError
+
+SERIES = "pydicom_testfiles/test_files/dicomdirtests/77654033/CT2"  # the SEGs' 4-slice CT
+OVERLAP = "highdicom_seg/test_files/seg_image_ct_binary_overlap.dcm"  # 1 Bone, 2 Spine
+RT = "rtutils_ct_rtstruct/mock_data"
+
+
+def classes(structures: str, names: dict[int, str], aliases: dict[str, list[str]] | None = None):
+    settings = RunSettings.from_run_config({"structures": structures})
+    spelled = {normal_name(k): tuple(map(normal_name, v)) for k, v in (aliases or {}).items()}
+    return classes_for(LabelMap({0: "background", **names}, spelled), settings)
+
+
+def segments(dicom_dir: Path, meta) -> dict[str, np.ndarray]:
+    """Each segment of the overlap SEG on the series' grid, as highdicom reads it."""
+    seg = hd.seg.segread(dicom_dir / OVERLAP)
+    out = {}
+    for number, label in ((1, "bone"), (2, "spine")):
+        pixels = seg.get_pixels_by_source_instance(
+            meta.source_uids, segment_numbers=[number], ignore_spatial_locations=True,
+            assert_missing_frames_are_empty=True)[..., 0] > 0
+        out[label] = _on_image_grid(pixels, meta)  # as the reader puts the series
+    return out
+
+
+# ------------------------------------------------------------------ DICOM SEG
+
+
+@pytest.mark.parametrize("order", ["bone,spine", "spine,bone"])
+def test_seg_segments_become_the_runs_classes_the_later_structure_winning_overlaps(
+        dicom_dir, order):
+    image, meta = read_image(dicom_dir / SERIES)
+    names = order.split(",")
+    label = read_label(dicom_dir / OVERLAP, meta,
+                       classes(order, {1: names[0], 2: names[1]},
+                               {"bone": ["first segment"], "spine": ["second segment"]}))
+    truth = segments(dicom_dir, meta)
+    assert label.shape == image.shape
+    both = truth["bone"] & truth["spine"]
+    assert both.any() and (truth["bone"] & ~truth["spine"]).any()  # they do overlap
+    first, second = (truth[n] for n in names)
+    assert (label[0][both] == 2).all()  # the later structure of the run wins the overlap
+    assert (label[0][first & ~second] == 1).all() and (label[0][second] == 2).all()
+    assert (label[0][~(first | second)] == 0).all()
+
+
+def test_seg_segments_are_found_by_coded_type_meaning_or_code(dicom_dir):
+    """The segments' labels are 'first segment' and 'second segment'; their coded
+    types are SCT 272673000 'Bone' and SCT 421060004 'Spine'."""
+    _, meta = read_image(dicom_dir / SERIES)
+    truth = segments(dicom_dir, meta)
+    # 'Bone' by the code's meaning, the spine by its SNOMED code in the site's aliases
+    label = read_label(dicom_dir / OVERLAP, meta,
+                       classes("bone,vertebral column", {1: "Bone", 2: "vertebral column"},
+                               {"vertebral column": ["SCT:421060004"]}))
+    assert (label[0][truth["spine"]] == 2).all()
+    assert (label[0][truth["bone"] & ~truth["spine"]] == 1).all()
+
+
+def test_a_segment_that_matches_no_structure_is_left_out(dicom_dir):
+    _, meta = read_image(dicom_dir / SERIES)
+    truth = segments(dicom_dir, meta)
+    label = read_label(dicom_dir / OVERLAP, meta, classes("spine", {1: "spine"}))
+    assert set(np.unique(label)) == {0, 1}
+    assert np.array_equal(label[0] == 1, truth["spine"])  # bone is not read as anything
+
+
+def test_a_seg_without_a_run_structure_is_an_error_naming_it(dicom_dir):
+    _, meta = read_image(dicom_dir / SERIES)
+    with pytest.raises(StructureMissingError) as info:
+        read_label(dicom_dir / OVERLAP, meta,
+                   classes("spine,kidney", {1: "spine", 2: "kidney"}))
+    text = str(info.value)
+    assert "has no segment for 'kidney'" in text and "2 'second segment'" in text
+    assert "label_aliases" in text
+    assert info.value.scrubbed() == "fedseg data error (label has no 'kidney')"
+
+
+def test_a_one_structure_run_takes_a_segs_only_segment_whatever_its_name(dicom_dir):
+    """An unnamed run, a site whose map calls its structure 'tumour', a SEG
+    whose one segment is labelled otherwise: read as before maps existed."""
+    _, meta = read_image(dicom_dir / SERIES)
+    plain = read_label(dicom_dir / "highdicom_seg/test_files/seg_image_ct_binary.dcm", meta)
+    settings = RunSettings.from_run_config({})
+    by_map = read_label(dicom_dir / "highdicom_seg/test_files/seg_image_ct_binary.dcm", meta,
+                        classes_for(LabelMap({0: "background", 1: "tumour"}), settings))
+    assert plain.sum() > 0 and np.array_equal(plain, by_map)
+
+
+def test_a_fractional_seg_is_in_the_structure_from_one_half(dicom_dir):
+    _, meta = read_image(dicom_dir / SERIES)
+    path = dicom_dir / "highdicom_seg/test_files/seg_image_ct_true_fractional.dcm"
+    seg = hd.seg.segread(path)
+    (number,) = seg.segment_numbers
+    values = seg.get_pixels_by_source_instance(
+        meta.source_uids, segment_numbers=[number], ignore_spatial_locations=True,
+        assert_missing_frames_are_empty=True)[..., 0]
+    assert ((values > 0) & (values < 0.5)).any()  # a real fraction below the line
+    label = read_label(path, meta)
+    assert np.array_equal(label[0], _on_image_grid(values >= 0.5, meta))
+
+
+# ------------------------------------------------------------------ RTSTRUCT
+
+
+@pytest.fixture
+def rt_series(dicom_dir, tmp_path) -> Path:
+    """The two CT slices the rt-utils RTSTRUCT was drawn on, as a series folder."""
+    folder = tmp_path / "ct"
+    folder.mkdir()
+    for f in ("ct_1.dcm", "ct_2.dcm"):
+        shutil.copy(dicom_dir / RT / f, folder / f)
+    return folder
+
+
+def test_an_rtstruct_roi_is_rasterised_on_its_slice_with_its_hole(dicom_dir, rt_series):
+    """ROI 'ROI-1' is, on the slice at z = 60 mm, a 24 mm square with a 15 mm
+    square inside it (a hole, even-odd); nothing on the slice at z = 65 mm."""
+    image, meta = read_image(rt_series)
+    label = read_label(dicom_dir / RT / "rt.dcm", meta,
+                       classes("gtv", {1: "GTV"}, {"gtv": ["ROI-1"]}))
+    assert label.shape == image.shape == (1, 512, 512, 2)
+    at_60, at_65 = label[0, ..., 0], label[0, ..., 1]
+    assert at_65.sum() == 0
+    rows, cols = np.nonzero(at_60)
+    # the reader's grid is RAS: x runs right, so the square's -51..-27 mm (patient
+    # LPS x, columns 152-200 from the top-left at -125 mm) are columns 311-359
+    spacing = float(pydicom.dcmread(rt_series / "ct_1.dcm").PixelSpacing[0])
+    assert (rows.min(), rows.max()) == (311, 359) and (cols.min(), cols.max()) == (311, 359)
+    assert 24 / spacing - 2 <= rows.max() - rows.min() + 1 <= 24 / spacing + 1
+    centre = (rows.min() + rows.max()) // 2
+    assert at_60[centre, centre] == 0  # the hole
+    assert at_60[rows.min() + 2, centre] == 1  # the ring
+    outer, inner = 49 * 49, 29 * 29  # about: 24 mm and 14-15 mm squares in 0.488 mm pixels
+    assert abs(int(at_60.sum()) - (outer - inner)) < 0.1 * outer
+
+
+def test_an_rtstruct_whose_roi_has_another_name_is_an_error_naming_the_structure(
+        dicom_dir, rt_series):
+    _, meta = read_image(rt_series)
+    with pytest.raises(StructureMissingError) as info:
+        read_label(dicom_dir / RT / "rt.dcm", meta, classes("gtv", {1: "GTV"}))
+    assert "RTSTRUCT rt.dcm has no ROI for 'gtv' (its ROIs: 1 'ROI-1')" in str(info.value)
+
+
+def test_an_rtstruct_whose_referenced_images_are_missing_is_a_data_error(
+        dicom_dir, rt_series):
+    (rt_series / "ct_2.dcm").unlink()
+    _, meta = read_image(rt_series)
+    with pytest.raises(DataError, match=r"drawn on 2 image\(s\), 1 of which are not in the "
+                                        r"case's image series .* referenced images are missing"):
+        read_label(dicom_dir / RT / "rt.dcm", meta, classes("ROI-1", {1: "ROI-1"}))
+
+
+def test_an_rtstruct_needs_a_dicom_series_as_its_image(dicom_dir, tmp_path):
+    import nibabel as nib
+
+    volume = tmp_path / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((512, 512, 2), np.int16), np.eye(4)), str(volume))
+    _, meta = read_image(volume)
+    with pytest.raises(DataError, match="not a DICOM series with a slice geometry"):
+        read_label(dicom_dir / RT / "rt.dcm", meta, classes("ROI-1", {1: "ROI-1"}))
+
+
+def test_hospital_spellings_of_an_roi_name_match_through_aliases(tmp_path):
+    """ROIs written as 'Lung_L' and 'LUNG RIGHT' found as the run's 'lung left' and
+    'lung right': one by the site's alias, one by its own name (case, spaces and
+    '_' do not count)."""
+    site = write_site(tmp_path / "rt", 0, 1, 1, label_format="rtstruct",
+                      labels={0: "background", 1: "Lung_L", 2: "LUNG RIGHT"})
+    spec = site / "dataset.json"
+    import json
+
+    data = json.loads(spec.read_text())
+    data["labels"] = {"0": "background", "1": "lung left", "2": "lung right"}
+    data["label_aliases"] = {"lung left": ["Lt Lung", "Lung_L"]}
+    spec.write_text(json.dumps(data))
+    settings = RunSettings.from_run_config({"structures": "lung left,lung right"})
+    (case,) = load_site(site, "training", site_classes(site, settings))
+    assert set(np.unique(case.label)) == {0, 1, 2}
+
+
+@pytest.mark.parametrize("label_format", ["rtstruct", "seg"])
+def test_synthetic_rtstruct_and_seg_sites_read_as_their_nifti_twin(tmp_path, label_format):
+    """The same cases (same seed and site) with RTSTRUCT, multi-segment SEG and
+    NIfTI labels read to the same classes, voxel for voxel."""
+    settings = RunSettings.from_run_config({"structures": "organ,lesion"})
+
+    def read(fmt: str) -> list[np.ndarray]:
+        site = write_site(tmp_path / fmt, 0, 2, 1, labels=ORGAN_LESION, label_format=fmt)
+        return [c.label for c in load_site(site, "training", site_classes(site, settings))]
+
+    twins = read("nifti")
+    assert all(set(np.unique(t)) == {0, 1, 2} for t in twins)
+    for got, want in zip(read(label_format), twins, strict=True):
+        assert np.array_equal(got, want)
+
+
+def _set(ds, how: str) -> None:
+    """One hostile or broken edit of an RTSTRUCT."""
+    contour = ds.ROIContourSequence[0].ContourSequence[0]
+    from pydicom.dataelem import DataElement
+
+    if how == "text-points":  # written as text, as a broken exporter might
+        contour.add(DataElement(0x30060050, "LO", ["1", "x", "2"] * 3))
+    elif how == "odd-points":
+        contour.ContourData = contour.ContourData[:-1]
+    elif how == "nan-points":
+        contour.ContourData = ["nan"] * 9
+    elif how == "huge-points":
+        contour.ContourData = ["1e300", "-1e300", str(contour.ContourData[2])] * 4
+    elif how == "off-slice":
+        del contour.ContourImageSequence
+        contour.ContourData = [v if i % 3 != 2 else "9999" for i, v in
+                               enumerate(map(str, contour.ContourData))]
+    elif how == "other-image":
+        contour.ContourImageSequence[0].ReferencedSOPInstanceUID = "1.2.3.4"
+    elif how == "roi-number":
+        ds.StructureSetROISequence[0].add(DataElement(0x30060022, "LO", "one"))
+    elif how == "no-rois":
+        del ds.StructureSetROISequence
+    elif how == "no-contours":
+        del ds.ROIContourSequence
+
+
+@pytest.mark.parametrize("how", ["text-points", "odd-points", "nan-points", "huge-points",
+                                 "off-slice", "other-image", "roi-number", "no-rois",
+                                 "no-contours"])
+def test_a_broken_or_hostile_rtstruct_is_a_data_error_or_reads_safely(tmp_path, how):
+    site = write_site(tmp_path / "rt", 0, 1, 1, labels=ORGAN_LESION, label_format="rtstruct")
+    path = next((site / "labelsTr").iterdir())
+    ds = pydicom.dcmread(path)
+    _set(ds, how)
+    ds.save_as(path, enforce_file_format=True)
+    settings = RunSettings.from_run_config({"structures": "organ,lesion"})
+    image, meta = read_image(next((site / "imagesTr").iterdir()))
+    try:
+        label = read_label(path, meta, site_classes(site, settings))
+    except DataError as exc:
+        assert path.name in str(exc) and "Traceback" not in str(exc)
+        assert how != "no-contours"
+    else:  # no contour at all: nothing drawn, a run structure without a contour is empty
+        assert how == "no-contours", how
+        assert label.shape == image.shape and label.max() <= 2

@@ -162,8 +162,7 @@ def run_site_check(site_dir: Path, show_all: bool = True, structures: str | None
             table.add_row(c.split, str(c.index), c.case_id,
                           "yes" if c.usable else "[red]no[/red]",
                           "x".join(map(str, c.shape)),
-                          "" if c.foreground is None else f"{100 * c.foreground:.1f}%",
-                          c.problem or c.note)
+                          c.shown_foreground(), c.problem or c.note)
         console.print(table)
     return result
 

@@ -262,6 +262,35 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_patches(args: argparse.Namespace) -> int:
+    from common.config import check_run_overrides, parse_key_values
+    from common.model import pick_device
+    from server.bench import machine
+    from server.bench_patches import DEFAULT_CONFIGS, markdown, patch_cost
+
+    overrides = {"structures": "organ,lesion", "batch-size": 2, **parse_key_values(
+        args.config or [])}
+    typed = check_run_overrides(overrides).to_run_config()  # mistyped: said before it runs
+    overrides = {k: typed[k] for k in overrides}
+    try:
+        configs = ([tuple(int(x) for x in c.split(":")) for c in args.models.split(",")]
+                   if args.models else list(DEFAULT_CONFIGS))
+        volume = tuple(int(v) for v in args.volume.split(","))
+    except ValueError:
+        raise FedsegError("--models is DIMS:PATCH,... (e.g. 2:64,3:96); --volume is X,Y,Z "
+                          "(e.g. 192,192,64)") from None
+    if any(len(c) != 2 or c[0] not in (2, 3) or c[1] < 8 for c in configs) or len(volume) != 3:
+        raise FedsegError("--models is DIMS:PATCH,... with DIMS 2 or 3 and PATCH at least 8; "
+                          "--volume is X,Y,Z")
+    device = str(pick_device(args.device))
+    console.print(f"patch cost on {device}: {len(configs)} models, {args.steps} timed steps "
+                  f"each, settings {overrides}", soft_wrap=True)
+    rows = patch_cost(configs, overrides, steps=args.steps, volume=volume, device=device)
+    console.print(markdown(rows, volume), soft_wrap=True)
+    console.print(f"machine: {machine()}", soft_wrap=True)
+    return 0
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="measurements (see docs/performance.md)")
     bsub = p.add_subparsers(dest="bench", required=True)
@@ -292,4 +321,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                         "batch 16, learning rate 2e-3, scoring every 30 rounds)")
     add_run_options(b)
     b.set_defaults(func=cmd_bench_quality)
+    b = bsub.add_parser("patches", help="2D vs 3D U-Net cost per patch size (docs/data.md)")
+    b.add_argument("--models", help="DIMS:PATCH,... (default 2:64,2:128,3:32,3:64,3:96,3:128)")
+    b.add_argument("--steps", type=int, default=3, help="timed training steps per model")
+    b.add_argument("--volume", default="192,192,64",
+                   help="X,Y,Z of the volume segmented to time inference")
+    b.add_argument("--device", default="auto", help="auto, cpu or cuda:N")
+    b.add_argument("--config", action="append", metavar="KEY=VALUE",
+                   help="run settings (default structures=organ,lesion, batch-size=2)")
+    b.set_defaults(func=cmd_bench_patches)
 

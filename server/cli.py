@@ -130,9 +130,26 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from common.data.synthetic import write_federation
+    from common.config import structure_list
+    from common.data.synthetic import ROLES, write_federation
 
-    folders = write_federation(Path(args.out), args.sites, args.train, args.test, args.seed)
+    options: dict = {}
+    if args.structures:
+        names = structure_list(args.structures)
+        if not 1 <= len(names) <= len(ROLES):
+            raise ConfigError(f"--structures names 1 to {len(ROLES)} structures (drawn as "
+                              f"{', '.join(ROLES)}), not {len(names)}")
+        options = {"labels": {0: "background", **{i + 1: n for i, n in enumerate(names)}},
+                   "image_format": args.images, "label_format": args.labels,
+                   "slices": args.slices}
+    elif args.images != "dicom" or args.labels or args.slices != 8:
+        raise ConfigError("--images, --labels and --slices go with --structures (the default "
+                          "sites keep their own form)")
+    try:
+        folders = write_federation(Path(args.out), args.sites, args.train, args.test,
+                                   args.seed, **options)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     for f in folders:
         console.print(str(f))
     return 0
@@ -289,6 +306,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", type=int, default=6)
     p.add_argument("--test", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--structures", help="several structures per case, named (up to three, "
+                   "drawn as an organ, lesions inside it, a second organ beside it), e.g. "
+                   "organ,lesion; each site's dataset.json names them")
+    p.add_argument("--images", choices=["dicom", "nifti", "png"], default="dicom",
+                   help="with --structures: DICOM series, NIfTI volumes or 2D PNG images")
+    p.add_argument("--labels", choices=["seg", "rtstruct", "nifti"],
+                   help="with --structures and DICOM images: a DICOM SEG of a segment per "
+                        "structure, an RTSTRUCT of an ROI per structure, or a NIfTI label map "
+                        "(default: SEG at even sites, NIfTI at odd)")
+    p.add_argument("--slices", type=int, default=8, help="with --structures: slices per volume")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("provision", help="coordinator: CA, SuperLink certificate, hospital keys")

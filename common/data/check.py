@@ -34,6 +34,15 @@ class CaseCheck:
     shape: tuple[int, ...] = ()  # channels x spatial
     foreground: float | None = None  # fraction of label voxels that are foreground
     note: str = ""  # usable, but worth a look
+    structures: dict[str, float] = field(default_factory=dict)  # several: each one's fraction
+
+    def shown_foreground(self) -> str:
+        """The foreground in words: a percentage, per structure when several."""
+        if self.foreground is None:
+            return ""
+        if len(self.structures) > 1:
+            return ", ".join(f"{n} {100 * f:.1f}%" for n, f in self.structures.items())
+        return f"{100 * self.foreground:.1f}%"
 
 
 @dataclass
@@ -96,8 +105,11 @@ def _verdict(split: str, ref: CaseRef, index: int, outcome: Case | DataError,
         note = "label has no " + ", ".join(absent)
     else:
         note = ""
+    counts = np.bincount(label.ravel(), minlength=1 + len(classes.structures))
+    each = {n: float(counts[i + 1]) / max(1, label.size)
+            for i, n in enumerate(classes.structures)}
     return CaseCheck(split, index, ref.case_id, True, shape=tuple(outcome.image.shape),
-                     foreground=fg, note=note)
+                     foreground=fg, note=note, structures=each)
 
 
 def own_structures(site_dir: Path) -> RunSettings:

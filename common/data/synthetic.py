@@ -345,9 +345,11 @@ def write_site(
         raise ValueError("NIfTI and PNG images and other slice counts need labels "
                          "(e.g. ORGAN_LESION); the default site keeps its own form")
     own = {"nifti": "nifti", "png": "png"}.get(image_format)
+    if own is not None and label_format not in (None, own):
+        raise ValueError(f"{image_format} images cannot have {label_format} labels (they "
+                         f"have {own} labels)")
     label_format = own or label_format or ("seg" if site % 2 == 0 else "nifti")
-    if label_format not in LABEL_FORMATS or (own is None and label_format == "png") or (
-            own is not None and label_format != own):
+    if label_format not in LABEL_FORMATS or (own is None and label_format == "png"):
         raise ValueError(f"{image_format} images cannot have {label_format} labels")
     scanner = scanner_for(site)
     rng = np.random.default_rng([seed, site])

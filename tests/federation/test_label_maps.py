@@ -15,7 +15,7 @@ from common.data.synthetic import ORGAN_LESION, write_site
 from server.runs import read_metrics
 from server.simulation import APP_DIR, runtime_env
 
-pytestmark = pytest.mark.federation
+pytestmark = [pytest.mark.federation, pytest.mark.slow]  # ~65 s: in the slow set
 
 SMALL = ("model-channels=8,16,32", "patch-size=32", "batch-size=8", "local-epochs=2",
          "test-time-flips=false", "structures=organ,lesion")

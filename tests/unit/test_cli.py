@@ -93,3 +93,27 @@ def test_a_node_on_a_folder_without_labels_is_refused_at_start_with_the_reason(
     assert "no label file for this image" in out
     assert "fedseg site check" in out and "cannot reach" not in out  # before any connection
     assert time.monotonic() - start < 60
+
+
+@pytest.mark.slow
+def test_bench_patches_measures_2d_and_3d_side_by_side():
+    proc = fedseg("bench", "patches", "--models", "2:16,3:16", "--steps", "1", "--volume",
+                  "16,16,16", "--config", "model-channels=4,8", "--device", "cpu",
+                  timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(("| 2D", "| 3D"))]
+    assert [r.split("|")[1:3] for r in rows] == [[" 2D ", " 16 "], [" 3D ", " 16 "]]
+    assert all(float(r.split("|")[4]) > 0 for r in rows)  # seconds per step
+
+
+def test_synth_writes_several_structures_and_refuses_what_cannot_be(tmp_path):
+    proc = fedseg("synth", str(tmp_path / "rt"), "--sites", "1", "--train", "1", "--test",
+                  "1", "--structures", "organ,lesion", "--labels", "rtstruct")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert '"1": "organ"' in (tmp_path / "rt" / "hospital-0" / "dataset.json").read_text()
+    for args, says in ((("--structures", "a", "--images", "png", "--labels", "seg"),
+                        "png images cannot have seg labels"),
+                       (("--labels", "rtstruct"), "go with --structures"),
+                       (("--structures", "a,b,c,d"), "1 to 3 structures")):
+        proc = fedseg("synth", str(tmp_path / "x"), *args)
+        assert proc.returncode == 2 and says in proc.stdout + proc.stderr, (args, proc.stdout)

@@ -98,7 +98,7 @@ def markdown(rows: list[dict[str, Any]], volume: tuple[int, int, int]) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
-            f"| {r['dims']}D | {r['patch']} | {r['batch']} | {r['step_s']:.2f} | "
+            f"| {r['dims']}D | {r['patch']} | {r['batch']} | {r['step_s']:.3g} | "
             f"{r['step_s'] / first['step_s']:.1f} | {r['voxels_per_s'] / 1e3:.0f} k | "
             f"{r['infer_s']:.1f} | {r['peak_mib']:.0f} |")
     return "\n".join(lines)

@@ -80,6 +80,7 @@ def show(curve: dict) -> None:  # printed with -s: the figures docs/robustness.m
         print(f"  {name:>20}: " + " ".join(f"{r['dice_mean']:.3f}" for r in rows))
 
 
+@pytest.mark.slow  # 35 s: with the drills, to keep the default suite within 8 minutes
 def test_a_robust_rule_keeps_a_poisoned_federation_within_005_of_the_clean_one(
         four_sites, tmp_path):
     curve: dict = {}

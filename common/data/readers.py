@@ -32,6 +32,7 @@ import nibabel as nib
 import numpy as np
 from nibabel import orientations as ornt
 
+from common.config import FOREGROUND
 from common.data.labels import Classes
 from common.errors import (
     DataError,
@@ -851,8 +852,11 @@ def _read_dicom_label(path: Path, image_meta: ImageMeta, classes: Classes | None
     ds = _dcmread(path)
     sop_class = _attr(ds, "SOPClassUID", name)
     if sop_class == RTSTRUCT_SOP_CLASS:
-        from common.data.rtstruct import read_rtstruct
+        from common.data.rtstruct import MAX_FILE_BYTES, read_rtstruct
 
+        if path.stat().st_size > MAX_FILE_BYTES:
+            raise UnreadableFileError(f"RTSTRUCT {name} is over {MAX_FILE_BYTES >> 20} MiB; "
+                                      f"not read")
         if classes is None or classes.value_class is None:
             raise DataError(
                 f"label {name} is an RTSTRUCT: its ROIs are found by name, so the site needs "
@@ -896,7 +900,8 @@ def _segment_classes(segments, classes: Classes | None, name: str) -> dict[int, 
     if classes is None or classes.value_class is None:
         return dict.fromkeys(numbers, 1)
     found = {n: _segment_names(s) for n, s in zip(numbers, segments, strict=True)}
-    if len(found) == 1 and len(classes.structures) == 1 and not any(
+    unnamed = classes.structures == (FOREGROUND,)  # the run named no structure
+    if len(found) == 1 and unnamed and not any(
             classes.class_of_name(n) for n in found[numbers[0]]):
         return {numbers[0]: 1}
     return classes_of_named(found, classes, f"DICOM SEG {name}", "segment")

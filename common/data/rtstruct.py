@@ -8,17 +8,20 @@ site), a structure of the run that no ROI holds makes the case a data error.
 Each CLOSED_PLANAR contour goes onto the slice it references (or, without a
 reference, the slice it lies in), its points from patient space (mm) to
 (row, column) through the slice's position, orientation and pixel spacing, and
-is filled where pixel centres lie inside it (scikit-image's polygon fill).
+is filled where pixel centres lie inside it (:func:`fill`, scanlines).
 Contours of one ROI on one slice combine even-odd, so an inner contour is a
-hole, as the standard and treatment-planning systems draw them. Where ROIs
-of two structures overlap, the structure later in the run's ``structures``
-wins (as for DICOM SEG). Points and OPEN_PLANAR lines carry no area and are
-left out.
+hole, as the standard and treatment-planning systems draw them; ROIs of one
+structure join. Where ROIs of two structures overlap, the structure later in
+the run's ``structures`` wins (as for DICOM SEG). Points and OPEN_PLANAR lines
+carry no area and are left out; an ROI listed without any closed contour is a
+structure not drawn, a :class:`StructureMissingError` like a missing ROI.
 
-Why scikit-image: it is maintained, already a dependency of the scientific
-Python stack, and needs nothing else; rt-utils pulls in OpenCV for the same
-polygon fill, dicompyler-core is no longer maintained, and highdicom reads
-SEG but not RTSTRUCT.
+The fill is ours, not scikit-image's ``draw.polygon`` (which gives the same
+pixels, see the tests): that one tests each pixel of the bounding box against
+each edge, seconds for one long contour; scanlines cost the edges plus the
+rows they cross. rt-utils (OpenCV underneath, thin maintenance) and
+dicompyler-core (unmaintained) were not taken; highdicom has no RTSTRUCT
+reader.
 
 Writing (:func:`write_rtstruct`) makes synthetic radiotherapy sites
 (``common.data.synthetic``): outlines from marching squares at the 0.5 level
@@ -32,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.data.labels import Classes, classes_of_named
+from common.data.labels import Classes, StructureMissingError, classes_of_named
 from common.errors import DataError, UnreadableFileError
 
 RTSTRUCT_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
@@ -40,15 +43,22 @@ COLOURS = ([255, 0, 0], [0, 160, 255], [0, 200, 0], [255, 200, 0], [200, 0, 255]
 
 
 # An RTSTRUCT is text: bound what one may ask of the reader
-MAX_POINTS = 1 << 24  # contour points in one file (a few hundred MB of text)
+MAX_FILE_BYTES = 1 << 28  # 256 MiB: far above the largest plans' structure sets
+MAX_POINTS = 1 << 24  # contour points in one file
 MAX_CONTOURS = 1 << 18
+MAX_CROSSINGS = 1 << 26  # (contour edge, pixel row) crossings the fill may compute
+MAX_CONTOUR_CROSSINGS = 1 << 22  # ... for one contour (its arrays: about 170 MB)
 FAR = 16  # a contour point this many image widths away is not on the image
 
 
 def read_rtstruct(ds, name: str, meta, classes: Classes) -> np.ndarray:
     """The run's classes from RTSTRUCT ``ds`` (file ``name``) on the stored grid
     of the image series ``meta`` describes (:class:`common.data.readers.ImageMeta`):
-    ``slices x rows x columns`` uint8, slices in ``meta.source_uids``' order."""
+    ``slices x rows x columns`` uint8, slices in ``meta.source_uids``' order.
+
+    A structure of the run whose ROIs hold no closed contour at all (listed
+    but never drawn) is a :class:`StructureMissingError`, as a missing ROI is:
+    not drawn is not the same as absent."""
     geometry = meta.geometry
     if geometry is None:
         raise DataError(
@@ -71,23 +81,19 @@ def read_rtstruct(ds, name: str, meta, classes: Classes) -> np.ndarray:
     gap = float(np.median(np.abs(np.diff(np.sort(depth))))) if len(depth) > 1 else 1.0
     tolerance = max(gap / 2.0, 1e-3)
     by_class = {c: np.zeros((len(depth), rows, columns), bool) for c in set(roi_class.values())}
-    points_seen = contours_seen = 0
+    drawn: set[int] = set()  # classes with at least one closed contour
+    budget = _Budget(name)
     for roi_contour in _seq(ds, "ROIContourSequence", name, required=False):
         cls = roi_class.get(_number(roi_contour, "ReferencedROINumber", name))
         if cls is None:
             continue
+        roi = np.zeros((len(depth), rows, columns), bool)  # even-odd within this ROI
         for contour in getattr(roi_contour, "ContourSequence", None) or []:
-            contours_seen += 1
-            if contours_seen > MAX_CONTOURS:
-                raise UnreadableFileError(f"RTSTRUCT {name} holds more than {MAX_CONTOURS} "
-                                          f"contours")
+            budget.contour()
             if str(getattr(contour, "ContourGeometricType", "")).strip() != "CLOSED_PLANAR":
                 continue  # a point or an open line: no area
             points = _points(contour, name)
-            points_seen += len(points)
-            if points_seen > MAX_POINTS:
-                raise UnreadableFileError(f"RTSTRUCT {name} holds more than {MAX_POINTS} "
-                                          f"contour points")
+            budget.points(len(points))
             k = _slice_of(contour, points, uid_slice, depth, normal, tolerance, name)
             offset = points - geometry.positions[k]
             r = offset @ col_dir / geometry.spacing[0]  # along the column: the row index
@@ -96,11 +102,47 @@ def read_rtstruct(ds, name: str, meta, classes: Classes) -> np.ndarray:
             if np.abs(r).max() > reach or np.abs(c).max() > reach:
                 raise DataError(f"RTSTRUCT {name} has a contour that reaches far outside its "
                                 f"slice ({rows} x {columns} pixels): not drawn on this series")
-            by_class[cls][k] ^= _fill(r, c, (rows, columns))
+            roi[k] ^= fill(r, c, (rows, columns), budget)
+            drawn.add(cls)
+        by_class[cls] |= roi  # ROIs of one structure join
+    for cls in sorted(set(roi_class.values()) - drawn):
+        structure = classes.structures[cls - 1]
+        rois_of = ", ".join(repr(found[n][0]) for n, c in roi_class.items() if c == cls)
+        raise StructureMissingError(
+            f"RTSTRUCT {name} lists {rois_of} for {structure!r} but draws no closed contour "
+            f"of it: a structure not drawn is not known to be absent, so the case is left "
+            f"out (draw it, or leave the case out of the dataset)", structure=structure)
     out = np.zeros((len(depth), rows, columns), np.uint8)
     for cls in sorted(by_class):  # later structures over earlier ones
         out[by_class[cls]] = cls
     return out
+
+
+class _Budget:
+    """What one file may make the reader do (contours, points, fill work)."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.contours, self.seen, self.crossings = name, 0, 0, 0
+
+    def contour(self) -> None:
+        self.contours += 1
+        if self.contours > MAX_CONTOURS:
+            raise UnreadableFileError(f"RTSTRUCT {self.name} holds more than {MAX_CONTOURS} "
+                                      f"contours")
+
+    def points(self, n: int) -> None:
+        self.seen += n
+        if self.seen > MAX_POINTS:
+            raise UnreadableFileError(f"RTSTRUCT {self.name} holds more than {MAX_POINTS} "
+                                      f"contour points")
+
+    def fill(self, n: int) -> None:
+        self.crossings += n
+        if self.crossings > MAX_CROSSINGS or n > MAX_CONTOUR_CROSSINGS:
+            raise UnreadableFileError(
+                f"RTSTRUCT {self.name}: its contours cross the image's pixel rows more than "
+                f"{MAX_CONTOUR_CROSSINGS} times in one contour or {MAX_CROSSINGS} in all "
+                f"(zig-zag contours?); not read")
 
 
 def _seq(ds, keyword: str, name: str, required: bool = True):
@@ -120,10 +162,19 @@ def _number(item, keyword: str, name: str) -> int:
 
 
 def _points(contour, name: str) -> np.ndarray:
-    """A contour's points, ``N x 3`` (mm), checked."""
-    raw = getattr(contour, "ContourData", None) or []
+    """A contour's points, ``N x 3`` (mm), checked. Parsed from the element's
+    bytes where pydicom has not converted them (no Python object per number;
+    also what a value over 64 KiB in explicit VR comes back as: ``UN``)."""
+    element = contour.get_item("ContourData") if "ContourData" in contour else None
+    raw = getattr(element, "value", None)
     try:
-        values = np.array([float(v) for v in raw], np.float64)
+        if isinstance(raw, bytes | bytearray):
+            text = bytes(raw).rstrip(b"\x00 ")
+            values = np.array(text.split(b"\\") if text else [], np.float64)
+        else:
+            single = raw is None or isinstance(raw, str | int | float)
+            items = ([] if raw is None else [raw]) if single else list(raw)
+            values = np.array([float(v) for v in items], np.float64)
     except (TypeError, ValueError):
         raise UnreadableFileError(f"RTSTRUCT {name}: a contour's ContourData is not numbers"
                                   ) from None
@@ -169,14 +220,37 @@ def _slice_of(contour, points: np.ndarray, uid_slice: dict[str, int], depth: np.
     return k
 
 
-def _fill(r: np.ndarray, c: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """The pixels whose centres lie inside the polygon (rows ``r``, columns ``c``)."""
-    from skimage.draw import polygon
-
+def fill(r: np.ndarray, c: np.ndarray, shape: tuple[int, int],
+         budget: _Budget | None = None) -> np.ndarray:
+    """The pixels whose centres lie inside the closed polygon of rows ``r`` and
+    columns ``c`` (even-odd), by scanlines: each edge crosses the pixel rows
+    from its lower end up to, not including, its upper end; on each row the
+    crossings, sorted, pair up into runs of inside pixels. The work is the
+    edges plus the rows they cross, not (as a point-in-polygon test per pixel)
+    the bounding box times the edges."""
+    rows, cols = shape
+    r1, c1 = np.roll(r, -1), np.roll(c, -1)
+    first = np.clip(np.ceil(np.minimum(r, r1)), 0, rows).astype(np.int64)
+    last = np.clip(np.ceil(np.maximum(r, r1)), 0, rows).astype(np.int64)
+    counts = last - first  # rows y with low <= y < high; 0 for a flat edge
+    total = int(counts.sum())
+    if budget is not None:
+        budget.fill(total)
     mask = np.zeros(shape, bool)
-    rr, cc = polygon(r, c, shape)
-    mask[rr, cc] = True
-    return mask
+    if total == 0:
+        return mask
+    edge = np.repeat(np.arange(len(r)), counts)
+    y = np.repeat(first, counts) + np.arange(total) - np.repeat(np.cumsum(counts) - counts,
+                                                                  counts)
+    x = c[edge] + (y - r[edge]) * (c1[edge] - c[edge]) / (r1[edge] - r[edge])
+    order = np.lexsort((x, y))  # by row, then along it: each row's crossings pair up
+    y, x = y[order], x[order]
+    start = np.clip(np.ceil(x[0::2]), 0, cols).astype(np.int64)  # columns x0 <= col < x1
+    stop = np.clip(np.ceil(x[1::2]), 0, cols).astype(np.int64)
+    runs = np.zeros((rows, cols + 1), np.int32)
+    np.add.at(runs, (y[0::2], start), 1)
+    np.add.at(runs, (y[0::2], stop), -1)
+    return np.cumsum(runs, axis=1)[:, :cols] > 0
 
 
 def outlines(mask: np.ndarray) -> list[np.ndarray]:
@@ -194,7 +268,7 @@ def write_rtstruct(datasets: Sequence, labels: np.ndarray, roi_names: Sequence[s
     columns``, class ``i`` is ROI ``roi_names[i - 1]``)."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.sequence import Sequence as Seq
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import ImplicitVRLittleEndian, generate_uid
 
     def uid(*parts: object) -> str:
         return generate_uid(entropy_srcs=[uid_seed, str(path), *map(str, parts)])
@@ -203,7 +277,8 @@ def write_rtstruct(datasets: Sequence, labels: np.ndarray, roi_names: Sequence[s
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = RTSTRUCT_STORAGE
     meta.MediaStorageSOPInstanceUID = uid("rtstruct")
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    # implicit VR: a contour's ContourData may pass explicit VR's 64 KiB length limit
+    meta.TransferSyntaxUID = ImplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = meta
     ds.SOPClassUID, ds.SOPInstanceUID = RTSTRUCT_STORAGE, meta.MediaStorageSOPInstanceUID

@@ -5,6 +5,8 @@ them, in 2D and in 3D, also on volumes thinner than a patch."""
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +104,12 @@ def test_dicom_labels_name_each_structure(tmp_path):
     rt_site = write_site(tmp_path / "rt", 0, 1, 1, labels=ORGAN_LESION, label_format="rtstruct")
     rt = pydicom.dcmread(next((rt_site / "labelsTr").iterdir()))
     assert [r.ROIName for r in rt.StructureSetROISequence] == ["organ", "lesion"]
+    validator = shutil.which("dciodvfy")  # an independent validator, where installed
+    labels = [*(seg_site / "labelsTr").iterdir(), *(rt_site / "labelsTr").iterdir()]
+    for path in (labels if validator else ()):
+        report = subprocess.run([validator, str(path)], capture_output=True, text=True)
+        assert not [line for line in (report.stdout + report.stderr).splitlines()
+                    if line.startswith(("Error", "Warning"))], path.name
 
 
 # ------------------------------------------------------------------ learning

@@ -163,3 +163,18 @@ def federation(sites: list[tuple[str, Path]], overrides: Mapping[str, Any],
     return LocalGrid(client_app, [{"data-dir": str(folder), "site-name": name}
                                   for name, folder in sites], run_config,
                      faults=dict(faults or {}))
+
+
+def audited_replies(folder: Path, pattern: str) -> list[Message]:
+    """The messages the server's audit (``FEDSEG_AUDIT_DIR``) kept in
+    ``folder`` under names matching ``pattern``, those that are not errors."""
+    from flwr.proto.message_pb2 import Message as ProtoMessage
+
+    out = []
+    for path in sorted(Path(folder).glob(pattern)):
+        proto = ProtoMessage()
+        proto.ParseFromString(path.read_bytes())
+        msg = message_from_proto(proto)
+        if not msg.has_error():
+            out.append(msg)
+    return out

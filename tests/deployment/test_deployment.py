@@ -30,6 +30,7 @@ from server.runs import read_metrics
 from server.simulation import APP_DIR
 from server.wire import AUDIT_DIR_ENV
 from tests.federation.conftest import FLOWER_PROCESSES, processes_matching
+from tests.grid import audited_replies
 
 pytestmark = pytest.mark.federation
 
@@ -143,8 +144,6 @@ def test_secure_aggregation_and_client_dp_work_through_the_site_workers(federati
     trains, its ClientApp clips and masks what the worker returned, the server
     sees only masked uploads and the sum, and spends privacy per round."""
     from flwr.common.secure_aggregation.secaggplus_constants import Key
-    from flwr.common.serde import message_from_proto
-    from flwr.proto.message_pb2 import Message as ProtoMessage
 
     for old in (federation.work / "audit").glob("*secagg*"):
         old.unlink()
@@ -161,12 +160,7 @@ def test_secure_aggregation_and_client_dp_work_through_the_site_workers(federati
     assert rows[1]["epsilon"] > rows[0]["epsilon"]
     assert summary["privacy"]["dp"] == "client-fixed"
     uploads = 0
-    for path in sorted((federation.work / "audit").glob("round0001-secagg*")):
-        proto = ProtoMessage()
-        proto.ParseFromString(path.read_bytes())
-        msg = message_from_proto(proto)
-        if msg.has_error():
-            continue
+    for msg in audited_replies(federation.work / "audit", "round0001-secagg*"):
         assert all(len(rec) == 0 for rec in msg.content.array_records.values())
         if any(Key.MASKED_PARAMETERS in cfg for cfg in msg.content.config_records.values()):
             uploads += 1

@@ -12,13 +12,11 @@ import pytest
 import torch
 from flwr.common import bytes_to_ndarray
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
-from flwr.common.serde import message_from_proto
-from flwr.proto.message_pb2 import Message as ProtoMessage
 
 from common.data.synthetic import write_federation
 from server.runs import read_metrics
 from server.wire import AUDIT_DIR_ENV
-from tests.grid import federation, run_server
+from tests.grid import audited_replies, federation, run_server
 
 CLIP, MAX_WEIGHT, CASES = 8.0, 10.0, 2
 SMALL = {"num-rounds": 1, "seed": 0, "secagg-max-weight": MAX_WEIGHT,
@@ -59,12 +57,7 @@ def test_secure_aggregate_is_fedavgs_and_uploads_are_masked(four_sites, tmp_path
     # each site's upload is masked: spread uniformly over [0, 2^32), where its
     # quantised weights would all lie below 2^22.
     uploads = []
-    for path in sorted(audit.glob("round0001-secagg*")):
-        proto = ProtoMessage()
-        proto.ParseFromString(path.read_bytes())
-        msg = message_from_proto(proto)
-        if msg.has_error():
-            continue
+    for msg in audited_replies(audit, "round0001-secagg*"):
         assert all(len(rec) == 0 for rec in msg.content.array_records.values())
         cfg = msg.content.config_records[RECORD_KEY_CONFIGS]
         if Key.MASKED_PARAMETERS in cfg:

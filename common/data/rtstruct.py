@@ -87,7 +87,7 @@ def read_rtstruct(ds, name: str, meta, classes: Classes) -> np.ndarray:
         cls = roi_class.get(_number(roi_contour, "ReferencedROINumber", name))
         if cls is None:
             continue
-        roi = np.zeros((len(depth), rows, columns), bool)  # even-odd within this ROI
+        roi: dict[int, np.ndarray] = {}  # slice -> this ROI's pixels, even-odd within it
         for contour in getattr(roi_contour, "ContourSequence", None) or []:
             budget.contour()
             if str(getattr(contour, "ContourGeometricType", "")).strip() != "CLOSED_PLANAR":
@@ -102,9 +102,11 @@ def read_rtstruct(ds, name: str, meta, classes: Classes) -> np.ndarray:
             if np.abs(r).max() > reach or np.abs(c).max() > reach:
                 raise DataError(f"RTSTRUCT {name} has a contour that reaches far outside its "
                                 f"slice ({rows} x {columns} pixels): not drawn on this series")
-            roi[k] ^= fill(r, c, (rows, columns), budget)
+            inside = fill(r, c, (rows, columns), budget)
+            roi[k] = roi[k] ^ inside if k in roi else inside
             drawn.add(cls)
-        by_class[cls] |= roi  # ROIs of one structure join
+        for k, pixels in roi.items():  # ROIs of one structure join
+            by_class[cls][k] |= pixels
     for cls in sorted(set(roi_class.values()) - drawn):
         structure = classes.structures[cls - 1]
         rois_of = ", ".join(repr(found[n][0]) for n, c in roi_class.items() if c == cls)
@@ -153,12 +155,13 @@ def _seq(ds, keyword: str, name: str, required: bool = True):
 
 
 def _number(item, keyword: str, name: str) -> int:
-    value = getattr(item, keyword, None)
-    try:
-        return int(str(value).strip())
-    except (TypeError, ValueError):
-        raise UnreadableFileError(f"RTSTRUCT {name}: {keyword} is {value!r}, not a whole "
-                                  f"number") from None
+    """A whole-number attribute of an RTSTRUCT item (the readers' check)."""
+    from common.data.readers import _int_attr
+
+    number = _int_attr(item, keyword, name, None, low=0)
+    if number is None:
+        raise UnreadableFileError(f"RTSTRUCT {name} has an item without {keyword}")
+    return number
 
 
 def _points(contour, name: str) -> np.ndarray:

@@ -221,39 +221,10 @@ def _series(
     return datasets
 
 
-def _write_seg(datasets: list, mask: np.ndarray, path: Path, seed: int) -> None:
-    import highdicom as hd
-    from pydicom.sr.codedict import codes
-    from pydicom.uid import generate_uid
-
-    description = hd.seg.SegmentDescription(
-        segment_number=1,
-        segment_label="lesion",
-        segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
-        segmented_property_type=codes.SCT.Tumor,
-        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL,
-    )
-    seg = hd.seg.Segmentation(
-        source_images=datasets,
-        pixel_array=mask.astype(np.uint8),
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[description],
-        series_instance_uid=generate_uid(entropy_srcs=[str(seed), str(path), "seg-series"]),
-        series_number=2,
-        sop_instance_uid=generate_uid(entropy_srcs=[str(seed), str(path), "seg"]),
-        instance_number=1,
-        manufacturer="fedseg",
-        manufacturer_model_name="synthetic",
-        software_versions="fedseg",
-        device_serial_number="0",
-    )
-    seg.save_as(path)
-
-
 def _write_segments(datasets: list, classes: np.ndarray, names: list[str], path: Path,
-                    seed: int) -> None:
+                    seed: int, roles: tuple[str, ...] = ROLES) -> None:
     """A DICOM SEG of one segment per structure (class ``i`` is segment ``i``,
-    labelled ``names[i - 1]``), coded by what it is drawn as (:data:`ROLES`)."""
+    labelled ``names[i - 1]``), coded by what it is drawn as (``roles``)."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
     from pydicom.uid import generate_uid
@@ -263,8 +234,8 @@ def _write_segments(datasets: list, classes: np.ndarray, names: list[str], path:
     descriptions = [
         hd.seg.SegmentDescription(
             segment_number=i, segment_label=name,
-            segmented_property_category=coded.get(ROLES[i - 1], organ)[0],
-            segmented_property_type=coded.get(ROLES[i - 1], organ)[1],
+            segmented_property_category=coded.get(roles[i - 1], organ)[0],
+            segmented_property_type=coded.get(roles[i - 1], organ)[1],
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL)
         for i, name in enumerate(names, start=1)]
     seg = hd.seg.Segmentation(
@@ -387,10 +358,9 @@ def write_site(
                         ds.save_as(tmp / image / f"slice_{k:03d}.dcm", enforce_file_format=True)
                 suffix = {"seg": ".dcm", "rtstruct": ".dcm", "nifti": ".nii.gz", "png": ".png"}
                 label = f"{lbl_dir}/{case_id}{suffix[label_format]}"
-                if label_format == "seg" and values is None:
-                    _write_seg(datasets, classes, tmp / label, seed)
-                elif label_format == "seg":
-                    _write_segments(datasets, classes, names, tmp / label, seed)
+                if label_format == "seg":  # the default sites: one segment, a lesion
+                    _write_segments(datasets, classes, names, tmp / label, seed,
+                                    ROLES if values is not None else ("lesion",))
                 elif label_format == "rtstruct":
                     from common.data.rtstruct import write_rtstruct
 

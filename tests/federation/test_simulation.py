@@ -67,6 +67,7 @@ def test_fedseg_simulate_command_trains_and_resumes(two_sites, tmp_path,
     assert after[-1]["dice_mean"] > after[0]["dice_mean"]  # the global model learned
 
 
+@pytest.mark.slow  # 31 s: with the drills, so the default suite keeps a margin under 8 min
 def test_flwr_run_against_a_local_simulation_connection(tmp_path, no_leftover_processes):
     """``flwr run .`` as Flower documents it; nodes without data-dir use synthetic sites."""
     flwr_home = tmp_path / "flwr-home"

@@ -1,11 +1,14 @@
-"""Flower ClientApp: one hospital's node.
+"""Flower ClientApp: one hospital's node, as this installed fedseg runs it.
 
-Thin on purpose: unpack the message, ask the site (``client.service``), pack
-the reply. In a deployment the site is the hospital's own worker process
-(``client/worker.py``), reached over a local socket that ``fedseg node`` names
-in the node config: this app, which arrives from the coordinator, never learns
-the data folder, and imports no torch and no MONAI. In a simulation the same
-service runs in this process.
+Thin on purpose: unpack the message, ask the site, pack the reply. Two
+transports, one app:
+
+* in a deployment the hospital's executor (``client/executor.py``, inside the
+  site worker) builds the app with :func:`make_app` around the site's warm
+  service and the hospital's policy. The coordinator's app bundle is never
+  imported at a hospital: the bundle only says which run this is;
+* in a simulation Flower loads :data:`app` (the same handlers and mods) and
+  the site's service runs in that process.
 
 What leaves the site is exactly what ``common.wire`` names:
 
@@ -22,8 +25,8 @@ of the exception text, which could hold a path or a patient value.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
 
 import flwr.compat.common.recorddict_compat as compat
 import numpy as np
@@ -40,23 +43,19 @@ from flwr.app import (
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
-from flwr.clientapp.typing import ClientAppCallable
+from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 from flwr.common.constant import ErrorCode
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
-from client.channel import WorkerClient
+from client.policy import PolicyRefusal, SitePolicy
 from common import wire
 from common.config import RunSettings, SiteSettings, fedseg_home, simulation_sites
 from common.errors import FedsegError, error_reason, scrub, write_local_log
-from common.processes import exit_when_orphaned
 
 log = logging.getLogger(__name__)
 
 OPTIMIZER_STATE = "fedseg-optimizer"  # context.state key: Adam's moments between rounds
-WORKER = "worker"  # node config: the site worker's socket (set by `fedseg node`)
-
-app = ClientApp()
 
 # In a simulation: the site's service per (run, node), kept while the process
 # lives (a simulation's process serves many rounds, not always of one node:
@@ -70,6 +69,10 @@ class InProcessSite:
     def __init__(self, context: Context) -> None:
         self.context = context
 
+    @property
+    def name(self) -> str:
+        return SiteSettings.from_node_config(self.context.node_config, simulation_sites()).name
+
     def service(self, settings: RunSettings):
         from client.service import SiteService
         from common.data.synthetic import ensure_site
@@ -82,8 +85,6 @@ class InProcessSite:
         data_dir = site.data_dir or ensure_site(
             fedseg_home() / "synthetic", site.partition_id, settings.synthetic_train_cases,
             settings.synthetic_test_cases, settings.seed)
-        from client.policy import SitePolicy
-
         key = (self.context.run_id, self.context.node_id)
         policy = SitePolicy(share_local_model=settings.cross_site)  # the user's consent
         models = fedseg_home() / "sites" / site.name / "models"
@@ -112,41 +113,41 @@ class InProcessSite:
         return out
 
 
-def site(context: Context) -> WorkerClient | InProcessSite:
-    """The worker when ``fedseg node`` named one, else the service in process."""
-    path = context.node_config.get(WORKER)
-    if not path:
-        return InProcessSite(context)
-    exit_when_orphaned("ClientApp")  # a killed SuperNode does not leave it hanging
-    return WorkerClient(str(path))
+class SiteAnswers(Protocol):
+    """What a handler asks a site: weights by name, metrics, notes."""
+
+    name: str | None  # the site's public name
+
+    def request(self, kind: str, run_id: int, run_config: Mapping[str, Any],
+                round_config: Mapping[str, Any], weights: Mapping[str, np.ndarray] | None
+                ) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, str]]: ...
 
 
-def ask(kind: str, msg: Message, context: Context
+SiteOf = Callable[[Context], SiteAnswers]
+
+
+def ask(site: SiteAnswers, kind: str, msg: Message, context: Context
         ) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, str]]:
     """The site's answer to ``msg``: weights by name, metrics, notes."""
     weights = ({k: a.numpy() for k, a in msg.content[wire.ARRAYS].items()}
                if wire.ARRAYS in msg.content.array_records else None)
     config = dict(msg.content[wire.CONFIG]) if wire.CONFIG in msg.content.config_records else {}
-    return site(context).request(kind, context.run_id, dict(context.run_config), config,
-                                 weights)
+    return site.request(kind, context.run_id, dict(context.run_config), config, weights)
 
 
-def _site_name(context: Context) -> str | None:
-    """This node's public name, if its node config can be read at all."""
+def _site_name(context: Context, site_of: SiteOf) -> str | None:
+    """This node's public name, if it can be told at all."""
     try:
-        if context.node_config.get(WORKER):
-            return str(context.node_config.get("site-name") or "") or None
-        return SiteSettings.from_node_config(context.node_config, simulation_sites()).name
+        return site_of(context).name
     except Exception:  # noqa: BLE001 - the failure being reported is the real one
         return None
 
 
-def _failed(msg: Message, context: Context, exc: Exception, what: str) -> Message:
+def _failed(msg: Message, name: str | None, exc: Exception, what: str) -> Message:
     """The reply for a failed handler: the site's name and the scrubbed cause.
     The full cause (case name, path) stays in this site's own log, and in a
     simulation (where every party is the user's own machine) also goes to the
     run folder's local log that ``fedseg simulate`` shows in the terminal."""
-    name = _site_name(context)
     log.error("%s failed at this site: %s", what, exc, exc_info=exc)  # local log only
     write_local_log(name, what, exc)
     return Message(
@@ -163,34 +164,47 @@ class SecureRoundFailed(FedsegError):
         return str(self)
 
 
-def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Secure aggregation (SecAgg+) when the run asks for it: Flower's
-    ``secaggplus_mod`` masks this site's update; this bridges its legacy
-    fit-record format to this app's own records. Without the run setting, a
-    no-op; with it, a train message without SecAgg+ configuration is refused
-    (``secaggplus_mod`` fails closed)."""
-    if not RunSettings.from_run_config(context.run_config).secure_aggregation:
-        return call_next(msg, context)
+def secagg_mod(required: bool = False) -> Mod:
+    """Secure aggregation (SecAgg+) when the run asks for it, or always when
+    the site's policy requires it (``required``): Flower's ``secaggplus_mod``
+    masks this site's update; this bridges its legacy fit-record format to
+    this app's own records. Otherwise a no-op. On, a train message without
+    SecAgg+ configuration is refused (``secaggplus_mod`` fails closed), so a
+    run that only claims secure aggregation gets nothing unmasked."""
 
-    def plain_train(inner: Message, ctx: Context) -> Message:
-        # secaggplus_mod has read its own record; the rest of the chain (DP
-        # clipping, the handler) sees the plain {arrays, config} message.
-        inner.content.config_records.pop(RECORD_KEY_CONFIGS, None)
-        reply = call_next(inner, ctx)
-        if reply.has_error():
-            raise SecureRoundFailed(reply.error.reason)
-        metrics = {k: v for k, v in reply.content[wire.METRICS].items()}
-        dp_on = RunSettings.from_run_config(ctx.run_config).dp != "off"
-        weight = 1 if dp_on else int(metrics[wire.NUM_EXAMPLES])  # DP: uniform weights
-        fitres = FitRes(Status(Code.OK, ""),
-                        ndarrays_to_parameters(reply.content[wire.ARRAYS].to_numpy_ndarrays()),
-                        weight,
-                        {**metrics, **{k: v for k, v in reply.content[wire.SITE].items()
-                                       if k in wire.SITE_NOTES},
-                         wire.SITE: str(reply.content[wire.SITE][wire.SITE_NAME])})
-        return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=inner)
+    def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        if not (required or RunSettings.from_run_config(context.run_config).secure_aggregation):
+            return call_next(msg, context)
+        if RECORD_KEY_CONFIGS not in msg.content.config_records:  # fail closed, saying why
+            from client.service import RequestRefused
 
-    return secaggplus_mod(msg, context, plain_train)
+            refusal = PolicyRefusal if required else RequestRefused
+            raise refusal("secure aggregation is required, and this training message is "
+                          "no SecAgg+ stage: this site's update leaves masked or not at all")
+
+        def plain_train(inner: Message, ctx: Context) -> Message:
+            # secaggplus_mod has read its own record; the rest of the chain (DP
+            # clipping, the handler) sees the plain {arrays, config} message.
+            inner.content.config_records.pop(RECORD_KEY_CONFIGS, None)
+            reply = call_next(inner, ctx)
+            if reply.has_error():
+                raise SecureRoundFailed(reply.error.reason)
+            metrics = {k: v for k, v in reply.content[wire.METRICS].items()}
+            dp_on = RunSettings.from_run_config(ctx.run_config).dp != "off"
+            weight = 1 if dp_on else int(metrics[wire.NUM_EXAMPLES])  # DP: uniform weights
+            fitres = FitRes(
+                Status(Code.OK, ""),
+                ndarrays_to_parameters(reply.content[wire.ARRAYS].to_numpy_ndarrays()),
+                weight,
+                {**metrics, **{k: v for k, v in reply.content[wire.SITE].items()
+                               if k in wire.SITE_NOTES},
+                 wire.SITE: str(reply.content[wire.SITE][wire.SITE_NAME])})
+            return Message(compat.fitres_to_recorddict(fitres, keep_input=False),
+                           reply_to=inner)
+
+        return secaggplus_mod(msg, context, plain_train)
+
+    return mod
 
 
 def privacy_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -204,32 +218,54 @@ def privacy_mod(msg: Message, context: Context, call_next: ClientAppCallable) ->
     return call_next(msg, context)
 
 
-@app.train(mods=[secagg_mod, privacy_mod])
-def train_handler(msg: Message, context: Context) -> Message:
-    """Train the global model on this site's training cases (scoring it first
-    when the message asks)."""
-    try:
-        weights, metrics, notes = ask("train", msg, context)
-    except Exception as exc:  # noqa: BLE001 - every failure leaves scrubbed
-        return _failed(msg, context, exc, "train")
-    site = {wire.SITE_NAME: _site_name(context) or "",
-            **{k: v for k, v in notes.items() if k in wire.SITE_NOTES}}
-    return Message(RecordDict({wire.ARRAYS: ArrayRecord({k: Array(v) for k, v in
-                                                         weights.items()}),
-                               wire.METRICS: MetricRecord(metrics),
-                               wire.SITE: ConfigRecord(site)}),
-                   reply_to=msg)
+def _site_record(name: str | None, notes: Mapping[str, str]) -> ConfigRecord:
+    return ConfigRecord({wire.SITE_NAME: name or "",
+                         **{k: v for k, v in notes.items() if k in wire.SITE_NOTES}})
 
 
-@app.evaluate()
-def evaluate_handler(msg: Message, context: Context) -> Message:
-    """Score the global model on this site's test cases; reply with means only."""
-    try:
-        _, metrics, notes = ask("evaluate", msg, context)
-    except Exception as exc:  # noqa: BLE001
-        return _failed(msg, context, exc, "evaluate")
-    site = {wire.SITE_NAME: _site_name(context) or "",
-            **{k: v for k, v in notes.items() if k in wire.SITE_NOTES}}
-    return Message(RecordDict({wire.METRICS: MetricRecord(metrics),
-                               wire.SITE: ConfigRecord(site)}),
-                   reply_to=msg)
+def make_app(site_of: SiteOf, policy: SitePolicy | None = None,
+             site_mods: Sequence[Mod] = ()) -> ClientApp:
+    """The ClientApp over a site: ``site_of(context)`` answers the requests.
+    Train messages pass SecAgg+ (always on where ``policy`` requires it), then
+    ``site_mods`` (the hospital's own DP), then Flower's DP clipping: the
+    reply goes back through them in the other order, so the site's noise is
+    added to the clipped update and the noised update is what SecAgg+ masks."""
+    client_app = ClientApp()
+    required = bool(policy and policy.require_secure_aggregation)
+
+    @client_app.train(mods=[secagg_mod(required), *site_mods, privacy_mod])
+    def train_handler(msg: Message, context: Context) -> Message:
+        """Train the global model on this site's training cases (scoring it
+        first when the message asks)."""
+        try:
+            site = site_of(context)
+            weights, metrics, notes = ask(site, "train", msg, context)
+        except Exception as exc:  # noqa: BLE001 - every failure leaves scrubbed
+            return _failed(msg, _site_name(context, site_of), exc, "train")
+        return Message(RecordDict({wire.ARRAYS: ArrayRecord({k: Array(v) for k, v in
+                                                             weights.items()}),
+                                   wire.METRICS: MetricRecord(metrics),
+                                   wire.SITE: _site_record(site.name, notes)}),
+                       reply_to=msg)
+
+    @client_app.evaluate()
+    def evaluate_handler(msg: Message, context: Context) -> Message:
+        """Score the global model on this site's test cases; reply with means only."""
+        try:
+            site = site_of(context)
+            _, metrics, notes = ask(site, "evaluate", msg, context)
+        except Exception as exc:  # noqa: BLE001
+            return _failed(msg, _site_name(context, site_of), exc, "evaluate")
+        return Message(RecordDict({wire.METRICS: MetricRecord(metrics),
+                                   wire.SITE: _site_record(site.name, notes)}),
+                       reply_to=msg)
+
+    client_app.train_handler = train_handler  # for tests that call a handler directly
+    client_app.evaluate_handler = evaluate_handler
+    return client_app
+
+
+# Simulations (Flower loads this object): the site's service in this process.
+app = make_app(InProcessSite)
+train_handler = app.train_handler
+evaluate_handler = app.evaluate_handler

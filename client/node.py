@@ -5,23 +5,29 @@ key, the CA certificate, that the SuperLink answers and that its certificate
 is the federation's), then starts two processes and supervises them:
 
 * the site worker (``client/worker.py``), from this installed fedseg: the
-  only reader of the data folder;
-* ``flower-supernode``, whose node config names only the worker's socket and
-  the site's public name: the ClientApps it starts (the coordinator's code)
-  never learn the data folder.
+  only reader of the data folder, and the node's executor: it answers every
+  message the SuperNode receives with this installed fedseg
+  (``client/executor.py``); no code of the coordinator's app bundle runs here;
+* ``flower-supernode`` in process isolation (``--isolation process``): it
+  talks to the SuperLink and keeps the messages for the executor on its local
+  Runtime API, which only a holder of the SuperExec auth secret (made here,
+  at each start) may claim work from. It starts no process of its own.
 
 Started as root (a service), it runs the worker as ``--data-user`` and the
-SuperNode (and so every ClientApp) as ``--run-user``, and refuses to start
-unless the run user cannot read the data folder and the data user can:
-containment by the operating system, not by convention.
+SuperNode as ``--run-user``, and refuses to start unless the run user cannot
+read the data folder and the data user can; the node's private key is the
+SuperNode's alone (its user's, mode 0600, in a folder only it enters): no
+other process of the node can open it. Containment by the operating system,
+not by convention.
 
 Hospitals only connect out: the SuperNode opens one outbound HTTPS connection
 to the SuperLink and polls it; nothing connects in. Its local Runtime API port
 (``--port``) listens on 127.0.0.1 only.
 
-The site state folder (``--state``) holds what the node keeps: the worker's
-socket, the audit log of every reply (``fedseg node audit``), the SuperNode's
-Flower home. Never inside the data folder.
+The site state folder (``--state``) holds what the node keeps: the audit log
+of every message that left (``fedseg node audit``), the site's privacy
+ledger, the models it kept, the SuperNode's Flower home. Never inside the
+data folder.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from __future__ import annotations
 import os
 import pwd
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -65,9 +72,9 @@ class NodeSettings:
     device: str = "auto"
     port: int = 9094  # local Runtime API port
     max_wait: float | None = None  # give up connecting after this many seconds
-    state: Path = Path("fedseg-site-node")  # the site's own state (socket, audit log, Flower home)
+    state: Path = Path("fedseg-site-node")  # the site's own state (audit log, ledger, Flower home)
     policy: Path | None = None  # the hospital's policy file (client/policy.py)
-    run_user: str = "fedseg-run"  # as root: the SuperNode's and ClientApps' user
+    run_user: str = "fedseg-run"  # as root: the SuperNode's user
     data_user: str | None = None  # as root: the worker's user (default: the data's owner)
 
 
@@ -196,12 +203,22 @@ class SiteState:
     users: tuple[Account, Account] | None  # (run, data)
 
     @property
-    def socket(self) -> Path:
-        return self.root / "worker" / "worker.sock"
+    def worker(self) -> Path:
+        """The worker's own folder: its copy of the secret, its ready mark."""
+        return self.root / "worker"
+
+    @property
+    def ready(self) -> Path:
+        return self.worker / "ready"
 
     @property
     def audit(self) -> Path:
         return self.root / "audit" / "audit.jsonl"
+
+    @property
+    def ledger(self) -> Path:
+        """The site's privacy ledger (``client/privacy.py``), across all runs."""
+        return self.root / "privacy" / "ledger.json"
 
     @property
     def supernode(self) -> Path:
@@ -231,7 +248,7 @@ def resolve_users(settings: NodeSettings) -> tuple[Account, Account] | None:
     """As root: the (run, data) accounts, checked to contain the data folder."""
     if os.geteuid() != 0:
         return None
-    run = Account.of(settings.run_user, "the SuperNode and the coordinator's ClientApps")
+    run = Account.of(settings.run_user, "the SuperNode")
     data_name = settings.data_user or pwd.getpwuid(Path(settings.data_dir).stat().st_uid
                                                    ).pw_name
     data = Account.of(data_name, "the site worker")
@@ -246,7 +263,7 @@ def resolve_users(settings: NodeSettings) -> tuple[Account, Account] | None:
     data_dir = Path(settings.data_dir).resolve()
     if can_list(run, data_dir):
         raise NodeError(
-            f"user {run.name!r} (the SuperNode and the coordinator's ClientApps) can read the "
+            f"user {run.name!r} (the SuperNode) can read the "
             f"data folder {data_dir}: containment needs a folder only {data.name!r} may read "
             f"(chown -R {data.name} {data_dir}; chmod -R o-rwx,g-rwx {data_dir})")
     if not can_list(data, data_dir):
@@ -264,37 +281,54 @@ def prepare_state(settings: NodeSettings, users: tuple[Account, Account] | None)
                           f"data folder holds only data")
     state = SiteState(root, users)
     root.mkdir(parents=True, exist_ok=True)
-    os.chmod(root, 0o755 if users else 0o700)
-    for folder in (state.socket.parent, state.audit.parent, state.supernode, state.worker_home,
-                   state.models):
+    os.chmod(root, 0o711 if users else 0o700)  # each part's user passes, none lists
+    for folder in (state.worker, state.audit.parent, state.ledger.parent, state.supernode,
+                   state.worker_home, state.models):
         folder.mkdir(exist_ok=True)
         os.chmod(folder, 0o700)
-    state.socket.unlink(missing_ok=True)  # a killed worker's: its successor listens anew
+    state.ready.unlink(missing_ok=True)  # a killed worker's
     if users:
         run, data = users
-        # the socket's folder: the worker's, entered by the run user's group only
-        os.chown(state.socket.parent, data.uid, run.gid)
-        os.chmod(state.socket.parent, 0o2750)
-        os.chown(state.audit.parent, data.uid, data.gid)
-        for path in [state.worker_home, *state.worker_home.rglob("*"), state.models,
-                     *state.models.rglob("*")]:
-            os.chown(path, data.uid, data.gid)
-        if state.audit.exists():
-            os.chown(state.audit, data.uid, data.gid)
+        for folder in (state.worker, state.audit.parent, state.ledger.parent,
+                       state.worker_home, state.models):
+            for path in [folder, *folder.rglob("*")]:
+                os.chown(path, data.uid, data.gid, follow_symlinks=False)
         for path in [state.supernode, *state.supernode.rglob("*")]:
-            os.chown(path, run.uid, run.gid)
+            os.chown(path, run.uid, run.gid, follow_symlinks=False)
     return state
 
 
-def node_config(settings: NodeSettings, state: SiteState) -> str:
-    """What the SuperNode hands its ClientApps: the worker's socket and the
-    site's public name, nothing about the data."""
-    return f'worker="{state.socket}" site-name="{settings.name}"'
+SECRET = "superexec.secret"
+
+
+def write_secret(state: SiteState) -> None:
+    """A new SuperExec auth secret for this start, one copy for the SuperNode
+    (its user's) and one for the executor (the worker's user's), each 0600:
+    nobody else can claim the node's messages on its Runtime API."""
+    secret = secrets.token_bytes(32)
+    for folder, owner in ((state.supernode, 0), (state.worker, 1)):
+        path = folder / SECRET
+        path.unlink(missing_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(secret)
+        if state.users:
+            account = state.users[owner]
+            os.chown(path, account.uid, account.gid)
+
+
+def node_config(settings: NodeSettings) -> str:
+    """The SuperNode's node config: the site's public name, nothing else."""
+    return f'site-name="{settings.name}"'
 
 
 def supernode_command(settings: NodeSettings, state: SiteState) -> list[str]:
+    """``flower-supernode`` in process isolation: it launches nothing; the
+    executor (the worker) claims its messages with the secret."""
     cmd = ["flower-supernode", "--superlink", settings.superlink,
-           "--node-config", node_config(settings, state), "--port", str(settings.port)]
+           "--node-config", node_config(settings), "--host", "127.0.0.1",
+           "--port", str(settings.port), "--isolation", "process",
+           "--superexec-auth-secret-file", str(state.supernode / SECRET)]
     if settings.max_wait:
         cmd += ["--max-wait-time", str(settings.max_wait)]
     if settings.insecure:
@@ -315,23 +349,19 @@ def supernode_command(settings: NodeSettings, state: SiteState) -> list[str]:
 
 def worker_command(settings: NodeSettings, state: SiteState) -> list[str]:
     threads = settings.threads or os.cpu_count() or 1
-    cmd = [sys.executable, "-m", "client.worker", "--socket", str(state.socket),
+    cmd = [sys.executable, "-m", "client.worker",
+           "--runtime", f"127.0.0.1:{settings.port}", "--secret", str(state.worker / SECRET),
            "--data-dir", str(Path(settings.data_dir).resolve()), "--name", settings.name,
            "--device", settings.device, "--threads", str(threads),
-           "--audit", str(state.audit), "--models", str(state.models)]
+           "--audit", str(state.audit), "--ledger", str(state.ledger),
+           "--models", str(state.models), "--ready", str(state.ready)]
     if settings.policy:  # the worker's own copy, in its own folder
         policy = state.audit.parent / "policy.toml"
         shutil.copyfile(settings.policy, policy)
         if state.users:
             os.chown(policy, state.users[1].uid, state.users[1].gid)
         cmd += ["--policy", str(policy)]
-    if state.users:
-        run = state.users[0]
-        cmd += ["--allow-uid", str(run.uid), "--group", str(run.gid)]
     return cmd
-
-
-SUPEREXEC_POLL = "0.05"  # seconds between the SuperNode's executor's asks for a task (default 1)
 
 
 EXIT_CODE = re.compile(r"Exit Code: (\d+)")
@@ -418,16 +448,16 @@ def run_node(settings: NodeSettings, env: dict[str, str], log_path: Path | None 
     running = state.root / "running"  # left behind when this command is killed
     unclean = running.exists()
     running.write_text(f"{os.getpid()}\n")
+    write_secret(state)
     worker_env = {**env, **own_caches(state.worker_home), "OMP_NUM_THREADS": str(threads),
                   "PYTHONPATH": str(app_root) + os.pathsep + env.get("PYTHONPATH", "")}
     node_env = {**env, **own_caches(state.supernode), "OMP_NUM_THREADS": "1",
-                "FLWR_HOME": str(state.supernode / "flwr"),
-                "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": SUPEREXEC_POLL}
+                "FLWR_HOME": str(state.supernode / "flwr")}
     try:
         worker = start(worker_command(settings, state), worker_env,
                        users[1] if users else None, Path("/") if users else Path.cwd())
         deadline = time.monotonic() + 120
-        while not state.socket.exists():
+        while not state.ready.exists():
             if worker.poll() is not None or stopping.is_set() or time.monotonic() > deadline:
                 worker.wait(timeout=10) if worker.poll() is None else None
                 time.sleep(0.2)  # let its last lines through
@@ -467,7 +497,7 @@ def run_node(settings: NodeSettings, env: dict[str, str], log_path: Path | None 
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
-        # The SuperNode's helper (flower-superexec) can outlive it: stop the groups.
+        # Each one's group, and whatever descends from it.
         for proc in reversed(procs):
             stop_group(proc.pid)
             try:

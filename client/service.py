@@ -6,8 +6,8 @@ run (model, decoded cases, Adam's moments kept between rounds). It is the
 same code in both transports:
 
 * in a deployment the site worker (``client/worker.py``) runs it, the only
-  process that reads the data folder; the ClientApp reaches it over the
-  local channel (``client/channel.py``);
+  process that reads the data folder; the hospital's executor in that process
+  (``client/executor.py``) asks it for every message the node receives;
 * in a simulation the ClientApp calls it in process.
 
 Its replies hold only weights of the run's model, packed as
@@ -146,6 +146,11 @@ class SiteService:
         if kind not in self.REQUESTS:
             raise RequestRefused(f"unknown request {str(kind)[:40]!r}; this site answers "
                                  f"{', '.join(self.REQUESTS)}")
+        from common.site_algorithm import ROUNDS_IN_CALL
+
+        if ROUNDS_IN_CALL in round_config:  # the benchmark's, in process; never a run's
+            raise RequestRefused(f"round instruction '{ROUNDS_IN_CALL}' is not one a run "
+                                 f"may send")
         algo = self.algorithm(run_id, run_config)
         algo.left_out = {}  # what this reply leaves out, from the reads below
         if kind == "describe":

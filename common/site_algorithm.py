@@ -30,7 +30,7 @@ from common.config import RunSettings
 from common.data.cache import load_prepared
 from common.data.labels import Classes, site_classes
 from common.data.site import Case
-from common.errors import DataError
+from common.errors import ConfigError, DataError
 from common.model import build_model, pick_device
 from common.training import evaluate, train
 
@@ -48,9 +48,16 @@ def round_seed(run_seed: int, run_round: int, site: str) -> int:
 
 def run_round(round_config: Mapping[str, Any]) -> int:
     """The run's round: Flower's round of this call plus the rounds a resumed
-    run already had behind it."""
-    return int(round_config.get(wire.SERVER_ROUND, 0)) + int(
-        round_config.get(wire.ROUNDS_DONE, 0))
+    run already had behind it. Each a whole number from 0 to a million, or a
+    ConfigError naming the key (never a value that could break the schedule)."""
+    total = 0
+    for key in (wire.SERVER_ROUND, wire.ROUNDS_DONE):
+        value = round_config.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 10**6:
+            raise ConfigError(f"round instruction '{key}' must be a whole number from 0 to "
+                              f"1000000")
+        total += value
+    return total
 
 
 class SiteAlgorithm:

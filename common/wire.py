@@ -16,6 +16,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+# The contract's version. A run's bundle declares the version it speaks in its
+# run config; a hospital's executor runs it only if its installed fedseg speaks
+# that version (CHANGELOG.md records every change to it, the keys and settings).
+VERSION = 1
+SPOKEN = (1,)  # the versions this install answers
+VERSION_KEY = "fedseg-wire"  # run config ([tool.flwr.app.config]): the bundle's version
+
 # Records of a message
 ARRAYS = "arrays"  # the U-Net's weights (ArrayRecord)
 CONFIG = "config"  # the round's instructions (ConfigRecord)

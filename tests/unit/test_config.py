@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from common import wire
 from common.config import (
     RunSettings,
     SiteSettings,
@@ -21,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_pyproject_run_config_is_the_declared_defaults():
     table = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    assert table == RunSettings.defaults()
+    # ... and the wire version the bundle speaks, which is no setting (common/wire.py)
+    assert table == {wire.VERSION_KEY: wire.VERSION, **RunSettings.defaults()}
 
 
 def test_docs_settings_list_is_generated_from_the_declarations():

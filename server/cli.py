@@ -175,28 +175,51 @@ def cmd_provision(args: argparse.Namespace) -> int:
 def cmd_superlink(args: argparse.Namespace) -> int:
     """The SuperLink on 127.0.0.1 and nginx on the public port in front of it,
     forwarding the Fleet API only (server/proxy.py); both stopped, by process
-    group, on Ctrl-C, SIGTERM or when either exits."""
+    group, on Ctrl-C, SIGTERM or when either exits. Started as root, the
+    SuperLink and its ServerApps run as --link-user, and only the coordinator
+    reaches the local port (server/coordinator.py)."""
     from common.processes import become_subreaper, child_dies_with_parent, reap_orphans
-    from server import proxy
+    from server import coordinator, proxy
     from server.deployment import State, superlink_command, superlink_env, write_connection
     from server.processes import stop_process_group, wait_for_port
+    from server.wire import audit_dir
 
     state = State(Path(args.state).resolve()).ensure()
     certs = Path(args.certs).resolve() if args.certs else None
     local_port = args.local_port
     if local_port == args.port:
         raise ConfigError(f"--local-port must differ from --port ({args.port})")
+    roles = coordinator.Roles.resolve(args.link_user, args.coordinator_user)
     conf = proxy.write_config(state.root / "proxy", host=args.host, port=args.port,
                               local_port=local_port, certs=None if args.insecure else certs)
     nginx = proxy.nginx_command(conf) if args.proxy == "nginx" else None
-    cmd = superlink_command(state, certs=certs, host="127.0.0.1", port=local_port,
-                            insecure=args.insecure)
     if args.insecure:
         warn_insecure("the SuperLink")
     # The coordinator's own flwr CLI (fedseg hospital, fedseg run, flwr ls) uses
     # the local address; the public port refuses the Control and Runtime APIs.
     write_connection(state, f"127.0.0.1:{local_port}", certs / "ca.crt" if certs else None,
                      args.insecure)
+    audit = audit_dir()
+    tls = coordinator.prepare_state(state, roles, None if args.insecure else certs,
+                                    audit.resolve() if audit else None)
+    cmd = superlink_command(state, certs=tls, host="127.0.0.1", port=local_port,
+                            insecure=args.insecure)
+    guard = None
+    if roles is None:
+        console.print(f"[yellow]warning:[/] not started as root: the SuperLink and every "
+                      f"ServerApp run as {coordinator.Account.current().name}, and any local "
+                      f"account can use the Control API on 127.0.0.1:{local_port} (submit "
+                      f"runs, register keys); docs/deploy.md, \"The coordinator's machine\"",
+                      soft_wrap=True)
+    else:
+        guard = coordinator.LocalPortGuard(
+            local_port, coordinator.uids_allowed(roles, proxy.unprivileged()[0]))
+        why = guard.install()
+        if why:
+            console.print(f"[yellow]warning:[/] no firewall rule for 127.0.0.1:{local_port} "
+                          f"({why}): any local account can use the Control API (submit runs, "
+                          f"register keys); docs/deploy.md, \"The coordinator's machine\"",
+                          soft_wrap=True)
     probe = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     procs = []
     # Killed outright (SIGKILL), this command takes both with it (PDEATHSIG),
@@ -205,8 +228,10 @@ def cmd_superlink(args: argparse.Namespace) -> int:
     # threads hold it), so it gets SIGKILL; its state is SQLite, safe from that.
     become_subreaper()
     hold = {"preexec_fn": child_dies_with_parent(), "start_new_session": True}
+    as_link = roles.link_popen_args() if roles else {"umask": 0o077}
     try:
         superlink = subprocess.Popen(cmd, env=superlink_env(state), start_new_session=True,
+                                     cwd=state.link, **as_link,
                                      preexec_fn=child_dies_with_parent(signal.SIGKILL))
         procs.append(superlink)
         wait_for_port(local_port, superlink, "the SuperLink", state.logs / "superlink.log")
@@ -219,9 +244,15 @@ def cmd_superlink(args: argparse.Namespace) -> int:
             console.print(f"the proxy is run separately (--proxy external): start nginx "
                           f"with {conf} (deploy/compose.yaml's proxy service does)",
                           soft_wrap=True)
-        console.print(f"SuperLink: hospitals connect to {args.host}:{args.port} (nginx, Fleet "
-                      f"API only); this machine's flwr CLI uses 127.0.0.1:{local_port}; "
-                      f"state in {state.root}, run folders in {state.runs}", soft_wrap=True)
+        who = f" as {roles.link.name}" if roles else ""
+        only = ""
+        if guard is not None and guard.installed:
+            only = (" (root only)" if roles.coordinator.uid == 0
+                    else f" (root and {roles.coordinator.name} only)")
+        console.print(f"SuperLink{who}: hospitals connect to {args.host}:{args.port} (nginx, "
+                      f"Fleet API only); this machine's flwr CLI uses 127.0.0.1:{local_port}"
+                      f"{only}; state in {state.root}, run folders in {state.runs}",
+                      soft_wrap=True)
         while all(p.poll() is None for p in procs):
             reap_orphans({p.pid for p in procs})
             time.sleep(0.5)
@@ -230,9 +261,14 @@ def cmd_superlink(args: argparse.Namespace) -> int:
         console.print(f"[red]{what} exited with code {gone.returncode}[/]; stopping")
         return gone.returncode or 1
     finally:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):  # a second one must not cut this short
+                signal.signal(sig, signal.SIG_IGN)
         for proc in reversed(procs):
             stop_process_group(proc)
         reap_orphans({p.pid for p in procs})
+        if guard is not None:  # after the SuperLink is gone: the port is never open
+            guard.remove()
 
 
 def cmd_hospital(args: argparse.Namespace) -> int:
@@ -342,6 +378,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "its configuration (<state>/proxy/nginx.conf) for a proxy run as its "
                         "own service (deploy/compose.yaml)")
     p.add_argument("--insecure", action="store_true", help="no TLS, no node authentication")
+    p.add_argument("--link-user", default="fedseg-link",
+                   help="started as root: the user the SuperLink, its SuperExec and every "
+                        "ServerApp run as (default fedseg-link)")
+    p.add_argument("--coordinator-user", metavar="USER",
+                   help="started as root: the coordinator's account, which may use the "
+                        "Control API (fedseg hospital, fedseg run, flwr) besides root and "
+                        "owns the state folder")
     p.set_defaults(func=cmd_superlink)
 
     p = sub.add_parser("hospital", help="coordinator: register, list, remove hospitals' keys")

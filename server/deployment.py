@@ -6,13 +6,17 @@ for a run. fedseg adds what a coordinator needs around them: one state folder,
 secure defaults, a record of which key belongs to which hospital, and a run
 that is followed to its run folder.
 
-State folder layout (``--state``, default ``./federation``)::
+State folder layout (``--state``, default ``./federation``; who owns what when
+started as root: ``server/coordinator.py``)::
 
-    superlink.db        Flower's SuperLink state (registered nodes, runs)
-    flwr/config.toml    the connection the flwr CLI uses to reach the SuperLink
+    flwr/config.toml    the connection the coordinator's flwr CLI uses to reach the SuperLink
     hospitals.json      hospital name -> node id, key fingerprint, registration time
+    link/               the SuperLink's own: superlink.db (Flower's state: registered
+                        nodes, runs), tls/ (its copies of the server key and
+                        certificates), flwr/ (its Flower home), home/ (caches)
     runs/<name>/        run folders written by the ServerApp
-    logs/               the SuperLink's log
+    logs/               the SuperLink's log, the coordinator's run logs
+    proxy/              nginx's configuration, logs and temp folders
 """
 
 from __future__ import annotations
@@ -55,8 +59,28 @@ class State:
         return self.root / "flwr"
 
     @property
+    def link(self) -> Path:
+        """What the SuperLink (its user, when started as root) keeps for itself."""
+        return self.root / "link"
+
+    @property
     def database(self) -> Path:
-        return self.root / "superlink.db"
+        return self.link / "superlink.db"
+
+    @property
+    def tls(self) -> Path:
+        """The SuperLink's own copies of the server key and certificates."""
+        return self.link / "tls"
+
+    @property
+    def link_flwr_home(self) -> Path:
+        """The SuperLink's Flower home (the apps its ServerApps run)."""
+        return self.link / "flwr"
+
+    @property
+    def link_home(self) -> Path:
+        """HOME and caches of the SuperLink and its ServerApps."""
+        return self.link / "home"
 
     @property
     def runs(self) -> Path:
@@ -157,8 +181,17 @@ def _registry(state: State) -> dict[str, dict[str, Any]]:
 
 def _save_registry(state: State, registry: dict[str, dict[str, Any]]) -> None:
     tmp = state.registry.with_suffix(".tmp")
-    tmp.write_text(json.dumps(registry, indent=2))
+    tmp.unlink(missing_ok=True)
+    with _open_new(tmp, os.O_WRONLY | os.O_EXCL, 0o640) as fh:  # the ServerApp reads names
+        fh.write(json.dumps(registry, indent=2).encode())
     os.replace(tmp, state.registry)
+
+
+def _open_new(path: Path, flags: int, mode: int):
+    """``path`` opened for writing without following a symbolic link: the
+    coordinator (root, perhaps) writes into folders the SuperLink's user owns."""
+    fd = os.open(path, os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | flags, mode)
+    return os.fdopen(fd, "wb")
 
 
 def register(state: State, public_key: Path, name: str) -> dict[str, Any]:
@@ -257,7 +290,7 @@ def launch(state: State, run_dir_name: str, overrides: Mapping[str, Any], *,
            "--run-config", run_config_arg(config)]
     log_path = log_path or state.logs / f"run-{run_dir_name}.log"
     start = log_path.stat().st_size if log_path.exists() else 0
-    with open(log_path, "ab") as log:
+    with _open_new(log_path, os.O_WRONLY | os.O_APPEND, 0o640) as log:
         code = run_and_follow(cmd, env=base_env({"FLWR_HOME": str(state.flwr_home)}),
                               cwd=state.root, log=log, run_dir=run_dir, on_round=on_round,
                               timeout=timeout)
@@ -265,7 +298,8 @@ def launch(state: State, run_dir_name: str, overrides: Mapping[str, Any], *,
         log.seek(start)
         started = STARTED.search(log.read().decode(errors="replace"))
     if started and run_dir.is_dir():  # which Flower run this was, for a resume to stop
-        (run_dir / FLOWER_RUN_ID).write_text(started.group(1) + "\n")
+        with _open_new(run_dir / FLOWER_RUN_ID, os.O_WRONLY | os.O_TRUNC, 0o660) as fh:
+            fh.write(started.group(1).encode() + b"\n")
     summary = run_dir / "summary.json"
     if code != 0 or not summary.exists():
         raise DeploymentError(f"the run did not finish (flwr run exit code {code});"
@@ -273,8 +307,19 @@ def launch(state: State, run_dir_name: str, overrides: Mapping[str, Any], *,
     return json.loads(summary.read_text())
 
 
+# Flower's switches for its old gRPC Control and Fleet servers, on ports of their own.
+LEGACY_LISTENERS = ("FLWR_INTERNAL_GRPC_CONTROL_API", "FLWR_INTERNAL_GRPC_FLEET_API")
+
+
 def superlink_env(state: State) -> dict[str, str]:
     """The SuperLink's environment: the ServerApp it starts writes run folders
-    into the state folder."""
-    return base_env({RUNS_DIR_ENV: str(state.runs), "FLWR_HOME": str(state.flwr_home),
-                     REGISTRY_ENV: str(state.registry)})
+    into the state folder; its Flower home and caches are its own."""
+    home = state.link_home
+    env = base_env({RUNS_DIR_ENV: str(state.runs), "FLWR_HOME": str(state.link_flwr_home),
+                    REGISTRY_ENV: str(state.registry), "HOME": str(home),
+                    "FEDSEG_HOME": str(home), "XDG_CACHE_HOME": str(home / "cache"),
+                    "MPLCONFIGDIR": str(home / "matplotlib"),
+                    "TORCHINDUCTOR_CACHE_DIR": str(home / "torchinductor")})
+    for extra in LEGACY_LISTENERS:  # the local port is the only one the firewall rule covers
+        env.pop(extra, None)
+    return env

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from server import deployment
+from server.coordinator import LINK_USER
 from server.processes import free_port, stop_process_group, wait_for_port
 from server.provision import provision
 
@@ -117,9 +118,13 @@ class LocalFederation:
 
     def start_superlink(self) -> subprocess.Popen:
         """``fedseg superlink`` on this federation's state and ports (again,
-        after :meth:`kill_superlink`: the nodes reconnect by themselves)."""
+        after :meth:`kill_superlink`: the nodes reconnect by themselves).
+        As root, the SuperLink runs as :data:`LINK_USER`, made if missing."""
+        if os.geteuid() == 0:
+            ensure_user(LINK_USER)
         link = ["superlink", "--state", str(self.state.root), "--host", "127.0.0.1",
-                "--port", str(self.port), "--local-port", str(self.local_port)]
+                "--port", str(self.port), "--local-port", str(self.local_port),
+                "--link-user", LINK_USER]
         link += ["--insecure"] if self.insecure else ["--certs", str(self.certs / "superlink")]
         self.superlink = self.fedseg(*link, log="superlink.out")
         wait_for_port(self.port, self.superlink, "the SuperLink", self.work / "superlink.out")

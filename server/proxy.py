@@ -59,7 +59,7 @@ def nginx_config(folder: Path, *, host: str, port: int, local_port: int,
         f"error_log {folder / 'error.log'} warn;",
     ]
     if os.geteuid() == 0:  # the workers drop root
-        user, group = _unprivileged()
+        user, group = unprivileged()
         lines.append(f"user {user} {group};")
     lines += [
         "events { worker_connections 256; }",
@@ -118,7 +118,7 @@ def nginx_config(folder: Path, *, host: str, port: int, local_port: int,
     return "\n".join(lines) + "\n"
 
 
-def _unprivileged() -> tuple[str, str]:
+def unprivileged() -> tuple[str, str]:
     """The user nginx's workers run as when started by root, and its group."""
     import grp
     import pwd
@@ -132,12 +132,15 @@ def write_config(folder: Path, **kwargs) -> Path:
     folder = Path(folder)
     for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (folder / "tmp" / kind).mkdir(parents=True, exist_ok=True)
-    if os.geteuid() == 0:  # the workers run as nobody
+    if os.geteuid() == 0:  # the workers run as nobody: they enter, no one else does
         import pwd
 
-        nobody = pwd.getpwnam("nobody")
+        nobody = pwd.getpwnam(unprivileged()[0])
         for path in [folder / "tmp", *(folder / "tmp").iterdir()]:
             os.chown(path, nobody.pw_uid, nobody.pw_gid)
+            os.chmod(path, 0o700)
+        os.chown(folder, 0, nobody.pw_gid)
+        os.chmod(folder, 0o710)
     conf = folder / "nginx.conf"
     conf.write_text(nginx_config(folder, **kwargs))
     return conf

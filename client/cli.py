@@ -84,7 +84,7 @@ def cmd_node_models(args: argparse.Namespace) -> int:
 
 
 def cmd_node_audit(args: argparse.Namespace) -> int:
-    """Every reply this site's worker produced (or refused), from its audit log."""
+    """Every message this site's node sent (or refused), from its audit log."""
     from rich.table import Table
 
     from client.audit import AuditLog
@@ -98,20 +98,21 @@ def cmd_node_audit(args: argparse.Namespace) -> int:
     log = AuditLog(SiteState(state.resolve(), None).audit)
     entries = log.entries()
     if not entries:
-        console.print(f"no replies recorded in {log.path}")
+        console.print(f"no messages recorded in {log.path}")
         return 0
     table = Table(title=f"what left this site ({log.path})")
-    for col in ("time", "run", "round", "kind", "outcome", "records", "bytes", "weights sha256",
-                "why / notes"):
+    for col in ("time", "run", "round", "kind", "outcome", "records (keys)", "bytes",
+                "message id", "why / notes"):
         table.add_column(col)
     for e in entries:
-        records = ", ".join(e.get("metrics", []))
-        if e.get("arrays"):
-            records = f"{e['arrays']} arrays; {records}"
+        records = "; ".join(f"{name}: {', '.join(r.get('keys', []))}"
+                            for name, r in (e.get("records") or {}).items())
         table.add_row(e["time"], str(e["run"]), str(e.get("round") or ""), e["kind"],
                       e["outcome"], records, str(e.get("bytes", 0)),
-                      (e.get("weights_sha256") or "")[:16], e.get("reason") or "")
+                      (e.get("message_id") or "")[:16], e.get("reason") or "")
     console.print(table)
+    console.print("the message id is what the server received the message under "
+                  "(FEDSEG_AUDIT_DIR keeps each reply in a file named with it)")
     return 0
 
 

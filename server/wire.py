@@ -33,5 +33,7 @@ def audit(server_round: int, phase: str, msg: Message) -> None:
     if folder is None:
         return
     folder.mkdir(parents=True, exist_ok=True)
-    name = f"round{server_round:04d}-{phase}-node{msg.metadata.src_node_id}.bin"
+    # the message id (the SHA-256 of its content) matches the hospital's audit line
+    name = (f"round{server_round:04d}-{phase}-node{msg.metadata.src_node_id}-"
+            f"{str(msg.metadata.message_id)[:16]}.bin")
     (folder / name).write_bytes(message_to_proto(msg).SerializeToString())

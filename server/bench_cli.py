@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import time
 from pathlib import Path
 
@@ -87,9 +88,25 @@ def cmd_bench_deploy(args: argparse.Namespace) -> int:
     console.print(table)
     console.print("deployed: the round's wall time at the ServerApp; site work: the slowest "
                   "site worker's own time (training, and scoring the incoming model), from the "
-                  "sites' audit logs; other: the rest (Flower's polling, the ClientApp process, "
-                  "transfers); simulated: the same run in Flower's simulation engine; the last "
-                  "round also sends evaluate messages", soft_wrap=True)
+                  "sites' audit logs; other: the rest (below); simulated: the same run in "
+                  "Flower's simulation engine; the last round also sends evaluate messages",
+                  soft_wrap=True)
+    parts = message_parts(work, names)
+    if parts:
+        table = Table(title="where a message's time goes at each hospital (mean seconds)")
+        for col in ("hospital", "messages", *PARTS):
+            table.add_column(col, justify="right")
+        for name, row in parts.items():
+            table.add_row(name, str(row["messages"]), *(f"{row[k]:.2f}" for k in PARTS))
+        console.print(table)
+        console.print("idle: from the node sending a reply to it receiving the next message "
+                      "(the server aggregating and the other sites' work, then up to 3 s of "
+                      "the SuperNode's hard-coded idle poll); fetch: the SuperNode pulling the "
+                      "message from the SuperLink; pickup: the executor claiming it and "
+                      "reading it from the SuperNode; work: the worker's handling (training, "
+                      "scoring, checks, audit); notice: the SuperNode seeing the reply (it "
+                      "looks every 0.5 s); upload: the SuperNode pushing it to the SuperLink",
+                      soft_wrap=True)
     console.print(f"machine: {platform.machine()}, {os.cpu_count()} cores, "
                   f"{platform.python_implementation()} {platform.python_version()}; "
                   f"final Dice deployment {fmt(summary['dice_final'])}, simulation "
@@ -105,6 +122,63 @@ def cmd_bench_deploy(args: argparse.Namespace) -> int:
         f"most {cost['seconds_per_round']:.3f} s a round if every request waited in turn",
         soft_wrap=True)
     return 0
+
+
+PARTS = ("idle", "fetch", "pickup", "work", "notice", "upload")
+STAMP = re.compile(r"^(\d\d):(\d\d):(\d\d)\.(\d{3}) (.*)$")
+WORKER_LINE = re.compile(r"fedseg worker: INFO \S+ \(run \d+, round \S+\): \w+ in "
+                         r"([\d.]+) s, message")
+
+
+def message_parts(work: Path, names: list[str]) -> dict[str, dict[str, float]]:
+    """Per hospital, the mean seconds of each part of a message's life at the
+    node (:data:`PARTS`), read from the timestamped lines of ``fedseg node``'s
+    output (the SuperNode's and the worker's)."""
+    out = {}
+    for name in names:
+        path = work / f"node-{name}.out"
+        if not path.exists():
+            continue
+        events: list[tuple[float, str, str]] = []
+        for line in path.read_text(errors="replace").splitlines():
+            m = STAMP.match(line)
+            if not m:
+                continue
+            h, mi, sec, ms, text = m.groups()
+            t = int(h) * 3600 + int(mi) * 60 + int(sec) + int(ms) / 1000
+            if "Receiving: " in text:
+                events.append((t, "receiving", ""))
+            elif "Received successfully" in text:
+                events.append((t, "received", ""))
+            elif (w := WORKER_LINE.search(text)):
+                events.append((t, "worker", w.group(1)))
+            elif "Sending: " in text:
+                events.append((t, "sending", ""))
+            elif "Sent successfully" in text:
+                events.append((t, "sent", ""))
+        sums = dict.fromkeys(PARTS, 0.0)
+        n, idle_n, last_sent = 0, 0, None
+        i = 0
+        while i + 4 < len(events):
+            kinds = [e[1] for e in events[i:i + 5]]
+            if kinds != ["receiving", "received", "worker", "sending", "sent"]:
+                i += 1
+                continue
+            (t0, _, _), (t1, _, _), (t2, _, work_s), (t3, _, _), (t4, _, _) = events[i:i + 5]
+            if last_sent is not None:
+                sums["idle"] += t0 - last_sent
+                idle_n += 1
+            sums["fetch"] += t1 - t0
+            sums["work"] += float(work_s)
+            sums["pickup"] += max(0.0, t2 - t1 - float(work_s))
+            sums["notice"] += t3 - t2
+            sums["upload"] += t4 - t3
+            n, last_sent, i = n + 1, t4, i + 5
+        if n:
+            row = {k: v / n for k, v in sums.items()}
+            row["idle"] = sums["idle"] / idle_n if idle_n else 0.0
+            out[name] = {"messages": n, **row}
+    return out
 
 
 def worker_seconds(work: Path) -> dict[int, float]:

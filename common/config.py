@@ -435,8 +435,6 @@ NODE_SETTINGS = (
     NodeSetting("device", str, "auto (CUDA when present), cpu or cuda[:N]",
                 Check(_device_ok, "auto, cpu or cuda[:N]")),
     NodeSetting("threads", int, "CPU threads for torch; 0: torch's default", at_least(0)),
-    NodeSetting("worker", str, "deployment: the site worker's socket, set by `fedseg node`; "
-                "the ClientApp then learns nothing else of the site"),
     NodeSetting("partition-id", int, "set by Flower's simulation: which simulated site",
                 at_least(0)),
     NodeSetting("num-partitions", int, "set by Flower's simulation: how many sites",

@@ -95,6 +95,9 @@ class Entry:
 DOWN, UP = "server → site", "site → server"
 
 TABLE = (
+    Entry(VERSION_KEY, "run config", DOWN, "the fedseg wire version the run's app speaks "
+          "(its pyproject.toml); a hospital's node answers only runs of a version its install "
+          "speaks (CHANGELOG.md)"),
     Entry(ARRAYS, ARRAYS, "both", "the U-Net's weights: the global model down (train and "
           "evaluate), the site's new weights up (train)"),
     Entry(SERVER_ROUND, CONFIG, DOWN, "the round of this call (Flower counts from 1 again "

@@ -57,9 +57,8 @@ def cross_site(grid: Grid, strategy, settings: RunSettings) -> dict[str, dict[st
         if sent is None or reply.has_error():
             continue
         owner = str(sent.content[wire.CONFIG][wire.CROSS_SITE_OF])
-        scorer = names.get(reply.metadata.src_node_id, str(reply.metadata.src_node_id))
-        metrics = next(iter(reply.content.metric_records.values()), {})
-        matrix.setdefault(owner, {})[scorer] = {k: float(v) for k, v in metrics.items()}
+        scorer, metrics, _ = strategy.read(reply, "evaluate", f"cross-site of {owner}")
+        matrix.setdefault(owner, {})[scorer] = metrics
     log(INFO, "cross-site: %d local model(s) scored at %d site(s)", len(matrix),
         len({t for row in matrix.values() for t in row}))
     return matrix

@@ -211,10 +211,11 @@ class RunFolder:
         overall = self.across_sites(rec.evaluate)
         row = {
             "round": server_round,
-            "dice": {site: m["dice"] for site, m in sorted(rec.evaluate.items())},
+            "dice": {site: m.get("dice") for site, m in sorted(rec.evaluate.items())},
             "dice_mean": overall["dice"],
             "train_loss": weighted_mean(rec.train.values(), wire.TRAIN_LOSS),
-            "train_loss_sites": {s: m[wire.TRAIN_LOSS] for s, m in sorted(rec.train.items())},
+            "train_loss_sites": {s: m.get(wire.TRAIN_LOSS)
+                                 for s, m in sorted(rec.train.items())},
             "sites": {site: {k: m[k] for k in kept if k in m}
                       for site, m in sorted(rec.evaluate.items())},
             "overall": overall,

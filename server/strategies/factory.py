@@ -1,7 +1,8 @@
 """The strategy a run's settings ask for, with fedseg's wrappers around it.
 From the outside in:
 
-* ``SiteRecorder``: per-site metrics, failures and bytes of each round;
+* ``SiteRecorder``: per-site metrics, failures and bytes of each round, of
+  replies first cut to what the run declared (``Declared``);
 * ``PrivacyBudget``: counts DP releases and stops before the budget is exceeded;
 * ``UpdateChecks``: leaves out replies with non-finite values, wrong shapes or
   missing weights, naming the site;
@@ -29,6 +30,7 @@ from common.privacy.accounting import PrivacyLedger
 from server.strategies.base import UNIFORM_WEIGHT
 from server.strategies.budget import FlowerAccount, PrivacyBudget, flower_accounts_for
 from server.strategies.checks import UpdateChecks
+from server.strategies.declared import Declared
 from server.strategies.dp import dp_wrapper
 from server.strategies.fedadam import ScheduledFedAdam
 from server.strategies.fednova import FedNova
@@ -107,7 +109,7 @@ def build_strategy(settings: RunSettings, num_sampled: int | None = None,
             privacy = PrivacyLedger(settings.dp_noise_multiplier, settings.dp_delta,
                                     settings.dp_max_epsilon, releases=dp_releases)
             outer = PrivacyBudget(checks, privacy)
-    recorder = SiteRecorder(outer)
+    recorder = SiteRecorder(outer, Declared.of(settings))
     recorder.privacy = privacy
     recorder.evaluate_due = lambda r: ((rounds_done + r) % settings.evaluate_every == 0
                                        or rounds_done + r == settings.num_rounds)

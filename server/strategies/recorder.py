@@ -19,7 +19,8 @@ from flwr.serverapp.strategy import Strategy
 from common import wire
 from common.errors import FedsegError, parse_error_reason
 from common.metrics import combine
-from server.strategies.base import UNIFORM_WEIGHT, StrategyWrapper
+from server.strategies.base import StrategyWrapper
+from server.strategies.declared import NAME_LIMIT, Declared, bounded, log_dropped
 from server.strategies.secagg import SecureRound
 from server.wire import audit, content_bytes
 
@@ -57,26 +58,29 @@ def registered_names() -> dict[int, str]:
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return {}
 
-def site_name(msg: Message, known: dict[int, str] | None = None) -> str:
-    """The public name of the site that ``msg`` is the reply of: the name it
-    was registered under, else the name in its reply (an error reply carries
-    it in its reason), else the name it gave before, else its node id."""
-    node = msg.metadata.src_node_id
-    known = known if known is not None else {}
+def public_name(node: int, reported: Any, known: dict[int, str]) -> str:
+    """The public name of ``node``: the name it was registered under, else
+    the first name it gave (``reported`` now, cut to ``NAME_LIMIT``
+    characters), else its node id. ``known``: the names given so far."""
     if node not in known:
         known.update(registered_names())
-    if msg.has_content() and wire.SITE in msg.content.config_records:
-        name = str(msg.content.config_records[wire.SITE].get(wire.SITE_NAME, node))
-    elif msg.has_error():
-        name = parse_error_reason(msg.error.reason)[0] or ""
-    else:
-        name = ""
     if node in known:
         return known[node]
+    name = bounded(reported, NAME_LIMIT) if reported else ""
     if name:
         known[node] = name
         return name
     return f"node-{node}"
+
+def site_name(msg: Message, known: dict[int, str] | None = None) -> str:
+    """The public name of the site that ``msg`` is the reply of
+    (:func:`public_name`; an error reply carries the name in its reason)."""
+    reported = None
+    if msg.has_content() and wire.SITE in msg.content.config_records:
+        reported = msg.content.config_records[wire.SITE].get(wire.SITE_NAME)
+    elif msg.has_error():
+        reported = parse_error_reason(msg.error.reason)[0]
+    return public_name(msg.metadata.src_node_id, reported, {} if known is None else known)
 
 def aggregate_site_metrics(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
     """Evaluation metrics across sites, weighted by case count; a metric
@@ -113,12 +117,15 @@ class SiteRecorder(StrategyWrapper):
     evaluation. Only the call's last round sends evaluate messages, so its
     model is scored too.
 
-    With ``FEDSEG_AUDIT_DIR`` set in the server's environment, every reply is
-    also kept there as received (see ``server.wire.audit``).
+    Every reply is first cut to what the run declared (``declared``, see
+    ``server/strategies/declared.py``), in place, before anything else reads
+    it. With ``FEDSEG_AUDIT_DIR`` set in the server's environment, every reply
+    is also kept there as received (see ``server.wire.audit``).
     """
 
-    def __init__(self, inner: Strategy) -> None:
+    def __init__(self, inner: Strategy, declared: Declared | None = None) -> None:
         super().__init__(inner)
+        self.declared = declared or Declared()
         self.rounds: dict[int, RoundRecord] = {}
         self.names: dict[int, str] = {}  # node id -> public site name
         self.pending: set[int] = set()  # nodes sent a message in the phase in flight
@@ -174,16 +181,29 @@ class SiteRecorder(StrategyWrapper):
             log(WARNING, "round %d: %s left out unusable cases: %s", server_round, site, text)
         rec.cases_left_out[site] = str(text)
 
+    def read(self, msg: Message, phase: str, when: str
+             ) -> tuple[str, dict[str, float | int], dict[str, str | bool]]:
+        """A ``train`` or ``evaluate`` reply that is not an error, cut in
+        place to what the run declared: the site's public name, its metrics
+        and its notes. ``when``: the round, for the warning if any was cut."""
+        name = site_name(msg, self.names)
+        metrics, notes, dropped = self.declared.reply(msg, phase)
+        log_dropped(f"{when}: {name}'s {phase} reply", dropped)
+        return name, metrics, notes
+
     def secure_round(self, server_round: int, result: SecureRound) -> None:
         """A SecAgg+ round's traffic and per-site numbers (its messages bypass
-        ``configure_train``/``aggregate_train``)."""
+        ``configure_train``/``aggregate_train``): each site's plaintext
+        metrics, cut to what the run declared."""
         rec = self.round(server_round)
-        rec.train.update({site: self.scores_of_incoming(server_round, site, values)
-                          for site, values in result.sites.items()})
-        for site, reason in result.evaluate_errors.items():
-            self.scoring_failed(server_round, site, reason)
-        for site, text in result.left_out.items():
-            self.cases_left_out(server_round, site, text)
+        for node, values in sorted(result.replies.items()):
+            site = public_name(node, values.get(wire.SITE), self.names)
+            metrics, notes, dropped = self.declared.fit_metrics(values)
+            log_dropped(f"round {server_round}: {site}'s secure train reply", dropped)
+            rec.train[site] = self.scores_of_incoming(server_round, site, metrics)
+            if wire.EVALUATE_ERROR in notes:
+                self.scoring_failed(server_round, site, str(notes[wire.EVALUATE_ERROR]))
+            self.cases_left_out(server_round, site, notes.get(wire.LEFT_OUT))
         rec.bytes_down += result.bytes_down
         rec.bytes_up += result.bytes_up
         if result.halted:
@@ -209,38 +229,34 @@ class SiteRecorder(StrategyWrapper):
             node = msg.metadata.src_node_id
             if pending and node not in pending:
                 if msg.has_error():
-                    lost.append(parse_error_reason(msg.error.reason)[1])
+                    lost.append(bounded(parse_error_reason(msg.error.reason)[1]))
+                elif msg.has_content():  # not recorded, but cut all the same
+                    self.read(msg, phase, f"round {server_round}")
                 continue
             pending.discard(node)
-            name = site_name(msg, self.names)
-            audit(server_round, phase, msg)
+            audit(server_round, phase, msg)  # as received
             if msg.has_error():
-                reason = parse_error_reason(msg.error.reason)[1]
+                name = site_name(msg, self.names)
+                reason = bounded(parse_error_reason(msg.error.reason)[1])
                 self.note_failure(server_round, f"{phase} at {name}: {reason}", name,
                                   train=phase == "train")
                 log(WARNING, "round %d: %s failed at %s: %s", server_round, phase, name,
                     reason)
                 continue
-            rec.bytes_up += content_bytes(msg.content)
-            metrics = next(iter(msg.content.metric_records.values()), {})
-            values = {k: int(v) if k.endswith(wire.NUM_EXAMPLES) else float(v)
-                      for k, v in metrics.items()
-                      if isinstance(v, int | float) and k != UNIFORM_WEIGHT}
+            rec.bytes_up += content_bytes(msg.content)  # as received
+            name, values, notes = self.read(msg, phase, f"round {server_round}")
             if phase == "train":
                 rec.train[name] = self.scores_of_incoming(server_round, name, values)
-                site_record = msg.content.config_records.get(wire.SITE, {})
-                if site_record.get(wire.SHARE_LOCAL) and wire.ARRAYS in msg.content:
+                if notes.get(wire.SHARE_LOCAL) and wire.ARRAYS in msg.content:
                     # its latest local model, copied before aggregation consumes it
                     self.local_models[name] = ArrayRecord(
                         {k: Array(a.numpy().copy())
                          for k, a in msg.content[wire.ARRAYS].items()})
-                if wire.EVALUATE_ERROR in site_record:
-                    self.scoring_failed(server_round, name,
-                                        str(site_record[wire.EVALUATE_ERROR]))
+                if wire.EVALUATE_ERROR in notes:
+                    self.scoring_failed(server_round, name, str(notes[wire.EVALUATE_ERROR]))
             else:
                 rec.evaluate[name] = values
-            self.cases_left_out(server_round, name, msg.content.config_records.get(
-                wire.SITE, {}).get(wire.LEFT_OUT))
+            self.cases_left_out(server_round, name, notes.get(wire.LEFT_OUT))
         why = f" ({'; '.join(sorted(set(lost)))})" if lost else ""
         for node in sorted(pending):  # sent, never answered by the node itself
             name = self.names.get(node) or registered_names().get(node, f"node-{node}")

@@ -18,7 +18,9 @@ The server holds the sum of masked, quantised updates, never one hospital's
 update: masks cancel only in the sum. Clients whose training fails after
 sharing keys are dropped and their masks reconstructed from the others' shares
 (down to ``reconstruction_threshold``). The case count and the named metrics
-still travel in plaintext, as without secure aggregation.
+still travel in plaintext, as without secure aggregation; they are kept as
+received (``SecureRound.replies``) for ``SiteRecorder.secure_round``, which
+keeps only what the run declared (``server/strategies/declared.py``).
 """
 
 from __future__ import annotations
@@ -62,9 +64,9 @@ class SecureRound:
     """What a secure round produced."""
 
     aggregate: list[np.ndarray] | None = None
-    sites: dict[str, dict[str, float]] = field(default_factory=dict)
-    evaluate_errors: dict[str, str] = field(default_factory=dict)  # site -> scrubbed cause
-    left_out: dict[str, str] = field(default_factory=dict)  # site -> unusable cases left out
+    # node id -> the plaintext part of its reply, as received: the legacy fit
+    # result's one flat record (its name under ``site``, its notes, its metrics)
+    replies: dict[int, dict[str, Any]] = field(default_factory=dict)
     failures: int = 0
     halted: bool = False  # the protocol stopped: too few sites to unmask
     bytes_down: int = 0
@@ -84,15 +86,8 @@ class _Capture(LegacyStrategy):
     def aggregate_fit(self, server_round, results, failures):
         if results:  # every result carries the same, unmasked aggregate
             self.result.aggregate = parameters_to_ndarrays(results[0][1].parameters)
-        for _, res in results:
-            metrics = dict(res.metrics)
-            name = str(metrics.pop(wire.SITE, "unknown"))
-            if wire.EVALUATE_ERROR in metrics:
-                self.result.evaluate_errors[name] = str(metrics.pop(wire.EVALUATE_ERROR))
-            if wire.LEFT_OUT in metrics:
-                self.result.left_out[name] = str(metrics.pop(wire.LEFT_OUT))
-            self.result.sites[name] = {k: float(v) for k, v in metrics.items()
-                                       if isinstance(v, int | float)}
+        for proxy, res in results:
+            self.result.replies[proxy.node_id] = dict(res.metrics)
         self.result.failures = len(failures)
         return (results[0][1].parameters if results else None), {}
 
@@ -217,15 +212,22 @@ class SecAggPlusFedAvg(FedAvg):
         arrays = ArrayRecord({n: _array(a.astype(r.dtype))
                               for n, a, r in zip(names, result.aggregate, reference,
                                                  strict=True)})
-        weights = {s: m.get(wire.NUM_EXAMPLES, 1.0) for s, m in result.sites.items()}
-        total = sum(weights.values()) or 1.0
-        metrics = {wire.NUM_EXAMPLES: int(total)}
-        for key in (wire.TRAIN_LOSS,):
-            values = [(m[key], weights[s]) for s, m in result.sites.items()
-                      if key in m and math.isfinite(m[key])]
-            if values:
-                metrics[key] = sum(v * w for v, w in values) / sum(w for _, w in values)
+        # Flower's aggregated train metrics: the declared two, from numbers only
+        sites = [m for m in result.replies.values()
+                 if _finite(m.get(wire.NUM_EXAMPLES)) and m[wire.NUM_EXAMPLES] >= 0]
+        metrics: dict[str, float | int] = {
+            wire.NUM_EXAMPLES: int(sum(m[wire.NUM_EXAMPLES] for m in sites))}
+        losses = [(m[wire.TRAIN_LOSS], m[wire.NUM_EXAMPLES]) for m in sites
+                  if _finite(m.get(wire.TRAIN_LOSS))]
+        if losses and sum(w for _, w in losses) > 0:
+            metrics[wire.TRAIN_LOSS] = (sum(v * w for v, w in losses)
+                                        / sum(w for _, w in losses))
         return arrays, MetricRecord(metrics)
+
+
+def _finite(value: Any) -> bool:
+    return (isinstance(value, int | float) and not isinstance(value, bool)
+            and math.isfinite(value))
 
 
 def _array(a: np.ndarray):

@@ -188,11 +188,15 @@ class Handler:
             raise PolicyRefusal("secure aggregation is required: unmasked weights do not "
                                 "leave this site")
 
-    def handle(self, msg: Message, context: Context, run: Run) -> Outcome:
+    def handle(self, msg: Message, context: Context, run: Run,
+               task_type: str = TaskType.CLIENT_APP.value) -> Outcome:
         start = time.perf_counter()
         run_id = int(context.run_id)
         kind = message_kind(msg)
         try:
+            if task_type != TaskType.CLIENT_APP.value:
+                raise BundleRefused(f"this node answers ClientApp messages only, not a "
+                                    f"{str(task_type)[:40]!r} task")
             self.check_run(msg, run, dict(context.run_config))
             self.check_secagg_setup(msg)
             for old in [r for r in self.states if r != run_id]:
@@ -306,13 +310,10 @@ class Executor:
         context = None
         status, details = SubStatus.FAILED, "not answered"
         try:
-            if task.type != TaskType.CLIENT_APP.value:
-                log.warning("refused a %s task: this node answers ClientApp messages only",
-                            str(task.type)[:40])
-                details = "this node answers ClientApp messages only"
-                return
+            # Every task is answered, also one of a kind this node does not run (the
+            # SuperNode waits for a reply to each message it handed out).
             message, context, run, _fab = pull_task_input(client)  # the bundle: never opened
-            outcome = self.handler.handle(message, context, run)
+            outcome = self.handler.handle(message, context, run, str(task.type))
             if lost.is_set():
                 log.warning("the SuperNode dropped task %s meanwhile; its reply is not sent",
                             task.task_id)

@@ -63,12 +63,12 @@ def message(kind: str = "train", server_round: int = 1, weights=None, **config) 
 
 
 def answer(handler: Handler, msg: Message, run_config=RUN, run_id: int = 1,
-           bundle: str = BUNDLE, fab_id: str = APP_ID):
+           bundle: str = BUNDLE, fab_id: str = APP_ID, task_type: str = "flwr-clientapp"):
     run = Run.create_empty(run_id)
     run.fab_id, run.fab_hash = fab_id, bundle
     context = Context(run_id=run_id, node_id=7, node_config={}, state=RecordDict(),
                       run_config=dict(run_config))
-    return handler.handle(msg, context, run)
+    return handler.handle(msg, context, run, task_type)
 
 
 def reason(outcome) -> str:
@@ -132,6 +132,8 @@ def test_a_message_of_another_kind_is_refused(synthetic_sites, tmp_path):
     out = answer(handler, message("query"))
     assert out.outcome == "refused" and "message kind 'query' is not one" in reason(out)
     assert audit.entries()[-1]["kind"] == "query"
+    agent = answer(handler, message(), task_type="flwr-agentapp")  # answered, never run
+    assert agent.outcome == "refused" and "ClientApp messages only" in reason(agent)
 
 
 @pytest.mark.parametrize("bad", [

@@ -43,9 +43,21 @@ import httpx
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode, SubStatus
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
-from flwr.proto.runtime_pb2 import AcquireTaskRequest, SendTaskHeartbeatRequest
+from flwr.common.serde import context_from_proto, run_from_proto
+from flwr.proto.node_pb2 import Node
+from flwr.proto.runtime_pb2 import (
+    AcquireTaskRequest,
+    PullAppMessagesRequest,
+    PullTaskInputRequest,
+    SendTaskHeartbeatRequest,
+)
 from flwr.supercore.constant import TaskType
 from flwr.supercore.heartbeat import HeartbeatSender
+from flwr.supercore.inflatable.inflatable_protobuf_utils import (
+    make_confirm_message_received_fn_protobuf,
+    make_pull_object_fn_protobuf,
+)
+from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
 from flwr.supercore.interceptors import (
     RuntimeTokenHttpInterceptor,
     RuntimeVersionHttpInterceptor,
@@ -54,11 +66,7 @@ from flwr.supercore.interceptors import (
 from flwr.supercore.run import Run
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supercore.task_identity import TaskIdentity
-from flwr.supernode.runtime.run_clientapp import (
-    pull_task_input,
-    push_message,
-    push_task_output,
-)
+from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
 from client.app import make_app
 from client.audit import AuditLog, describe_reply
@@ -73,6 +81,11 @@ log = logging.getLogger("fedseg.executor")
 
 APP_ID = "fedseg/fedseg"  # the bundle's publisher/name ([tool.flwr.app], [project])
 KINDS = ("train", "evaluate")
+# The SuperNode hands a task out before it has fetched all of the message's
+# objects from the SuperLink; Flower's pull waits 1 s after the first miss
+# (right for a process that starts once per message). This executor is already
+# waiting: it asks again soon.
+PULL_BACKOFF, PULL_BACKOFF_CAP = 0.05, 0.5
 POLL = 0.05  # seconds between asks for a task when there is none
 REQUEST_TIMEOUT = 30.0  # seconds for one Runtime API call (Flower's client default)
 
@@ -95,6 +108,30 @@ class SiteOfExecutor:
 
     def request(self, kind, run_id, run_config, round_config, weights):
         return self.service.handle(kind, run_id, run_config, round_config, weights)
+
+
+def pull_input(client: RuntimeHttpClient) -> tuple[Message, Context, Run]:
+    """The task's message, context and run, as Flower's ``pull_task_input``
+    (``flwr/supernode/runtime/run_clientapp.py``) gets them, with Flower's own
+    calls, but the app bundle in the reply is never deserialised and a message
+    whose objects are still arriving is asked for again after 50 ms, not 1 s."""
+    res = client.PullTaskInput(PullTaskInputRequest())
+    TaskIdentity.task_id = res.task_id
+    TaskIdentity.run_id = res.run.run_id
+    TaskIdentity.node_id = res.context.node_id
+    context, run = context_from_proto(res.context), run_from_proto(res.run)
+    pulled = client.PullMessages(PullAppMessagesRequest())
+    if not pulled.messages_list:
+        raise RuntimeError("the SuperNode's Runtime API gave the task no message")
+    node = Node(node_id=context.node_id)
+    tree = pulled.message_object_trees[0]
+    message = pull_and_inflate_object_from_tree(
+        tree, make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
+        make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node,
+                                                  context.run_id),
+        return_type=Message, initial_backoff=PULL_BACKOFF, backoff_cap=PULL_BACKOFF_CAP)
+    message.metadata.__dict__["_message_id"] = tree.object_id  # not in the deflated message
+    return message, context, run
 
 
 def message_round(msg: Message) -> int | None:
@@ -313,7 +350,7 @@ class Executor:
             # Every task is answered, also one of a kind this node does not run (the
             # SuperNode waits for a reply to each message it handed out).
             start = time.perf_counter()
-            message, context, run, _fab = pull_task_input(client)  # the bundle: never opened
+            message, context, run = pull_input(client)  # the bundle: never opened
             pulled = time.perf_counter()
             outcome = self.handler.handle(message, context, run, str(task.type))
             if lost.is_set():

@@ -69,13 +69,14 @@ def wait_gone(pids: set[int], limit: float) -> dict[int, str]:
 
 
 def started_tree(pid: int, limit: float = 90) -> set[int]:
-    """``fedseg node`` ``pid`` and what it started, once the SuperNode's
-    superexec is up (the node is then fully started)."""
+    """``fedseg node`` ``pid`` and what it started, once its site worker and
+    SuperNode are both up (the SuperNode runs in process isolation: it starts
+    no superexec of its own, the worker is the node's executor)."""
     deadline = time.monotonic() + limit
     while True:
         tree = group_and_descendants(pid)
         cmds = " ".join(_cmdline(p) for p in tree)
-        if "flower-superexec" in cmds and "client.worker" in cmds:
+        if "flower-supernode" in cmds and "client.worker" in cmds:
             return tree
         assert time.monotonic() < deadline, f"node {pid} did not start: {cmds}"
         time.sleep(0.2)
@@ -107,7 +108,7 @@ def node_of(fed: LocalFederation, name: str):
 
 def test_a_node_killed_mid_run_the_run_finishes_without_it_and_it_rejoins(fed):
     node = node_of(fed, "hospital-b")
-    tree = started_tree(node.pid)  # fedseg node, worker, SuperNode, superexec
+    tree = started_tree(node.pid)  # fedseg node, its worker and SuperNode
     killed = {}
 
     def kill_after_round_1(row):

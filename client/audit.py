@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from common.jsonl import read_jsonl
+
 
 def weights_hash(arrays: Mapping[str, np.ndarray]) -> str | None:
     if not arrays:
@@ -99,12 +101,5 @@ class AuditLog:
         return entry
 
     def entries(self) -> list[dict[str, Any]]:
-        if not self.path.exists():
-            return []
-        out = []
-        for line in self.path.read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue  # a line cut short by a crash
-        return out
+        """Every line so far (one cut short by a crash is skipped)."""
+        return read_jsonl(self.path)

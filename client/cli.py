@@ -6,11 +6,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from server.render import console, warn_insecure
+from common.console import console, warn_insecure
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
-    from server.provision import hospital_keypair
+    from common.keys import hospital_keypair
 
     result = hospital_keypair(Path(args.out), args.name, force=args.force)
     for path, _ in result.written:
@@ -37,7 +37,7 @@ def cmd_node(args: argparse.Namespace) -> int:
     check_node_config({"data-dir": args.data_dir, "site-name": args.name,
                        "device": args.device, "threads": args.threads or 0})
     from client.node import NodeSettings, preflight, run_node
-    from server.deployment import base_env
+    from common.processes import base_env
 
     settings = NodeSettings(
         superlink=args.superlink, data_dir=Path(args.data_dir), name=args.name,

@@ -1,5 +1,6 @@
-"""Stopping a process group and everything it started: shared by the
-coordinator's and the hospital's commands and the simulation driver.
+"""Starting and stopping Flower's processes: their environment, and stopping a
+process group and everything it started; shared by the coordinator's and the
+hospital's commands and the simulation driver.
 
 Flower's helpers can outlive their parent (flower-superexec) or start their own
 session (the simulation runtime and Ray's services under the SuperLink), so the
@@ -11,8 +12,25 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
+
+
+def base_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Environment for Flower's processes: no telemetry, no run-time installs,
+    this Python's scripts first on PATH (SuperNodes spawn ``flower-superexec``)."""
+    env = dict(os.environ)
+    env.update(
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        PYTHONUNBUFFERED="1",
+    )
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env.update(extra or {})
+    return env
 
 
 def group_alive(pgid: int) -> bool:
@@ -81,7 +99,6 @@ def stop_group(pgid: int, grace: float = 10.0) -> None:
 def _prctl():
     """libc's ``prctl``, or None off Linux (loaded once, before any fork)."""
     import ctypes
-    import sys
 
     if not sys.platform.startswith("linux"):
         return None
@@ -152,7 +169,6 @@ def exit_when_orphaned(what: str, grace: float = 5.0) -> None:
     if _watching:
         return
     _watching = True
-    import sys
     import threading
 
     parent = os.getppid()
@@ -173,7 +189,6 @@ def die_with_parent(sig: int = signal.SIGTERM) -> None:
     by SIGKILL), so a helper never outlives the command that started it.
     A no-op elsewhere."""
     import ctypes
-    import sys
 
     if not sys.platform.startswith("linux"):
         return

@@ -184,11 +184,11 @@ def message_parts(work: Path, names: list[str]) -> dict[str, dict[str, float]]:
 def worker_seconds(work: Path) -> dict[int, float]:
     """Per round, the slowest site worker's time (training and scoring), from
     the sites' audit logs (``fedseg node audit``)."""
-    from client.audit import AuditLog
+    from common.jsonl import read_jsonl
 
     per_round: dict[int, dict[str, float]] = {}
     for log in work.glob("site-*/audit/audit.jsonl"):
-        for e in AuditLog(log).entries():
+        for e in read_jsonl(log):
             if e.get("outcome") == "sent" and e.get("round"):
                 sites = per_round.setdefault(int(e["round"]), {})
                 sites[str(log)] = sites.get(str(log), 0.0) + float(e.get("seconds", 0.0))

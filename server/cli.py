@@ -16,11 +16,15 @@ from typing import Any
 
 from rich.table import Table
 
+# ``main`` is the program's entry point ([project.scripts]), so it is the one place
+# that adds both roles' commands: this is the only import from server to client
+# (tests/unit/test_layout.py); what both sides use lives in common/.
 from client.cli import add_commands as hospital_commands
 from common.config import (
     RunSettings,
     fedseg_home,
 )
+from common.console import warn_insecure
 from common.errors import ConfigError, FedsegError
 from server.bench_cli import add_commands as bench_commands
 from server.options import add_run_options, default_out, node_overrides, run_overrides
@@ -31,7 +35,6 @@ from server.render import (
     round_line,
     site_error_line,
     summary_table,
-    warn_insecure,
 )
 
 DEMO_SITES = 3

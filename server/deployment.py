@@ -27,7 +27,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -35,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import ConfigError, FedsegError
+from common.processes import base_env
 from server.processes import run_and_follow, run_config_arg
 from server.runs import RUNS_DIR_ENV
 from server.strategies import REGISTRY_ENV
@@ -98,21 +98,6 @@ class State:
         for path in (self.root, self.flwr_home, self.runs, self.logs):
             path.mkdir(parents=True, exist_ok=True)
         return self
-
-
-def base_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Environment for Flower's processes: no telemetry, no run-time installs,
-    this Python's scripts first on PATH (SuperNodes spawn ``flower-superexec``)."""
-    env = dict(os.environ)
-    env.update(
-        FLWR_TELEMETRY_ENABLED="0",
-        FLWR_DISABLE_UPDATE_CHECK="1",
-        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-        PYTHONUNBUFFERED="1",
-    )
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    env.update(extra or {})
-    return env
 
 
 def superlink_command(state: State, *, certs: Path | None, host: str, port: int,

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from common.processes import base_env
 from server import deployment
 from server.coordinator import LINK_USER
 from server.processes import free_port, stop_process_group, wait_for_port
@@ -79,7 +80,7 @@ class LocalFederation:
         """Start a ``fedseg`` command as its own process group."""
         out = open(self.work / log, "ab")
         proc = subprocess.Popen([sys.executable, "-m", "server.cli", *args], stdout=out,
-                                stderr=subprocess.STDOUT, env=deployment.base_env(),
+                                stderr=subprocess.STDOUT, env=base_env(),
                                 cwd=self.work, start_new_session=True)
         out.close()
         self.processes.append(proc)

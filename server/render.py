@@ -5,14 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from common import wire
+from common.console import console
 from common.wire import SCORES as METRICS
-
-console = Console(highlight=False)
 
 
 def round_line(row: dict[str, Any]) -> None:
@@ -78,12 +76,3 @@ def problems(summary: dict[str, Any]) -> None:
 
 def fmt(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.3f}"
-
-
-def warn_insecure(what: str) -> None:
-    console.print(f"[bold yellow]warning:[/] {what} runs WITHOUT TLS"
-                  + (" and without node authentication" if what == "the SuperLink" else "")
-                  + ": anyone on the network can read and inject traffic. Use only for a "
-                    "test on one machine.")
-
-

@@ -26,8 +26,8 @@ import pytest
 
 from common.data.synthetic import write_federation
 from common.errors import ConfigError
+from common.processes import base_env
 from server.coordinator import LocalPortGuard
-from server.deployment import base_env
 from server.localfed import LINK_USER, LocalFederation, ensure_user
 from server.processes import free_port
 from server.proxy import nginx_binary

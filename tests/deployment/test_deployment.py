@@ -21,10 +21,10 @@ import pytest
 
 from common.data.synthetic import write_federation
 from common.errors import ConfigError
-from server.deployment import base_env
+from common.keys import hospital_keypair
+from common.processes import base_env
 from server.localfed import LocalFederation
 from server.processes import free_port, stop_process_group
-from server.provision import hospital_keypair
 from server.proxy import nginx_binary
 from server.runs import read_metrics
 from server.simulation import APP_DIR

@@ -23,7 +23,7 @@ import pytest
 
 from common.data.synthetic import write_federation
 from common.errors import ConfigError
-from server.deployment import base_env
+from common.processes import base_env
 from server.localfed import LocalFederation
 from server.proxy import nginx_binary
 from server.runs import read_metrics

@@ -42,18 +42,12 @@ import socket
 import ssl
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import ConfigError, FedsegError
-from common.processes import (
-    become_subreaper,
-    child_dies_with_parent,
-    reap_orphans,
-    stop_group,
-)
+from common.supervisor import Child, Supervisor
 
 
 class NodeError(FedsegError):
@@ -386,6 +380,9 @@ def run_node(settings: NodeSettings, env: dict[str, str], log_path: Path | None 
 
     Their output goes to this terminal (and ``log_path``); a failure is
     explained. SIGTERM and SIGINT stop both, with everything they started.
+    Killed outright (SIGKILL), this command takes them with it (PDEATHSIG;
+    Flower's superexec follows the SuperNode) and it reaps whatever of theirs
+    is orphaned while it runs (``common/supervisor.py``).
     """
     users = resolve_users(settings)
     state = prepare_state(settings, users)
@@ -394,123 +391,51 @@ def run_node(settings: NodeSettings, env: dict[str, str], log_path: Path | None 
 
         SitePolicy.load(Path(settings.policy))  # a mistyped policy fails here, not mid-run
     threads = settings.threads or os.cpu_count() or 1
-    tail: list[str] = []
-    sink = open(log_path, "a") if log_path else open(os.devnull, "w")  # noqa: SIM115
-    lock = threading.Lock()
-    procs: list[subprocess.Popen] = []
-
-    def pump(proc: subprocess.Popen) -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            now = time.time()
-            stamp = time.strftime("%H:%M:%S", time.localtime(now))
-            line = f"{stamp}.{int(now % 1 * 1000):03d} {line}"
-            with lock:
-                sys.stdout.write(line)
-                sys.stdout.flush()
-                sink.write(line)
-                tail.append(line)
-                del tail[:-40]
-
-    # Killed outright (SIGKILL), this command takes the worker and the
-    # SuperNode with it (PDEATHSIG; Flower's superexec follows the SuperNode),
-    # and it reaps whatever of theirs is orphaned while it runs.
-    become_subreaper()
-    dies_with_us = child_dies_with_parent()
-
-    def start(cmd: list[str], proc_env: dict[str, str], account: Account | None,
-              cwd: Path) -> subprocess.Popen:
-        proc = subprocess.Popen(cmd, env=proc_env, stdout=subprocess.PIPE, cwd=cwd,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                                preexec_fn=dies_with_us,
-                                **(account.popen_args() if account else {}))
-        procs.append(proc)
-        threading.Thread(target=pump, args=(proc,), daemon=True).start()
-        return proc
-
-    stopping = threading.Event()
-
-    def forward(signum, _frame):
-        stopping.set()
-        for proc in procs:
-            try:
-                os.killpg(proc.pid, signum)
-            except ProcessLookupError:
-                pass
-
-    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    run_user, data_user = users or (None, None)
     app_root = Path(__file__).resolve().parents[1]
+
     def own_caches(home: Path) -> dict[str, str]:
         return {"HOME": str(home), "FEDSEG_HOME": str(home), "XDG_CACHE_HOME": str(home),
                 "MPLCONFIGDIR": str(home / "matplotlib"),
                 "TORCHINDUCTOR_CACHE_DIR": str(home / "torchinductor")}
 
-    running = state.root / "running"  # left behind when this command is killed
-    unclean = running.exists()
-    running.write_text(f"{os.getpid()}\n")
-    write_secret(state)
     worker_env = {**env, **own_caches(state.worker_home), "OMP_NUM_THREADS": str(threads),
                   "PYTHONPATH": str(app_root) + os.pathsep + env.get("PYTHONPATH", "")}
     node_env = {**env, **own_caches(state.supernode), "OMP_NUM_THREADS": "1",
                 "FLWR_HOME": str(state.supernode / "flwr")}
+    running = state.root / "running"  # left behind when this command is killed
+    unclean = running.exists()
     try:
-        worker = start(worker_command(settings, state), worker_env,
-                       users[1] if users else None, Path("/") if users else Path.cwd())
-        deadline = time.monotonic() + 120
-        while not state.ready.exists():
-            if worker.poll() is not None or stopping.is_set() or time.monotonic() > deadline:
-                worker.wait(timeout=10) if worker.poll() is None else None
-                time.sleep(0.2)  # let its last lines through
+        with Supervisor(log=log_path) as sup:
+            running.write_text(f"{os.getpid()}\n")
+            write_secret(state)
+            worker = sup.start("the site worker", worker_command(settings, state),
+                               env=worker_env, account=data_user,
+                               cwd=Path("/") if users else Path.cwd())
+            sup.wait_any(timeout=120, until=lambda: state.ready.exists() or sup.stopping)
+            if not state.ready.exists():
+                if worker.running():
+                    try:
+                        worker.proc.wait(timeout=10)
+                    except subprocess.TimeoutExpired:
+                        pass
+                worker.settle()
                 print("fedseg node: the site worker did not start (its output is above)",
                       file=sys.stderr)
                 return worker.returncode or 1
-            time.sleep(0.1)
-        refused_until = None
-        while True:
-            del tail[:]  # what explains this SuperNode's end
-            supernode = start(supernode_command(settings, state), node_env,
-                              users[0] if users else None, state.supernode)
-            while worker.poll() is None and supernode.poll() is None:
-                reap_orphans({p.pid for p in procs})
-                time.sleep(0.2)
-            time.sleep(0.2)  # its last lines
-            if (stopping.is_set() or worker.poll() is not None
-                    or NOT_ACTIVATED not in "".join(tail)):
-                break
-            # Flower keeps a node that vanished (killed, power cut) online for
-            # 2 x 30 s after its last heartbeat and refuses its key until then.
-            # Only a node that did not stop cleanly last time waits for that.
-            refused_until = refused_until or time.monotonic() + ACTIVATION_RETRY
-            if not unclean or time.monotonic() > refused_until:
-                break
-            print(f"fedseg node: the SuperLink did not activate this node; this node did not "
-                  f"stop cleanly last time, so the SuperLink may still hold its last session "
-                  f"(up to a minute): trying again in {ACTIVATION_PAUSE:.0f} s (for up to "
-                  f"{ACTIVATION_RETRY:.0f} s)", file=sys.stderr, flush=True)
-            stop_group(supernode.pid)
-            procs.remove(supernode)
-            stopping.wait(ACTIVATION_PAUSE)
-        if supernode.poll() is None:
-            print("fedseg node: the site worker stopped; stopping the SuperNode",
-                  file=sys.stderr)
-        code = supernode.returncode if supernode.poll() is not None else (worker.returncode or 1)
+            supernode = _run_supernode(sup, worker, supernode_command(settings, state),
+                                       node_env, run_user, state.supernode, unclean)
+            if supernode.running():
+                print("fedseg node: the site worker stopped; stopping the SuperNode",
+                      file=sys.stderr)
+                code = worker.returncode or 1
+            else:
+                code = supernode.returncode
     finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
-        # Each one's group, and whatever descends from it.
-        for proc in reversed(procs):
-            stop_group(proc.pid)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
-        reap_orphans({p.pid for p in procs})
         running.unlink(missing_ok=True)
-        time.sleep(0.1)
-        sink.close()
-    if stopping.is_set():
+    if sup.stopping:
         return 0 if code in (0, -signal.SIGTERM, -signal.SIGINT) else code
-    text = "".join(tail)
+    text = supernode.text()  # what explains the SuperNode's end
     flower_code = EXIT_CODE.search(text)
     for needle, sentence in EXPLAIN.items():
         if needle in text:
@@ -521,3 +446,29 @@ def run_node(settings: NodeSettings, env: dict[str, str], log_path: Path | None 
               f"{flower_code.group(1)}", file=sys.stderr)
         return code or 1
     return code
+
+
+def _run_supernode(sup: Supervisor, worker: Child, cmd: list[str], env: dict[str, str],
+                   account: Account | None, cwd: Path, unclean: bool) -> Child:
+    """Start the SuperNode and wait for it or the worker to end; returns it.
+
+    Flower keeps a node that vanished (killed, power cut) online for 2 x 30 s
+    after its last heartbeat and refuses its key until then: only a node that
+    did not stop cleanly last time (``unclean``) starts it again while the
+    SuperLink refuses to activate it, for up to :data:`ACTIVATION_RETRY` s."""
+    refused_until = None
+    while True:
+        supernode = sup.start("the SuperNode", cmd, env=env, account=account, cwd=cwd)
+        sup.wait_any()
+        supernode.settle()  # its last lines
+        if sup.stopping or not worker.running() or NOT_ACTIVATED not in supernode.text():
+            return supernode
+        refused_until = refused_until or time.monotonic() + ACTIVATION_RETRY
+        if not unclean or time.monotonic() > refused_until:
+            return supernode
+        print(f"fedseg node: the SuperLink did not activate this node; this node did not "
+              f"stop cleanly last time, so the SuperLink may still hold its last session "
+              f"(up to a minute): trying again in {ACTIVATION_PAUSE:.0f} s (for up to "
+              f"{ACTIVATION_RETRY:.0f} s)", file=sys.stderr, flush=True)
+        sup.stop(supernode)
+        sup.wait_any(timeout=ACTIVATION_PAUSE, until=lambda: sup.stopping)

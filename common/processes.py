@@ -1,6 +1,7 @@
 """Starting and stopping Flower's processes: their environment, and stopping a
 process group and everything it started; shared by the coordinator's and the
-hospital's commands and the simulation driver.
+hospital's commands and the simulation driver (``common/supervisor.py``
+supervises the commands' children with these).
 
 Flower's helpers can outlive their parent (flower-superexec) or start their own
 session (the simulation runtime and Ray's services under the SuperLink), so the

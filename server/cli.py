@@ -6,13 +6,12 @@ import argparse
 import json
 import logging
 import signal
-import subprocess
 import sys
 import threading
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
 
@@ -36,6 +35,9 @@ from server.render import (
     site_error_line,
     summary_table,
 )
+
+if TYPE_CHECKING:
+    from server.coordinator import LocalPortGuard, Roles
 
 DEMO_SITES = 3
 DEFAULT_PORT = 9093
@@ -181,10 +183,10 @@ def cmd_superlink(args: argparse.Namespace) -> int:
     group, on Ctrl-C, SIGTERM or when either exits. Started as root, the
     SuperLink and its ServerApps run as --link-user, and only the coordinator
     reaches the local port (server/coordinator.py)."""
-    from common.processes import become_subreaper, child_dies_with_parent, reap_orphans
+    from common.supervisor import Supervisor
     from server import coordinator, proxy
     from server.deployment import State, superlink_command, superlink_env, write_connection
-    from server.processes import stop_process_group, wait_for_port
+    from server.processes import wait_for_port
     from server.wire import audit_dir
 
     state = State(Path(args.state).resolve()).ensure()
@@ -207,71 +209,70 @@ def cmd_superlink(args: argparse.Namespace) -> int:
                                     audit.resolve() if audit else None)
     cmd = superlink_command(state, certs=tls, host="127.0.0.1", port=local_port,
                             insecure=args.insecure)
-    guard = None
+    probe = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    # Killed outright (SIGKILL), this command takes both with it (PDEATHSIG),
+    # and it reaps whatever of theirs is orphaned while it runs.
+    # Flower's SuperLink does not end on SIGTERM while it serves (its server
+    # threads hold it), so it gets SIGKILL; its state is SQLite, safe from that.
+    # SIGTERM and SIGINT stop both here at once, like Ctrl-C (main: exit 130).
+    with Supervisor(on_signal="interrupt") as sup:
+        guard = None
+        try:
+            guard = _guard_local_port(roles, local_port)
+            superlink = sup.start("the SuperLink", cmd, env=superlink_env(state), cwd=state.link,
+                                  account=roles.link if roles else None,
+                                  umask=coordinator.LINK_UMASK if roles else 0o077,
+                                  pump=False, death_signal=signal.SIGKILL)
+            wait_for_port(local_port, superlink.proc, "the SuperLink",
+                          state.logs / "superlink.log")
+            if nginx is not None:
+                front = sup.start("nginx", nginx, pump=False)
+                wait_for_port(args.port, front.proc, "nginx", state.root / "proxy" / "error.log",
+                              host=probe)
+            else:
+                console.print(f"the proxy is run separately (--proxy external): start nginx "
+                              f"with {conf} (deploy/compose.yaml's proxy service does)",
+                              soft_wrap=True)
+            who = f" as {roles.link.name}" if roles else ""
+            only = ""
+            if guard is not None and guard.installed:
+                only = (" (root only)" if roles.coordinator.uid == 0
+                        else f" (root and {roles.coordinator.name} only)")
+            console.print(f"SuperLink{who}: hospitals connect to {args.host}:{args.port} "
+                          f"(nginx, Fleet API only); this machine's flwr CLI uses "
+                          f"127.0.0.1:{local_port}{only}; state in {state.root}, run folders "
+                          f"in {state.runs}", soft_wrap=True)
+            gone = sup.wait_any()
+            console.print(f"[red]{gone.name} exited with code {gone.returncode}[/]; stopping")
+            return gone.returncode or 1
+        finally:
+            sup.stop_all()  # from here a second SIGTERM is ignored, not cutting this short
+            if guard is not None:  # after the SuperLink is gone: the port is never open
+                guard.remove()
+
+
+def _guard_local_port(roles: Roles | None, local_port: int) -> LocalPortGuard | None:
+    """As root, the firewall rule that keeps other local accounts off the
+    SuperLink's local port (``server/coordinator.py``); a warning line for
+    what is left open without it. Returns the guard, None when not root."""
+    from server import coordinator, proxy
+
     if roles is None:
         console.print(f"[yellow]warning:[/] not started as root: the SuperLink and every "
                       f"ServerApp run as {coordinator.Account.current().name}, and any local "
                       f"account can use the Control API on 127.0.0.1:{local_port} (submit "
                       f"runs, register keys); docs/deploy.md, \"The coordinator's machine\"",
                       soft_wrap=True)
-    else:
-        guard = coordinator.LocalPortGuard(
-            local_port, coordinator.uids_allowed(roles, proxy.unprivileged()[0]))
-        why = guard.install()
-        if why:
-            console.print(f"[yellow]warning:[/] no firewall rule for 127.0.0.1:{local_port} "
-                          f"({why}): any local account can use the Control API (submit runs, "
-                          f"register keys); docs/deploy.md, \"The coordinator's machine\"",
-                          soft_wrap=True)
-    probe = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
-    procs = []
-    # Killed outright (SIGKILL), this command takes both with it (PDEATHSIG),
-    # and it reaps whatever of theirs is orphaned while it runs.
-    # Flower's SuperLink does not end on SIGTERM while it serves (its server
-    # threads hold it), so it gets SIGKILL; its state is SQLite, safe from that.
-    become_subreaper()
-    hold = {"preexec_fn": child_dies_with_parent(), "start_new_session": True}
-    as_link = roles.link_popen_args() if roles else {"umask": 0o077}
-    try:
-        superlink = subprocess.Popen(cmd, env=superlink_env(state), start_new_session=True,
-                                     cwd=state.link, **as_link,
-                                     preexec_fn=child_dies_with_parent(signal.SIGKILL))
-        procs.append(superlink)
-        wait_for_port(local_port, superlink, "the SuperLink", state.logs / "superlink.log")
-        if nginx is not None:
-            front = subprocess.Popen(nginx, **hold)
-            procs.append(front)
-            wait_for_port(args.port, front, "nginx", state.root / "proxy" / "error.log",
-                          host=probe)
-        else:
-            console.print(f"the proxy is run separately (--proxy external): start nginx "
-                          f"with {conf} (deploy/compose.yaml's proxy service does)",
-                          soft_wrap=True)
-        who = f" as {roles.link.name}" if roles else ""
-        only = ""
-        if guard is not None and guard.installed:
-            only = (" (root only)" if roles.coordinator.uid == 0
-                    else f" (root and {roles.coordinator.name} only)")
-        console.print(f"SuperLink{who}: hospitals connect to {args.host}:{args.port} (nginx, "
-                      f"Fleet API only); this machine's flwr CLI uses 127.0.0.1:{local_port}"
-                      f"{only}; state in {state.root}, run folders in {state.runs}",
+        return None
+    guard = coordinator.LocalPortGuard(
+        local_port, coordinator.uids_allowed(roles, proxy.unprivileged()[0]))
+    why = guard.install()
+    if why:
+        console.print(f"[yellow]warning:[/] no firewall rule for 127.0.0.1:{local_port} "
+                      f"({why}): any local account can use the Control API (submit runs, "
+                      f"register keys); docs/deploy.md, \"The coordinator's machine\"",
                       soft_wrap=True)
-        while all(p.poll() is None for p in procs):
-            reap_orphans({p.pid for p in procs})
-            time.sleep(0.5)
-        gone = next(p for p in procs if p.poll() is not None)
-        what = "the SuperLink" if gone is superlink else "nginx"
-        console.print(f"[red]{what} exited with code {gone.returncode}[/]; stopping")
-        return gone.returncode or 1
-    finally:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):  # a second one must not cut this short
-                signal.signal(sig, signal.SIG_IGN)
-        for proc in reversed(procs):
-            stop_process_group(proc)
-        reap_orphans({p.pid for p in procs})
-        if guard is not None:  # after the SuperLink is gone: the port is never open
-            guard.remove()
+    return guard
 
 
 def cmd_hospital(args: argparse.Namespace) -> int:

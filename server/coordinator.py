@@ -43,6 +43,7 @@ LINK_USER = "fedseg-link"  # --link-user's default, as docs/deploy.md creates it
 SHARED_DIR, SHARED_FILE = 0o2770, 0o660  # runs/, logs/, audit: the link user and the
 # coordinator's group (setgid: what the ServerApp writes keeps that group)
 PRIVATE_DIR, PRIVATE_FILE = 0o700, 0o600  # link/, and everything when not root
+LINK_UMASK = 0o007  # what the link user's processes create: its own and the group's
 
 
 @dataclass(frozen=True)
@@ -98,9 +99,6 @@ class Roles:
             raise ConfigError(f"--link-user and --coordinator-user are both {link_user!r}: "
                               f"the ServerApps' user must not be the coordinator's account")
         return cls(link, coordinator)
-
-    def link_popen_args(self) -> dict:
-        return {**self.link.popen_args(), "umask": 0o007}
 
 
 def _settle(top: Path, uid: int | None, gid: int | None, dir_mode: int,

@@ -46,6 +46,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.accounts import Account
 from common.errors import ConfigError, FedsegError
 from common.supervisor import Child, Supervisor
 
@@ -164,31 +165,6 @@ def _check_key(path: Path) -> None:
 
 
 @dataclass(frozen=True)
-class Account:
-    """A user processes run as (as root)."""
-
-    name: str
-    uid: int
-    gid: int
-    groups: tuple[int, ...]
-
-    @classmethod
-    def of(cls, name: str, role: str) -> Account:
-        try:
-            entry = pwd.getpwnam(name)
-        except KeyError:
-            raise ConfigError(
-                f"fedseg node runs as root, so it runs {role} as user {name!r}, which does not "
-                f"exist on this machine; create it (useradd --system --no-create-home --shell "
-                f"/usr/sbin/nologin {name}) or name another") from None
-        return cls(name, entry.pw_uid, entry.pw_gid,
-                   tuple(os.getgrouplist(name, entry.pw_gid)))
-
-    def popen_args(self) -> dict:
-        return {"user": self.uid, "group": self.gid, "extra_groups": list(self.groups)}
-
-
-@dataclass(frozen=True)
 class SiteState:
     """The site's state folder, and who runs what (``users`` None: not root,
     everything runs as the user who started the node)."""
@@ -229,23 +205,14 @@ class SiteState:
         return self.root / "worker-home"
 
 
-def can_list(account: Account, folder: Path) -> bool:
-    """Whether ``account`` can list ``folder`` (asked as that user)."""
-    code = "import os, sys; os.listdir(sys.argv[1])"
-    done = subprocess.run([sys.executable, "-c", code, str(folder)], cwd="/",
-                          env={"PATH": os.environ.get("PATH", "")}, capture_output=True,
-                          timeout=60, **account.popen_args())
-    return done.returncode == 0
-
-
 def resolve_users(settings: NodeSettings) -> tuple[Account, Account] | None:
     """As root: the (run, data) accounts, checked to contain the data folder."""
     if os.geteuid() != 0:
         return None
-    run = Account.of(settings.run_user, "the SuperNode")
+    run = Account.system(settings.run_user, "the SuperNode", "fedseg node")
     data_name = settings.data_user or pwd.getpwuid(Path(settings.data_dir).stat().st_uid
                                                    ).pw_name
-    data = Account.of(data_name, "the site worker")
+    data = Account.system(data_name, "the site worker", "fedseg node")
     if run.uid == 0 or data.uid == 0:
         who = "--run-user" if run.uid == 0 else "--data-user (default: the data folder's owner)"
         raise ConfigError(f"{who} is root: fedseg node started as root runs the SuperNode "
@@ -254,13 +221,15 @@ def resolve_users(settings: NodeSettings) -> tuple[Account, Account] | None:
     if run.uid == data.uid:
         raise ConfigError(f"--run-user and --data-user are both {run.name!r}: the SuperNode's "
                           f"user must be one that cannot read the data folder")
+    for account, role in ((data, "the site worker"), (run, "the SuperNode")):
+        account.check_runs_install(role)
     data_dir = Path(settings.data_dir).resolve()
-    if can_list(run, data_dir):
+    if run.can_list(data_dir):
         raise NodeError(
             f"user {run.name!r} (the SuperNode) can read the "
             f"data folder {data_dir}: containment needs a folder only {data.name!r} may read "
             f"(chown -R {data.name} {data_dir}; chmod -R o-rwx,g-rwx {data_dir})")
-    if not can_list(data, data_dir):
+    if not data.can_list(data_dir):
         raise NodeError(f"user {data.name!r} (the site worker) cannot read the data folder "
                         f"{data_dir} (or a folder above it)")
     return run, data

@@ -19,6 +19,7 @@ from rich.table import Table
 # that adds both roles' commands: this is the only import from server to client
 # (tests/unit/test_layout.py); what both sides use lives in common/.
 from client.cli import add_commands as hospital_commands
+from common.accounts import Account
 from common.config import (
     RunSettings,
     fedseg_home,
@@ -259,7 +260,7 @@ def _guard_local_port(roles: Roles | None, local_port: int) -> LocalPortGuard | 
 
     if roles is None:
         console.print(f"[yellow]warning:[/] not started as root: the SuperLink and every "
-                      f"ServerApp run as {coordinator.Account.current().name}, and any local "
+                      f"ServerApp run as {Account.current().name}, and any local "
                       f"account can use the Control API on 127.0.0.1:{local_port} (submit "
                       f"runs, register keys); docs/deploy.md, \"The coordinator's machine\"",
                       soft_wrap=True)

@@ -36,6 +36,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.accounts import Account
 from common.errors import ConfigError
 from server.deployment import State
 
@@ -44,32 +45,6 @@ SHARED_DIR, SHARED_FILE = 0o2770, 0o660  # runs/, logs/, audit: the link user an
 # coordinator's group (setgid: what the ServerApp writes keeps that group)
 PRIVATE_DIR, PRIVATE_FILE = 0o700, 0o600  # link/, and everything when not root
 LINK_UMASK = 0o007  # what the link user's processes create: its own and the group's
-
-
-@dataclass(frozen=True)
-class Account:
-    """A local user processes run as, or files belong to."""
-
-    name: str
-    uid: int
-    gid: int
-    groups: tuple[int, ...]
-
-    @classmethod
-    def named(cls, name: str, missing: str) -> Account:
-        try:
-            entry = pwd.getpwnam(name)
-        except KeyError:
-            raise ConfigError(missing) from None
-        return cls(name, entry.pw_uid, entry.pw_gid, tuple(os.getgrouplist(name, entry.pw_gid)))
-
-    @classmethod
-    def current(cls) -> Account:
-        uid = os.geteuid()
-        return cls(pwd.getpwuid(uid).pw_name, uid, os.getegid(), tuple(os.getgroups()))
-
-    def popen_args(self) -> dict:
-        return {"user": self.uid, "group": self.gid, "extra_groups": list(self.groups)}
 
 
 @dataclass(frozen=True)
@@ -84,11 +59,8 @@ class Roles:
         """The accounts, checked; None when not root (no user can be switched to)."""
         if os.geteuid() != 0:
             return None
-        link = Account.named(link_user, (
-            f"fedseg superlink runs as root, so it runs the SuperLink, its SuperExec and "
-            f"every ServerApp as user {link_user!r} (--link-user), which does not exist on "
-            f"this machine; create it (useradd --system --no-create-home --shell "
-            f"/usr/sbin/nologin {link_user}) or name another"))
+        link = Account.system(link_user, "the SuperLink, its SuperExec and every ServerApp "
+                                         "(--link-user)", "fedseg superlink")
         coordinator = Account.current() if coordinator_user is None else Account.named(
             coordinator_user, f"--coordinator-user {coordinator_user!r} does not exist on "
                               f"this machine")
@@ -98,6 +70,7 @@ class Roles:
         if link.uid == coordinator.uid:
             raise ConfigError(f"--link-user and --coordinator-user are both {link_user!r}: "
                               f"the ServerApps' user must not be the coordinator's account")
+        link.check_runs_install("the SuperLink")
         return cls(link, coordinator)
 
 

@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Any
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
+def read_jsonl(path: Path, stop_at_broken: bool = False) -> list[dict[str, Any]]:
     """Every line of ``path`` that holds a whole JSON value, in order; a line
-    cut short by a crash is skipped, a missing file has none."""
+    cut short by a crash is skipped (``stop_at_broken``: it and every line
+    after it are), a missing file has none."""
     path = Path(path)
     if not path.exists():
         return []
@@ -19,6 +20,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     for line in path.read_text().splitlines():
         try:
             out.append(json.loads(line))
-        except ValueError:
-            continue  # a line cut short by a crash
+        except ValueError:  # a line cut short by a crash
+            if stop_at_broken:
+                break
     return out

@@ -37,6 +37,7 @@ from flwr.app import ArrayRecord
 from common import wire
 from common.config import RunSettings
 from common.errors import ConfigError
+from common.jsonl import read_jsonl
 from common.metrics import weighted_mean
 from common.model import build_model
 from common.packing import Template, pack, template_of, unpack
@@ -68,17 +69,9 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 def read_metrics(folder: Path) -> list[dict[str, Any]]:
-    """The rounds recorded so far (complete lines only)."""
-    path = Path(folder) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            break  # a line cut short by a crash: ignore it and what follows
-    return rows
+    """The rounds recorded so far (complete lines only: a line cut short by a
+    crash, and what follows it, is ignored)."""
+    return read_jsonl(Path(folder) / "metrics.jsonl", stop_at_broken=True)
 
 
 def packed_arrays(state: dict[str, Any]) -> ArrayRecord:

@@ -20,16 +20,12 @@ import pydicom
 import pytest
 
 from common.data.synthetic import write_federation
-from common.errors import ConfigError
 from common.keys import hospital_keypair
 from common.processes import base_env
-from server.localfed import LocalFederation
 from server.processes import free_port, stop_process_group
-from server.proxy import nginx_binary
 from server.runs import read_metrics
 from server.simulation import APP_DIR
-from server.wire import AUDIT_DIR_ENV
-from tests.federation.conftest import FLOWER_PROCESSES, processes_matching
+from tests.deployment.conftest import audited_federation
 from tests.grid import audited_replies
 
 pytestmark = pytest.mark.federation
@@ -69,20 +65,11 @@ def files_under(*roots: Path) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory):
-    try:
-        nginx_binary()
-    except ConfigError as exc:
-        pytest.skip(f"no real deployment without its proxy: {exc}")
     work = tmp_path_factory.mktemp("deploy")
     sites = write_federation(work / "data", 2, n_train=3, n_test=2, seed=2)
-    before = set(processes_matching(*FLOWER_PROCESSES))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(AUDIT_DIR_ENV, str(work / "audit"))  # every reply the server receives
-        with LocalFederation(work, [sites[0], plant(sites[1])],
-                             policies={"hospital-a": "share-local-model = true\n"}) as fed:
-            yield fed
-    left = {p: c for p, c in processes_matching(*FLOWER_PROCESSES).items() if p not in before}
-    assert not left, f"processes left running: {left}"
+    with audited_federation(work, [sites[0], plant(sites[1])],
+                            policies={"hospital-a": "share-local-model = true\n"}) as fed:
+        yield fed
 
 
 def test_two_hospitals_train_over_tls_with_authenticated_nodes(federation):
@@ -182,6 +169,7 @@ def test_the_canary_never_reaches_the_server(federation):
     assert SAFE in (federation.work / "node-hospital-b.out").read_text()
 
 
+@pytest.mark.slow  # 15 s: the default suite's budget
 def test_an_unregistered_key_is_refused(federation, tmp_path):
     hospital_keypair(tmp_path, "intruder")
     node = federation.start_node("intruder", federation.sites[0], log="intruder.out",
@@ -278,6 +266,7 @@ def test_outside_plain_https_gets_403_but_fleet_calls_pass(federation, method, p
         assert local.status_code != 403
 
 
+@pytest.mark.slow  # 30 s: the default suite's budget
 def test_hospital_list_shows_a_key_registered_behind_fedsegs_back(federation, tmp_path):
     """A key registered on the local address without `fedseg hospital register`
     (by hand, or by whoever had the Control API before it was closed) is listed

@@ -22,16 +22,14 @@ from pathlib import Path
 import pytest
 
 from common.data.synthetic import write_federation
-from common.errors import ConfigError
 from common.processes import base_env
-from server.localfed import LocalFederation
-from server.proxy import nginx_binary
 from server.runs import read_metrics
 from server.simulation import APP_DIR
-from server.wire import AUDIT_DIR_ENV
-from tests.federation.conftest import FLOWER_PROCESSES, processes_matching
+from tests.deployment.conftest import audited_federation
+from tests.federation.conftest import processes_matching
 
-pytestmark = pytest.mark.federation
+# A minute and more each (a deployment's runs): in the slow set, which .ci/run also runs.
+pytestmark = [pytest.mark.federation, pytest.mark.slow]
 
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="the node's users and file owners "
                                "are set only when fedseg node starts as root; this is not root")
@@ -39,20 +37,11 @@ ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="the node's users and f
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory):
-    try:
-        nginx_binary()
-    except ConfigError as exc:
-        pytest.skip(f"no real deployment without its proxy: {exc}")
     work = tmp_path_factory.mktemp("trust")
     sites = write_federation(work / "data", 2, n_train=3, n_test=2, seed=3)
-    before = set(processes_matching(*FLOWER_PROCESSES))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(AUDIT_DIR_ENV, str(work / "audit"))  # every reply the server receives
-        with LocalFederation(work, sites, policies={
-                "hospital-a": "require-secure-aggregation = true\n"}) as fed:
-            yield fed
-    left = {p: c for p, c in processes_matching(*FLOWER_PROCESSES).items() if p not in before}
-    assert not left, f"processes left running: {left}"
+    with audited_federation(work, sites, policies={
+            "hospital-a": "require-secure-aggregation = true\n"}) as fed:
+        yield fed
 
 
 def all_online(federation, limit: float = 120) -> None:
@@ -100,7 +89,6 @@ def server_received(federation) -> dict[str, bytes]:
     return out
 
 
-@pytest.mark.slow
 def test_a_secure_run_is_audited_message_by_message_as_it_left(federation):
     """Every message a hospital sent (each SecAgg+ stage its own line) is in
     its audit with the id the server received it under."""
@@ -228,7 +216,6 @@ def forced_plain(app: Path) -> None:
                                     "    if False:  # claims SecAgg+, runs plain\n", 1))
 
 
-@pytest.mark.slow
 def test_a_policy_requiring_secagg_refuses_plain_runs_and_runs_that_only_claim_it(
         federation):
     all_online(federation)
@@ -286,7 +273,6 @@ def test_the_node_key_is_the_supernodes_alone(federation):
         as_run_user
 
 
-@pytest.mark.slow
 def test_a_slow_local_client_or_another_account_cannot_claim_or_stall_the_node(
         federation):
     """A local process holds a connection to a node's Runtime API open, sending

@@ -23,7 +23,7 @@ from server.deployment import DeploymentError
 from server.localfed import LocalFederation
 from server.proxy import nginx_binary
 from server.runs import read_metrics
-from tests.federation.conftest import FLOWER_PROCESSES, processes_matching
+from tests.federation.conftest import FLOWER_PROCESSES, processes_matching, state_of
 
 pytestmark = [pytest.mark.federation, pytest.mark.slow]
 
@@ -49,13 +49,6 @@ def fed(tmp_path_factory):
     assert not left, f"processes left running: {left}"
 
 
-def state_of(pid: int) -> str | None:
-    """A process's state letter (Z: ended, not yet reaped), None if gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat[stat.rindex(")") + 2]
 
 
 def wait_gone(pids: set[int], limit: float) -> dict[int, str]:

@@ -47,3 +47,12 @@ def no_leftover_processes():
     left = {p: c for p, c in processes_matching(*FLOWER_PROCESSES).items() if p not in before}
     stop_pids(list(left))
     assert not left, f"processes left running: {left}"
+
+
+def state_of(pid: int) -> str | None:
+    """A process's state letter (Z: ended, not yet reaped), None once it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2]

@@ -17,6 +17,7 @@ import pytest
 
 from common.processes import PR_SET_CHILD_SUBREAPER, _prctl
 from common.supervisor import Supervisor
+from tests.federation.conftest import state_of
 
 PY = sys.executable
 READY = "import signal, sys, time; print('ready', flush=True); "
@@ -31,13 +32,6 @@ def no_subreaper_after():
         prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
 
 
-def state_of(pid: int) -> str | None:
-    """A process's state letter (Z: ended, not reaped), None once it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat[stat.rindex(")") + 2]
 
 
 def parent_of(pid: int) -> int:

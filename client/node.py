@@ -349,9 +349,9 @@ def run_node(settings: NodeSettings, env: dict[str, str], log_path: Path | None 
 
     Their output goes to this terminal (and ``log_path``); a failure is
     explained. SIGTERM and SIGINT stop both, with everything they started.
-    Killed outright (SIGKILL), this command takes them with it (PDEATHSIG;
-    Flower's superexec follows the SuperNode) and it reaps whatever of theirs
-    is orphaned while it runs (``common/supervisor.py``).
+    Killed outright (SIGKILL), this command takes them with it (PDEATHSIG)
+    and it reaps whatever of theirs is orphaned while it runs
+    (``common/supervisor.py``).
     """
     users = resolve_users(settings)
     state = prepare_state(settings, users)

@@ -19,8 +19,9 @@ can be added after the record is made. Each line:
   and ``array_bytes``: the count and size of the arrays; ``bytes``: the
   content as serialised for the wire; ``weights_sha256``: a hash of the
   weights' bytes (name, dtype, shape, data of every array in order);
-* ``seconds``: the executor's own time on the message; ``reason``: why it was
-  refused or failed, or the reply's notes.
+* ``bundle``: the SHA-256 of the run's app bundle (what the policy's
+  ``allowed-bundles`` pins); ``seconds``: the executor's own time on the
+  message; ``reason``: why it was refused or failed, or the reply's notes.
 """
 
 from __future__ import annotations

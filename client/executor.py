@@ -183,6 +183,7 @@ class Handler:
         self.app = make_app(lambda _context: site, policy=policy,
                             site_mods=[site_dp_mod(policy, ledger, message_round)])
         self.states: dict[int, RecordDict] = {}  # per run: SecAgg+'s state, in memory
+        self.runs_seen: set[int] = set()
 
     def check_run(self, msg: Message, run: Run, run_config: dict[str, Any]) -> None:
         kind = str(msg.metadata.message_type)
@@ -258,9 +259,15 @@ class Handler:
             outcome = Outcome(self._error(msg, exc), "failed", scrub(exc))
         seconds = time.perf_counter() - start
         described = describe_reply(outcome.reply)
+        bundle = str(run.fab_hash)[:64]  # what allowed-bundles pins
+        if run_id not in self.runs_seen:
+            self.runs_seen.add(run_id)
+            log.info("run %d: app %s, bundle sha256 %s, fedseg wire %s", run_id,
+                     str(run.fab_id)[:80], bundle,
+                     str(context.run_config.get(wire.VERSION_KEY))[:20])
         self.audit.append(run=run_id, round=message_round(msg), kind=kind,
                           outcome=outcome.outcome, reason=outcome.reason, seconds=seconds,
-                          **described)
+                          bundle=bundle, **described)
         log.info("%s (run %d, round %s): %s in %.1f s, message %s", kind, run_id,
                  message_round(msg), outcome.outcome, seconds, described["message_id"][:16])
         return outcome

@@ -93,6 +93,7 @@ def test_train_and_evaluate_are_answered_and_each_reply_audited_as_it_leaves(
     assert "global-dice" in first["records"]["metrics"]["keys"]
     assert first["records"]["site"]["keys"] == ["name"]
     assert first["bytes"] > first["array_bytes"] > 0 and first["weights_sha256"]
+    assert first["bundle"] == BUNDLE  # what allowed-bundles pins
     assert (second["kind"], second["arrays"], second["weights_sha256"]) == ("evaluate", 0,
                                                                             None)
 

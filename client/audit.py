@@ -9,7 +9,9 @@ can be added after the record is made. Each line:
 * time, run, round, kind (``train``, ``evaluate``; SecAgg+ stages as
   ``train/secagg:share_keys``...), outcome (``sent``: a reply with content;
   ``refused``: the site would not do it, ``failed``: it tried; both send an
-  error reply, whose scrubbed reason is the line's ``reason``);
+  error reply, whose scrubbed reason is the line's ``reason``; a second line
+  ``not sent``, with the same message id, where handing the reply to the
+  SuperNode failed or the SuperNode had dropped the task meanwhile);
 * ``message_id``: the reply's Flower message id, the SHA-256 of its content
   tree. The server receives the same id with the message
   (``msg.metadata.message_id``; the server's audit folder, ``FEDSEG_AUDIT_DIR``,

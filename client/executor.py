@@ -360,12 +360,19 @@ class Executor:
             message, context, run = pull_input(client)  # the bundle: never opened
             pulled = time.perf_counter()
             outcome = self.handler.handle(message, context, run, str(task.type))
-            if lost.is_set():
-                log.warning("the SuperNode dropped task %s meanwhile; its reply is not sent",
-                            task.task_id)
-                return
             answered = time.perf_counter()
-            push_message(client, outcome.reply, context)
+            try:
+                if lost.is_set():
+                    raise RuntimeError("the SuperNode dropped the task meanwhile")
+                push_message(client, outcome.reply, context)
+            except Exception as exc:
+                # The audit said what was to leave; it did not: say so there too.
+                self.handler.audit.append(
+                    run=int(context.run_id), round=message_round(message),
+                    kind=message_kind(message), outcome="not sent",
+                    reason=f"{type(exc).__name__}: {str(exc)[:200]}",
+                    message_id=outcome.reply.object_id)
+                raise
             status, details = SubStatus.COMPLETED, ""
             log.info("message of task %s: pulled from the SuperNode in %.2f s, answered in "
                      "%.2f s, pushed to it in %.2f s", task.task_id, pulled - start,

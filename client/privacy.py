@@ -115,24 +115,33 @@ class SiteLedger:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
+    def epsilon_after(self, noise_multiplier: float, delta: float) -> float:
+        """Epsilon at ``delta`` if one more release of ``noise_multiplier`` were made."""
+        return epsilon_of([*(Release(float(e["noise_multiplier"])) for e in self.entries()),
+                           Release(noise_multiplier)], delta)
+
+    def check_fits(self, noise_multiplier: float, policy: SitePolicy) -> float:
+        """Epsilon after one more release; a :class:`PolicyRefusal` when that
+        would take the site over its ``max-epsilon``."""
+        after = self.epsilon_after(noise_multiplier, policy.dp_delta)
+        if policy.max_epsilon is not None and after > policy.max_epsilon:
+            log.warning("the site's privacy budget: one more update would take epsilon to "
+                        "%.3f, over its max-epsilon %s (delta %g); refused", after,
+                        policy.max_epsilon, policy.dp_delta)
+            raise PolicyRefusal("the site's privacy budget (max-epsilon) is spent")
+        return after
+
     def spend(self, *, noise_multiplier: float, policy: SitePolicy, run_id: int,
               run_name: str, server_round: int | None) -> float:
         """Record one release if the budget allows it; the epsilon after it.
         A :class:`PolicyRefusal` (nothing recorded) when it would go over."""
         with self._locked():
-            entries = self.entries()
-            releases = [Release(float(e["noise_multiplier"])) for e in entries]
-            after = epsilon_of([*releases, Release(noise_multiplier)], policy.dp_delta)
-            if policy.max_epsilon is not None and after > policy.max_epsilon:
-                before = epsilon_of(releases, policy.dp_delta)
-                log.warning("the site's privacy budget: one more update would take epsilon "
-                            "from %.3f to %.3f, over its max-epsilon %s (delta %g); refused",
-                            before, after, policy.max_epsilon, policy.dp_delta)
-                raise PolicyRefusal("the site's privacy budget (max-epsilon) is spent")
-            entries.append({"time": datetime.now(UTC).isoformat(timespec="seconds"),
-                            "run": run_id, "run_name": run_name, "round": server_round,
-                            "noise_multiplier": noise_multiplier,
-                            "epsilon_after": after, "delta": policy.dp_delta})
+            after = self.check_fits(noise_multiplier, policy)
+            entries = [*self.entries(), {
+                "time": datetime.now(UTC).isoformat(timespec="seconds"), "run": run_id,
+                "run_name": run_name, "round": server_round,
+                "noise_multiplier": noise_multiplier, "epsilon_after": after,
+                "delta": policy.dp_delta}]
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text(json.dumps({"releases": entries}, indent=1) + "\n")
             os.chmod(tmp, 0o600)
@@ -150,12 +159,9 @@ def site_dp_mod(policy: SitePolicy, ledger: SiteLedger,
         if not policy.site_dp:
             return call_next(msg, context)
         settings = RunSettings.from_run_config(context.run_config)
-        policy.check(settings)  # client-fixed with noise, or refused here
+        policy.check(settings)  # client-fixed with noise (the executor checked it already)
         z, c = settings.dp_noise_multiplier, settings.dp_clipping_norm
-        if policy.max_epsilon is not None and epsilon_of(
-                [Release(float(e["noise_multiplier"])) for e in ledger.entries()]
-                + [Release(z)], policy.dp_delta) > policy.max_epsilon:
-            raise PolicyRefusal("the site's privacy budget (max-epsilon) is spent")
+        ledger.check_fits(z, policy)  # before the training, so a refused round costs none
         incoming = msg.content[wire.ARRAYS].to_numpy_ndarrays()
         reply = call_next(msg, context)
         if reply.has_error():

@@ -22,7 +22,8 @@ class UpdateChecks(StrategyWrapper):
     """Leave out train replies that are unfit to aggregate (non-finite values,
     wrong shapes, missing weights or case count); name the site in the log.
     Evaluate replies must carry the scores of the run's ``structures``
-    (``wire.eval_metrics``), and only those go on to be aggregated."""
+    (``wire.eval_metrics``); the recorder has already cut every reply to the
+    run's keys (``declared.py``)."""
 
     def __init__(self, inner: Strategy,
                  on_reject: Callable[[int, str, str], None] | None = None,
@@ -83,11 +84,7 @@ class UpdateChecks(StrategyWrapper):
             len(m.content.metric_records) == 1 and all(
                 isinstance(next(iter(m.content.metric_records.values())).get(k), int | float)
                 for k in self.eval_keys))]
-        for msg in replies:
-            if not msg.has_error():
-                record = next(iter(msg.content.metric_records.values()))
-                for key in [k for k in record if k not in self.eval_keys]:
-                    del record[key]
+        for msg in replies:  # keys beyond the run's were dropped on arrival (declared.py)
             self._weigh_uniformly(msg)
         return super().aggregate_evaluate(server_round, self.same_keys(replies))
 

@@ -161,6 +161,42 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_partition(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from common.data.partition import partition
+
+    names = args.names.split(",") if args.names is not None else None
+    with Progress(TextColumn("measuring labelled structures"), BarColumn(),
+                  MofNCompleteColumn(), console=console, transient=True,
+                  disable=args.split != "skewed" or args.by is not None) as progress:
+        task = progress.add_task("measure", total=None)
+        result = partition(Path(args.dataset_dir), Path(args.out), args.sites,
+                           split=args.split, seed=args.seed,
+                           test_fraction=args.test_fraction, names=names, by=args.by,
+                           progress=lambda done, total: progress.update(
+                               task, completed=done, total=total))
+    how = "even" if result["split"] == "even" else f"skewed by {result['by']}"
+    table = Table(title=f"{result['cases']} cases of {result['source_name']} in "
+                        f"{result['num_sites']} sites ({how}, seed {result['seed']})")
+    for col in ("site", "cases", "training", "test"):
+        table.add_column(col, justify="left" if col == "site" else "right")
+    ranged = "labelled_voxels" if args.by is None else "by_range"
+    if result["split"] == "skewed":
+        table.add_column("labelled voxels" if args.by is None else args.by, justify="right")
+    for site in result["sites"]:
+        row = [site["name"], str(site["cases"]), str(site["training"]), str(site["test"])]
+        if ranged in site:
+            span = site[ranged]
+            row.append(f"{span['min']} .. {span['median']} .. {span['max']}"
+                       if "median" in span else f"{span['min']} .. {span['max']}")
+        table.add_row(*row)
+    console.print(table)
+    console.print(f"wrote {args.out}/ ({result['files']} to the source's files, nothing "
+                  f"copied) and {Path(args.out) / 'partition.json'}", soft_wrap=True)
+    return 0
+
+
 # ------------------------------------------------------------------ deployment
 
 
@@ -358,6 +394,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: SEG at even sites, NIfTI at odd)")
     p.add_argument("--slices", type=int, default=8, help="with --structures: slices per volume")
     p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("partition", help="many sites from one dataset (MSD or nnU-Net form): "
+                       "site folders linking to its files (docs/data.md)")
+    p.add_argument("dataset_dir", metavar="DATASET_DIR")
+    p.add_argument("out", metavar="OUT", help="folder to write (must be new or empty)")
+    p.add_argument("--sites", type=int, required=True, help="how many site folders")
+    p.add_argument("--split", choices=["even", "skewed"], default="even",
+                   help="even: a seeded random even split (default); skewed: sorted by the "
+                        "size of the labelled structure (or --by), contiguous bands, site 1 "
+                        "the smallest")
+    p.add_argument("--by", metavar="ATTRIBUTE",
+                   help="with --split skewed: sort by this per-case attribute of the "
+                        "dataset.json entries instead of the structure size")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--test-fraction", type=float, default=0.2,
+                   help="each site's held-out test share (default 0.2)")
+    p.add_argument("--names", help="comma-separated site names (default site-1..site-N)")
+    p.set_defaults(func=cmd_partition)
 
     p = sub.add_parser("provision", help="coordinator: CA, SuperLink certificate, hospital keys")
     p.add_argument("out", help="folder to write (ca/, superlink/, hospitals/<name>/)")

@@ -23,8 +23,8 @@ from monai.utils import set_determinism
 
 from common.config import RunSettings
 from common.data.site import Case
-from common.data.transforms import prepare, training_items, training_transform
-from common.errors import EmptyDatasetError
+from common.data.transforms import MIRROR_AXES, prepare, training_items, training_transform
+from common.errors import EmptyDatasetError, FedsegError
 from common.metrics import case_metrics, summarize
 
 log = logging.getLogger(__name__)
@@ -102,13 +102,33 @@ def cpu_has_bf16() -> bool:
 
 def low_precision(device: torch.device, settings: RunSettings) -> torch.dtype | None:
     """The type convolutions run in under ``mixed-precision``: fp16 on a CUDA
-    GPU, bf16 on a CPU with native bf16 (a retina training step 1.45x faster
-    on a 2-core AMD EPYC, docs/performance.md), else ``None`` (fp32)."""
+    GPU (with loss scaling), bf16 for a 2D model on a CPU with native bf16 (a
+    retina training step 1.45x faster on a 2-core AMD EPYC,
+    docs/performance.md), else ``None`` (fp32). A 3D model on a CPU stays in
+    fp32: its bf16 updates held NaN on a bf16 CPU (issue 27) and emulated bf16
+    is slower than fp32."""
     if not settings.mixed_precision:
         return None
     if device.type == "cuda":
         return torch.float16
-    return torch.bfloat16 if device.type == "cpu" and cpu_has_bf16() else None
+    if device.type == "cpu" and settings.model.spatial_dims == 2 and cpu_has_bf16():
+        return torch.bfloat16
+    return None
+
+
+class TrainingDivergedError(FedsegError):
+    """Training met non-finite losses or gradients step after step, in fp32."""
+
+    kind = "training error"
+
+
+# nnU-Net clips each step's gradient norm at 12; the same here keeps one bad
+# patch from throwing the weights off, and measures the norm for the check below.
+GRAD_CLIP = 12.0
+# Steps in a row with a non-finite loss or gradient norm (each skipped) before
+# the low-precision type is given up for fp32, or, in fp32, training stops.
+# fp16's loss scaler meets a few while it finds its scale: it gets more.
+NONFINITE_LIMIT = {torch.float16: 30, torch.bfloat16: 3, None: 3}
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
@@ -167,7 +187,7 @@ def train(
     dtype = low_precision(device, settings)
     # fp16 gradients need loss scaling; bf16 has fp32's range and does not
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    losses = []
+    losses, steps, nonfinite = [], 0, 0
     total_steps = max(1, (epochs or settings.local_epochs) * len(loader))
     with warnings.catch_warnings(), _plain_tensors():
         # RandCropByPosNegLabel warns on slices without foreground; it falls back
@@ -175,7 +195,8 @@ def train(
         warnings.simplefilter("ignore")
         for _epoch in range(epochs or settings.local_epochs):
             for batch in loader:
-                done = progress[0] + (progress[1] - progress[0]) * len(losses) / total_steps
+                done = progress[0] + (progress[1] - progress[0]) * steps / total_steps
+                steps += 1
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate_at(done, settings)
                 image = batch["image"].to(device)
@@ -189,12 +210,33 @@ def train(
                         (p - p0).pow(2).sum()
                         for p, p0 in zip(model.parameters(), start_weights, strict=True))
                 scaler.scale(loss).backward()
-                scaler.step(optimizer)
+                scaler.unscale_(optimizer)
+                norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP))
+                value = float(loss.detach())
+                if math.isfinite(value) and math.isfinite(norm):
+                    nonfinite = 0
+                    losses.append(value)
+                    scaler.step(optimizer)
+                else:  # skipped: no weight moves on a NaN (fp16's scaler also backs off)
+                    nonfinite += 1
+                    optimizer.zero_grad(set_to_none=True)
                 scaler.update()
-                losses.append(float(loss.detach()))
+                if nonfinite >= NONFINITE_LIMIT[dtype]:
+                    if dtype is None:
+                        raise TrainingDivergedError(
+                            f"training diverged: {nonfinite} steps in a row gave a non-finite "
+                            f"loss or gradient (step {steps}, learning rate "
+                            f"{optimizer.param_groups[0]['lr']:.3g}); the weights are left "
+                            "as they were before those steps")
+                    log.warning("%d steps in a row were not finite in %s; training goes on "
+                                "in fp32", nonfinite, str(dtype).split(".")[-1])
+                    dtype, nonfinite = None, 0
+                    scaler = torch.amp.GradScaler(device.type, enabled=False)
     seconds = time.perf_counter() - start
-    log.info("trained %d steps on %d cases in %.1f s", len(losses), len(cases), seconds)
-    return TrainResult(len(cases), float(np.mean(losses)), len(losses), seconds,
+    log.info("trained %d steps on %d cases in %.1f s", steps, len(cases), seconds)
+    if not losses:
+        raise TrainingDivergedError(f"no training step of {steps} gave a finite loss")
+    return TrainResult(len(cases), float(np.mean(losses)), steps, seconds,
                        optimizer_arrays(optimizer) if settings.keep_optimizer_state else {})
 
 
@@ -205,6 +247,13 @@ def learning_rate_at(done: float, settings: RunSettings) -> float:
     floor = settings.lr_min_ratio
     done = min(max(done, 0.0), 1.0)
     return settings.learning_rate * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * done)))
+
+
+def mirror_sets(spatial_dims: int) -> list[tuple[int, ...]]:
+    """Test-time flips: every non-empty set of the axes training mirrors along,
+    as axes of a ``B x C x spatial`` tensor."""
+    axes = tuple(2 + a for a in MIRROR_AXES if a < spatial_dims)
+    return [c for k in range(1, len(axes) + 1) for c in itertools.combinations(axes, k)]
 
 
 SW_BATCH = 32  # windows per forward pass in inference (3.3 ms a window on CPU; 4.5 at 8)
@@ -223,16 +272,15 @@ def predict(
     by sliding-window inference at full resolution (slice by slice for a 2D
     model on a volume), windows overlapping by ``sw-overlap`` and blended with
     Gaussian weights. With ``test-time-flips`` the class probabilities are
-    averaged over the image and its mirror images along every spatial axis
-    (as nnU-Net does), matching the flips seen in training."""
+    averaged over the image and its mirror images along the axes training
+    mirrors along (``MIRROR_AXES``, as nnU-Net does along its own), never others."""
     model.to(device).eval()
     dtype = low_precision(device, settings)
     dims = settings.model.spatial_dims
     roi = (settings.patch_size,) * dims
     flips = [()]
     if settings.test_time_flips:
-        axes = tuple(range(2, 2 + dims))
-        flips += [c for k in range(1, dims + 1) for c in itertools.combinations(axes, k)]
+        flips += mirror_sets(dims)
 
     def infer(x: np.ndarray) -> np.ndarray:
         inputs = torch.as_tensor(x, device=device)[None]

@@ -85,8 +85,19 @@ def training_items(
     return items
 
 
+# The spatial axes training mirrors along, for 2D and 3D alike: the first two
+# (in-plane: right-left and anterior-posterior of a RAS volume; the 90-degree
+# rotations turn that plane too). Test-time flips mirror along these and no
+# other: a model never shown a volume upside down labels one badly (a 3D
+# hippocampus model scored Dice 0.86 plain, 0.45 averaged over flips along all
+# three axes when it had been trained on two, issue 27).
+MIRROR_AXES = (0, 1)
+
+
 def training_transform(patch_size: int, spatial_dims: int, samples: int) -> Compose:
-    """Pad to the patch, draw ``samples`` patches (half on foreground), augment."""
+    """Pad to the patch, draw ``samples`` patches (half on foreground), augment:
+    mirror along each of ``MIRROR_AXES``, turn by 90 degrees in their plane,
+    scale and shift intensities."""
     patch = (patch_size,) * spatial_dims
     keys = ("image", "label")
     return Compose(
@@ -96,9 +107,8 @@ def training_transform(patch_size: int, spatial_dims: int, samples: int) -> Comp
                 keys, label_key="label", spatial_size=patch, pos=1, neg=1,
                 num_samples=samples, allow_smaller=True,
             ),
-            RandFlipd(keys, prob=0.5, spatial_axis=0),
-            RandFlipd(keys, prob=0.5, spatial_axis=1),
-            RandRotate90d(keys, prob=0.5, spatial_axes=(0, 1)),
+            *(RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in MIRROR_AXES),
+            RandRotate90d(keys, prob=0.5, spatial_axes=MIRROR_AXES),
             RandScaleIntensityd("image", factors=0.1, prob=0.5),
             RandShiftIntensityd("image", offsets=0.1, prob=0.5),
         ]

@@ -28,8 +28,7 @@ import torch
 
 from common import wire
 from common.config import RunSettings
-from common.data.site import Case, load_site
-from common.data.transforms import prepared
+from common.data.site import Case
 from common.metrics import METRICS, combine
 from common.model import pick_device
 from common.site_algorithm import ROUNDS_IN_CALL, SiteAlgorithm
@@ -72,6 +71,22 @@ def _centralised(algo: SiteAlgorithm, tests: dict[str, list[Case]]
     return scores, curve
 
 
+def read_sites(sites: list[Site], settings: RunSettings
+               ) -> tuple[dict[str, list[Case]], dict[str, list[Case]], dict[str, dict[str, int]]]:
+    """Every site's training and test cases read exactly as its federated node
+    reads them (``SiteAlgorithm.cases``: the site's label map against the run's
+    structures, its input channels, unusable cases left out with a warning),
+    so local-only and pooled learn and are scored on the same task as the
+    federated methods; and how many cases of each split were left out."""
+    train_sets, tests, left_out = {}, {}, {}
+    for site in sites:
+        reader = SiteAlgorithm(settings, site.name, site.data_dir, device="cpu")
+        train_sets[site.name] = reader.cases("training")
+        tests[site.name] = reader.cases("test")
+        left_out[site.name] = {split: len(errors) for split, errors in reader.left_out.items()}
+    return train_sets, tests, left_out
+
+
 def _baseline(settings: RunSettings, name: str, train_cases: list[Case],
               device: torch.device) -> SiteAlgorithm:
     torch.manual_seed(settings.seed)  # the same initial model as every method
@@ -88,9 +103,7 @@ def quality(sites: list[Site], out: Path, overrides: dict[str, Any], *, rounds: 
                                             "local-epochs": local_epochs})
     epochs = rounds * local_epochs
     device = pick_device(os.environ.get("FEDSEG_DEVICE", "auto"))  # local and pooled models
-    channels = settings.input_channels
-    train_sets = {s.name: prepared(load_site(s.data_dir, "training"), channels) for s in sites}
-    tests = {s.name: prepared(load_site(s.data_dir, "test"), channels) for s in sites}
+    train_sets, tests, left_out = read_sites(sites, settings)
     results: dict[str, Any] = {}
     curves: dict[str, list[dict]] = {}
 
@@ -133,6 +146,8 @@ def quality(sites: list[Site], out: Path, overrides: dict[str, Any], *, rounds: 
     report = {"machine": machine(), "precision": str(dtype or torch.float32).split(".")[-1],
               "rounds": rounds, "local_epochs": local_epochs,
               "epochs_per_site": epochs, "settings": settings.to_run_config(),
+              "cases": {name: {"training": len(train_sets[name]), "test": len(tests[name]),
+                               "left_out": left_out[name]} for name in train_sets},
               "results": results, "curves": curves}
     (out / "quality.json").write_text(json.dumps(report, indent=2, default=str))
     (out / "quality.md").write_text(markdown(report))
@@ -147,6 +162,7 @@ def markdown(report: dict[str, Any]) -> str:
              f"(`mixed-precision`). {report['rounds']} rounds x "
              f"{report['local_epochs']} local epochs = {report['epochs_per_site']} passes over "
              f"each site's training cases for every method.", "",
+             *_case_counts(report.get("cases", {})),
              "| method | site | Dice | IoU | HD95 | sensitivity | specificity | wall time (s) |",
              "|---|---|---|---|---|---|---|---|"]
     for method, r in results.items():
@@ -160,6 +176,19 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["", f"Total wall time: {total:.1f} min.", ""]
     lines += [f"- {site}: {text}" for site, text in federation_vs_references(results).items()]
     return "\n".join(lines) + "\n"
+
+
+def _case_counts(cases: dict[str, dict]) -> list[str]:
+    """The cases each site trained and was scored on, read as its node reads
+    them; those left out (unusable) named by count."""
+    if not cases:
+        return []
+    parts = []
+    for site, c in sorted(cases.items()):
+        out = sum(c.get("left_out", {}).values())
+        parts.append(f"{site} {c['training']} training / {c['test']} test"
+                     + (f" ({out} left out as unusable)" if out else ""))
+    return ["Cases, read as each site's node reads them: " + "; ".join(parts) + ".", ""]
 
 
 def federation_vs_references(results: dict[str, Any]) -> dict[str, str]:

@@ -1,0 +1,80 @@
+"""``fedseg bench quality`` compares like with like: its local-only and pooled
+models learn, and are scored on, each site exactly as the site's federated
+node reads it (issue 27: they read the sites without their label maps, so on a
+site whose structure has the dark value the baselines learned the background)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+import server.bench
+from common.config import RunSettings
+from common.site_algorithm import SiteAlgorithm
+from server.simulation import Site
+
+
+def _site(root: Path, name: str, labels: dict[str, str], structure_value: int,
+          background_value: int, broken: bool = False) -> Path:
+    """A PNG site whose 'membrane' (a band across each image) has
+    ``structure_value`` in the label files."""
+    rng = np.random.default_rng(len(name))
+    site = root / name
+    site.mkdir(parents=True)
+    entries = {"training": [], "test": []}
+    for i, split in enumerate(["training", "training", "training", "test"]):
+        image = rng.integers(0, 60, (48, 48), dtype=np.uint8)
+        label = np.full((48, 48), background_value, np.uint8)
+        rows = slice(10 + 3 * i, 22 + 3 * i)
+        image[rows] += 150
+        label[rows] = structure_value
+        Image.fromarray(image).save(site / f"img{i}.png")
+        Image.fromarray(label).save(site / f"lab{i}.png")
+        entries[split].append({"image": f"img{i}.png", "label": f"lab{i}.png"})
+    if broken:  # a case the node leaves out (unreadable), which must not stop the bench
+        (site / "bad.png").write_bytes(b"not a png")
+        entries["training"].append({"image": "bad.png", "label": "lab0.png"})
+    (site / "dataset.json").write_text(json.dumps({"labels": labels, **entries}))
+    return site
+
+
+def test_the_baselines_learn_each_site_as_its_node_reads_it(tmp_path, monkeypatch):
+    sites = [
+        Site("dark", _site(tmp_path, "dark", {"0": "membrane", "255": "background"}, 0, 255,
+                           broken=True)),
+        Site("plain", _site(tmp_path, "plain", {"0": "background", "1": "membrane"}, 1, 0)),
+    ]
+    overrides = {"model-channels": "8,16", "patch-size": 16, "batch-size": 4,
+                 "structures": "membrane", "evaluate-every": 1}
+    seen: dict[str, list] = {}
+    centralised = server.bench._centralised
+
+    def spy(algo, tests):  # what each baseline trains and is scored on, then the real thing
+        seen[algo.site] = [c.label for c in algo.cases("training")]
+        seen.update({f"test:{name}": [c.label for c in cases] for name, cases in tests.items()})
+        return centralised(algo, tests)
+
+    monkeypatch.setattr(server.bench, "_centralised", spy)
+    report = server.bench.quality(sites, tmp_path / "out", overrides, rounds=1, local_epochs=1,
+                                  methods=("local", "pooled"))
+
+    settings = RunSettings.from_run_config({**overrides, "num-rounds": 1})
+    for site in sites:  # the federation's own reading of the same folders
+        node = SiteAlgorithm(settings, site.name, site.data_dir, device="cpu")
+        want = node.cases("training")
+        assert [np.array_equal(a, c.label) for a, c in zip(seen[site.name], want,
+                                                           strict=True)] == [True] * 3
+        test = node.cases("test")
+        assert all(np.array_equal(a, c.label) for a, c in zip(seen[f"test:{site.name}"], test,
+                                                               strict=True))
+        # the membrane band is class 1 at both sites, whatever value the file holds
+        assert all(c.label.sum() == 12 * 48 for c in want)
+    pooled = seen["pooled"]
+    assert len(pooled) == 6 and all(lab.sum() == 12 * 48 for lab in pooled)
+    assert report["cases"]["dark"] == {"training": 3, "test": 1,
+                                       "left_out": {"training": 1, "test": 0}}
+    table = (tmp_path / "out" / "quality.md").read_text()
+    assert "dark 3 training / 1 test (1 left out as unusable)" in table

@@ -16,6 +16,7 @@ settings, model and seeds the federated clients use.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -87,6 +88,22 @@ def read_sites(sites: list[Site], settings: RunSettings
     return train_sets, tests, left_out
 
 
+def _with_and_without_flips(algo: SiteAlgorithm, tests: dict[str, list[Case]],
+                            scored: dict[str, dict]) -> dict[str, Any]:
+    """The pooled model's mean Dice over the sites with test-time flips and
+    without (the setting is kept only where it helps: issue 27)."""
+    other = dataclasses.replace(algo.settings, test_time_flips=not algo.settings.test_time_flips)
+    rescored = {site: SiteAlgorithm(other, "pooled", device=algo.device, test_cases=cases)
+                for site, cases in tests.items()}
+    for reader in rescored.values():
+        reader.model = algo.model
+    again = {site: reader.evaluate(None) for site, reader in rescored.items()}
+    on, off = (scored, again) if algo.settings.test_time_flips else (again, scored)
+    return {"spatial_dims": algo.settings.model.spatial_dims,
+            "dice_with": combine(list(on.values()))["dice"],
+            "dice_without": combine(list(off.values()))["dice"]}
+
+
 def _baseline(settings: RunSettings, name: str, train_cases: list[Case],
               device: torch.device) -> SiteAlgorithm:
     torch.manual_seed(settings.seed)  # the same initial model as every method
@@ -106,6 +123,7 @@ def quality(sites: list[Site], out: Path, overrides: dict[str, Any], *, rounds: 
     train_sets, tests, left_out = read_sites(sites, settings)
     results: dict[str, Any] = {}
     curves: dict[str, list[dict]] = {}
+    flips: dict[str, Any] = {}
 
     def record(method: str, per_site: dict[str, dict], seconds: float,
                curve: list[dict]) -> None:
@@ -132,8 +150,10 @@ def quality(sites: list[Site], out: Path, overrides: dict[str, Any], *, rounds: 
             record(method, per_site, time.perf_counter() - start, curve)
         elif method == "pooled":
             pooled = [c for cases in train_sets.values() for c in cases]
-            per_site, curve = _centralised(_baseline(settings, "pooled", pooled, device), tests)
+            algo = _baseline(settings, "pooled", pooled, device)
+            per_site, curve = _centralised(algo, tests)
             record(method, per_site, time.perf_counter() - start, curve)
+            flips = _with_and_without_flips(algo, tests, per_site)
         else:
             run_dir = out / method
             config = {**overrides, "num-rounds": rounds, "local-epochs": local_epochs,
@@ -148,7 +168,7 @@ def quality(sites: list[Site], out: Path, overrides: dict[str, Any], *, rounds: 
               "epochs_per_site": epochs, "settings": settings.to_run_config(),
               "cases": {name: {"training": len(train_sets[name]), "test": len(tests[name]),
                                "left_out": left_out[name]} for name in train_sets},
-              "results": results, "curves": curves}
+              "test_time_flips": flips, "results": results, "curves": curves}
     (out / "quality.json").write_text(json.dumps(report, indent=2, default=str))
     (out / "quality.md").write_text(markdown(report))
     plot(curves, out / "dice.png")
@@ -172,6 +192,10 @@ def markdown(report: dict[str, Any]) -> str:
                 continue
             vals = " | ".join("n/a" if m.get(k) is None else f"{m[k]:.3f}" for k in METRICS)
             lines.append(f"| {method} | {site} | {vals} | {r['seconds']:.0f} |")
+    flips = report.get("test_time_flips") or {}
+    if flips.get("dice_with") is not None and flips.get("dice_without") is not None:
+        lines += ["", f"Test-time flips ({flips['spatial_dims']}D, the pooled model): mean Dice "
+                      f"{flips['dice_with']:.3f} with, {flips['dice_without']:.3f} without."]
     total = sum(r["seconds"] for r in results.values()) / 60
     lines += ["", f"Total wall time: {total:.1f} min.", ""]
     lines += [f"- {site}: {text}" for site, text in federation_vs_references(results).items()]

@@ -78,3 +78,6 @@ def test_the_baselines_learn_each_site_as_its_node_reads_it(tmp_path, monkeypatc
                                        "left_out": {"training": 1, "test": 0}}
     table = (tmp_path / "out" / "quality.md").read_text()
     assert "dark 3 training / 1 test (1 left out as unusable)" in table
+    flips = report["test_time_flips"]  # the pooled model scored both ways
+    assert flips["spatial_dims"] == 2 and 0 <= flips["dice_without"] <= 1
+    assert f"mean Dice {flips['dice_with']:.3f} with" in table

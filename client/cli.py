@@ -215,17 +215,69 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+EVALUATE_SPLITS = ("test", "training", "all")
+
+
+def _split_size(site: Path, split: str) -> int:
+    """How many cases a site folder lists under ``split`` (0 when none, or no
+    such list or folder); a malformed ``dataset.json`` still raises."""
+    from common.data.site import list_cases
+    from common.errors import EmptyDatasetError
+
+    try:
+        return len(list_cases(site, split))
+    except EmptyDatasetError:
+        return 0
+
+
+def evaluation_cases(site: Path, split: str, classes):
+    """The usable cases of ``split`` (``test``, ``training`` or ``all``: both)
+    of a folder to score a model on, and the cases left out. A split that
+    lists no case, or none usable, while the folder's other split has cases
+    is a :class:`ConfigError` naming the ``--split`` to use: a held-out folder
+    in the Decathlon's form lists its (labelled) cases under ``training``,
+    and its ``test`` list, when there is one, holds unlabelled images."""
+    from common.data.site import NoUsableCaseError, list_cases, read_site
+    from common.errors import ConfigError
+
+    chosen = ("training", "test") if split == "all" else (split,)
+    sizes = {s: _split_size(site, s) for s in ("test", "training")}
+    others = [s for s in sizes if s not in chosen and sizes[s]]
+    hint = "; ".join(f"it lists {sizes[s]} {s} case(s): score them with --split {s} (or "
+                     f"--split all)" for s in others)
+    if not any(sizes[s] for s in chosen):
+        if hint:
+            raise ConfigError(f"{site} lists no {split} case; {hint}")
+        list_cases(site, chosen[0])  # raises, saying what the folder lacks
+    cases, left_out = [], []
+    for s in (s for s in chosen if sizes[s]):
+        try:
+            read = read_site(site, s, classes=classes)
+        except NoUsableCaseError as exc:
+            if split != "all":
+                if hint:
+                    raise ConfigError(f"{exc}; {hint}") from None
+                raise
+            left_out += exc.left_out
+            continue
+        cases += read.cases
+        left_out += read.left_out
+    if not cases:
+        raise NoUsableCaseError("training or test", left_out)
+    return cases, left_out
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    """Score a saved model on a site's test cases, at the site: per-case
-    metrics and their means (a table, and a CSV that stays here). With several
-    structures the headline columns are the mean over structures, and the
-    table has a block per structure (the CSV a column per structure and score)."""
+    """Score a saved model on a site's test cases (``--split``: its training
+    cases, or all), at the site: per-case metrics and their means (a table,
+    and a CSV that stays here). With several structures the headline columns
+    are the mean over structures, and the table has a block per structure
+    (the CSV a column per structure and score)."""
     import csv
 
     from rich.table import Table
 
     from common.data.labels import site_classes
-    from common.data.site import read_site
     from common.data.transforms import prepared
     from common.inference import load_model
     from common.model import pick_device
@@ -234,12 +286,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     saved = load_model(Path(args.model))
     site = Path(args.site_dir)  # its labels as the model's structures, as a run reads them
-    read = read_site(site, "test", classes=site_classes(site, saved.settings))
-    for exc in read.left_out:
+    found, left_out = evaluation_cases(site, args.split, site_classes(site, saved.settings))
+    for exc in left_out:
         console.print(f"[yellow]left out: {exc}[/yellow]", soft_wrap=True)
-    cases = prepared(read.cases, saved.settings.input_channels)
+    cases = prepared(found, saved.settings.input_channels)
     result = evaluate(saved.model, cases, saved.settings, pick_device(args.device))
-    table = Table(title=f"{saved.path.name} on {args.site_dir} (test cases)")
+    shown = "training and test" if args.split == "all" else args.split
+    table = Table(title=f"{saved.path.name} on {args.site_dir} ({shown} cases)")
     for col in ("case", *SCORES):
         table.add_column(col, justify="right")
     rows = [(c.case_id, m) for c, m in zip(cases, result.per_case, strict=True)]
@@ -278,9 +331,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda:N")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("evaluate", help="hospital: score a saved model on a site's test cases")
+    p = sub.add_parser("evaluate", help="hospital: score a saved model on a site's test cases "
+                                        "(or a held-out folder's: --split)")
     p.add_argument("model", help="final_model.pt of a run folder (its summary.json beside it)")
     p.add_argument("site_dir", metavar="SITE_DIR")
+    p.add_argument("--split", choices=EVALUATE_SPLITS, default="test",
+                   help="the cases to score: the folder's test cases (default), its "
+                        "training cases (a held-out folder in the Decathlon's form lists "
+                        "its labelled cases under 'training'), or all of them")
     p.add_argument("--csv", help="per-case CSV to write (default ./fedseg-evaluate-HASH.csv)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda:N")
     p.set_defaults(func=cmd_evaluate)

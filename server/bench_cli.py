@@ -304,10 +304,10 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
     missing = [str(f) for f in folders if not f.is_dir()]
     if missing:
         raise FedsegError(f"site folder(s) not found: {', '.join(missing)}")
-    from server.bench import METHODS, RETINA, STRATEGIES, quality
+    from server.bench import METHODS, PRESETS, STRATEGIES, quality
     from server.simulation import Site
 
-    overrides = dict(RETINA) if args.retina_defaults else {}
+    overrides = dict(PRESETS[args.preset if args.retina_defaults else "none"])
     overrides |= typed
     if "device" in node:  # read by every site of the benchmark (SiteSettings' fallback)
         os.environ["FEDSEG_DEVICE"] = node["device"]
@@ -390,9 +390,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="site folders (default: the two retina sites in ../shared/data)")
     b.add_argument("--methods", help="comma-separated subset of local,pooled,fedavg,"
                    "fedprox,fednova,fedadam (default: all but fedadam)")
+    b.add_argument("--preset", choices=["retina", "hippocampus", "none"], default="retina",
+                   help="measured settings for the task (docs/benchmarks.md), under any "
+                        "given here: retina (RGB input, 96-px patches, 8 per image, batch 16, "
+                        "learning rate 2e-3, scoring every 30 rounds), hippocampus (3D "
+                        "U-Net of 4 levels, Anterior,Posterior, 32-voxel patches, 8 per "
+                        "image, batch 8, learning rate 2e-3, 8 rounds of 1 epoch, scoring "
+                        "every 4), none")
     b.add_argument("--no-retina-defaults", dest="retina_defaults", action="store_false",
-                   help="do not apply the retina settings (RGB input, 96-px patches, 8 per image, "
-                        "batch 16, learning rate 2e-3, scoring every 30 rounds)")
+                   help="the same as --preset none")
     add_run_options(b)
     b.set_defaults(func=cmd_bench_quality)
     b = bsub.add_parser("patches", help="2D vs 3D U-Net cost per patch size (docs/data.md)")

@@ -25,6 +25,8 @@ of the exception text, which could hold a path or a patient value.
 from __future__ import annotations
 
 import logging
+import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -50,17 +52,26 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 
 from client.policy import PolicyRefusal, SitePolicy
 from common import wire
-from common.config import RunSettings, SiteSettings, fedseg_home, simulation_sites
+from common.config import (
+    SIM_WORKERS_ENV,
+    RunSettings,
+    SiteSettings,
+    fedseg_home,
+    simulation_sites,
+)
 from common.errors import FedsegError, error_reason, scrub, write_local_log
 
 log = logging.getLogger(__name__)
 
 OPTIMIZER_STATE = "fedseg-optimizer"  # context.state key: Adam's moments between rounds
 
-# In a simulation: the site's service per (run, node), kept while the process
-# lives (a simulation's process serves many rounds, not always of one node:
-# Adam's moments travel in the node's context.state).
-_SERVICES: dict[tuple[int, int], Any] = {}
+# In a simulation: the service of the site this process served last, kept
+# while the process lives. A simulation's worker process serves many sites one
+# after another; another site's message replaces the service and drops the
+# last site's prepared cases first, so a process holds one site's model and
+# data at a time however many sites the simulation has. What a site keeps
+# between its rounds (Adam's moments) travels in the node's context.state.
+_CURRENT: dict[str, Any] = {}  # "key": (run, node, site, folder, policy, models), "service"
 
 
 class InProcessSite:
@@ -85,32 +96,82 @@ class InProcessSite:
         data_dir = site.data_dir or ensure_site(
             fedseg_home() / "synthetic", site.partition_id, settings.synthetic_train_cases,
             settings.synthetic_test_cases, settings.seed)
-        key = (self.context.run_id, self.context.node_id)
         policy = SitePolicy(share_local_model=settings.cross_site)  # the user's consent
         models = fedseg_home() / "sites" / site.name / "models"
-        service = _SERVICES.get(key)
-        if service is None or (service.site, service.data_dir, service.policy,
-                               service.models_dir) != (site.name, data_dir, policy, models):
-            for other in [k for k in _SERVICES if k[0] != self.context.run_id]:
-                del _SERVICES[other]  # a finished run's
-            service = _SERVICES[key] = SiteService(site.name, data_dir, device=site.device,
-                                                   policy=policy, models_dir=models)
-        return service
+        key = (self.context.run_id, self.context.node_id, site.name, data_dir, policy, models)
+        if _CURRENT.get("key") != key:
+            from common.data import cache
+
+            _CURRENT.clear()  # the last site's model and cases go before this one's come
+            cache.keep_only(data_dir)
+            _CURRENT["service"] = SiteService(site.name, data_dir, device=site.device,
+                                              policy=policy, models_dir=models)
+            _CURRENT["key"] = key
+        return _CURRENT["service"]
 
     def request(self, kind: str, run_id: int, run_config: Mapping[str, Any],
                 round_config: Mapping[str, Any], weights: Mapping[str, np.ndarray] | None
                 ) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, str]]:
-        service = self.service(RunSettings.from_run_config(run_config))
-        state = self.context.state
-        if kind == "train":
-            algo = service.algorithm(run_id, run_config)
-            saved = state.array_records.get(OPTIMIZER_STATE)  # this node's own
-            algo.optimizer_state = {k: a.numpy() for k, a in saved.items()} if saved else None
-        out = service.handle(kind, run_id, run_config, round_config, weights)
-        if kind == "train" and algo.optimizer_state:  # never leaves the site
-            state[OPTIMIZER_STATE] = ArrayRecord(
-                {k: Array(v) for k, v in algo.optimizer_state.items()})
-        return out
+        start, ok = time.monotonic(), False
+        try:
+            service = self.service(RunSettings.from_run_config(run_config))
+            state = self.context.state
+            if kind == "train":
+                algo = service.algorithm(run_id, run_config)
+                saved = state.array_records.get(OPTIMIZER_STATE)  # this node's own
+                algo.optimizer_state = ({k: a.numpy() for k, a in saved.items()}
+                                        if saved else None)
+            out = service.handle(kind, run_id, run_config, round_config, weights)
+            if kind == "train" and algo.optimizer_state:  # never leaves the site
+                state[OPTIMIZER_STATE] = ArrayRecord(
+                    {k: Array(v) for k, v in algo.optimizer_state.items()})
+            ok = True
+            return out
+        finally:
+            worker_line(self.context, kind, round_config, ok, time.monotonic() - start)
+
+
+def worker_line(context: Context, kind: str, round_config: Mapping[str, Any], ok: bool,
+                seconds: float) -> None:
+    """In a simulation started by ``fedseg simulate``, one JSON line per message
+    to ``$FEDSEG_SIM_WORKERS``: which process on which host and Ray node
+    answered for which site, how many sites' cases that process holds now and
+    held at most, and its peak memory. A convenience for the user (every party
+    is on the user's machines); a worker that cannot write there skips it."""
+    path = os.environ.get(SIM_WORKERS_ENV)
+    if not path:
+        return
+    import json
+    import resource
+    import socket
+    import sys
+
+    from common.data import cache
+
+    ray_node = None
+    ray = sys.modules.get("ray")
+    try:
+        if ray is not None and ray.is_initialized():
+            ray_node = ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - only a label for the log line
+        pass
+    try:
+        site = SiteSettings.from_node_config(context.node_config, simulation_sites()).name
+    except Exception:  # noqa: BLE001
+        site = None
+    line = {
+        "time": round(time.time(), 3), "kind": kind, "ok": ok,
+        "round": round_config.get(wire.SERVER_ROUND), "site": site,
+        "node": context.node_id, "pid": os.getpid(), "host": socket.gethostname(),
+        "ray_node": ray_node, "seconds": round(seconds, 3),
+        "sites_held": len(cache.folders_held()), "sites_held_peak": cache.peak_folders(),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+    try:
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(line) + "\n")
+    except OSError:
+        pass
 
 
 class SiteAnswers(Protocol):

@@ -505,6 +505,9 @@ class SiteSettings:
 
 
 SIM_SITES_ENV = "FEDSEG_SIM_SITES"
+# A simulation's worker log: one JSON line per message a simulated site answers
+# (process, host, Ray node, sites' cases held, peak memory); see client/app.py.
+SIM_WORKERS_ENV = "FEDSEG_SIM_WORKERS"
 
 
 def simulation_sites() -> list[dict[str, str]] | None:
@@ -512,17 +515,20 @@ def simulation_sites() -> list[dict[str, str]] | None:
 
     The simulation driver writes it to a local file and names that file in the
     ``FEDSEG_SIM_SITES`` environment variable of the processes it starts, so the
-    folders never enter run config.
+    folders never enter run config. On a Ray cluster, whose other machines
+    cannot read that file, the variable holds the list itself (JSON).
     """
     import json
 
-    path = os.environ.get(SIM_SITES_ENV)
-    if not path:
+    value = os.environ.get(SIM_SITES_ENV)
+    if not value:
         return None
     try:
-        sites = json.loads(Path(path).read_text())
+        sites = json.loads(value if value.lstrip().startswith("[")
+                           else Path(value).read_text())
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot read the simulation site list {path}: {exc}") from None
+        raise ConfigError(f"cannot read the simulation site list {value[:200]}: {exc}"
+                          ) from None
     return list(sites)
 
 

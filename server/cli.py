@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -35,6 +36,7 @@ from server.render import (
     round_line,
     site_error_line,
     summary_table,
+    workers_line,
 )
 
 if TYPE_CHECKING:
@@ -54,8 +56,10 @@ def _exit_code(summary: dict[str, Any]) -> int:
 
 
 def _run(sites: list, run_dir: Path, overrides: dict[str, Any], resume: bool,
-         node: dict[str, Any], threads: int) -> dict[str, Any]:
-    from server.simulation import simulate
+         node: dict[str, Any], threads: int, ray_address: str | None = None,
+         gpus_per_site: float | None = None) -> dict[str, Any]:
+    from server.runs import read_metrics
+    from server.simulation import simulate, worker_summary
 
     if resume:
         state = json.loads((run_dir / "summary.json").read_text()) if (
@@ -71,14 +75,17 @@ def _run(sites: list, run_dir: Path, overrides: dict[str, Any], resume: bool,
     console.print(
         f"[bold]fedseg[/] {len(sites)} hospitals, {settings.num_rounds} rounds, "
         f"{settings.local_epochs} local epoch(s), run folder [bold]{run_dir}[/]"
+        + (f", on the Ray cluster at {ray_address}" if ray_address else "")
     )
     start = time.perf_counter()
     summary = simulate(sites, run_dir, overrides, on_round=round_line,
                        on_site_error=site_error_line,
                        threads_per_client=node.get("threads") or threads,
-                       device=node.get("device"))
+                       device=node.get("device"), ray_address=ray_address,
+                       gpus_per_site=gpus_per_site)
     console.print(summary_table(summary))
     problems(summary)
+    workers_line(worker_summary(run_dir), read_metrics(run_dir))
     console.print(
         f"Dice: first round {fmt(summary['dice_first_round'])} -> final "
         f"{fmt(summary['dice_final'])}   wall time {time.perf_counter() - start:.0f} s   "
@@ -131,7 +138,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             raise FedsegError(f"site folder {folder} does not exist")
     overrides.setdefault("min-nodes", min(2, len(folders)))
     summary = _run([Site(n, f) for n, f in zip(names, folders, strict=True)], run_dir,
-                   overrides, resume=bool(args.resume), node=node, threads=args.threads)
+                   overrides, resume=bool(args.resume), node=node, threads=args.threads,
+                   ray_address=args.ray_address or os.environ.get("RAY_ADDRESS") or None,
+                   gpus_per_site=args.gpus_per_site)
     return _exit_code(summary)
 
 
@@ -374,6 +383,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("site_dirs", nargs="+", metavar="SITE_DIR")
     p.add_argument("--names", help="comma-separated site names (default: folder names)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its folder")
+    p.add_argument("--ray-address", metavar="HOST:PORT",
+                   help="run the simulated sites on this running Ray cluster (default: "
+                        "$RAY_ADDRESS if set, else a private Ray on this machine); the site "
+                        "folders must be readable at the same paths on every node "
+                        "(docs/deploy.md)")
+    p.add_argument("--gpus-per-site", type=float, metavar="SHARE",
+                   help="GPUs each simulated site reserves, e.g. 0.25 (default: this "
+                        "machine's GPUs shared between the sites; none on a cluster)")
     add_run_options(p)
     p.set_defaults(func=cmd_simulate)
 

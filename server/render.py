@@ -74,5 +74,27 @@ def problems(summary: dict[str, Any]) -> None:
         console.print(f"[yellow]stopped:[/] {escape(str(summary['stopped']))}", soft_wrap=True)
 
 
+def workers_line(workers: dict[str, Any] | None, rows: list[dict[str, Any]]) -> None:
+    """After a simulation: its round times (the first holds the start-up, the
+    last every site's scoring where it sends evaluate messages), and where the
+    simulated sites ran (``server.simulation.worker_summary``)."""
+    seconds = [float(r["seconds"]) for r in rows if r.get("seconds") is not None]
+    if len(seconds) >= 3:
+        middle = sorted(seconds[1:-1])
+        median = middle[len(middle) // 2] if len(middle) % 2 else (
+            middle[len(middle) // 2 - 1] + middle[len(middle) // 2]) / 2
+        console.print(f"round time: median {median:.1f} s (rounds 2-{len(seconds) - 1}); "
+                      f"round 1 {seconds[0]:.1f} s with start-up, last {seconds[-1]:.1f} s",
+                      soft_wrap=True)
+    if not workers:
+        return
+    peaks = list(workers["peak_rss_mb"].values())
+    console.print(
+        f"simulated sites ran in {workers['processes']} process(es) on "
+        f"{len(workers['nodes'])} Ray node(s), at most {workers['sites_held_peak']} site's "
+        f"cases in a process at once, peak memory per process {min(peaks):.0f}-"
+        f"{max(peaks):.0f} MB", soft_wrap=True)
+
+
 def fmt(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.3f}"

@@ -325,10 +325,15 @@ class RunFolder:
         out = []
         if rounds and not any(r.get("aggregated", True) for r in self.history):
             out.append(f"no round aggregated an update ({rounds} round(s) run)")
+        # With fraction-train under 1 a site may never be drawn: only a site that
+        # was asked to train (it replied or failed) and never counted is a problem.
+        asked = {s for r in self.history
+                 for s in (*r.get("train_loss_sites", {}), *r.get("failed_sites", ()))}
+        every_round = self.settings.fraction_train >= 1
         for site, p in participation.items():
             if p["rounds_failed"] == rounds and rounds:
                 out.append(f"site {site} failed every round ({rounds} of {rounds})")
-            elif p["rounds_trained"] == 0 and rounds:
+            elif p["rounds_trained"] == 0 and rounds and (every_round or site in asked):
                 out.append(f"site {site} never trained")
         return out
 

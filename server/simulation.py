@@ -8,6 +8,21 @@ deployment runs), follows the run folder while it runs and stops the SuperLink
 The site folders reach the simulated nodes through a local file named in the
 ``FEDSEG_SIM_SITES`` environment variable of that SuperLink, never through run
 config (which in a deployment would travel to every hospital).
+
+With ``ray_address`` the simulated sites run on an existing Ray cluster
+instead of a private Ray on this machine: Flower's simulation engine calls
+``ray.init()``, which joins the cluster named in ``RAY_ADDRESS``. Ray starts
+the cluster's worker processes from its own ``ray start`` environment, not
+from this one, so the few variables a simulated site reads (the site list
+itself, not a path to it; threads; the worker log) reach them through Ray's
+job runtime environment (``RAY_JOB_CONFIG_JSON_ENV_VAR``, as ``ray job submit``
+passes it). The site folders must be readable at the same paths on every
+node, with the same Python environment (docs/deploy.md, "A simulation on a
+Ray cluster"). No scheduling of our own: Ray places Flower's actors.
+
+Every simulated site's message leaves a line in the run folder's
+``workers.jsonl`` (``client/app.py``'s ``worker_line``): the process, host and
+Ray node that answered, the sites' cases it held and its peak memory.
 """
 
 from __future__ import annotations
@@ -22,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.config import SIM_SITES_ENV, check_run_overrides, fedseg_home
+from common.config import SIM_SITES_ENV, SIM_WORKERS_ENV, check_run_overrides, fedseg_home
 from common.errors import LOCAL_LOG_ENV, ConfigError, FedsegError
 from server.processes import (
     free_port,
@@ -34,6 +49,12 @@ from server.processes import (
 from server.runs import RUNS_DIR_ENV
 
 APP_DIR = Path(__file__).resolve().parents[1]
+WORKERS_LOG = "workers.jsonl"  # in the run folder: one line per simulated site's message
+# What a simulated site's process reads from its environment: on a Ray cluster
+# these travel in the job's runtime environment (PYTHONPATH is Flower's own).
+WORKER_ENV = ("FEDSEG_HOME", "FEDSEG_THREADS", "FEDSEG_DEVICE", "OMP_NUM_THREADS",
+              "FLWR_TELEMETRY_ENABLED", "FLWR_DISABLE_UPDATE_CHECK", "MPLCONFIGDIR",
+              "TORCHINDUCTOR_CACHE_DIR", "PYTHONUNBUFFERED", SIM_WORKERS_ENV)
 
 
 class SimulationError(FedsegError):
@@ -85,6 +106,8 @@ def simulate(
     threads_per_client: int = 1,
     device: str | None = None,
     timeout: float | None = None,
+    ray_address: str | None = None,
+    gpus_per_site: float | None = None,
 ) -> dict[str, Any]:
     """Run one simulated federation, one node per site; returns ``summary.json``.
 
@@ -93,6 +116,11 @@ def simulate(
     own errors (case names and causes: every party is on this machine) go to
     ``run_dir/local.log`` and, line by line, to ``on_site_error``; the run's
     metrics keep only their scrubbed form.
+
+    ``ray_address`` (``HOST:PORT`` of a running cluster's head, as ``ray start``
+    prints it): run the simulated sites on that cluster; ``gpus_per_site``:
+    the GPU share each simulated site reserves (default: this machine's GPUs
+    shared between the sites; none on a cluster unless given).
     """
     if not sites:
         raise ConfigError("a simulation needs at least one site folder")
@@ -118,6 +146,7 @@ def simulate(
     run_dir.mkdir(exist_ok=True)
     local_log = run_dir / "local.log"
     env[LOCAL_LOG_ENV] = str(local_log)
+    env[SIM_WORKERS_ENV] = str(run_dir / WORKERS_LOG)
     env["FLWR_HOME"] = str(work / "flwr")
     (work / "flwr").mkdir(exist_ok=True)
     (work / "flwr" / "config.toml").write_text(
@@ -130,12 +159,32 @@ def simulate(
         "num-supernodes": len(sites),
         "client-resources-num-cpus": threads_per_client,
     }
-    gpus = _gpu_count()
-    if gpus:
-        # Ray hides GPUs from actors that reserve none: share the GPUs between the
-        # simulated hospitals so each trains on CUDA.
-        federation["client-resources-num-gpus"] = round(min(1.0, gpus / len(sites)), 3)
-        federation["init-args-num-gpus"] = gpus
+    if ray_address:
+        # ray.init() joins this cluster; it refuses init-args such as num_gpus there.
+        env["RAY_ADDRESS"] = ray_address
+        # Ray's own multi-node setting: it finds this machine's address as the
+        # cluster sees it (the private Ray's loopback-only switch would refuse).
+        env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+        worker_env = {k: env[k] for k in WORKER_ENV if k in env}
+        worker_env[SIM_SITES_ENV] = manifest.read_text()  # the list, not a local path
+        env["RAY_JOB_CONFIG_JSON_ENV_VAR"] = json.dumps(
+            {"runtime_env": {"env_vars": worker_env}})
+        if gpus_per_site:
+            federation["client-resources-num-gpus"] = gpus_per_site
+    else:
+        env.pop("RAY_ADDRESS", None)  # a private Ray on this machine
+        env.pop("RAY_JOB_CONFIG_JSON_ENV_VAR", None)
+        gpus = _gpu_count()
+        if gpus_per_site:
+            if not gpus:
+                raise ConfigError("--gpus-per-site: this machine has no CUDA GPU")
+            federation["client-resources-num-gpus"] = gpus_per_site
+            federation["init-args-num-gpus"] = gpus
+        elif gpus:
+            # Ray hides GPUs from actors that reserve none: share the GPUs between
+            # the simulated hospitals so each trains on CUDA.
+            federation["client-resources-num-gpus"] = round(min(1.0, gpus / len(sites)), 3)
+            federation["init-args-num-gpus"] = gpus
     superlink_cmd = [
         "flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
         "--host", "127.0.0.1", "--port", str(port),  # one port: Fleet, Control, Runtime
@@ -167,6 +216,34 @@ def simulate(
         )
     shutil.rmtree(work / "flwr", ignore_errors=True)
     return json.loads(summary_path.read_text())
+
+
+def worker_summary(run_dir: Path) -> dict[str, Any] | None:
+    """What ``workers.jsonl`` says about the processes that ran the simulated
+    sites: how many, on how many Ray nodes (and which sites ran on each), the
+    most sites' cases one process held at once, and each process's peak
+    memory (MB). None where the run left no such log."""
+    from common.jsonl import read_jsonl
+
+    path = Path(run_dir) / WORKERS_LOG
+    if not path.exists():
+        return None
+    lines = [x for x in read_jsonl(path) if isinstance(x, dict) and "pid" in x]
+    if not lines:
+        return None
+    processes: dict[str, float] = {}
+    nodes: dict[str, set[str]] = {}
+    for x in lines:
+        proc = f"{x.get('host')}:{x['pid']}"
+        processes[proc] = max(processes.get(proc, 0.0), float(x.get("peak_rss_mb") or 0.0))
+        nodes.setdefault(str(x.get("ray_node") or x.get("host")), set()).add(str(x.get("site")))
+    return {
+        "messages": len(lines),
+        "processes": len(processes),
+        "nodes": {node: sorted(sites) for node, sites in nodes.items()},
+        "sites_held_peak": max(int(x.get("sites_held_peak") or 0) for x in lines),
+        "peak_rss_mb": dict(sorted(processes.items())),
+    }
 
 
 def _gpu_count() -> int:

@@ -7,6 +7,12 @@ node keeps the prepared cases of the
 last few ``(folder, split, input-channels)`` it was asked for, in memory in
 its own process. Any change to the folder's case list or to a file's size or
 modification time reads the folder again; nothing is written anywhere.
+
+A simulation's worker process serves many sites one after another; it keeps
+only the site it serves now (:func:`keep_only`, called by the ClientApp), so
+its memory does not grow with the number of sites. :func:`folders_held` and
+:func:`peak_folders` say how many sites' cases the process holds, and held at
+most (its log line per message, ``client/app.py``).
 """
 
 from __future__ import annotations
@@ -21,11 +27,12 @@ from common.data.transforms import prepared
 
 log = logging.getLogger(__name__)
 
-MAX_ENTRIES = 4  # training + test of two sites: a simulation worker may serve both
+MAX_ENTRIES = 4  # training + test, for two input-channel settings or folders
 
 _Key = tuple[str, str, str, str]
 _Signature = tuple[tuple[str, int, int], ...]
 _cache: OrderedDict[_Key, tuple[_Signature, list[Case], list[DataError]]] = OrderedDict()
+_peak = 0  # the most site folders whose cases this process held at once
 
 
 def _files(path: Path) -> list[Path]:
@@ -70,8 +77,27 @@ def load_prepared(site_dir: Path, split: str, channels: str, classes: Classes | 
     _cache[key] = (signature, cases, read.left_out)
     while len(_cache) > MAX_ENTRIES:
         _cache.popitem(last=False)
+    global _peak
+    _peak = max(_peak, len(folders_held()))
     log.info("prepared %d %s cases (kept for the next rounds)", len(cases), split)
     return list(cases), list(read.left_out)
+
+
+def keep_only(site_dir: Path | None) -> None:
+    """Forget the cases of every folder but ``site_dir`` (None: of every folder)."""
+    keep = str(Path(site_dir).resolve()) if site_dir is not None else None
+    for key in [k for k in _cache if k[0] != keep]:
+        del _cache[key]
+
+
+def folders_held() -> list[str]:
+    """The site folders whose prepared cases this process holds now."""
+    return sorted({key[0] for key in _cache})
+
+
+def peak_folders() -> int:
+    """The most site folders whose cases this process held at once."""
+    return _peak
 
 
 def clear() -> None:

@@ -172,3 +172,34 @@ def test_a_site_keeps_its_optimiser_state_between_rounds_and_never_sends_it(
     a = received(second, model)
     b = received(fresh, model)
     assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_simulation_worker_holds_one_sites_cases_at_a_time(synthetic_sites, model,
+                                                            tmp_path, monkeypatch):
+    """A simulation's worker process answers for many sites one after another:
+    another site's message drops the last site's service and prepared cases
+    before its own are read, and each message leaves a line in the worker log
+    saying so (sites held now and at most, process, peak memory)."""
+    import json
+
+    from common.config import SIM_WORKERS_ENV
+    from common.data import cache
+
+    log = tmp_path / "workers.jsonl"
+    monkeypatch.setenv(SIM_WORKERS_ENV, str(log))
+    cache.clear()
+    a, b = synthetic_sites[0], synthetic_sites[1]
+    ctx_a, ctx_b = context(a, "hospital-a"), context(b, "hospital-b")
+    ctx_b.node_id = 8
+    train_handler(message(MessageType.TRAIN, model), ctx_a)
+    assert cache.folders_held() == [str(a.resolve())]
+    evaluate_handler(message(MessageType.EVALUATE, model), ctx_b)
+    assert cache.folders_held() == [str(b.resolve())]  # site a's cases are gone
+    train_handler(message(MessageType.TRAIN, model), ctx_a)
+    assert cache.folders_held() == [str(a.resolve())]
+    lines = [json.loads(x) for x in log.read_text().splitlines()]
+    assert [(x["site"], x["kind"], x["ok"], x["round"]) for x in lines] == [
+        ("hospital-a", "train", True, 1), ("hospital-b", "evaluate", True, 1),
+        ("hospital-a", "train", True, 1)]
+    assert all(x["sites_held"] == 1 and x["pid"] > 0 and x["peak_rss_mb"] > 0 for x in lines)
+    cache.clear()

@@ -124,3 +124,15 @@ def test_a_healthy_run_has_no_problems(tmp_path):
     run = RunFolder.open(tmp_path, RunSettings.from_run_config(CFG))
     run.record_round(1, arrays(1), round_record(0.5, 0.9))
     assert run.finish(None)["problems"] == []
+
+
+def test_a_site_never_drawn_under_fraction_train_is_no_problem(tmp_path):
+    """fraction-train under 1: a site the sampling never drew (scored only) is
+    not a failure; one that was asked and never counted still is."""
+    run = RunFolder.open(tmp_path, RunSettings.from_run_config({**CFG,
+                                                                "fraction-train": 0.5}))
+    rec = round_record(0.5, 0.9)
+    rec.evaluate["c"] = dict(rec.evaluate["b"])  # scored, never drawn for training
+    rec.left_out.add("b")  # drawn, its update left out
+    run.record_round(1, arrays(1), rec)
+    assert run.finish(None)["problems"] == ["site b never trained"]

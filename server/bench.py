@@ -201,6 +201,7 @@ def markdown(report: dict[str, Any]) -> str:
                 continue
             vals = " | ".join("n/a" if m.get(k) is None else f"{m[k]:.3f}" for k in METRICS)
             lines.append(f"| {method} | {site} | {vals} | {r['seconds']:.0f} |")
+    lines += _per_structure(report, sites)
     flips = report.get("test_time_flips") or {}
     if flips.get("dice_with") is not None and flips.get("dice_without") is not None:
         lines += ["", f"Test-time flips ({flips['spatial_dims']}D, the pooled model): mean Dice "
@@ -209,6 +210,26 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["", f"Total wall time: {total:.1f} min.", ""]
     lines += [f"- {site}: {text}" for site, text in federation_vs_references(results).items()]
     return "\n".join(lines) + "\n"
+
+
+def _per_structure(report: dict[str, Any], sites: list[str]) -> list[str]:
+    """With several structures: each one's Dice and HD95 (mm), method by site."""
+    names = [n for n in str(report.get("settings", {}).get("structures", "")).split(",") if n]
+    if len(names) < 2:
+        return []
+    head = " | ".join(f"Dice {n} | HD95 {n} (mm)" for n in names)
+    lines = ["", "Per structure:", "", f"| method | site | {head} |",
+             "|---|---|" + "---|" * (2 * len(names))]
+    for method, r in report["results"].items():
+        for site in sites:
+            m = r["sites"].get(site)
+            if m is None:
+                continue
+            vals = " | ".join(
+                " | ".join("n/a" if m.get(f"{k}/{n}") is None else f"{m[f'{k}/{n}']:.3f}"
+                           for k in ("dice", "hd95")) for n in names)
+            lines.append(f"| {method} | {site} | {vals} |")
+    return lines
 
 
 def _case_counts(cases: dict[str, dict]) -> list[str]:

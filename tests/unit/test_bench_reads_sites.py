@@ -81,3 +81,15 @@ def test_the_baselines_learn_each_site_as_its_node_reads_it(tmp_path, monkeypatc
     flips = report["test_time_flips"]  # the pooled model scored both ways
     assert flips["spatial_dims"] == 2 and 0 <= flips["dice_without"] <= 1
     assert f"mean Dice {flips['dice_with']:.3f} with" in table
+
+
+def test_a_table_of_several_structures_gives_each_ones_dice_and_hd95():
+    per = {"dice": 0.8, "iou": 0.7, "hd95": 2.0, "sensitivity": 0.8, "specificity": 0.99,
+           "dice/Anterior": 0.81, "hd95/Anterior": 1.5, "dice/Posterior": 0.79,
+           "hd95/Posterior": None}
+    report = {"machine": "m", "precision": "float32", "rounds": 1, "local_epochs": 1,
+              "epochs_per_site": 1, "settings": {"structures": "Anterior,Posterior"},
+              "results": {"pooled": {"sites": {"a": per}, "seconds": 1.0}}}
+    table = server.bench.markdown(report)
+    assert "| method | site | Dice Anterior | HD95 Anterior (mm) | Dice Posterior |" in table
+    assert "| pooled | a | 0.810 | 1.500 | 0.790 | n/a |" in table

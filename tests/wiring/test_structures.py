@@ -146,7 +146,7 @@ def test_fedseg_evaluate_writes_each_structure(ran, sites, tmp_path):
     csv = tmp_path / "scores.csv"
     assert cmd_evaluate(argparse.Namespace(model=str(folder / "final_model.pt"),
                                            site_dir=str(sites[0][1]), csv=str(csv),
-                                           device="cpu")) == 0
+                                           device="cpu", split="test")) == 0
     rows = csv.read_text().splitlines()
     assert rows[0].split(",") == ["case", *wire.score_keys(STRUCTURES)]
     assert len(rows) == 2 + 2 and rows[-1].startswith("mean,")

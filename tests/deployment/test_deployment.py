@@ -222,6 +222,7 @@ def succeeded(proc: subprocess.CompletedProcess) -> bool:
         return False
 
 
+@pytest.mark.slow  # with the drills: keeps the default suite under 8 min (issue 27 added ~70 s)
 def test_outside_the_flwr_cli_gets_nothing_but_locally_it_works(federation, tmp_path):
     public, local = federation.address, f"127.0.0.1:{federation.local_port}"
     hospital_keypair(tmp_path, "intruder")

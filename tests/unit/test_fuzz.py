@@ -73,6 +73,7 @@ def test_mutated_synthetic_files(scratch):
     check(fuzz_readers(seeds, 16, scratch), at_least=280)
 
 
+@pytest.mark.slow  # with the drills: keeps the default suite under 8 min (issue 27 added ~70 s)
 def test_mutated_real_files(scratch, dicom_dir, retina_dir):
     """pydicom's and highdicom's files in ../shared/data (uncompressed, RLE, JPEG
     baseline and lossless, JPEG-LS, JPEG 2000, big endian, implicit VR, deflated,

@@ -154,6 +154,7 @@ def test_a_model_that_does_not_fit_its_settings_or_its_input_is_refused(tmp_path
         segment(model3d, tmp_path / "flat.png", CPU)
 
 
+@pytest.mark.slow  # with the drills: keeps the default suite under 8 min (issue 27 added ~70 s)
 def test_predict_and_evaluate_from_the_command_line(tmp_path, synthetic_sites):
     model = saved_model(tmp_path / "run")
     series = sorted((synthetic_sites[0] / "imagesTs").iterdir())

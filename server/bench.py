@@ -33,7 +33,7 @@ from common.data.site import Case
 from common.metrics import METRICS, combine
 from common.model import pick_device
 from common.site_algorithm import ROUNDS_IN_CALL, SiteAlgorithm
-from common.training import low_precision
+from common.training import evaluate, low_precision
 from common.wire import eval_metrics
 from server.runs import read_metrics
 from server.simulation import Site, simulate
@@ -102,11 +102,8 @@ def _with_and_without_flips(algo: SiteAlgorithm, tests: dict[str, list[Case]],
     """The pooled model's mean Dice over the sites with test-time flips and
     without (the setting is kept only where it helps: issue 27)."""
     other = dataclasses.replace(algo.settings, test_time_flips=not algo.settings.test_time_flips)
-    rescored = {site: SiteAlgorithm(other, "pooled", device=algo.device, test_cases=cases)
-                for site, cases in tests.items()}
-    for reader in rescored.values():
-        reader.model = algo.model
-    again = {site: reader.evaluate(None) for site, reader in rescored.items()}
+    again = {site: evaluate(algo.model, cases, other, algo.device).summary
+             for site, cases in tests.items()}
     on, off = (scored, again) if algo.settings.test_time_flips else (again, scored)
     return {"spatial_dims": algo.settings.model.spatial_dims,
             "dice_with": combine(list(on.values()))["dice"],

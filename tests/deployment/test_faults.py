@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from client.node import NOT_ACTIVATED
 from common.data.synthetic import write_federation
 from common.errors import ConfigError
 from common.processes import group_and_descendants
@@ -121,14 +122,20 @@ def test_a_node_killed_mid_run_the_run_finishes_without_it_and_it_rejoins(fed):
     rows = read_metrics(fed.state.runs / "killed")
     assert rows[0]["trained"] == ["hospital-a", "hospital-b"]
     assert rows[-1]["trained"] == ["hospital-a"]
-    assert any("at hospital-b: no reply" in f for f in rows[-1]["failures"])
+    # Its SuperNode ends by PDEATHSIG (SIGTERM) and may or may not reach the
+    # SuperLink to sign off first: signed off, it is sent nothing more; not, a
+    # round sent to it ends at round-timeout with "no reply". Either way every
+    # failure is hospital-b's, and none is hospital-a's.
+    failures = [f for r in rows for f in r["failures"]]
+    assert all("at hospital-b" in f for f in failures), failures
     assert time.monotonic() - start < 90
 
 
 def test_a_killed_node_restarted_at_once_rejoins(fed):
-    """Restarted on its state folder right after being killed: Flower still
-    holds its last session (up to 2 x 30 s); the node retries until it is let
-    in, then trains in the next run's rounds."""
+    """Restarted on its state folder right after being killed: where Flower
+    still holds its last session (up to 2 x 30 s; its SuperNode, ended by
+    PDEATHSIG, may not have signed off) the node retries until it is let in,
+    saying why; either way it trains in the next run's rounds."""
     gone = [p for p in fed.killed if "hospital-b" in " ".join(p.args)]
     assert gone, "needs the node killed by the test before"
     args = gone[0].args
@@ -145,7 +152,9 @@ def test_a_killed_node_restarted_at_once_rejoins(fed):
     assert read_metrics(fed.state.runs / "back")[0]["trained"] == ["hospital-a", "hospital-b"]
     assert time.monotonic() - start < 90
     out = log.read_text()
-    assert "did not stop cleanly last time" in out and "not registered" not in out
+    assert "not registered" not in out
+    if NOT_ACTIVATED in out:  # the SuperLink still held its last session: retried, let in
+        assert "did not stop cleanly last time" in out
 
 
 def test_a_frozen_node_is_cut_off_by_the_round_timeout_and_its_late_reply_ignored(fed):

@@ -60,6 +60,7 @@ from common.config import (
     simulation_sites,
 )
 from common.errors import FedsegError, error_reason, scrub, write_local_log
+from common.packing import PrecisionOverflow, WrongPrecision, from_wire, to_wire
 
 log = logging.getLogger(__name__)
 
@@ -279,6 +280,51 @@ def privacy_mod(msg: Message, context: Context, call_next: ClientAppCallable) ->
     return call_next(msg, context)
 
 
+def transfer_mod(site_of: SiteOf) -> Mod:
+    """The weights at the run's ``transfer-precision`` (``common/packing.py``),
+    outermost but for SecAgg+: the incoming model, which must arrive in that
+    precision (or the message is refused), is cast back to the model's float32
+    before anything else reads it; a train reply's weights are cast to it last,
+    after any DP clipping and noise, and never lengthening the update (so a
+    clipped update stays within its norm as sent). Under SecAgg+ the reply
+    stays float32: SecAgg+ quantises it to integers, whatever the precision. A
+    value beyond float16's range fails the reply, naming the weight."""
+
+    def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        settings = RunSettings.from_run_config(context.run_config)
+        precision = settings.transfer_precision
+        if precision == "float32" or wire.ARRAYS not in msg.content.array_records:
+            return call_next(msg, context)
+        what = "train" if msg.metadata.message_type.endswith("train") else "evaluate"
+        try:
+            received = from_wire({k: a.numpy() for k, a in msg.content[wire.ARRAYS].items()},
+                                 precision)
+        except WrongPrecision as exc:
+            from client.service import RequestRefused
+
+            return _failed(msg, _site_name(context, site_of), RequestRefused(str(exc)), what)
+        msg.content[wire.ARRAYS] = ArrayRecord({k: Array(v) for k, v in received.items()})
+        reply = call_next(msg, context)
+        if (reply.has_error() or settings.secure_aggregation
+                or wire.ARRAYS not in reply.content.array_records):
+            return reply
+        packed = {k: a.numpy() for k, a in reply.content[wire.ARRAYS].items()}
+        try:
+            sent = to_wire(packed, precision, reference=received
+                           if settings.dp.startswith("client") and set(packed) == set(received)
+                           else None)
+        except PrecisionOverflow as exc:
+            from common.model import build_model
+            from common.packing import template_of
+
+            exc = exc.named(template_of(build_model(settings.model).state_dict()))
+            return _failed(msg, _site_name(context, site_of), exc, what)
+        reply.content[wire.ARRAYS] = ArrayRecord({k: Array(v) for k, v in sent.items()})
+        return reply
+
+    return mod
+
+
 def _site_record(name: str | None, notes: Mapping[str, str]) -> ConfigRecord:
     return ConfigRecord({wire.SITE_NAME: name or "",
                          **{k: v for k, v in notes.items() if k in wire.SITE_NOTES}})
@@ -288,13 +334,17 @@ def make_app(site_of: SiteOf, policy: SitePolicy | None = None,
              site_mods: Sequence[Mod] = ()) -> ClientApp:
     """The ClientApp over a site: ``site_of(context)`` answers the requests.
     Train messages pass SecAgg+ (always on where ``policy`` requires it), then
-    ``site_mods`` (the hospital's own DP), then Flower's DP clipping: the
-    reply goes back through them in the other order, so the site's noise is
-    added to the clipped update and the noised update is what SecAgg+ masks."""
+    the transfer precision's cast, then ``site_mods`` (the hospital's own DP),
+    then Flower's DP clipping: the reply goes back through them in the other
+    order, so the site's noise is added to the clipped update, in float32, and
+    the noised update is what is cast for the wire or SecAgg+ masks. Evaluate
+    messages pass the cast only."""
     client_app = ClientApp()
     required = bool(policy and policy.require_secure_aggregation)
 
-    @client_app.train(mods=[secagg_mod(required), *site_mods, privacy_mod])
+    transfer = transfer_mod(site_of)
+
+    @client_app.train(mods=[secagg_mod(required), transfer, *site_mods, privacy_mod])
     def train_handler(msg: Message, context: Context) -> Message:
         """Train the global model on this site's training cases (scoring it
         first when the message asks)."""
@@ -309,7 +359,7 @@ def make_app(site_of: SiteOf, policy: SitePolicy | None = None,
                                    wire.SITE: _site_record(site.name, notes)}),
                        reply_to=msg)
 
-    @client_app.evaluate()
+    @client_app.evaluate(mods=[transfer])
     def evaluate_handler(msg: Message, context: Context) -> Message:
         """Score the global model on this site's test cases; reply with means only."""
         try:

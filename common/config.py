@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import ConfigError
+from common.packing import PRECISIONS
 
 INPUT_CHANNELS = {"grey": 1, "rgb": 3, "red": 1, "green": 1, "blue": 1}
 STRATEGIES = ("fedavg", "fedprox", "fednova", "fedadam")
@@ -246,6 +247,11 @@ class RunSettings:
                                                "round (they stay at the site)")
     mixed_precision: bool = setting(True, "fp16 on a CUDA GPU, bf16 on a CPU with bf16 "
                                           "instructions, else fp32; weights stay fp32")
+    transfer_precision: str = setting("float32", "how the weights cross the wire, both ways: "
+                                                 "float32, or float16 (half the bytes; the "
+                                                 "server still aggregates and keeps float32, "
+                                                 "sites train in float32; docs/performance.md)",
+                                      one_of(*PRECISIONS))
     synthetic_train_cases: int = setting(6, "built-in phantoms per node without a data-dir: "
                                             "training", at_least(1))
     synthetic_test_cases: int = setting(3, "built-in phantoms per node without a data-dir: "

@@ -13,6 +13,7 @@ from flwr.serverapp.exception import PrivacyBudgetExhausted as FlowerBudgetExhau
 from common import wire
 from common.config import RunSettings
 from common.model import build_model
+from common.packing import PrecisionOverflow
 from common.processes import exit_when_orphaned
 from server.prompt_grid import prompt
 from server.runs import RunFolder, packed_arrays, runs_root
@@ -131,6 +132,10 @@ def main(grid: Grid, context: Context) -> None:
             log(WARNING, "fedseg run %s stopped: %s", run.path.name, stopped)
         except TooFewSites as exc:  # resumable: the last round's checkpoint is kept
             stopped = f"too few sites: {exc}"
+            log(WARNING, "fedseg run %s stopped: %s", run.path.name, stopped)
+        except PrecisionOverflow as exc:  # the global model cannot go out at float16
+            stopped = (f"transfer precision: the global model holds {exc}; --resume with "
+                       f"--config transfer-precision=float32 goes on from the last round")
             log(WARNING, "fedseg run %s stopped: %s", run.path.name, stopped)
     write_rows(settings.num_rounds)  # a stopped run's last rounds, scored or not
     final = result.arrays if result is not None and len(result.arrays) else None

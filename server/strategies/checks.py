@@ -13,6 +13,7 @@ from flwr.serverapp.strategy import Strategy
 
 from common import wire
 from common.config import FOREGROUND
+from common.packing import wire_dtype
 from common.privacy.checks import update_problem
 from server.strategies.base import UNIFORM_WEIGHT, StrategyWrapper
 from server.strategies.recorder import site_name
@@ -20,7 +21,8 @@ from server.strategies.recorder import site_name
 
 class UpdateChecks(StrategyWrapper):
     """Leave out train replies that are unfit to aggregate (non-finite values,
-    wrong shapes, missing weights or case count); name the site in the log.
+    wrong shapes, weights not in the dtype of the run's ``transfer-precision``,
+    missing weights or case count); name the site in the log.
     Evaluate replies must carry the scores of the run's ``structures``
     (``wire.eval_metrics``); the recorder has already cut every reply to the
     run's keys (``declared.py``)."""
@@ -28,15 +30,19 @@ class UpdateChecks(StrategyWrapper):
     def __init__(self, inner: Strategy,
                  on_reject: Callable[[int, str, str], None] | None = None,
                  uniform_weights: bool = False,
-                 structures: Sequence[str] = (FOREGROUND,)) -> None:
+                 structures: Sequence[str] = (FOREGROUND,),
+                 precision: str = "float32") -> None:
         super().__init__(inner)
         self.on_reject = on_reject
         self.uniform_weights = uniform_weights
         self.eval_keys = wire.eval_metrics(tuple(structures))
+        self.precision = precision  # transfer-precision: the dtype updates must arrive in
         self.reference: dict[str, tuple[tuple[int, ...], str]] = {}
 
     def configure_train(self, server_round, arrays, config, grid):
-        self.reference = {k: (tuple(a.shape), str(a.dtype)) for k, a in arrays.items()}
+        # each weight's shape, and its dtype as it travels (common/packing.py)
+        self.reference = {k: (tuple(a.shape), wire_dtype(str(a.dtype), self.precision))
+                          for k, a in arrays.items()}
         return super().configure_train(server_round, arrays, config, grid)
 
     def problem(self, msg: Message) -> str | None:

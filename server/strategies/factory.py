@@ -4,8 +4,11 @@ From the outside in:
 * ``SiteRecorder``: per-site metrics, failures and bytes of each round, of
   replies first cut to what the run declared (``Declared``);
 * ``PrivacyBudget``: counts DP releases and stops before the budget is exceeded;
-* ``UpdateChecks``: leaves out replies with non-finite values, wrong shapes or
-  missing weights, naming the site;
+* ``UpdateChecks``: leaves out replies with non-finite values, wrong shapes,
+  weights not in the run's transfer precision or missing weights, naming the site;
+* ``TransferPrecision``: the model goes out, and replies come back, cast at
+  the run's ``transfer-precision`` (float16: half the bytes); everything
+  inside sees float32;
 * Flower's DP wrapper (server- or client-side, fixed or adaptive clipping), when on;
 * Flower's ``FedAvg`` (or FedProx, FedNova, scheduled FedAdam, SecAgg+ FedAvg),
   weighted by training cases (uniformly under DP).
@@ -36,6 +39,7 @@ from server.strategies.fedadam import ScheduledFedAdam
 from server.strategies.fednova import FedNova
 from server.strategies.recorder import SiteRecorder, aggregate_site_metrics
 from server.strategies.secagg import SecAggPlusFedAvg
+from server.strategies.transfer import TransferPrecision, wire_arrays
 
 
 def robust_fedavg(settings: RunSettings, fedavg_args: dict) -> FedAvg:
@@ -77,9 +81,17 @@ def build_strategy(settings: RunSettings, num_sampled: int | None = None,
         weighted_by_key=UNIFORM_WEIGHT if dp_on else wire.NUM_EXAMPLES,
         evaluate_metrics_aggr_fn=aggregate_site_metrics,
     )
+    precision = settings.transfer_precision
+    template = None
+    if precision != "float32":  # to name a weight beyond float16's range
+        from common.model import build_model
+        from common.packing import template_of
+
+        template = template_of(build_model(settings.model).state_dict())
     fedavg: FedAvg
     if settings.secure_aggregation:
         fedavg = SecAggPlusFedAvg(
+            to_wire=lambda arrays: wire_arrays(arrays, precision, template),
             proximal_mu=settings.fedprox_mu if settings.strategy == "fedprox" else 0.0,
             clipping_range=settings.secagg_clipping_range,
             max_weight=settings.secagg_max_weight,
@@ -95,15 +107,23 @@ def build_strategy(settings: RunSettings, num_sampled: int | None = None,
     else:
         fedavg = robust_fedavg(settings, fedavg_args)
     num_sampled = num_sampled or settings.min_nodes
+
+    def cast(inner: Strategy) -> Strategy:  # the wire's precision, where it is not float32
+        return inner if precision == "float32" else TransferPrecision(inner, precision,
+                                                                      template)
+
     privacy: FlowerAccount | PrivacyLedger | None = None
     if dp_on and flower_accounts_for(settings, fedavg):
         privacy = FlowerAccount(settings, num_sampled, dp_releases)
-        checks = UpdateChecks(dp_wrapper(settings, fedavg, num_sampled, privacy.accountant),
-                              uniform_weights=True, structures=settings.structure_names)
+        checks = UpdateChecks(cast(dp_wrapper(settings, fedavg, num_sampled,
+                                              privacy.accountant)),
+                              uniform_weights=True, structures=settings.structure_names,
+                              precision=precision)
         outer: Strategy = checks
     else:
-        checks = UpdateChecks(dp_wrapper(settings, fedavg, num_sampled),
-                              uniform_weights=dp_on, structures=settings.structure_names)
+        checks = UpdateChecks(cast(dp_wrapper(settings, fedavg, num_sampled)),
+                              uniform_weights=dp_on, structures=settings.structure_names,
+                              precision=precision)
         outer = checks
         if dp_on:
             privacy = PrivacyLedger(settings.dp_noise_multiplier, settings.dp_delta,

@@ -10,6 +10,9 @@ workflow, unchanged, from inside the new FedAvg's ``configure_train``:
 * the workflow's setup stage is the one place overridden: each node's training
   content becomes this app's own ``{"arrays", "config"}`` records, one record
   dict per node, because the workflow writes per-node key shares into it;
+* the model goes to the sites as the run's ``transfer-precision`` casts it
+  (``to_wire``); the sites' uploads are SecAgg+'s masked integers whatever
+  that precision (each site hands SecAgg+ its float32 update to quantise);
 * ``configure_train`` returns no messages (the protocol has already run its
   four round trips); ``aggregate_train`` returns the captured aggregate mapped
   back to the parameter names and dtypes, after checking it is finite.
@@ -151,8 +154,10 @@ class SecAggPlusFedAvg(FedAvg):
                  reconstruction_threshold: float = 0.6, timeout: float = 600.0,
                  proximal_mu: float = 0.0,
                  on_round: Callable[[int, SecureRound], None] | None = None,
+                 to_wire: Callable[[ArrayRecord], ArrayRecord] = lambda arrays: arrays,
                  **fedavg: Any) -> None:
         super().__init__(**fedavg)
+        self.to_wire = to_wire  # the global model as it travels (transfer-precision)
         self.clipping_range = clipping_range
         self.max_weight = max_weight
         self.reconstruction_threshold = reconstruction_threshold
@@ -180,8 +185,9 @@ class SecAggPlusFedAvg(FedAvg):
         context = LegacyContext(Context(run_id=grid.run.run_id, node_id=0, node_config={},
                                         state=state, run_config={}),
                                 strategy=capture, client_manager=SimpleClientManager())
+        sent = self.to_wire(arrays)  # the sites' copy; the aggregate is checked against arrays
         workflow = _Workflow(
-            lambda: RecordDict({wire.ARRAYS: arrays,
+            lambda: RecordDict({wire.ARRAYS: sent,
                                 wire.CONFIG: ConfigRecord(dict(train_config))}),
             num_shares=1.0, reconstruction_threshold=self.reconstruction_threshold,
             max_weight=self.max_weight, clipping_range=self.clipping_range,

@@ -13,20 +13,35 @@ from server.strategies.checks import UpdateChecks
 pytestmark = pytest.mark.usefixtures("task_identity")
 
 REFERENCE = {"w": ((2, 3), "float32"), "b": ((3,), "float32")}
+HALF = {"w": ((2, 3), "float16"), "b": ((3,), "float16")}  # transfer-precision float16
+
+
+def zeros(*shape: int, dtype=np.float32) -> np.ndarray:
+    return np.zeros(shape, dtype)
 
 
 @pytest.mark.parametrize(
-    ("update", "problem"),
+    ("update", "reference", "problem"),
     [
-        ({"w": np.zeros((2, 3)), "b": np.zeros(3)}, None),
-        ({"w": np.full((2, 3), np.nan), "b": np.zeros(3)}, "NaN or infinite"),
-        ({"w": np.zeros((3, 2)), "b": np.zeros(3)}, "has shape (3, 2), expected (2, 3)"),
-        ({"w": np.zeros((2, 3))}, "missing 1 weight"),
-        ({"w": np.zeros((2, 3)), "b": np.zeros(3), "x": np.zeros(1)}, "unexpected"),
+        ({"w": zeros(2, 3), "b": zeros(3)}, REFERENCE, None),
+        ({"w": np.full((2, 3), np.nan, np.float32), "b": zeros(3)}, REFERENCE,
+         "NaN or infinite"),
+        ({"w": zeros(3, 2), "b": zeros(3)}, REFERENCE, "has shape (3, 2), expected (2, 3)"),
+        ({"w": zeros(2, 3)}, REFERENCE, "missing 1 weight"),
+        ({"w": zeros(2, 3), "b": zeros(3), "x": zeros(1)}, REFERENCE, "unexpected"),
+        # exactly the dtype the run's transfer-precision sends, nothing else
+        ({"w": zeros(2, 3, dtype=np.float16), "b": zeros(3)}, REFERENCE,
+         "weight 'w' arrived as float16; the run's weights travel as float32"),
+        ({"w": zeros(2, 3, dtype=np.float64), "b": zeros(3)}, REFERENCE, "arrived as float64"),
+        ({"w": zeros(2, 3, dtype=np.float16), "b": zeros(3, dtype=np.float16)}, HALF, None),
+        ({"w": zeros(2, 3, dtype=np.float16), "b": zeros(3)}, HALF,
+         "weight 'b' arrived as float32; the run's weights travel as float16"),
+        ({"w": np.full((2, 3), np.inf, np.float16), "b": zeros(3, dtype=np.float16)}, HALF,
+         "NaN or infinite"),
     ],
 )
-def test_update_problems(update, problem):
-    found = update_problem(update, REFERENCE)
+def test_update_problems(update, reference, problem):
+    found = update_problem(update, reference)
     assert (found is None) if problem is None else (problem in found)
 
 

@@ -17,6 +17,7 @@ from server.strategies.checks import UpdateChecks
 from server.strategies.fedadam import ScheduledFedAdam
 from server.strategies.fednova import FedNova
 from server.strategies.secagg import SecAggPlusFedAvg
+from server.strategies.transfer import TransferPrecision
 
 
 def chain(config: dict) -> list[type]:
@@ -42,6 +43,12 @@ def chain(config: dict) -> list[type]:
     ({"dp": "client-fixed", "secure-aggregation": True},
      [PrivacyBudget, UpdateChecks, DifferentialPrivacyClientSideFixedClipping,
       SecAggPlusFedAvg]),
+    ({"transfer-precision": "float16"}, [UpdateChecks, TransferPrecision, FedAvg]),
+    ({"transfer-precision": "float16", "dp": "server-fixed"},
+     [UpdateChecks, TransferPrecision, DifferentialPrivacyServerSideFixedClipping, FedAvg]),
+    ({"transfer-precision": "float16", "dp": "client-adaptive"},
+     [PrivacyBudget, UpdateChecks, TransferPrecision,
+      DifferentialPrivacyClientSideAdaptiveClipping, FedAvg]),
 ])
 def test_each_setting_builds_its_chain(config, expected):
     assert chain(config) == expected

@@ -336,6 +336,21 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_transfer(args: argparse.Namespace) -> int:
+    """Bytes per site per round by model and transfer precision (no training)."""
+    from server.bench_transfer import table
+
+    _, markdown = table(rate_mbit=args.rate)
+    console.print(markdown, soft_wrap=True)
+    console.print("down: the train message (the global model and the round's instructions); "
+                  "up: the train reply (the site's weights, its metrics and name); as the "
+                  "run's recorder counts them (Flower's serialised payload, metrics.jsonl "
+                  f"bytes_down / bytes_up). Seconds: the bytes alone at {args.rate:g} Mbit/s, "
+                  "without the link's delay or TLS and HTTP overhead; fedseg bench deploy "
+                  "--link measures rounds on a shaped link.", soft_wrap=True)
+    return 0
+
+
 def cmd_bench_patches(args: argparse.Namespace) -> int:
     from common.config import check_run_overrides, parse_key_values
     from common.model import pick_device
@@ -401,6 +416,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="the same as --preset none")
     add_run_options(b)
     b.set_defaults(func=cmd_bench_quality)
+    b = bsub.add_parser("transfer", help="bytes per site per round by model and "
+                        "transfer-precision (docs/performance.md)")
+    b.add_argument("--rate", type=float, default=50.0,
+                   help="link rate in Mbit/s for the seconds column (default 50)")
+    b.set_defaults(func=cmd_bench_transfer)
     b = bsub.add_parser("patches", help="2D vs 3D U-Net cost per patch size (docs/data.md)")
     b.add_argument("--models", help="DIMS:PATCH,... (default 2:64,2:128,3:32,3:64,3:96,3:128)")
     b.add_argument("--steps", type=int, default=3, help="timed training steps per model")

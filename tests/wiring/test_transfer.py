@@ -14,6 +14,8 @@ from flwr.app import Array
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from common import wire
+from common.config import RunSettings
+from server.bench_transfer import round_bytes
 from server.runs import read_metrics
 from server.wire import AUDIT_DIR_ENV
 from tests.grid import audited_replies, federation, run_server
@@ -58,6 +60,13 @@ def test_float16_halves_the_bytes_both_ways_and_the_server_keeps_float32(sites, 
     assert np.array_equal(sent[-1], flat.astype(np.float16))
     assert not np.array_equal(flat, flat.astype(np.float16).astype(np.float32))
     assert abs(half["dice_final"] - full["dice_final"]) < 0.05  # the same training
+    # fedseg bench transfer's figures are what the run recorded (3 sites; the
+    # last round also sends the evaluate message and gets its reply)
+    for rows_of, precision in ((full_rows, "float32"), (rows, "float16")):
+        b = round_bytes(RunSettings.from_run_config({**TINY, **config,
+                                                     "transfer-precision": precision}))
+        assert rows_of[1]["bytes_down"] == 3 * (b.down + b.evaluate_down)
+        assert rows_of[1]["bytes_up"] == 3 * (b.up + b.evaluate_up)
 
 
 def test_a_site_replying_in_float32_to_a_float16_run_is_left_out_and_named(sites, tmp_path):

@@ -28,11 +28,21 @@ def cmd_bench_deploy(args: argparse.Namespace) -> int:
     import platform
     import tempfile
 
+    from common.config import check_run_overrides, parse_key_values
     from common.data.synthetic import write_federation
     from server.localfed import LocalFederation
     from server.runs import read_metrics
     from server.simulation import Site, simulate
 
+    typed = parse_key_values(args.config or [])
+    check_run_overrides(typed)  # a mistyped setting: said before anything starts
+    link = None
+    if args.link:  # refused here, before anything starts, where it cannot be shaped
+        from server.bench_link import preflight
+        from server.link import Link
+
+        link = Link.parse(args.link)
+        preflight(link)
     # As root the nodes run as unprivileged users, who must reach the folder:
     # the system's temporary folder then, not root's home.
     base = Path(tempfile.gettempdir()) if os.geteuid() == 0 else fedseg_home()
@@ -55,8 +65,24 @@ def cmd_bench_deploy(args: argparse.Namespace) -> int:
     else:
         sites = write_federation(work / "data", args.hospitals, n_train=6, n_test=3)
         names = [f"hospital-{chr(ord('a') + i)}" for i in range(len(sites))]
+    config = {**config, **typed}
     console.print(f"TLS deployment on 127.0.0.1: {len(sites)} hospitals, "
                   f"{args.rounds} rounds, {args.threads} thread(s) each; work folder {work}")
+    if link is not None:
+        from server.bench_link import compare, markdown, report
+
+        rows = compare(work, sites, names, config, link, args.threads)
+        console.print(report(rows, len(sites), link))
+        (work / "link.md").write_text(markdown(rows, len(sites)))
+        console.print("the same federation (processes, sites, seeds), the link shaped on the "
+                      "SuperLink's public port once the hospitals were connected; a run at "
+                      "transfer-precision float32, then one at float16; MB: metrics.jsonl's "
+                      "bytes_down / bytes_up per site (the last round also sends the evaluate "
+                      f"message); one link of that rate for all the hospitals together "
+                      f"(they share the server's port); machine: {platform.machine()}, "
+                      f"{os.cpu_count()} cores; the table as markdown: {work / 'link.md'}",
+                      soft_wrap=True)
+        return 0
     with LocalFederation(work, sites, names=names, threads=args.threads) as fed:
         summary = fed.run("bench", config, on_round=round_line)
         memory = worker_memory(fed)
@@ -392,6 +418,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--threads", type=int, default=1, help="CPU threads per hospital")
     b.add_argument("--no-retina-defaults", dest="retina_defaults", action="store_false",
                    help="with SITE_DIRs, do not apply the retina settings (as bench quality)")
+    b.add_argument("--link", metavar="RATE[:RTT]",
+                   help="shape the hospitals' link to the server like a hospital's (e.g. "
+                        "50mbit:40ms: each way at the rate, the round trip; Linux traffic "
+                        "control on the SuperLink's public port, as root; the delay needs "
+                        "the kernel's netem) and compare transfer-precision float32 and "
+                        "float16 in one run (docs/performance.md)")
+    b.add_argument("--config", action="append", metavar="KEY=VALUE",
+                   help="run settings for the bench's runs (docs/settings.md)")
     b.set_defaults(func=cmd_bench_deploy)
     b = bsub.add_parser("privacy", help="secure aggregation's cost and DP's effect on Dice")
     b.add_argument("--hospitals", type=int, nargs="+", default=[3, 10])

@@ -12,7 +12,8 @@ transports, one app:
 
 What leaves the site is exactly what ``common.wire`` names:
 
-* train reply: the model weights (``arrays``), ``wire.TRAIN_METRICS`` and,
+* train reply: the model weights (``arrays``, at the run's
+  ``transfer-precision``), ``wire.TRAIN_METRICS`` and,
   when asked (``evaluate-incoming``), the incoming global model's scores
   (``global-*``) in ``metrics``, the site's public name (``site``);
 * evaluate reply: ``wire.EVAL_METRICS`` (case count and means over the test

@@ -99,7 +99,8 @@ TABLE = (
           "(its pyproject.toml); a hospital's node answers only runs of a version its install "
           "speaks (CHANGELOG.md)"),
     Entry(ARRAYS, ARRAYS, "both", "the U-Net's weights: the global model down (train and "
-          "evaluate), the site's new weights up (train)"),
+          "evaluate), the site's new weights up (train); packed, one vector per dtype "
+          "(`weights-float32`), in float16 where the run's `transfer-precision` says so"),
     Entry(SERVER_ROUND, CONFIG, DOWN, "the round of this call (Flower counts from 1 again "
           "when a run resumes)"),
     Entry(ROUNDS_DONE, CONFIG, DOWN, "rounds of a resumed run already behind; with "

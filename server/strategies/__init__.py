@@ -1,6 +1,7 @@
 """The server's strategies, one concept per module: ``base`` (the wrapper
 pattern), ``declared`` (what a reply may bring: the run's declared keys),
-``recorder`` (per-site records), ``checks`` (update checks),
+``recorder`` (per-site records), ``checks`` (update checks), ``transfer``
+(the weights at the run's transfer precision),
 ``budget`` (fedseg's privacy ledger where Flower's accountant does not reach),
 ``dp`` (Flower's DP wrappers), ``fednova``, ``fedadam`` (scheduled FedAdam),
 ``secagg`` (SecAgg+ with Message-API apps) and ``factory`` (what a run's

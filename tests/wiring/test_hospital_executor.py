@@ -80,3 +80,32 @@ def test_secure_rounds_of_self_noised_updates_through_the_hospitals_own_code(
         assert all(len(rec) == 0 for rec in msg.content.array_records.values())
     assert np.isfinite(rows[-1]["train_loss"])
     assert wire.VERSION_KEY in app_defaults()
+
+
+def test_the_hospitals_own_dp_at_float16_noises_in_float32_then_casts(sites, tmp_path,
+                                                                      monkeypatch):
+    """transfer-precision float16 through the hospitals' own code: the site
+    clips and noises its update in float32 (its ledger records each release),
+    then the reply leaves as float16."""
+    handlers = {}
+    for i, folder in enumerate(sites):
+        policy = SitePolicy.from_dict({"require-dp": True, "max-epsilon": 500.0})
+        state = tmp_path / f"state-{i}"
+        handlers[100 + i] = Handler(
+            SiteService(f"site-{i}", folder, device="cpu", policy=policy),
+            policy, AuditLog(state / "audit.jsonl"), SiteLedger(state / "ledger.json"))
+    settings = {**SETTINGS, "secure-aggregation": False, "transfer-precision": "float16"}
+    grid = LocalGrid(Hospitals(handlers), [{"site-name": f"site-{i}"} for i in range(3)],
+                     {**app_defaults(), **settings, "run-name": "dp-half"})
+    monkeypatch.setenv(AUDIT_DIR_ENV, str(tmp_path / "audit"))
+    run_server(grid, tmp_path)
+    rows = read_metrics(tmp_path / "dp-half")
+    assert [r["trained"] for r in rows] == [["site-0", "site-1", "site-2"]] * 2
+    replies = audited_replies(tmp_path / "audit", "*-train-*")
+    assert len(replies) == 6
+    for msg in replies:
+        weights = msg.content[wire.ARRAYS]["weights-float32"].numpy()
+        assert weights.dtype == np.float16 and np.isfinite(weights).all()
+    for i in range(3):
+        ledger = json.loads((tmp_path / f"state-{i}" / "ledger.json").read_text())
+        assert [e["round"] for e in ledger["releases"]] == [1, 2]

@@ -42,6 +42,9 @@ def cmd_bench_deploy(args: argparse.Namespace) -> int:
         from server.link import Link
 
         link = Link.parse(args.link)
+        if "transfer-precision" in typed:
+            raise FedsegError("--link runs both transfer precisions side by side: leave "
+                              "transfer-precision out of --config")
         preflight(link)
     # As root the nodes run as unprivileged users, who must reach the folder:
     # the system's temporary folder then, not root's home.

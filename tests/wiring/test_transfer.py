@@ -86,6 +86,18 @@ def test_a_site_replying_in_float32_to_a_float16_run_is_left_out_and_named(sites
     assert summary["problems"] == ["site hospital-b failed every round (1 of 1)"]
 
 
+@pytest.mark.parametrize("setting", [{"strategy": "fedprox"}, {"strategy": "fednova"},
+                                     {"strategy": "fedadam"}, {"aggregation": "median"}])
+def test_every_strategy_aggregates_the_float16_updates_in_float32(sites, tmp_path, setting):
+    _, summary, (row,) = run(sites, tmp_path, "-".join(setting.values()), **setting, **HALF,
+                             **{"num-rounds": 1})
+    assert summary["problems"] == [] and row["failures"] == []
+    assert row["trained"] == ["hospital-a", "hospital-b", "hospital-c"]
+    final = torch.load(tmp_path / "-".join(setting.values()) / "final_model.pt",
+                       weights_only=True)
+    assert {v.dtype for v in final.values()} == {torch.float32}
+
+
 @pytest.mark.parametrize("mode", ["server-fixed", "server-adaptive", "client-fixed",
                                   "client-adaptive"])
 def test_every_dp_mode_runs_at_float16(sites, tmp_path, monkeypatch, mode):

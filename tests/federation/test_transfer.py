@@ -27,6 +27,10 @@ CONFIG = {"transfer-precision": "float16", "model-channels": "8,16,32", "patch-s
           "local-epochs": 1, "batch-size": 4}
 
 
+# 40-95 s on 2 cores; the in-process grid (tests/wiring/test_transfer.py) runs
+# float16 through Flower's own serialisation in the default suite; this adds
+# the real transport, with the drills (-m slow), as CI runs them
+@pytest.mark.slow
 def test_a_float16_simulation_trains_sends_half_the_bytes_and_keeps_float32(
         tmp_path, no_leftover_processes):
     sites = write_federation(tmp_path / "data", 2, n_train=4, n_test=2, seed=3)

@@ -86,8 +86,14 @@ def test_a_site_replying_in_float32_to_a_float16_run_is_left_out_and_named(sites
     assert summary["problems"] == ["site hospital-b failed every round (1 of 1)"]
 
 
-@pytest.mark.parametrize("setting", [{"strategy": "fedprox"}, {"strategy": "fednova"},
-                                     {"strategy": "fedadam"}, {"aggregation": "median"}])
+# The default suite keeps one of each kind (fedavg above, client-side DP,
+# SecAgg+); the rest run with the drills (-m slow), as CI does.
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("setting", [pytest.param(s, marks=SLOW) for s in (
+    {"strategy": "fedprox"}, {"strategy": "fednova"}, {"strategy": "fedadam"},
+    {"aggregation": "median"})])
 def test_every_strategy_aggregates_the_float16_updates_in_float32(sites, tmp_path, setting):
     _, summary, (row,) = run(sites, tmp_path, "-".join(setting.values()), **setting, **HALF,
                              **{"num-rounds": 1})
@@ -98,8 +104,9 @@ def test_every_strategy_aggregates_the_float16_updates_in_float32(sites, tmp_pat
     assert {v.dtype for v in final.values()} == {torch.float32}
 
 
-@pytest.mark.parametrize("mode", ["server-fixed", "server-adaptive", "client-fixed",
-                                  "client-adaptive"])
+@pytest.mark.parametrize("mode", [pytest.param("server-fixed", marks=SLOW),
+                                  pytest.param("server-adaptive", marks=SLOW), "client-fixed",
+                                  pytest.param("client-adaptive", marks=SLOW)])
 def test_every_dp_mode_runs_at_float16(sites, tmp_path, monkeypatch, mode):
     """Sites clip (client-*) in float32, then cast, the update never longer
     than the clipping norm as sent; the server clips (server-*) and noises in
@@ -146,6 +153,7 @@ def test_secure_aggregation_at_float16_halves_the_download_only(sites, tmp_path,
         assert all(len(rec) == 0 for rec in msg.content.array_records.values())
 
 
+@SLOW
 def test_cross_site_at_float16_scores_each_local_model(sites, tmp_path):
     grid, summary, _ = run(sites, tmp_path, "cross", **{"cross-site": True, "num-rounds": 1},
                            **HALF)

@@ -304,6 +304,11 @@ class RunSettings:
             (self.patch_size % model.divisor == 0,
              f"patch-size must be a multiple of {model.divisor} for "
              f"{len(model.channels)} U-Net levels, got {self.patch_size}"),
+            (self.batch_size % self.patches_per_image == 0
+             or self.patches_per_image % self.batch_size == 0,
+             f"batch-size {self.batch_size} must be a multiple or a divisor of "
+             f"patches-per-image {self.patches_per_image} (a step takes whole images' "
+             f"patches, or an image's patches in equal parts)"),
             (not (self.secure_aggregation and self.strategy in ("fedadam", "fednova")),
              f"secure aggregation runs with fedavg or fedprox, not {self.strategy}"),
             (not (self.dp != "off" and self.strategy == "fednova"),

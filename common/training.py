@@ -178,6 +178,9 @@ def train(
         shuffle=True,
         num_workers=0,
     )
+    # A loader batch holds whole images' patches; a batch-size below
+    # patches-per-image takes each image's patches in several steps.
+    per_loader_batch = max(1, settings.patches_per_image // settings.batch_size)
     model.to(device).train()
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
@@ -188,13 +191,13 @@ def train(
     # fp16 gradients need loss scaling; bf16 has fp32's range and does not
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     losses, steps, nonfinite = [], 0, 0
-    total_steps = max(1, (epochs or settings.local_epochs) * len(loader))
+    total_steps = max(1, (epochs or settings.local_epochs) * len(loader) * per_loader_batch)
     with warnings.catch_warnings(), _plain_tensors():
         # RandCropByPosNegLabel warns on slices without foreground; it falls back
         # to background patches, which is what we want there.
         warnings.simplefilter("ignore")
         for _epoch in range(epochs or settings.local_epochs):
-            for batch in loader:
+            for batch in _steps(loader, settings.batch_size, per_loader_batch):
                 done = progress[0] + (progress[1] - progress[0]) * steps / total_steps
                 steps += 1
                 for group in optimizer.param_groups:
@@ -238,6 +241,18 @@ def train(
         raise TrainingDivergedError(f"no training step of {steps} gave a finite loss")
     return TrainResult(len(cases), float(np.mean(losses)), steps, seconds,
                        optimizer_arrays(optimizer) if settings.keep_optimizer_state else {})
+
+
+def _steps(loader, batch_size: int, parts: int):
+    """The loader's batches, each cut into ``parts`` batches of ``batch_size``
+    patches (an image's patches in equal parts); whole when ``parts`` is 1."""
+    for batch in loader:
+        if parts == 1:
+            yield batch
+            continue
+        for i in range(0, len(batch["image"]), batch_size):
+            yield {"image": batch["image"][i:i + batch_size],
+                   "label": batch["label"][i:i + batch_size]}
 
 
 def learning_rate_at(done: float, settings: RunSettings) -> float:

@@ -13,6 +13,7 @@ from common.training import (
     low_precision,
     predict,
     train,
+    training_items,
 )
 
 
@@ -435,3 +436,29 @@ def test_test_time_flips_mirror_only_along_axes_training_mirrors(dims, monkeypat
     used = {a - 2 for axes in flipped for a in axes}  # B x C x spatial
     assert flipped and used <= trained, (used, trained)
     assert len(set(flipped)) == 2 ** len(used) - 1  # every set of those axes, once
+
+
+@pytest.mark.parametrize("batch, per_image", [(4, 8), (2, 8), (8, 8), (16, 8), (8, 2)])
+def test_a_step_takes_exactly_batch_size_patches(site, batch, per_image):
+    """batch-size 4 with 8 patches an image once trained batches of 8 without
+    a word (the loader took whole images): now each step holds batch-size
+    patches, an image's patches cut in equal parts where they outnumber it."""
+    cases = site[0][:4]
+    settings = RunSettings.from_run_config({"model-channels": "8,16", "patch-size": 32,
+                                            "batch-size": batch,
+                                            "patches-per-image": per_image})
+    model = build_model(settings.model)
+    seen: list[int] = []
+    model.register_forward_hook(lambda _m, args, _out: seen.append(len(args[0])))
+    result = train(model, cases, settings, torch.device("cpu"), seed=0)
+    images = len(training_items(cases, 2, settings.input_channels))  # a volume's slices
+    patches = images * per_image
+    assert result.steps == len(seen) == -(-patches // batch)
+    assert set(seen[:-1]) <= {batch} and sum(seen) == patches
+
+
+@pytest.mark.parametrize("batch, per_image", [(6, 4), (3, 8), (12, 8)])
+def test_a_batch_size_that_cuts_images_unevenly_is_refused(batch, per_image):
+    with pytest.raises(ConfigError, match=f"batch-size {batch} must be a multiple or a divisor"
+                                          f" of patches-per-image {per_image}"):
+        RunSettings.from_run_config({"batch-size": batch, "patches-per-image": per_image})

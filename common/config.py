@@ -258,6 +258,9 @@ class RunSettings:
                                            "test", at_least(1))
     strategy: str = setting("fedavg", "server aggregation", one_of(*STRATEGIES))
     fedprox_mu: float = setting(0.01, "FedProx proximal term weight", at_least(0))
+    server_learning_rate: float = setting(1.0, "the server's step along the sites' aggregated "
+                                               "update (1: the aggregate itself; fedavg, "
+                                               "fedprox, fednova)", within(0, 10, low_open=True))
     aggregation: str = setting("mean", "fedavg's rule: the case-weighted mean, or a robust "
                                        "rule against a broken or poisoned site "
                                        "(docs/robustness.md)", one_of(*AGGREGATIONS))
@@ -309,6 +312,9 @@ class RunSettings:
              f"batch-size {self.batch_size} must be a multiple or a divisor of "
              f"patches-per-image {self.patches_per_image} (a step takes whole images' "
              f"patches, or an image's patches in equal parts)"),
+            (self.server_learning_rate == 1.0 or self.strategy != "fedadam",
+             "server-learning-rate steps fedavg, fedprox and fednova; fedadam has its own "
+             "(fedadam-eta)"),
             (not (self.secure_aggregation and self.strategy in ("fedadam", "fednova")),
              f"secure aggregation runs with fedavg or fedprox, not {self.strategy}"),
             (not (self.dp != "off" and self.strategy == "fednova"),

@@ -39,6 +39,7 @@ from server.strategies.fedadam import ScheduledFedAdam
 from server.strategies.fednova import FedNova
 from server.strategies.recorder import SiteRecorder, aggregate_site_metrics
 from server.strategies.secagg import SecAggPlusFedAvg
+from server.strategies.serverstep import ServerStep
 from server.strategies.transfer import TransferPrecision, wire_arrays
 
 
@@ -129,6 +130,8 @@ def build_strategy(settings: RunSettings, num_sampled: int | None = None,
             privacy = PrivacyLedger(settings.dp_noise_multiplier, settings.dp_delta,
                                     settings.dp_max_epsilon, releases=dp_releases)
             outer = PrivacyBudget(checks, privacy)
+    if settings.server_learning_rate != 1.0:  # outside DP and the checks: post-processing
+        outer = ServerStep(outer, settings.server_learning_rate)
     recorder = SiteRecorder(outer, Declared.of(settings))
     recorder.privacy = privacy
     recorder.evaluate_due = lambda r: ((rounds_done + r) % settings.evaluate_every == 0

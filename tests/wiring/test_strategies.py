@@ -374,3 +374,26 @@ def test_a_site_shares_its_local_model_only_where_its_policy_allows(synthetic_si
         assert (wire.SHARE_LOCAL in notes) is shared
     with pytest.raises(Exception, match="cross-site scores each site's own local model"):
         RunSettings.from_run_config({"cross-site": True, "secure-aggregation": True})
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fednova"])
+def test_server_learning_rate_moves_the_model_eta_times_the_aggregate(sites, tmp_path,
+                                                                      strategy):
+    """One round from the same model and the same site updates: with
+    server-learning-rate 2.5 the model moves 2.5 times as far, the same way."""
+    moved = {}
+    for eta in (1.0, 2.5):
+        name = f"{strategy}-{eta}"
+        _, summary, _ = run(sites, tmp_path, name, strategy=strategy, **{
+            "num-rounds": 1, "server-learning-rate": eta})
+        assert summary["rounds_completed"] == 1
+        moved[eta] = update_vector(tmp_path / name, RunSettings.from_run_config(TINY))
+    assert moved[1.0].norm() > 0
+    torch.testing.assert_close(moved[2.5], 2.5 * moved[1.0], rtol=1e-4, atol=1e-6)
+
+
+def test_server_learning_rate_is_refused_with_fedadam():
+    from common.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="fedadam has its own"):
+        RunSettings.from_run_config({"strategy": "fedadam", "server-learning-rate": 2.0})

@@ -26,6 +26,9 @@ def two_sites(tmp_path_factory) -> list[Site]:
     return [Site(f"site-{i}", f) for i, f in enumerate(folders)]
 
 
+@pytest.mark.slow  # 109 s (three runs of the default 2D U-Net): with the drills, so the
+# default suite stays under 8 min; test_the_deployment_gives_what_the_simulation_gives and
+# the next test keep a real simulation in it
 def test_fedseg_simulate_command_trains_and_resumes(two_sites, tmp_path,
                                                     no_leftover_processes):
     """The real command end to end: every site reports every round with every

@@ -11,7 +11,6 @@ import logging
 import math
 from pathlib import Path
 
-import pytest
 from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from common import wire
@@ -27,11 +26,6 @@ METRIC, GLOBAL, NOTE = f"{LOOT}-metric", f"{wire.GLOBAL_PREFIX}{LOOT}-global", f
 RECORD, CONFIG = f"{LOOT}-record", f"{LOOT}-config"
 HUGE = "zz-huge-" * 5000  # 40,000 characters
 TOO_LONG = ("zz-huge-" * 63).encode()  # 504 characters: longer than any text the server keeps
-
-
-@pytest.fixture
-def sites(synthetic_sites):
-    return [(f"hospital-{'abc'[i]}", folder) for i, folder in enumerate(synthetic_sites)]
 
 
 def plant(node, msg, deliver):

@@ -25,11 +25,6 @@ TINY = {"model-channels": "8,16", "patch-size": 32, "batch-size": 2, "patches-pe
         "num-rounds": 2, "min-nodes": 3, "test-time-flips": False, "mixed-precision": False}
 
 
-@pytest.fixture
-def sites(synthetic_sites):
-    return [(f"hospital-{'abc'[i]}", folder) for i, folder in enumerate(synthetic_sites)]
-
-
 def run(sites, tmp_path, name, faults=None, **overrides):
     grid = federation(sites, {**TINY, "run-name": name, **overrides}, faults)
     return grid, run_server(grid, tmp_path), read_metrics(tmp_path / name)

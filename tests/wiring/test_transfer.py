@@ -16,22 +16,11 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from common import wire
 from common.config import RunSettings
 from server.bench_transfer import round_bytes
-from server.runs import read_metrics
 from server.wire import AUDIT_DIR_ENV
-from tests.grid import audited_replies, federation, run_server
-from tests.wiring.test_strategies import TINY, epsilon
+from tests.grid import audited_replies
+from tests.wiring.test_strategies import TINY, epsilon, run
 
 HALF = {"transfer-precision": "float16"}
-
-
-@pytest.fixture
-def sites(synthetic_sites):
-    return [(f"hospital-{'abc'[i]}", folder) for i, folder in enumerate(synthetic_sites)]
-
-
-def run(sites, tmp_path, name, faults=None, **overrides):
-    grid = federation(sites, {**TINY, "run-name": name, **overrides}, faults)
-    return grid, run_server(grid, tmp_path), read_metrics(tmp_path / name)
 
 
 def weights_sent(grid, kind: str) -> list[np.ndarray]:

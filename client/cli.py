@@ -206,6 +206,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 counts = ", ".join(f"{name} {n}" for name, n in result.voxels().items())
                 console.print(f"{source} -> {', '.join(str(p) for p in written)} "
                               f"(voxels: {counts})", soft_wrap=True)
+                for note in result.notes:  # what the source lacked, and what was done
+                    console.print(f"[yellow]  note: {note}[/yellow]", soft_wrap=True)
             except FedsegError as exc:
                 failed += 1
                 console.print(f"[red]{source}: {exc}[/red]", soft_wrap=True)

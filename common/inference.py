@@ -12,11 +12,12 @@ a ``<stem>_labels.json`` beside them (``dataset.json``'s ``labels`` form).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -104,6 +105,7 @@ class Segmentation:
     mask: np.ndarray
     probabilities: np.ndarray
     structures: tuple[str, ...] = (FOREGROUND,)
+    notes: list[str] = field(default_factory=list)  # what a writer had to leave out or fill in
 
     @property
     def multiclass(self) -> bool:
@@ -168,8 +170,8 @@ def write_result(saved: SavedModel, result: Segmentation, out_dir: Path, *,
         written = write_png(result, out_dir / f"{stem}_mask.png",
                             out_dir / f"{stem}_overlay.png")
     else:  # a DICOM series, or one (multi-frame) DICOM file: the SEG names its segments
-        return [write_dicom_seg(saved, result, out_dir / f"{stem}_seg.dcm",
-                                fractional=fractional, label=label)]
+        return write_dicom_seg(saved, result, out_dir / f"{stem}_seg.dcm",
+                               fractional=fractional, label=label)
     if result.multiclass:
         written.append(write_label_names(saved, result, out_dir / f"{stem}_labels.json"))
     return written
@@ -243,7 +245,7 @@ def write_png(result: Segmentation, mask_out: Path, overlay_out: Path) -> list[P
 
 
 def write_dicom_seg(saved: SavedModel, result: Segmentation, out: Path, *,
-                    fractional: bool = False, label: str | None = None) -> Path:
+                    fractional: bool = False, label: str | None = None) -> list[Path]:
     """A DICOM SEG (highdicom) referencing the source series: same study and
     frame of reference, per-frame references to the source slices, one
     segment per structure (BINARY, or FRACTIONAL: the structure's probability)
@@ -251,47 +253,270 @@ def write_dicom_seg(saved: SavedModel, result: Segmentation, out: Path, *,
     85756007 "Tissue": the run's names are free text), algorithm AUTOMATIC
     identified as fedseg with its version and the model's hash; new series
     and instance UIDs. A multi-structure SEG's segments also carry a
-    description and a display colour (:data:`PALETTE`)."""
-    import highdicom as hd
-    import pydicom
+    description and a display colour (:data:`PALETTE`).
 
-    folder = result.source
+    Real archives' quirks are taken as they come (:func:`_source_view`): a
+    series whose slices lie in several planes (a localizer) gets a SEG per
+    plane (``<stem>_seg_1.dcm``, ...), and slices or frames that cannot be
+    placed in patient space (no usable frame of reference, a multi-frame
+    image without per-frame geometry) a SEG each, referencing its frame;
+    what was left out or filled in is added to ``result.notes``."""
+    import highdicom as hd
+
+    from common.data.readers import _dcmread
+
+    source = result.source
     # one volume per segment: S x spatial
     if fractional:
         per_segment = result.probabilities[1:]
     else:
         per_segment = np.stack([result.mask == i + 1 for i in range(len(result.structures))])
-    if folder.is_file():  # one DICOM file: a single frame, or frames last (the reader's)
-        sources = [pydicom.dcmread(folder)]
+    if source.is_file():  # one DICOM file: a single frame, or frames last (the reader's)
+        sources = [_dcmread(source)]
         frames = np.stack([v[None] if v.ndim == 2 else np.moveaxis(v, -1, 0)
                            for v in per_segment], axis=-1)
-        return _save_seg(hd, saved, result, sources, frames, fractional, label, out)
-    by_uid = {}
-    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
-        try:
-            ds = pydicom.dcmread(f)
-        except Exception:  # noqa: BLE001 - not part of the series
+    else:
+        by_uid = {}
+        for f in sorted(p for p in source.rglob("*") if p.is_file()):
+            try:
+                ds = _dcmread(f)
+            except DataError:  # not part of the series
+                continue
+            if "SOPInstanceUID" in ds:
+                by_uid[str(ds.SOPInstanceUID).strip()] = ds
+        uids = result.meta.source_uids
+        missing = [u for u in uids if u not in by_uid]
+        if missing:
+            raise DataError(f"{source.name}: {len(missing)} source slice(s) could not be "
+                            f"read back")
+        sources = [by_uid[u] for u in uids]
+
+        def slices(values: np.ndarray) -> np.ndarray:
+            if values.ndim == 3 and result.meta.transform is not None:
+                # back from the reader's RAS grid to slices x rows x columns, source order
+                values = ornt.apply_orientation(values, inverse(result.meta.transform))
+                return np.transpose(values, (2, 1, 0))
+            return values[None] if values.ndim == 2 else values
+
+        frames = np.stack([slices(v) for v in per_segment], axis=-1)  # F x rows x cols x S
+    units = _seg_units(sources, frames, source.name, result.notes)
+    if len(units) == 1:
+        paths = [out]
+    else:
+        stem = out.name[: -len(".dcm")] if out.name.endswith(".dcm") else out.name
+        width = len(str(len(units)))
+        paths = [out.with_name(f"{stem}_{k:0{width}d}.dcm") for k in range(1, len(units) + 1)]
+    return [_save_seg(hd, saved, result, unit, fractional, label, path)
+            for unit, path in zip(units, paths, strict=True)]
+
+
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+# Type 2 attributes a SEG copies from its source; a source without them gets them empty
+TYPE2_COPIED = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex",
+                "AccessionNumber", "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName")
+# what a single frame of a multi-frame image leaves behind (and its own geometry)
+MULTI_FRAME_ONLY = ("NumberOfFrames", "FrameIncrementPointer", "GridFrameOffsetVector",
+                    "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence",
+                    "FrameTime", "FrameTimeVector")
+GEOMETRY = ("FrameOfReferenceUID", "PositionReferenceIndicator", "ImageOrientationPatient",
+            "ImagePositionPatient", "SliceLocation")
+
+
+@dataclass
+class _SegUnit:
+    """What one SEG is written from: its source datasets, their frames
+    (F x rows x cols x S) and, for one frame of a multi-frame image, its number."""
+
+    sources: list
+    frames: np.ndarray
+    frame_number: int | None = None
+    placed: bool = True  # in the sources' frame of reference (else image by image)
+
+
+def _orientation_key(ds) -> tuple | None:
+    value = ds.get("ImageOrientationPatient")
+    try:
+        return tuple(round(float(v), 3) for v in value) if value else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _multi_frame(ds) -> bool:
+    """Whether ``ds`` is a multi-frame image (by its frames or its IOD: an RT Dose
+    of one frame is one)."""
+    from highdicom._standard_utils import is_multiframe_image
+
+    if int(ds.get("NumberOfFrames", 1) or 1) > 1 or "SharedFunctionalGroupsSequence" in ds:
+        return True
+    try:
+        return bool(is_multiframe_image(ds))
+    except Exception:  # noqa: BLE001 - an unknown SOP class: as its frames say
+        return False
+
+
+def _placed(ds) -> bool:
+    """Whether highdicom can place ``ds`` in patient space: a frame of
+    reference of its own (not the study's UID again) and a plane geometry,
+    in its header (single-frame) or its functional groups (enhanced multi-frame)."""
+    for_uid = str(ds.get("FrameOfReferenceUID", "") or "").strip()
+    if not for_uid or for_uid in {str(ds.get("StudyInstanceUID", "") or "").strip(),
+                                  str(ds.get("SeriesInstanceUID", "") or "").strip(),
+                                  str(ds.get("SOPInstanceUID", "") or "").strip()}:
+        return False
+    if _multi_frame(ds):
+        shared = (ds.get("SharedFunctionalGroupsSequence") or [None])[0]
+        per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+        return (shared is not None and "PlaneOrientationSequence" in shared
+                and len(per_frame) == int(ds.get("NumberOfFrames", 1) or 1)
+                and all("PlanePositionSequence" in f for f in per_frame))
+    return _orientation_key(ds) is not None and bool(ds.get("ImagePositionPatient"))
+
+
+def _seg_units(sources: list, frames: np.ndarray, name: str, notes: list[str]
+               ) -> list[_SegUnit]:
+    """The SEGs to write: one, unless the source's slices lie in several planes
+    (one per plane) or cannot be placed in patient space (one per slice or frame)."""
+    if len(sources) == 1 and _multi_frame(sources[0]):
+        if _placed(sources[0]):
+            return [_SegUnit(sources, frames)]
+        notes.append(f"{name}: its frames cannot be placed in patient space (no usable "
+                     f"frame of reference or per-frame geometry): a SEG per frame, each "
+                     f"referencing its frame")
+        return [_SegUnit(sources, frames[k: k + 1], k + 1, placed=False)
+                for k in range(len(frames))]
+    groups: dict[tuple | None, list[int]] = {}
+    for k, ds in enumerate(sources):
+        groups.setdefault(_orientation_key(ds), []).append(k)
+    if len(groups) > 1:
+        notes.append(f"{name}: its {len(sources)} slices lie in {len(groups)} planes (a "
+                     f"localizer?): a SEG per plane")
+    units = []
+    for members in groups.values():
+        group = [sources[k] for k in members]
+        if all(_placed(ds) for ds in group):
+            units.append(_SegUnit(group, frames[members]))
             continue
-        if "SOPInstanceUID" in ds:
-            by_uid[str(ds.SOPInstanceUID)] = ds
-    uids = result.meta.source_uids
-    missing = [u for u in uids if u not in by_uid]
-    if missing:
-        raise DataError(f"{folder.name}: {len(missing)} source slice(s) could not be read back")
-    sources = [by_uid[u] for u in uids]
-
-    def slices(values: np.ndarray) -> np.ndarray:
-        if values.ndim == 3 and result.meta.transform is not None:
-            # back from the reader's RAS grid to slices x rows x columns, source order
-            values = ornt.apply_orientation(values, inverse(result.meta.transform))
-            return np.transpose(values, (2, 1, 0))
-        return values[None] if values.ndim == 2 else values
-
-    frames = np.stack([slices(v) for v in per_segment], axis=-1)  # F x rows x cols x S
-    return _save_seg(hd, saved, result, sources, frames, fractional, label, out)
+        if len(group) > 1:
+            _note(notes, f"{name}: {len(group)} slices cannot be placed in patient space "
+                         f"(no usable frame of reference): a SEG per slice")
+        units.extend(_SegUnit([ds], frames[[k]], placed=False)
+                     for ds, k in zip(group, members, strict=True))
+    return units
 
 
-def _save_seg(hd, saved: SavedModel, result: Segmentation, sources, frames: np.ndarray,
+def _note(notes: list[str], note: str) -> None:
+    if note not in notes:
+        notes.append(note)
+
+
+def _character_set(sources: list):
+    """The SEG's Specific Character Set: the source's where it is a valid one; an
+    empty, missing, misspelt or retired one (text pydicom has already decoded)
+    becomes the default repertoire for ASCII text, UTF-8 otherwise."""
+    from highdicom.enum import SpecificCharacterSetValues
+
+    ds = sources[0]
+    raw = ds.get("SpecificCharacterSet")
+    values = [] if raw is None else [str(v).strip() for v in (
+        [raw] if isinstance(raw, (str, bytes)) else list(raw))]
+    if len(values) > 1 and not values[0]:  # ISO 2022 code extensions: '' is the default
+        values[0] = "ISO 2022 IR 6"
+    known = {v.value for v in SpecificCharacterSetValues}
+    if values and all(v in known for v in values):
+        return values if len(values) > 1 else values[0]
+    text = [str(ds.get(k, "") or "") for k in TYPE2_COPIED + ("StudyDescription",
+                                                                "SeriesDescription")]
+    return None if all(t.isascii() for t in text) else "ISO_IR 192"
+
+
+def _source_view(ds, unit: _SegUnit, name: str, notes: list[str]):
+    """A copy of a source dataset highdicom can build a SEG from, where the
+    source itself is short of what highdicom asks: Type 2 attributes left out
+    (empty instead), no study or series UID (new ones: noted), a frame of
+    reference that cannot place it (left out, and the SOP class shown as
+    Secondary Capture while the SEG is built, :func:`_restore_references`
+    puts the real one back), one frame of a multi-frame image (that frame alone)."""
+    from highdicom import UID
+    from highdicom._standard_utils import ModuleUsageValues, get_module_usage
+
+    view = ds.copy()  # shallow: its elements are the source's own until deep-copied
+    for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+        if keyword in view:  # highdicom reads no source pixel: not copied
+            delattr(view, keyword)
+    view = copy.deepcopy(view)
+    if "SOPInstanceUID" not in ds or not str(ds.SOPInstanceUID).strip():
+        raise UnsupportedFormatError(f"{name} has no SOPInstanceUID: a DICOM SEG cannot "
+                                     f"reference it")
+    for keyword in TYPE2_COPIED:
+        if keyword not in view:
+            setattr(view, keyword, None)
+    for keyword, what in (("StudyInstanceUID", "study"), ("SeriesInstanceUID", "series")):
+        if not str(view.get(keyword, "") or "").strip():
+            setattr(view, keyword, UID())
+            _note(notes, f"{name} has no {keyword}: the SEG is given a new {what} UID, so a "
+                         f"viewer shows it apart from its image")
+    for keyword, vr in (("StudyDate", "DA"), ("StudyTime", "TM"),
+                        ("PatientBirthDate", "DA")):
+        if keyword in view:
+            setattr(view, keyword, _conformant(view[keyword].value, vr))
+    if str(view.get("PatientIdentityRemoved", "")).upper() == "YES" and not (
+            "DeidentificationMethod" in view or "DeidentificationMethodCodeSequence" in view):
+        view.DeidentificationMethod = "not recorded in the source image"  # Type 1C then
+    if not str(view.get("Modality", "") or "").strip():
+        view.Modality = "OT"  # read by highdicom, not written: the SEG's is SEG
+    if not unit.placed:
+        if "FrameOfReferenceUID" in ds and not unit.frame_number:
+            _note(notes, f"{name}: its FrameOfReferenceUID cannot place it (it repeats "
+                         f"another UID, or the image has no plane geometry): the SEG "
+                         f"references the image frame by frame, without one")
+        for keyword in GEOMETRY + (MULTI_FRAME_ONLY if unit.frame_number else ()):
+            if keyword in view:
+                delattr(view, keyword)
+        sop_class = str(ds.get("SOPClassUID", ""))
+        if unit.frame_number or get_module_usage(
+                "frame-of-reference", sop_class) == ModuleUsageValues.MANDATORY:
+            view.SOPClassUID = SECONDARY_CAPTURE
+    elif "FrameOfReferenceUID" in ds and not (
+            _orientation_key(ds) or "SharedFunctionalGroupsSequence" in ds):
+        delattr(view, "FrameOfReferenceUID")
+    return view
+
+
+def _conformant(value, vr: str):
+    """A date or time in today's form: the retired ACR-NEMA forms (``1993.04.27``,
+    ``14:04:38``) without their dots and colons; None (empty) where it is no date
+    or time at all."""
+    import re
+
+    text = str(value or "").strip().replace(".", "" if vr == "DA" else ".")
+    if vr == "TM" and ":" in text:
+        head, _, frac = text.partition(".")
+        text = head.replace(":", "") + (f".{frac}" if frac else "")
+    pattern = r"\d{8}" if vr == "DA" else r"\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?"
+    return text if re.fullmatch(pattern, text) else None
+
+
+def _restore_references(seg, sources: list, frame_number: int | None) -> None:
+    """Put the sources' real SOP classes (and, for one frame of a multi-frame
+    image, its frame number) in every reference the SEG makes to them."""
+    classes = {str(ds.SOPInstanceUID).strip(): str(ds.SOPClassUID) for ds in sources}
+
+    def walk(dataset) -> None:
+        for elem in dataset:
+            if elem.VR != "SQ":
+                continue
+            for item in elem.value:
+                uid = str(item.get("ReferencedSOPInstanceUID", "")).strip()
+                if uid in classes:
+                    item.ReferencedSOPClassUID = classes[uid]
+                    if frame_number and elem.keyword != "ReferencedInstanceSequence":
+                        item.ReferencedFrameNumber = frame_number
+                walk(item)
+
+    walk(seg)
+
+
+def _save_seg(hd, saved: SavedModel, result: Segmentation, unit: _SegUnit,
               fractional: bool, label: str | None, out: Path) -> Path:
     from pydicom.sr.codedict import codes
 
@@ -315,20 +540,25 @@ def _save_seg(hd, saved: SavedModel, result: Segmentation, sources, frames: np.n
                 + (" (probability)" if fractional else ""))[:64]
         descriptions.append(description)
     shown = ", ".join(names) if many else label or names[0]
+    name = result.source.name
+    notes = result.notes
     with warnings.catch_warnings():  # highdicom's doubts about the source's own values
         warnings.simplefilter("ignore", UserWarning)
         try:
-            seg = _segmentation(hd, sources, frames, fractional, descriptions, shown)
+            views = [_source_view(ds, unit, name, notes) for ds in unit.sources]
+            seg = _segmentation(hd, views, unit.frames, fractional, descriptions, shown,
+                                _character_set(unit.sources))
         except (ValueError, TypeError, AttributeError, KeyError) as exc:
-            raise UnsupportedFormatError(f"cannot write a DICOM SEG for this source: {exc}"
+            raise UnsupportedFormatError(f"cannot write a DICOM SEG for {name}: {exc}"
                                          ) from None
+    _restore_references(seg, unit.sources, unit.frame_number)
     if "FrameOfReferenceUID" not in seg:  # General Image then needs PatientOrientation
-        seg.PatientOrientation = sources[0].get("PatientOrientation", "")
+        seg.PatientOrientation = unit.sources[0].get("PatientOrientation", "")
     seg.save_as(out)
     return out
 
 
-def _segmentation(hd, sources, frames, fractional, descriptions, shown):
+def _segmentation(hd, sources, frames, fractional, descriptions, shown, character_set):
     return hd.seg.Segmentation(
         source_images=sources,
         pixel_array=frames.astype(np.float32) if fractional else frames.astype(np.uint8),
@@ -340,4 +570,5 @@ def _segmentation(hd, sources, frames, fractional, descriptions, shown):
         sop_instance_uid=hd.UID(), instance_number=1,
         manufacturer="fedseg", manufacturer_model_name="fedseg U-Net",
         software_versions=fedseg_version(), device_serial_number="none",
-        series_description=f"fedseg {shown}"[:64], omit_empty_frames=False)
+        series_description=f"fedseg {shown}"[:64], omit_empty_frames=False,
+        specific_character_set=character_set)

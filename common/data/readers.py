@@ -46,6 +46,7 @@ PIL_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 PIL_FORMATS = ("PNG", "JPEG", "MPO", "BMP", "TIFF")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+LABELMAP_SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.7"  # a SEG too: never an image
 RTSTRUCT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
 DEFLATED_SYNTAX = "1.2.840.10008.1.2.1.99"
 
@@ -308,7 +309,13 @@ def _dcmread(path: Path, **kwargs):
         raise UnreadableFileError(f"{name} is an empty file (0 bytes)")
     _check_deflated(path)
     try:
-        return dcmread()
+        ds = dcmread()
+        if len(ds) == 0:  # pydicom gives up quietly on some cut files: nothing after the meta
+            raise UnreadableFileError(f"{name} holds a DICOM file header but no dataset: "
+                                      f"the file is truncated or damaged")
+        return ds
+    except DataError:
+        raise
     except InvalidDicomError:
         # Files written without the 128-byte preamble and meta header are still
         # DICOM; accept them when they parse into a dataset with pixel data or a UID.
@@ -601,7 +608,7 @@ def _read_dicom_file(path: Path) -> tuple[np.ndarray, ImageMeta]:
 
 def _image_from_dataset(ds, path: Path) -> tuple[np.ndarray, ImageMeta]:
     name = path.name
-    if _attr(ds, "SOPClassUID", name) == SEG_SOP_CLASS:
+    if _attr(ds, "SOPClassUID", name) in (SEG_SOP_CLASS, LABELMAP_SEG_SOP_CLASS):
         raise UnsupportedFormatError(f"{name} is a DICOM SEG: a label, not an image")
     if not _has_pixels(ds):
         raise UnreadableFileError(f"DICOM file {name} holds no pixel data")
@@ -907,6 +914,46 @@ def _segment_classes(segments, classes: Classes | None, name: str) -> dict[int, 
     return classes_of_named(found, classes, f"DICOM SEG {name}", "segment")
 
 
+_NATIVE_SYNTAXES = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2",
+                    DEFLATED_SYNTAX}  # pixel data stored as is (after inflating the file)
+
+
+def _check_seg_complete(ds, header: _PixelHeader, name: str) -> None:
+    """Every frame of a SEG is in the file, whichever frames the run reads: a
+    file cut short is damaged even where the cut falls in frames of a segment
+    the run does not learn, or of slices its image does not have."""
+    from pydicom.encaps import generate_frames
+    from pydicom.uid import UID
+
+    meta = getattr(ds, "file_meta", None)
+    syntax = _attr(meta, "TransferSyntaxUID", name) if meta is not None else None
+    try:
+        encapsulated = bool(UID(str(syntax)).is_encapsulated) if syntax else False
+    except ValueError:
+        encapsulated = False
+    data = _attr(ds, "PixelData", name)
+    shown = f"{header.frames} frame(s) of {header.rows} x {header.columns} pixels"
+    if syntax and str(syntax) not in _NATIVE_SYNTAXES and not encapsulated:
+        return  # a syntax pydicom does not know (deflated frames): decoding says so
+    if not encapsulated:
+        bits = header.rows * header.columns * header.frames * header.samples * header.bits
+        need = (bits + 7) // 8
+        if data is None or len(data) < need:
+            raise UnreadableFileError(
+                f"DICOM SEG {name} is damaged (truncated?): its pixel data holds "
+                f"{0 if data is None else len(data)} bytes, but its {shown} need {need}")
+        return
+    try:
+        found = sum(1 for _ in generate_frames(data, number_of_frames=header.frames))
+    except Exception as exc:  # noqa: BLE001 - pydicom's fragment parsing of a cut file
+        raise UnreadableFileError(
+            f"DICOM SEG {name} is damaged (truncated?): its compressed frames do not "
+            f"parse ({type(exc).__name__}: {exc})") from None
+    if found < header.frames:
+        raise UnreadableFileError(
+            f"DICOM SEG {name} is damaged (truncated?): it holds {found} of its {shown}")
+
+
 def _read_seg(ds, path: Path, image_meta: ImageMeta, classes: Classes | None) -> np.ndarray:
     """The SEG's segments as the run's classes: ``slices x rows x columns`` (or
     ``rows x columns``) uint8 on the image's stored grid. Segments of the same
@@ -917,8 +964,10 @@ def _read_seg(ds, path: Path, image_meta: ImageMeta, classes: Classes | None) ->
 
     name = path.name
     if not _has_pixels(ds):
-        raise UnreadableFileError(f"DICOM SEG {name} holds no pixel data")
+        raise UnreadableFileError(f"DICOM SEG {name} holds no pixel data: the file is "
+                                  f"damaged (truncated?) or not a segmentation")
     header = _pixel_header(ds, name)
+    _check_seg_complete(ds, header, name)
     segments = _attr(ds, "SegmentSequence", name)
     if not segments:
         raise UnreadableFileError(f"DICOM SEG {name} describes no segment (SegmentSequence)")

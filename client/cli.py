@@ -76,8 +76,10 @@ def cmd_node_models(args: argparse.Namespace) -> int:
     for path in cards:
         card = json.loads(path.read_text())
         fed, here = card.get("federation_dice"), card.get("site_scores", {}).get("dice")
+        of = card.get("federation_dice_round")  # the round before the model's own
         table.add_row(card["run"], str(card["rounds"]), card["saved"],
-                      "" if fed is None else f"{fed:.3f}", "" if here is None else f"{here:.3f}",
+                      "" if fed is None else f"{fed:.3f}" + (f" (round {of})" if of else ""),
+                      "" if here is None else f"{here:.3f}",
                       card["sha256"][:16], str(path.with_name("final_model.pt")))
     console.print(table)
     return 0

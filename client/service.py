@@ -62,13 +62,16 @@ def keep_model(models_dir: Path, site: str, settings: RunSettings,
                ) -> Path:
     """Save a run's final model (``at_round``: the global model of that round,
     in ``round-NNN/``) in the site's own state, with its card (run, rounds,
-    settings, the federation's Dice and this site's scores of it, the file's
-    SHA-256, date). Returns the model's path."""
+    settings, this site's scores of it with their units, the federation's
+    Dice of the round before it, named by round, the file's SHA-256, the
+    date and the fedseg version). Returns the model's path."""
     import hashlib
     import json
     import time
 
     import torch
+
+    from common.inference import SCORE_UNITS, fedseg_version
 
     run = settings.run_name or f"flower-run-{run_id}"
     folder = Path(models_dir) / run
@@ -77,14 +80,21 @@ def keep_model(models_dir: Path, site: str, settings: RunSettings,
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "final_model.pt"
     torch.save({k: torch.as_tensor(np.asarray(v)) for k, v in weights.items()}, path)
+    rounds = at_round if at_round is not None else int(
+        round_config.get(wire.SERVER_ROUND, 0)) + int(round_config.get(wire.ROUNDS_DONE, 0))
+    federation = round_config.get(wire.FEDERATION_DICE)
     card = {
-        "run": run, "site": site,
-        "rounds": at_round if at_round is not None else
-        int(round_config.get(wire.SERVER_ROUND, 0)) + int(round_config.get(wire.ROUNDS_DONE, 0)),
+        "run": run, "site": site, "rounds": rounds,
         "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "fedseg_version": fedseg_version(),
         "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-        "federation_dice": round_config.get(wire.FEDERATION_DICE),
+        # the model's own scores at this site: the final figures a site has
         "site_scores": dict(scores),
+        "units": SCORE_UNITS,
+        # the federation's mean Dice is known only of the model before this one (the
+        # final model's is in the run's summary.json and report.html): said which round
+        "federation_dice": federation,
+        "federation_dice_round": rounds - 1 if federation is not None else None,
         "config": settings.to_run_config(),
     }
     (folder / "model-card.json").write_text(json.dumps(card, indent=2) + "\n")

@@ -33,6 +33,9 @@ from common.model import build_model
 from common.training import predict
 
 CONFIG_FILES = ("model-card.json", "summary.json")  # beside a model: its run's settings
+# what the scores are in, on model cards and reports (all but HD95 a fraction from 0 to 1)
+SCORE_UNITS = {"dice": "fraction (0-1)", "iou": "fraction (0-1)", "hd95": "mm",
+               "sensitivity": "fraction (0-1)", "specificity": "fraction (0-1)"}
 
 
 def fedseg_version() -> str:
@@ -225,7 +228,8 @@ def write_nifti(result: Segmentation, out: Path) -> Path:
 def write_png(result: Segmentation, mask_out: Path, overlay_out: Path) -> list[Path]:
     """The mask and the image with it drawn over it: for one structure a
     0/255 mask, drawn in red; for several a label map of class values (0, 1,
-    2, ...), each class drawn in its colour (:data:`PALETTE`)."""
+    2, ...), each class drawn in its colour (:data:`PALETTE`). Below the
+    overlay's image a legend names each structure beside its colour."""
     from PIL import Image
 
     labels = result.mask.astype(np.uint8)
@@ -239,9 +243,43 @@ def write_png(result: Segmentation, mask_out: Path, overlay_out: Path) -> list[P
     for i in range(1, len(colours)):
         colours[i] = colour(i) if result.multiclass else (255, 0, 0)
     alpha = 0.45 * (labels > 0)[..., None]
-    Image.fromarray((rgb * (1 - alpha) + colours[labels] * alpha).astype(np.uint8)
-                    ).save(overlay_out)
+    drawn = Image.fromarray((rgb * (1 - alpha) + colours[labels] * alpha).astype(np.uint8))
+    _with_legend(drawn, [(name, tuple(int(c) for c in colours[i + 1]))
+                         for i, name in enumerate(result.structures)]).save(overlay_out)
     return [mask_out, overlay_out]
+
+
+def _with_legend(image, entries: list[tuple[str, tuple[int, int, int]]]):
+    """``image`` above a white strip naming each structure beside its colour
+    (the image's own pixels untouched: the strip is added below them)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    size = max(10, min(32, image.width // 40))
+    try:
+        font = ImageFont.load_default(size=size)
+    except TypeError:  # a Pillow without scalable default fonts
+        font = ImageFont.load_default()
+    pad, box = max(2, size // 3), size
+    probe = ImageDraw.Draw(image)
+    widths = [box + pad + int(probe.textlength(name, font=font)) + 2 * pad
+              for name, _ in entries]
+    rows, x = [[]], pad
+    for entry, width in zip(entries, widths, strict=True):
+        if rows[-1] and x + width > image.width:
+            rows.append([])
+            x = pad
+        rows[-1].append((entry, x))
+        x += width
+    line = box + pad
+    out = Image.new("RGB", (image.width, image.height + pad + len(rows) * line), "white")
+    out.paste(image, (0, 0))
+    draw = ImageDraw.Draw(out)
+    for k, row in enumerate(rows):
+        y = image.height + pad + k * line
+        for (name, rgb), x in row:
+            draw.rectangle([x, y, x + box - 1, y + box - 1], fill=rgb, outline="black")
+            draw.text((x + box + pad, y + box / 2), name, fill="black", font=font, anchor="lm")
+    return out
 
 
 def write_dicom_seg(saved: SavedModel, result: Segmentation, out: Path, *,

@@ -3,7 +3,10 @@ embedded as PNG data, no script or style from the network), rewritten after
 every round and at the end: the run's settings, Dice and training loss per
 round per site, time and bytes per round, failures, the privacy budget
 spent, and the final per-site table (with several structures, its headline is
-the mean over structures, and a table per structure follows)."""
+the mean over structures, and a table per structure follows). A finished run's
+page opens with its outcome (failed and why, stopped and why, or finished),
+its date, the fedseg version and the final model's SHA-256 (or that none was
+written); scores carry their units (HD95 in mm)."""
 
 from __future__ import annotations
 
@@ -95,6 +98,46 @@ def _plots(history: list[dict[str, Any]]) -> list[tuple[str, str]]:
     return out
 
 
+# How the page names the scores (with their units) and the privacy rows
+SCORE_NAMES = {"dice": "Dice", "iou": "IoU", "hd95": "HD95 (mm)", "sensitivity": "sensitivity",
+               "specificity": "specificity"}
+PRIVACY_NAMES = {
+    "secure_aggregation": "secure aggregation (SecAgg+)",
+    "dp": "differential privacy",
+    "noise_multiplier": "noise multiplier (σ, times the clipping norm)",
+    "clipping_norm": "clipping norm (L2, of each update)",
+    "delta": "δ (DP failure probability)",
+    "epsilon": "ε spent",
+    "max_epsilon": "ε budget (the run stops before it)",
+    "dp_releases": "noisy model releases",
+    "accountant": "accountant",
+}
+
+
+def _score_headers() -> str:
+    return "".join(f"<th>{_e(SCORE_NAMES.get(k, k))}</th>" for k in SCORES)
+
+
+def _outcome(summary: dict[str, Any], planned: Any) -> str:
+    """The first thing the page says of a finished run: failed and why, stopped
+    and why, or finished; then when, with which fedseg, and which model."""
+    done = f"{summary['rounds_completed']} of {planned} rounds"
+    problems = summary.get("problems") or []
+    if problems:
+        head = (f"<p id='outcome' class='bad'><strong>failed</strong> after {done}: "
+                + "; ".join(_e(p) for p in problems) + "</p>")
+    elif summary.get("stopped"):
+        head = (f"<p id='outcome' class='bad'><strong>stopped</strong> after {done}: "
+                f"{_e(summary['stopped'])}</p>")
+    else:
+        head = f"<p id='outcome'><strong>finished</strong>: {done}</p>"
+    model = summary.get("final_model")
+    shown = (f"model {_e(model['file'])}, SHA-256 <code>{_e(model['sha256'])}</code>"
+             if model else "<span class='bad'>no final model written</span>")
+    return (head + f"<p id='meta' class='note'>finished {_e(summary.get('finished_at', '–'))}"
+            f" · fedseg {_e(summary.get('fedseg_version', '–'))} · {shown}</p>")
+
+
 def _per_structure(structures: list[str], sites: dict[str, dict[str, Any]],
                    overall: dict[str, Any]) -> str:
     """The final scores of each structure, per site and across sites."""
@@ -109,7 +152,7 @@ def _per_structure(structures: list[str], sites: dict[str, dict[str, Any]],
                     + "".join(f"<th>{_fmt(overall.get(k))}</th>" for k in keys) + "</tr>")
     return ("<h2>Final model, per structure</h2><table id='structures'><tr>"
             "<th class='l'>structure</th><th class='l'>site</th>"
-            + "".join(f"<th>{k}</th>" for k in SCORES) + "</tr>" + "".join(rows) + "</table>")
+            + _score_headers() + "</tr>" + "".join(rows) + "</table>")
 
 
 def render(name: str, config: dict[str, Any], history: list[dict[str, Any]],
@@ -119,14 +162,13 @@ def render(name: str, config: dict[str, Any], history: list[dict[str, Any]],
              f"<title>fedseg run {_e(name)}</title><style>{STYLE}</style></head><body>",
              f"<h1>fedseg run {_e(name)}</h1>"]
     planned = config.get("num-rounds")
-    status = (f"finished: {summary['rounds_completed']} of {planned} rounds"
-              if summary else f"in progress: {len(history)} of {planned} rounds recorded")
-    if summary and summary.get("stopped"):
-        status += f"; <span class='bad'>stopped: {_e(summary['stopped'])}</span>"
-    parts.append(f"<p>{status}</p>")
-    if summary and summary.get("problems"):
-        parts.append("<ul class='bad'>" + "".join(f"<li>{_e(p)}</li>"
-                                                 for p in summary["problems"]) + "</ul>")
+    if summary:
+        parts.append(_outcome(summary, planned))
+        if summary.get("problems") and summary.get("stopped"):
+            parts.append(f"<p class='bad'>stopped: {_e(summary['stopped'])}</p>")
+    else:
+        parts.append(f"<p id='outcome'>in progress: {len(history)} of {planned} rounds "
+                     f"recorded</p>")
     parts.append("<h2>Dice, loss and time</h2><div class='plots'>" + "".join(
         f"<img alt='{_e(title)}' title='{_e(title)}' src='{src}'>"
         for title, src in _plots(history)) + "</div>")
@@ -138,11 +180,18 @@ def render(name: str, config: dict[str, Any], history: list[dict[str, Any]],
         overall = summary.get("final", {}).get("overall", {})
         rows += ("<tr><th class='l'>all (case-weighted)</th><th></th>"
                  + "".join(f"<th>{_fmt(overall.get(k))}</th>" for k in SCORES) + "</tr>")
-        parts.append(f"<h2>Final model, per site (round {_e(summary['final'].get('round'))})"
-                     f"</h2><table id='final'><tr><th class='l'>site</th><th>test cases</th>"
-                     + "".join(f"<th>{k}</th>" for k in SCORES) + f"</tr>{rows}</table>")
+        scored = summary.get("final", {}).get("round")
+        if scored is None:
+            parts.append("<h2>Final model, per site</h2><p id='final' class='bad'>no round "
+                         "was scored at any site: there are no final figures</p>")
+        else:
+            last = "the final round" if scored == summary["rounds_completed"] else (
+                f"round {_e(scored)}, the last scored")
+            parts.append(f"<h2>Final model, per site (scores of {last}, round {_e(scored)})"
+                         f"</h2><table id='final'><tr><th class='l'>site</th><th>test cases"
+                         f"</th>" + _score_headers() + f"</tr>{rows}</table>")
         structures = summary.get("structures", [])
-        if len(structures) > 1:
+        if len(structures) > 1 and scored is not None:
             parts.append("<p class='note'>with several structures each score above is, per "
                          "case, the mean over the structures where it is defined.</p>"
                          + _per_structure(structures, sites, overall))
@@ -173,8 +222,8 @@ def render(name: str, config: dict[str, Any], history: list[dict[str, Any]],
     if summary:
         privacy = summary.get("privacy", {})
         parts.append("<h2>Privacy</h2><table id='privacy'>" + "".join(
-            f"<tr><th class='l'>{_e(k)}</th><td class='l'>{_fmt(v)}</td></tr>"
-            for k, v in privacy.items()) + "</table>")
+            f"<tr><th class='l'>{_e(PRIVACY_NAMES.get(k, k.replace('_', ' ')))}</th>"
+            f"<td class='l'>{_fmt(v)}</td></tr>" for k, v in privacy.items()) + "</table>")
         left = summary.get("cases_left_out") or {}
         if left:
             parts.append("<p class='note'>cases left out at the sites (counts and kinds): "

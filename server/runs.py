@@ -23,6 +23,7 @@ No site path or patient value is written here: sites appear by their public name
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 import os
@@ -45,11 +46,28 @@ from common.privacy.accounting import PrivacyAccount
 from server.strategies import RoundRecord
 
 RUNS_DIR_ENV = "FEDSEG_RUNS_DIR"
+MODEL_CARD = "model-card.json"  # beside final_model.pt: what it is and how it scored
 
 
 def runs_root() -> Path:
     """Where run folders go: ``$FEDSEG_RUNS_DIR``, else ``./runs``."""
     return Path(os.environ.get(RUNS_DIR_ENV, "runs")).resolve()
+
+
+def model_card(summary: dict[str, Any]) -> dict[str, Any]:
+    """The final model's card, beside it in the run folder: the run, the round
+    its scores are of (the final round's), per site and across sites with
+    their units, the date, the fedseg version, the file's SHA-256 and the
+    settings (what ``fedseg predict`` rebuilds the model from)."""
+    final = summary["final"]
+    return {"run": summary["run"], "rounds": summary["rounds_completed"],
+            "scored_round": final["round"], "saved": summary["finished_at"],
+            "fedseg_version": summary["fedseg_version"],
+            "sha256": summary["final_model"]["sha256"],
+            "federation_dice": final["overall"].get("dice"),
+            "overall": final["overall"], "sites": final["sites"], "units": summary["units"],
+            "stopped": summary["stopped"], "problems": summary["problems"],
+            "harmonisation": summary.get("harmonisation"), "config": summary["config"]}
 
 
 def _json_safe(value: Any) -> Any:
@@ -237,12 +255,23 @@ class RunFolder:
                ledger: PrivacyAccount | None = None) -> dict[str, Any]:
         """Write ``final_model.pt``, ``summary.json``, ``dice.png`` and ``report.html``.
         ``stopped``: why the run ended before its planned rounds, if it did."""
-        if final_arrays is None:
+        final_path = self.path / "final_model.pt"
+        if not self.aggregated():  # the model is the initial one: none to use
+            final_path.unlink(missing_ok=True)
+            final_arrays = None
+        elif final_arrays is None:
             final_arrays = self.checkpoint_arrays()
         if final_arrays is not None:
-            torch.save(self.state_dict(final_arrays), self.path / "final_model.pt")
-        summary = self.summary(stopped, ledger)
+            torch.save(self.state_dict(final_arrays), final_path)
+        model = ({"file": final_path.name, "sha256": hashlib.sha256(
+            final_path.read_bytes()).hexdigest()} if final_arrays is not None else None)
+        summary = self.summary(stopped, ledger, model)
         _atomic_write(self.path / "summary.json", json.dumps(summary, indent=2).encode())
+        if model is not None:
+            _atomic_write(self.path / MODEL_CARD, json.dumps(model_card(summary), indent=2
+                                                             ).encode())
+        else:
+            (self.path / MODEL_CARD).unlink(missing_ok=True)
         self.plot()
         self.report(summary)
         return summary
@@ -266,8 +295,15 @@ class RunFolder:
         write_report(self.path, self.path.name, self.settings.to_run_config(), self.history,
                      summary)
 
-    def summary(self, stopped: str | None = None, ledger: PrivacyAccount | None = None
-                ) -> dict[str, Any]:
+    def aggregated(self) -> bool:
+        """Whether any round's update went into the model (else it is the initial one)."""
+        return any(r.get("aggregated", True) for r in self.history)
+
+    def summary(self, stopped: str | None = None, ledger: PrivacyAccount | None = None,
+                model: dict[str, str] | None = None) -> dict[str, Any]:
+        """``model``: the final model's file and SHA-256 (None: none was written)."""
+        from common.inference import SCORE_UNITS, fedseg_version
+
         last = next((r for r in reversed(self.history) if r["sites"]), None)
         sites = last["sites"] if last else {}
         overall = self.across_sites(sites)
@@ -286,6 +322,10 @@ class RunFolder:
             "bytes_up_total": sum(r["bytes_up"] for r in self.history),
             "bytes_down_total": sum(r["bytes_down"] for r in self.history),
             "stopped": stopped,
+            "finished_at": datetime.now().astimezone().isoformat(timespec="seconds"),
+            "fedseg_version": fedseg_version(),
+            "final_model": model,
+            "units": SCORE_UNITS,
             "rounds_aggregated": sum(1 for r in self.history if r.get("aggregated", True)),
             "participation": participation,
             "cross_site": self.cross_site_table(),
@@ -324,7 +364,8 @@ class RunFolder:
         rounds = len(self.history)
         out = []
         if rounds and not any(r.get("aggregated", True) for r in self.history):
-            out.append(f"no round aggregated an update ({rounds} round(s) run)")
+            out.append(f"no round aggregated an update ({rounds} round(s) run): no final "
+                       f"model was written")
         # With fraction-train under 1 a site may never be drawn: only a site that
         # was asked to train (it replied or failed) and never counted is a problem.
         asked = {s for r in self.history

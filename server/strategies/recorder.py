@@ -318,7 +318,10 @@ class SiteRecorder(StrategyWrapper):
                 self.note_failure(server_round, f"evaluate skipped: {exc}")
                 log(WARNING, "round %d: evaluate skipped: %s", server_round, exc)
                 return []
-        if server_round == self.last_round:  # the final model: each site keeps a copy
+        # the final model: each site keeps a copy (none of a run that never aggregated:
+        # its model is the initial one)
+        aggregated = self.rounds_done > 0 or any(r.aggregated for r in self.rounds.values())
+        if server_round == self.last_round and aggregated:
             scored = self.round(server_round - 1).evaluate or {}
             dice = combine(list(scored.values())).get("dice") if scored else None
             config = ConfigRecord({**dict(config), wire.KEEP_MODEL: True,

@@ -130,9 +130,31 @@ def test_png_gets_a_mask_and_an_overlay(tmp_path):
     assert np.asarray(Image.open(mask)).shape == (48, 64)
     assert set(np.unique(np.asarray(Image.open(mask)))) <= {0, 255}
     drawn = np.asarray(Image.open(overlay))
-    assert drawn.shape == (48, 64, 3)
+    assert drawn.shape[1:] == (64, 3) and drawn.shape[0] > 48  # the legend below the image
+    drawn = drawn[:48]
     outside = np.asarray(Image.open(mask)) == 0  # the image as read, not as normalised
     assert np.array_equal(drawn[outside], (img / 200 * 255).astype(np.uint8)[outside])
+
+
+def test_the_overlay_has_a_legend_naming_each_structure_in_its_colour(tmp_path):
+    """Below the image (left as drawn), a box of each structure's colour
+    beside its name: a model of several structures, then one."""
+    from PIL import Image
+
+    site = write_site(tmp_path / "site", 0, 1, 1, labels=ORGAN_LESION, image_format="png")
+    source = next((site / "imagesTs").iterdir())
+    for folder, overrides, colours in (("two", TWO, [colour(1), colour(2)]),
+                                       ("one", {}, [(255, 0, 0)])):
+        model = load_model(saved_model(tmp_path / folder, **overrides))
+        result = segment(model, source, CPU)
+        overlay = write_result(model, result, tmp_path / folder / "out")[1]
+        drawn = np.asarray(Image.open(overlay).convert("RGB"))
+        height = result.mask.shape[0]
+        legend = drawn[height:]
+        assert legend.shape[0] >= 10 and (legend == 255).all(axis=-1).mean() > 0.5
+        for rgb in colours:  # each structure's box, in the strip below the image
+            assert (legend == np.array(rgb, np.uint8)).all(axis=-1).sum() >= 25, rgb
+        assert (legend < 80).all(axis=-1).sum() > 4 * len(colours) * 10  # names written
 
 
 def test_a_model_that_does_not_fit_its_settings_or_its_input_is_refused(tmp_path):
@@ -294,7 +316,7 @@ def test_a_multi_structure_png_gets_a_label_map_and_a_coloured_overlay(tmp_path)
     values = np.asarray(Image.open(mask))
     assert np.array_equal(values, result.mask) and set(np.unique(values)) == {0, 1, 2}
     assert json.loads(names.read_text())["labels"]["2"] == "lesion"
-    rgb = np.asarray(Image.open(overlay)).astype(np.float32)
+    rgb = np.asarray(Image.open(overlay)).astype(np.float32)[:values.shape[0]]  # not legend
     grey = (result.image[0] / result.image.max() * 255)[..., None]
     expected = {0: grey}  # the image itself, and each class blended with its colour
     expected.update({n: 0.55 * grey + 0.45 * np.array(colour(n), np.float32) for n in (1, 2)})

@@ -116,7 +116,8 @@ def test_a_run_that_never_aggregated_is_a_problem(tmp_path):
     rec.aggregated = False
     run.record_round(1, arrays(1), rec)
     summary = run.finish(None)
-    assert "no round aggregated an update (1 round(s) run)" in summary["problems"]
+    assert ("no round aggregated an update (1 round(s) run): no final model was written"
+            in summary["problems"])
     assert {"site a never trained", "site b never trained"} <= set(summary["problems"])
 
 
@@ -136,3 +137,49 @@ def test_a_site_never_drawn_under_fraction_train_is_no_problem(tmp_path):
     rec.left_out.add("b")  # drawn, its update left out
     run.record_round(1, arrays(1), rec)
     assert run.finish(None)["problems"] == ["site b never trained"]
+
+
+# ------------------------------------------------ honest outputs (issue 29 item 5)
+
+
+def test_a_run_that_never_aggregated_writes_no_final_model_and_says_so(tmp_path):
+    """Its model is the initial one: no final_model.pt for predict to take
+    without a word, no model card, and a problem (the CLI exits non-zero)."""
+    from server.cli import _exit_code
+
+    run = RunFolder.open(tmp_path, RunSettings.from_run_config(CFG))
+    rec = round_record(0.5, 0.9)
+    rec.aggregated = False
+    run.record_round(1, arrays(1), rec)
+    summary = run.finish(None)
+    folder = tmp_path / "r1"
+    assert not (folder / "final_model.pt").exists()
+    assert not (folder / "model-card.json").exists()
+    assert summary["final_model"] is None
+    assert any("no final model was written" in p for p in summary["problems"])
+    assert _exit_code({**summary, "rounds_completed": summary["rounds_planned"]}) == 1
+
+
+def test_the_model_card_carries_the_final_rounds_figures_date_version_hash_and_units(
+        tmp_path):
+    import hashlib
+    from datetime import datetime
+
+    from common.inference import fedseg_version, load_model
+
+    run = RunFolder.open(tmp_path, RunSettings.from_run_config(CFG))
+    run.record_round(1, arrays(1), round_record(0.2, 0.6))
+    run.record_round(2, arrays(2), round_record(0.5, 0.9))
+    summary = run.finish(None)
+    folder = tmp_path / "r1"
+    card = json.loads((folder / "model-card.json").read_text())
+    final_dice = (0.5 * 3 + 0.9) / 4  # round 2's, not round 1's
+    assert card["scored_round"] == 2 and card["rounds"] == 2
+    assert card["federation_dice"] == pytest.approx(final_dice)
+    assert card["sites"]["b"]["dice"] == pytest.approx(0.9)
+    assert card["units"]["hd95"] == "mm" and card["units"]["dice"].startswith("fraction")
+    digest = hashlib.sha256((folder / "final_model.pt").read_bytes()).hexdigest()
+    assert card["sha256"] == digest == summary["final_model"]["sha256"]
+    assert card["fedseg_version"] == summary["fedseg_version"] == fedseg_version()
+    assert datetime.fromisoformat(card["saved"]).tzinfo is not None  # a date with its zone
+    assert load_model(folder / "final_model.pt").sha256 == digest  # predict reads the card

@@ -70,3 +70,63 @@ def test_a_run_of_several_structures_shows_a_table_per_structure(tmp_path):
     assert len(rows) == 1 + 2 * 2  # headers; per structure (in class order) its site, all
     assert "liver" in rows[1] and rows[1].count("<td>0.750</td>") == 5
     assert "lesion" in rows[4] and rows[4].count("<th>0.250</th>") == 5
+
+
+def dump_dom(chromium: str, report, profile) -> str:
+    return subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu",
+                           f"--user-data-dir={profile}", "--virtual-time-budget=5000",
+                           "--dump-dom", report.as_uri()],
+                          capture_output=True, text=True, timeout=120).stdout
+
+
+def test_a_run_that_never_aggregated_says_it_failed_and_why_at_the_top(tmp_path):
+    """A real run folder (server/runs.py) whose only round was not aggregated:
+    the page opens with the failure and its cause, has no final figures to
+    show and says no final model was written."""
+    from common.config import RunSettings
+    from server.runs import RunFolder
+    from tests.unit.test_runs import CFG, arrays, round_record
+
+    chromium = browser()
+    run = RunFolder.open(tmp_path, RunSettings.from_run_config({**CFG, "num-rounds": 1}))
+    rec = round_record(0.5, 0.9)
+    rec.aggregated = False
+    rec.evaluate = {}
+    rec.failures.append("round skipped: 1 of the 2 sites needed (min-nodes) answered round 1;"
+                        " the model is unchanged")
+    run.record_round(1, arrays(1), rec)
+    run.finish(None, stopped="too few sites: 1 of the 2 sites needed answered round 1")
+    dom = dump_dom(chromium, tmp_path / "r1" / "report.html", tmp_path / "profile")
+    top = dom.split("<h2>")[0]  # before the first section
+    assert "<strong>failed</strong>" in top and "no round aggregated an update" in top
+    assert "too few sites" in top and "no final model written" in top
+    assert "round None" not in dom and "finished: 1 of 1" not in dom
+    assert "no round was scored at any site" in dom
+
+
+def test_a_finished_runs_report_has_its_date_version_model_hash_units_and_readable_names(
+        tmp_path):
+    import hashlib
+
+    from common.config import RunSettings
+    from common.inference import fedseg_version
+    from server.runs import RunFolder
+    from tests.unit.test_runs import CFG, arrays, round_record
+
+    chromium = browser()
+    run = RunFolder.open(tmp_path, RunSettings.from_run_config({**CFG, "num-rounds": 2}))
+    run.record_round(1, arrays(1), round_record(0.2, 0.6))
+    run.record_round(2, arrays(2), round_record(0.5, 0.9))
+    summary = run.finish(None)
+    dom = dump_dom(chromium, tmp_path / "r1" / "report.html", tmp_path / "profile")
+    top = dom.split("<h2>")[0]
+    digest = hashlib.sha256((tmp_path / "r1" / "final_model.pt").read_bytes()).hexdigest()
+    assert "<strong>finished</strong>: 2 of 2 rounds" in top
+    assert digest in top and f"fedseg {fedseg_version()}" in top
+    assert summary["finished_at"][:10] in top  # the date
+    final = dom.split('<table id="final">')[1].split("</table>")[0]
+    assert "HD95 (mm)" in final and "scores of the final round, round 2" in dom
+    assert "<td>0.900</td>" in final  # b's Dice of round 2 (round 1 had 0.600)
+    privacy = dom.split('<table id="privacy">')[1].split("</table>")[0]
+    assert "noise multiplier" in privacy and "secure aggregation" in privacy
+    assert "noise_multiplier" not in privacy and "max_epsilon" not in privacy

@@ -333,6 +333,8 @@ def test_every_site_keeps_the_final_model_with_its_card(sites, tmp_path, monkeyp
         card = json.loads((folder / "model-card.json").read_text())
         assert card["run"] == "kept" and card["site"] == name and card["rounds"] == 2
         assert card["federation_dice"] == pytest.approx(rows[0]["dice_mean"])
+        assert card["federation_dice_round"] == 1  # said of which round: not this model's
+        assert card["units"]["hd95"] == "mm" and card["fedseg_version"]
         assert card["site_scores"]["dice"] == pytest.approx(summary["final"]["sites"][name]["dice"])
         saved = load_model(folder / "final_model.pt")  # settings from the card
         assert saved.sha256 == card["sha256"]

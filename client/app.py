@@ -17,7 +17,9 @@ What leaves the site is exactly what ``common.wire`` names:
   when asked (``evaluate-incoming``), the incoming global model's scores
   (``global-*``) in ``metrics``, the site's public name (``site``);
 * evaluate reply: ``wire.EVAL_METRICS`` (case count and means over the test
-  cases), the site's name.
+  cases), the site's name;
+* query reply (``fingerprint``, once at a run's start): ``wire.FINGERPRINT_METRICS``
+  (aggregates of the training cases), the site's name and modality.
 
 A failure replies with a scrubbed error (kind of failure, case index) instead
 of the exception text, which could hold a path or a patient value.
@@ -372,8 +374,29 @@ def make_app(site_of: SiteOf, policy: SitePolicy | None = None,
                                    wire.SITE: _site_record(site.name, notes)}),
                        reply_to=msg)
 
+    @client_app.query()
+    def query_handler(msg: Message, context: Context) -> Message:
+        """The one query a run asks at its start: this site's fingerprint
+        (aggregates of its training cases, ``common/data/harmonise.py``)."""
+        try:
+            asked = (msg.content[wire.CONFIG].get(wire.QUERY)
+                     if wire.CONFIG in msg.content.config_records else None)
+            if asked != wire.FINGERPRINT:
+                from client.service import RequestRefused
+
+                raise RequestRefused(f"unknown query {str(asked)[:40]!r}; this site answers "
+                                     f"'{wire.FINGERPRINT}'")
+            site = site_of(context)
+            _, metrics, notes = ask(site, wire.FINGERPRINT, msg, context)
+        except Exception as exc:  # noqa: BLE001
+            return _failed(msg, _site_name(context, site_of), exc, wire.FINGERPRINT)
+        return Message(RecordDict({wire.METRICS: MetricRecord(metrics),
+                                   wire.SITE: _site_record(site.name, notes)}),
+                       reply_to=msg)
+
     client_app.train_handler = train_handler  # for tests that call a handler directly
     client_app.evaluate_handler = evaluate_handler
+    client_app.query_handler = query_handler
     return client_app
 
 
@@ -381,3 +404,4 @@ def make_app(site_of: SiteOf, policy: SitePolicy | None = None,
 app = make_app(InProcessSite)
 train_handler = app.train_handler
 evaluate_handler = app.evaluate_handler
+query_handler = app.query_handler

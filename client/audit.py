@@ -6,7 +6,8 @@ very message it pushes to the SuperNode, after every mod (DP noise, SecAgg+
 masking) has acted on it, so each SecAgg+ stage has its own line and nothing
 can be added after the record is made. Each line:
 
-* time, run, round, kind (``train``, ``evaluate``; SecAgg+ stages as
+* time, run, round, kind (``train``, ``evaluate``, ``query`` (the fingerprint
+  at a run's start); SecAgg+ stages as
   ``train/secagg:share_keys``...), outcome (``sent``: a reply with content;
   ``refused``: the site would not do it, ``failed``: it tried; both send an
   error reply, whose scrubbed reason is the line's ``reason``; a second line
@@ -17,7 +18,9 @@ can be added after the record is made. Each line:
   (``msg.metadata.message_id``; the server's audit folder, ``FEDSEG_AUDIT_DIR``,
   names each file with it), so a privacy officer can match a line to what
   the coordinator kept;
-* ``records``: each record's name, type and keys (never values); ``arrays``
+* ``records``: each record's name, type and keys; for the aggregate numbers
+  (``metrics``: scores, losses, the fingerprint) and the ``site`` record (name,
+  notes) also their values as sent; never a weight; ``arrays``
   and ``array_bytes``: the count and size of the arrays; ``bytes``: the
   content as serialised for the wire; ``weights_sha256``: a hash of the
   weights' bytes (name, dtype, shape, data of every array in order);
@@ -38,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from common import wire
 from common.jsonl import read_jsonl
 
 
@@ -68,8 +72,12 @@ def describe_reply(reply) -> dict[str, Any]:
         arrays.update({f"{name}/{k}": a.numpy() for k, a in record.items()})
     for name, record in content.metric_records.items():
         records[name] = {"type": "metrics", "keys": sorted(record.keys())}
+        if name == wire.METRICS:  # aggregate numbers: the values that left, as they left
+            records[name]["values"] = {k: record[k] for k in sorted(record.keys())}
     for name, record in content.config_records.items():
         records[name] = {"type": "config", "keys": sorted(record.keys())}
+        if name == wire.SITE:
+            records[name]["values"] = {k: str(record[k])[:200] for k in sorted(record.keys())}
     return {
         "message_id": reply.object_id,
         "records": records,

@@ -118,6 +118,35 @@ def cmd_node_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_site_resample(args: argparse.Namespace) -> int:
+    """A NIfTI site written again at ``--spacing`` (docs/data.md)."""
+    from rich.progress import Progress
+
+    from common.data.harmonise import parse_spacing
+    from common.data.respace import resample_site
+    from common.errors import ConfigError, DataError
+
+    try:
+        spacing = parse_spacing(args.spacing)
+        if spacing is None:
+            raise ConfigError("--spacing needs 2 or 3 mm values, e.g. 1.5,1.5,3")
+        with Progress(console=console, transient=True) as progress:
+            task = progress.add_task("resampling", total=None)
+
+            def on_case(split: str, done: int, total: int) -> None:
+                progress.update(task, description=f"{split}", completed=done, total=total)
+
+            record = resample_site(Path(args.site_dir), Path(args.out), spacing, on_case)
+    except (ConfigError, DataError) as exc:
+        console.print(f"error: {str(exc).replace('target-spacing', '--spacing')}",
+                      soft_wrap=True)
+        return 2
+    console.print(f"wrote {args.out} at {' x '.join(f'{v:g}' for v in spacing)} mm (from "
+                  f"{', '.join(' x '.join(f'{v:g}' for v in z) for z in record['source_spacings'])}"
+                  f" mm)", soft_wrap=True)
+    return 0
+
+
 def cmd_site_check(args: argparse.Namespace) -> int:
     """Every case of a site folder: usable or not, and why (exit 1 when the
     site cannot join: no usable training case; with --strict, when any case
@@ -293,7 +322,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     found, left_out = evaluation_cases(site, args.split, site_classes(site, saved.settings))
     for exc in left_out:
         console.print(f"[yellow]left out: {exc}[/yellow]", soft_wrap=True)
-    cases = prepared(found, saved.settings.input_channels)
+    from common.data.harmonise import site_modality
+    from common.data.site import list_cases
+    from common.data.transforms import Preparation
+
+    splits = [s for s in ("training", "test") if _split_size(site, s)]
+    modality = site_modality(site, list_cases(site, splits[0])[0].image if splits else None)
+    # as the run prepared its cases; resampled ones are scored on the grid they were read on
+    cases = prepared(found, Preparation.of(saved.settings.input_channels, saved.harmonisation,
+                                           modality), keep_source=True)
     result = evaluate(saved.model, cases, saved.settings, pick_device(args.device))
     shown = "training and test" if args.split == "all" else args.split
     table = Table(title=f"{saved.path.name} on {args.site_dir} ({shown} cases)")
@@ -347,7 +384,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda:N")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("site", help="hospital: check a site folder before it joins")
+    p = sub.add_parser("site", help="hospital: check a site folder before it joins; "
+                                    "resample one")
     ssub = p.add_subparsers(dest="site", required=True)
     c = ssub.add_parser("check", help="read every case: what is usable, what is not and why")
     c.add_argument("site_dir", metavar="DIR")
@@ -360,6 +398,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                         "(run setting `structures`, e.g. liver,lesion); default: those "
                         "the site's label map names")
     c.set_defaults(func=cmd_site_check)
+    c = ssub.add_parser("resample", help="write a NIfTI site again at another voxel spacing "
+                                         "(as another scanner would give it)")
+    c.add_argument("site_dir", metavar="DIR")
+    c.add_argument("out", metavar="OUT", help="a new folder")
+    c.add_argument("--spacing", required=True, metavar="X,Y,Z",
+                   help="mm per voxel along the files' array axes, e.g. 1.5,1.5,3")
+    c.set_defaults(func=cmd_site_resample)
 
     p = sub.add_parser("keygen", help="hospital: make this hospital's own key pair")
     p.add_argument("out")

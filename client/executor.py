@@ -80,7 +80,7 @@ from common.errors import FedsegError, error_reason, scrub
 log = logging.getLogger("fedseg.executor")
 
 APP_ID = "fedseg/fedseg"  # the bundle's publisher/name ([tool.flwr.app], [project])
-KINDS = ("train", "evaluate")
+KINDS = ("train", "evaluate", "query")
 # The SuperNode hands a task out before it has fetched all of the message's
 # objects from the SuperLink; Flower's pull waits 1 s after the first miss
 # (right for a process that starts once per message). This executor is already

@@ -80,6 +80,7 @@ class SitePolicy:
     max_local_epochs: int | None = None
     allowed_strategies: tuple[str, ...] | None = None
     share_local_model: bool = False
+    share_fingerprint: bool = True
     max_model_parameters: int | None = 100_000_000
     max_batch_voxels: int | None = 1 << 27
     dp_delta: float = 1e-5
@@ -120,7 +121,8 @@ class SitePolicy:
             expected = {"require-secure-aggregation": bool, "require-dp": bool,
                         "max-epsilon": (int, float), "min-sites": int, "max-rounds": int,
                         "max-local-epochs": int, "allowed-strategies": list,
-                        "share-local-model": bool, "max-model-parameters": int,
+                        "share-local-model": bool, "share-fingerprint": bool,
+                        "max-model-parameters": int,
                         "max-batch-voxels": int, "dp-delta": float,
                         "allowed-wire-versions": list, "allowed-bundles": list}[key]
             if isinstance(value, bool) and expected is not bool or not isinstance(value,

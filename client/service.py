@@ -1,6 +1,8 @@
 """What a site does for a federation, as a closed set of requests.
 
-:class:`SiteService` answers ``train``, ``evaluate`` and ``describe`` for the
+:class:`SiteService` answers ``train``, ``evaluate``, ``fingerprint`` (the
+aggregates of its training cases a run's harmonisation starts from,
+``common/data/harmonise.py``) and ``describe`` for the
 site's data, through one :class:`~common.site_algorithm.SiteAlgorithm` per
 run (model, decoded cases, Adam's moments kept between rounds). It is the
 same code in both transports:
@@ -28,6 +30,7 @@ import numpy as np
 from client.policy import SitePolicy
 from common import wire
 from common.config import RunSettings
+from common.data.harmonise import Harmonisation
 from common.data.site import left_out_summary
 from common.errors import FedsegError, scrub, write_local_log
 from common.packing import Template, pack, packed_template, template_of, unpack
@@ -53,6 +56,8 @@ def _allowed_metrics(kind: str, structures: tuple[str, ...]) -> set[str]:
         return {*wire.TRAIN_METRICS, *(wire.GLOBAL_PREFIX + k for k in scores)}
     if kind == "evaluate":
         return set(scores)
+    if kind == wire.FINGERPRINT:
+        return set(wire.FINGERPRINT_METRICS)
     return set(DESCRIBE_METRICS)
 
 
@@ -96,6 +101,9 @@ def keep_model(models_dir: Path, site: str, settings: RunSettings,
         "federation_dice": federation,
         "federation_dice_round": rounds - 1 if federation is not None else None,
         "config": settings.to_run_config(),
+        # what predict must resample and scale inputs by (None: a run without it)
+        "harmonisation": (Harmonisation.from_wire(round_config[wire.HARMONISATION]).to_dict()
+                          if wire.HARMONISATION in round_config else None),
     }
     (folder / "model-card.json").write_text(json.dumps(card, indent=2) + "\n")
     log.info("kept the final model of run %s in %s (sha256 %s)", run, folder,
@@ -106,7 +114,7 @@ def keep_model(models_dir: Path, site: str, settings: RunSettings,
 class SiteService:
     """One site's answers. ``policy``: the hospital's (none in a simulation)."""
 
-    REQUESTS = ("train", "evaluate", "describe")
+    REQUESTS = ("train", "evaluate", wire.FINGERPRINT, "describe")
 
     def __init__(self, site: str, data_dir: Path, device: str = "auto",
                  policy: SitePolicy | None = None, models_dir: Path | None = None) -> None:
@@ -168,12 +176,29 @@ class SiteService:
 
             return {}, {"training-cases": len(list_cases(self.data_dir, "training")),
                         "test-cases": len(list_cases(self.data_dir, "test"))}, {}
+        notes: dict[str, str] = {}
+        if kind == wire.FINGERPRINT:
+            if not self.policy.share_fingerprint:
+                from client.policy import PolicyRefusal
+
+                raise PolicyRefusal("this site does not send its fingerprint "
+                                    "(share-fingerprint = false)")
+            fingerprint = algo.fingerprint()
+            log.info("fingerprint of run %d: %d training cases, modality %s", run_id,
+                     fingerprint.cases, fingerprint.modality)
+            metrics = fingerprint.to_metrics()
+            notes[wire.MODALITY] = fingerprint.modality
+            if algo.left_out.get("training"):
+                notes[wire.LEFT_OUT] = f"training: {left_out_summary(algo.left_out['training'])}"
+            stray = set(metrics) - _allowed_metrics(kind, algo.settings.structure_names)
+            if stray:  # a programming error here, never sent
+                raise RuntimeError(f"metrics outside the wire's names: {sorted(stray)}")
+            return {}, metrics, notes
         if weights is None or not weights:
             raise RequestRefused(f"a {kind} request needs the global model's weights")
         self.check_weights(weights)
         weights = unpack(weights, self._template)
         out: dict[str, np.ndarray] = {}
-        notes: dict[str, str] = {}
         if kind == "evaluate":
             keep = round_config.get(wire.KEEP_MODEL) and self.models_dir is not None
             try:

@@ -30,6 +30,7 @@ STRATEGIES = ("fedavg", "fedprox", "fednova", "fedadam")
 # rules (FedMedian, FedTrimmedAvg, Krum, MultiKrum, Bulyan); docs/robustness.md.
 AGGREGATIONS = ("mean", "median", "trimmed-mean", "krum", "multi-krum", "bulyan")
 LR_SCHEDULES = ("cosine", "constant")
+HARMONISE = ("auto", "intensity", "off")
 DP_MODES = ("off", "server-fixed", "server-adaptive", "client-fixed", "client-adaptive")
 
 
@@ -239,6 +240,16 @@ class RunSettings:
                               at_least(8))
     patches_per_image: int = setting(2, "random patches drawn per training image per epoch",
                                      at_least(1))
+    harmonise: str = setting("auto", "scanners brought to one scale from the sites' "
+                                     "fingerprints (docs/data.md): auto = resample to the "
+                                     "federation's target spacing, and CT clipped and "
+                                     "normalised with the federation's foreground statistics "
+                                     "(other modalities z-scored per case); intensity = "
+                                     "intensities only; off = cases as read, each z-scored",
+                             one_of(*HARMONISE))
+    target_spacing: str = setting("", "mm per voxel axis every case is resampled to, "
+                                      "comma-separated in array order (e.g. `1,1,3`); empty: "
+                                      "from the sites' fingerprints (harmonise = auto)")
     test_time_flips: bool = setting(True, "inference averages over mirrored images "
                                           "(as nnU-Net)")
     sw_overlap: float = setting(0.5, "sliding windows overlap (nnU-Net's half-patch step)",
@@ -303,7 +314,13 @@ class RunSettings:
         if "/" in self.run_name or "\\" in self.run_name or self.run_name == "..":
             raise ConfigError("setting 'run-name' is a name, not a path")
         model = self.model  # checks model-channels and structures
+        from common.data.harmonise import parse_spacing
+
+        parse_spacing(self.target_spacing)  # a ConfigError names the setting
         rules = [
+            (not self.target_spacing.strip() or self.harmonise == "auto",
+             f"target-spacing resamples every case, which harmonise = {self.harmonise} "
+             f"does not: use harmonise = auto, or leave target-spacing empty"),
             (self.patch_size % model.divisor == 0,
              f"patch-size must be a multiple of {model.divisor} for "
              f"{len(model.channels)} U-Net levels, got {self.patch_size}"),

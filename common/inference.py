@@ -26,8 +26,9 @@ import torch
 from nibabel import orientations as ornt
 
 from common.config import BACKGROUND, FOREGROUND, RunSettings
+from common.data.harmonise import Harmonisation, dicom_modality, resize
 from common.data.readers import ImageMeta, file_kind, read_image
-from common.data.transforms import normalise, select_channels
+from common.data.transforms import Preparation, prepare_image
 from common.errors import ConfigError, DataError, UnsupportedFormatError
 from common.model import build_model
 from common.training import predict
@@ -53,6 +54,18 @@ class SavedModel:
     settings: RunSettings
     model: torch.nn.Module
     sha256: str
+    # the run's target spacing and intensity scheme (None: a run without one)
+    harmonisation: Harmonisation | None = None
+
+    def input_modality(self, source: Path) -> str:
+        """The modality an input is taken as: its DICOM Modality, else the
+        run's one modality where its harmonisation names one, else ``other``."""
+        known = sorted(self.harmonisation.intensity) if self.harmonisation else []
+        found = dicom_modality(source) if file_kind(Path(source)) in (
+            "dicom", "dicom-series") else "other"
+        if found == "other" and len(known) == 1:
+            return known[0]
+        return found
 
 
 def load_model(path: Path) -> SavedModel:
@@ -68,11 +81,13 @@ def load_model(path: Path) -> SavedModel:
         raise ConfigError(f"{path} is not a fedseg model: {exc}") from None
     config = obj.get("config") if isinstance(obj, dict) and "state_dict" in obj else None
     state = obj["state_dict"] if config is not None else obj
+    harmonised = obj.get("harmonisation") if config is not None else None
     if config is None:
         for name in CONFIG_FILES:
             side = path.with_name(name)
             if side.is_file():
-                config = json.loads(side.read_text()).get("config")
+                beside = json.loads(side.read_text())
+                config, harmonised = beside.get("config"), beside.get("harmonisation")
                 break
     if not isinstance(config, dict) or not isinstance(state, dict):
         raise ConfigError(f"{path}: no run settings beside it (model-card.json or "
@@ -84,7 +99,9 @@ def load_model(path: Path) -> SavedModel:
     except RuntimeError as exc:
         raise ConfigError(f"{path} does not match the U-Net its settings describe: "
                           f"{str(exc).splitlines()[0]}") from None
-    return SavedModel(path, settings, model.eval(), hashlib.sha256(raw).hexdigest())
+    harmonisation = Harmonisation.from_dict(harmonised) if harmonised else None
+    return SavedModel(path, settings, model.eval(), hashlib.sha256(raw).hexdigest(),
+                      harmonisation)
 
 
 def inverse(transform: np.ndarray) -> np.ndarray:
@@ -128,9 +145,13 @@ def segment(saved: SavedModel, source: Path, device: torch.device) -> Segmentati
     if spatial < s.model.spatial_dims:
         raise UnsupportedFormatError(f"{Path(source).name} is {spatial}D; the model is "
                                      f"{s.model.spatial_dims}D")
-    # a copy: normalise works in place, and the overlay draws on the image as read
-    ready = normalise(np.array(select_channels(image, s.input_channels), np.float32))
+    # as the run prepared its cases: resampled to its spacing, on its intensity scale
+    prep = Preparation.of(s.input_channels, saved.harmonisation,
+                          saved.input_modality(Path(source)))
+    ready, resampled = prepare_image(image, meta.spacing, prep)
     probabilities = predict(saved.model, ready, s, device, probabilities=True)
+    if resampled is not None:  # back onto the grid the image was read on
+        probabilities = resize(probabilities, image.shape[1:])
     return Segmentation(Path(source), image, meta, probabilities.argmax(axis=0).astype(np.uint8),
                         probabilities.astype(np.float32), s.structure_names)
 

@@ -28,8 +28,15 @@ import torch
 from common import wire
 from common.config import RunSettings
 from common.data.cache import load_prepared
+from common.data.harmonise import (
+    FingerprintAccumulator,
+    Harmonisation,
+    SiteFingerprint,
+    site_modality,
+)
 from common.data.labels import Classes, site_classes
 from common.data.site import Case
+from common.data.transforms import Preparation
 from common.errors import ConfigError, DataError
 from common.model import build_model, pick_device
 from common.training import evaluate, train
@@ -81,6 +88,55 @@ class SiteAlgorithm:
         self._cases = {"training": train_cases, "test": test_cases}
         self.left_out: dict[str, list[DataError]] = {}  # by split, at the last read
         self.classes: Classes | None = None  # the site's labels as the run's classes
+        # The run's harmonisation, as the server's instructions say (None: cases as
+        # read, each z-scored: a run without a fingerprint); the pooled baseline
+        # sets it directly. ``modality``: this site's, read once.
+        self.harmonisation: Harmonisation | None = None
+        self._modality: str | None = None
+
+    @property
+    def modality(self) -> str:
+        if self._modality is None:
+            first = None
+            if self.data_dir is not None:
+                from common.data.site import list_cases
+
+                first = list_cases(self.data_dir, "training")[0].image
+            self._modality = (site_modality(self.data_dir, first)
+                              if self.data_dir is not None else "other")
+        return self._modality
+
+    def preparation(self) -> Preparation:
+        """How this site's cases become model inputs in this run."""
+        return Preparation.of(self.settings.input_channels, self.harmonisation, self.modality)
+
+    def follow(self, round_config: Mapping[str, Any]) -> None:
+        """Take the run's harmonisation from the server's instructions (checked;
+        a malformed one is refused with a ConfigError naming it)."""
+        text = round_config.get(wire.HARMONISATION)
+        self.harmonisation = None if text is None else Harmonisation.from_wire(text)
+
+    def fingerprint(self) -> SiteFingerprint:
+        """This site's fingerprint (``common.data.harmonise``): aggregates of
+        its training cases as read, one case in memory at a time."""
+        from common.data.site import read_site
+        from common.data.transforms import select_channels
+
+        if self.data_dir is None:
+            raise ValueError(f"site {self.site} has no data folder to take a fingerprint of")
+        if self.classes is None:
+            self.classes = site_classes(self.data_dir, self.settings)
+        acc = FingerprintAccumulator(self.modality, seed=self.settings.seed)
+
+        def add(_ref, _index, case) -> None:
+            if isinstance(case, Case):
+                acc.add(select_channels(case.image, self.settings.input_channels),
+                        case.label, case.spacing)
+
+        read = read_site(self.data_dir, "training", on_case=add, keep=False,
+                         classes=self.classes)
+        self.left_out["training"] = read.left_out
+        return acc.result()
 
     def cases(self, split: str) -> list[Case]:
         """The usable cases of ``split``; those left out (a warning in this
@@ -92,8 +148,8 @@ class SiteAlgorithm:
             raise ValueError(f"site {self.site} has neither a data folder nor {split} cases")
         if self.classes is None:  # the site's map against the run's: refused before any case
             self.classes = site_classes(self.data_dir, self.settings)
-        cases, self.left_out[split] = load_prepared(self.data_dir, split,
-                                                    self.settings.input_channels, self.classes)
+        cases, self.left_out[split] = load_prepared(self.data_dir, split, self.preparation(),
+                                                    self.classes)
         return cases
 
     def _load(self, weights: Mapping[str, Any] | None) -> None:
@@ -108,6 +164,7 @@ class SiteAlgorithm:
         """Train from ``weights`` (None: go on from this object's model) for the
         round(s) of ``round_config``; the new weights and the train metrics."""
         self._load(weights)
+        self.follow(round_config)
         s = self.settings
         first = run_round(round_config)
         rounds = int(round_config.get(ROUNDS_IN_CALL, 1))
@@ -131,6 +188,8 @@ class SiteAlgorithm:
         (or ``cases``); the means over cases of the run's scores
         (``wire.score_keys``), the only numbers that may leave."""
         self._load(weights)
+        if round_config is not None:
+            self.follow(round_config)
         summary = evaluate(self.model, self.cases("test") if cases is None else cases,
                            self.settings, self.device).summary
         scores = wire.score_keys(self.settings.structure_names)

@@ -22,8 +22,9 @@ from monai.losses import DiceCELoss
 from monai.utils import set_determinism
 
 from common.config import RunSettings
+from common.data.harmonise import resize
 from common.data.site import Case
-from common.data.transforms import MIRROR_AXES, prepare, training_items, training_transform
+from common.data.transforms import MIRROR_AXES, prepare_case, training_items, training_transform
 from common.errors import EmptyDatasetError, FedsegError
 from common.metrics import case_metrics, summarize
 
@@ -325,17 +326,36 @@ def predict(
     raise ValueError(f"a {dims}D model cannot segment a {image.ndim - 1}D image")
 
 
+def on_grid(probabilities: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """The label map (spatial uint8) of class ``probabilities`` (``K x
+    spatial``) on a grid of ``shape``: resampled linearly, then the most
+    probable class (as nnU-Net brings its predictions back to the input's
+    own grid)."""
+    if tuple(probabilities.shape[1:]) != tuple(shape):
+        probabilities = resize(probabilities, shape)
+    return probabilities.argmax(axis=0).astype(np.uint8)
+
+
 def evaluate(
     model: torch.nn.Module, cases: list[Case], settings: RunSettings, device: torch.device
 ) -> EvalResult:
     """Score ``model`` on ``cases``; per-case metrics of the run's structures,
-    keyed as ``common.wire.score_keys`` says (they stay at the site)."""
+    keyed as ``common.wire.score_keys`` says (they stay at the site). A case
+    resampled to the run's target spacing is scored on the grid it was read
+    on (its prediction brought back), so runs with and without harmonisation
+    are scored alike."""
     if not cases:
         raise EmptyDatasetError("no test case to evaluate on")
     start = time.perf_counter()
     per_case = []
     for case in cases:
-        image, label = prepare(case, settings.input_channels)
-        pred = predict(model, image, settings, device)
-        per_case.append(case_metrics(pred, label, case.spacing, settings.structure_names))
+        ready = prepare_case(case, settings.input_channels)  # as prepared, or z-scored
+        if ready.source is None:
+            pred = predict(model, ready.image, settings, device)
+            label, spacing = ready.label, ready.spacing
+        else:  # resampled to the run's spacing: scored on the grid the case was read on
+            label, spacing = ready.source
+            pred = on_grid(predict(model, ready.image, settings, device, probabilities=True),
+                           label.shape[1:])[None]
+        per_case.append(case_metrics(pred, label, spacing, settings.structure_names))
     return EvalResult(per_case, time.perf_counter() - start)

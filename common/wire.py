@@ -19,8 +19,8 @@ from dataclasses import dataclass
 # The contract's version. A run's bundle declares the version it speaks in its
 # run config; a hospital's executor runs it only if its installed fedseg speaks
 # that version (CHANGELOG.md records every change to it, the keys and settings).
-VERSION = 1
-SPOKEN = (1,)  # the versions this install answers
+VERSION = 2  # 2: the fingerprint query and the harmonisation instruction
+SPOKEN = (1, 2)  # the versions this install answers
 VERSION_KEY = "fedseg-wire"  # run config ([tool.flwr.app.config]): the bundle's version
 
 # Records of a message
@@ -34,7 +34,8 @@ SITE_NAME = "name"  # in SITE
 EVALUATE_ERROR = "evaluate-error"  # in SITE: scoring the incoming model failed (scrubbed)
 LEFT_OUT = "left-out"  # in SITE: unusable cases left out of this reply (counts and kinds)
 SHARE_LOCAL = "share-local-model"  # in SITE (train): the site's policy lets others score it
-SITE_NOTES = (EVALUATE_ERROR, LEFT_OUT, SHARE_LOCAL)  # what a reply's SITE record may add
+MODALITY = "modality"  # in SITE (query): the site's modality, CT, MR or other
+SITE_NOTES = (EVALUATE_ERROR, LEFT_OUT, SHARE_LOCAL, MODALITY)  # what SITE may add
 CROSS_SITE_OF = "cross-site-of"  # in CONFIG (evaluate): whose local model the weights are
 SERVER_ROUND = "server-round"  # in CONFIG, written by Flower's strategies
 ROUNDS_DONE = "rounds-done"  # in CONFIG: rounds of a resumed run already behind
@@ -42,6 +43,9 @@ PROXIMAL_MU = "proximal-mu"  # in CONFIG, written by Flower's FedProx
 EVALUATE_INCOMING = "evaluate-incoming"  # in CONFIG: score the weights received first
 KEEP_MODEL = "keep-model"  # in CONFIG: the site keeps a copy of the global model received
 FEDERATION_DICE = "federation-dice"  # in CONFIG (with KEEP_MODEL): for the site's model card
+HARMONISATION = "harmonisation"  # in CONFIG: the run's target spacing and intensity scheme
+QUERY = "query"  # in CONFIG of a query message: what is asked (FINGERPRINT)
+FINGERPRINT = "fingerprint"  # the query at a run's start: aggregates of the training cases
 GLOBAL_PREFIX = "global-"  # a train reply's scores of the incoming global model
 NUM_EXAMPLES = "num-examples"  # in METRICS: training cases (FedAvg's weight) or test cases
 TRAIN_LOSS = "train-loss"
@@ -53,6 +57,9 @@ ERROR_SITE = "site"  # in a failed reply's error reason (JSON): the site's publi
 ERROR_TEXT = "error"  # ... and the scrubbed cause
 
 TRAIN_METRICS = (NUM_EXAMPLES, TRAIN_LOSS, TRAIN_SECONDS, TRAIN_STEPS)
+# A fingerprint reply's METRICS (common/data/harmonise.py): nothing of any one case
+FINGERPRINT_METRICS = ("cases", "fg-voxels", "fg-mean", "fg-std", "fg-low", "fg-high",
+                       *(f"{what}-p{q}" for q in (10, 50, 90) for what in ("spacing", "size")))
 EVAL_METRICS = (NUM_EXAMPLES, *SCORES)  # of a run with one structure
 
 
@@ -130,6 +137,27 @@ TABLE = (
           "mean over the site's test cases; the scores above are then per case the mean "
           "over structures (undefined values left out). The names are the run's setting, "
           "never a site's"),
+    Entry(HARMONISATION, CONFIG, DOWN, "train and evaluate: the run's harmonisation (JSON: "
+          "target spacing in mm, intensity scheme by modality: CT clip bounds, mean and std), "
+          "fixed at the start from the sites' fingerprints; every site resamples and "
+          "normalises its cases by it (docs/data.md)"),
+    Entry(QUERY, CONFIG, DOWN, "a query message: what is asked (the one query: "
+          f"`{FINGERPRINT}`)"),
+    Entry(FINGERPRINT, f"{QUERY} value", DOWN, "at the start of a run whose `harmonise` is "
+          "not off, each site is asked for its fingerprint (the aggregates below)"),
+    *(Entry(key, METRICS, UP, f"query `{FINGERPRINT}`: {meaning}")
+      for key, meaning in zip(FINGERPRINT_METRICS, (
+          "the site's usable training cases",
+          "labelled voxels (label > 0) over those cases",
+          "mean intensity of the labelled voxels (first input channel)",
+          "their standard deviation",
+          "their 0.5th percentile (of up to 10,000 sampled a case)",
+          "their 99.5th percentile (likewise)",
+          *(f"the {q}th percentile over cases of the {what}, one value per axis"
+            for q in (10, 50, 90) for what in ("voxel spacing (mm)", "image size (voxels)"))),
+          strict=True)),
+    Entry(MODALITY, SITE, UP, "query `fingerprint`: the site's modality (CT, MR or other), "
+          "from its dataset.json or DICOM"),
     Entry(SITE_NAME, SITE, UP, "the site's public name (node setting `site-name`)"),
     Entry(EVALUATE_ERROR, SITE, UP, "train with `evaluate-incoming`: why scoring the incoming "
           "model failed (scrubbed, as a failed reply's cause); the site trained all the same"),

@@ -15,6 +15,7 @@ from common.config import RunSettings
 from common.model import build_model
 from common.packing import PrecisionOverflow
 from common.processes import exit_when_orphaned
+from server.fingerprint import harmonise_run
 from server.prompt_grid import prompt
 from server.runs import RunFolder, packed_arrays, runs_root
 from server.strategies import PrivacyBudgetExhausted, TooFewSites, build_strategy
@@ -34,7 +35,8 @@ def format_round(row: dict) -> str:
             f"  {row['seconds']:.1f} s{eps}")
 
 
-def cross_site(grid: Grid, strategy, settings: RunSettings) -> dict[str, dict[str, dict]]:
+def cross_site(grid: Grid, strategy, settings: RunSettings,
+               instructions: dict | None = None) -> dict[str, dict[str, dict]]:
     """Each shareable site's last local model scored at every connected site
     (its own included): ``{model's site: {scoring site: means}}``. Only the
     sites whose policy allowed it (``share-local-model``) are in the rows."""
@@ -46,7 +48,8 @@ def cross_site(grid: Grid, strategy, settings: RunSettings) -> dict[str, dict[st
     for owner, arrays in sorted(strategy.local_models.items()):
         for node in sorted(connected & set(names)):
             msg = Message(RecordDict({wire.ARRAYS: arrays, wire.CONFIG: ConfigRecord(
-                {wire.CROSS_SITE_OF: owner, wire.SERVER_ROUND: settings.num_rounds})}),
+                {wire.CROSS_SITE_OF: owner, wire.SERVER_ROUND: settings.num_rounds,
+                 **(instructions or {})})}),
                 dst_node_id=node, message_type=MessageType.EVALUATE)
             messages.append(msg)
     replies = list(grid.send_and_receive(messages, timeout=settings.round_timeout))
@@ -88,6 +91,14 @@ def main(grid: Grid, context: Context) -> None:
         log(WARNING, "fedseg run %s stopped: %s", run.path.name, exc)
         run.finish(None, stopped=str(exc))
         return
+    try:  # the run's target spacing and intensity scheme, from the sites' fingerprints
+        harmonisation = harmonise_run(grid, settings, run) if done < settings.num_rounds \
+            else run.harmonisation
+    except TooFewSites as exc:
+        log(WARNING, "fedseg run %s stopped: %s", run.path.name, exc)
+        run.finish(None, stopped=f"fingerprint: {exc}")
+        return
+    instructions = {wire.HARMONISATION: harmonisation.to_wire()} if harmonisation else {}
     strategy = build_strategy(settings, sampled, rounds_done=done,
                               dp_releases=run.dp_releases())
     ledger = strategy.privacy
@@ -124,7 +135,9 @@ def main(grid: Grid, context: Context) -> None:
                                     num_rounds=settings.num_rounds - done,
                                     # Flower counts this call's rounds from 1; the sites'
                                     # learning-rate schedule spans the whole run
-                                    train_config=ConfigRecord({wire.ROUNDS_DONE: done}),
+                                    train_config=ConfigRecord({wire.ROUNDS_DONE: done,
+                                                               **instructions}),
+                                    evaluate_config=ConfigRecord(dict(instructions)),
                                     evaluate_fn=end_of_round,
                                     timeout=settings.round_timeout)
         except (PrivacyBudgetExhausted, FlowerBudgetExhausted) as exc:
@@ -140,6 +153,6 @@ def main(grid: Grid, context: Context) -> None:
     write_rows(settings.num_rounds)  # a stopped run's last rounds, scored or not
     final = result.arrays if result is not None and len(result.arrays) else None
     if settings.cross_site and stopped is None and strategy.local_models:
-        run.cross_site = cross_site(grid, strategy, settings)
+        run.cross_site = cross_site(grid, strategy, settings, instructions)
     run.finish(final, stopped=stopped, ledger=ledger)
     log(INFO, "fedseg run folder: %s", run.path)

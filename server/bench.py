@@ -21,7 +21,7 @@ import json
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,8 @@ import torch
 
 from common import wire
 from common.config import RunSettings
+from common.data.harmonise import Harmonisation, parse_spacing
+from common.data.harmonise import combine as harmonise_sites
 from common.data.site import Case
 from common.metrics import METRICS, combine
 from common.model import pick_device
@@ -83,16 +85,34 @@ def _centralised(algo: SiteAlgorithm, tests: dict[str, list[Case]]
     return scores, curve
 
 
-def read_sites(sites: list[Site], settings: RunSettings
+def harmonisations(sites: list[Site], settings: RunSettings
+                   ) -> tuple[Harmonisation | None, dict[str, Harmonisation | None]]:
+    """What the federation fixes from the sites' fingerprints (as
+    ``server/fingerprint.py`` does at a run's start), and what each site
+    alone would fix from its own (local-only's). None: ``harmonise = off``."""
+    if settings.harmonise == "off":
+        return None, {site.name: None for site in sites}
+    target = parse_spacing(settings.target_spacing)
+    prints = {site.name: SiteAlgorithm(settings, site.name, site.data_dir,
+                                       device="cpu").fingerprint() for site in sites}
+    own = {name: harmonise_sites({name: fp}, settings.harmonise, target)
+           for name, fp in prints.items()}
+    return harmonise_sites(prints, settings.harmonise, target), own
+
+
+def read_sites(sites: list[Site], settings: RunSettings,
+               harmonisation: Mapping[str, Harmonisation | None] | None = None
                ) -> tuple[dict[str, list[Case]], dict[str, list[Case]], dict[str, dict[str, int]]]:
     """Every site's training and test cases read exactly as its federated node
     reads them (``SiteAlgorithm.cases``: the site's label map against the run's
-    structures, its input channels, unusable cases left out with a warning),
-    so local-only and pooled learn and are scored on the same task as the
-    federated methods; and how many cases of each split were left out."""
+    structures, its input channels, the run's harmonisation (by site name),
+    unusable cases left out with a warning), so local-only and pooled learn
+    and are scored on the same task as the federated methods; and how many
+    cases of each split were left out."""
     train_sets, tests, left_out = {}, {}, {}
     for site in sites:
         reader = SiteAlgorithm(settings, site.name, site.data_dir, device="cpu")
+        reader.harmonisation = (harmonisation or {}).get(site.name)
         train_sets[site.name] = reader.cases("training")
         tests[site.name] = reader.cases("test")
         left_out[site.name] = {split: len(errors) for split, errors in reader.left_out.items()}
@@ -128,7 +148,9 @@ def quality(sites: list[Site], out: Path, overrides: dict[str, Any], *, rounds: 
                                             "local-epochs": local_epochs})
     epochs = rounds * local_epochs
     device = pick_device(os.environ.get("FEDSEG_DEVICE", "auto"))  # local and pooled models
-    train_sets, tests, left_out = read_sites(sites, settings)
+    federation, own = harmonisations(sites, settings)
+    train_sets, tests, left_out = read_sites(sites, settings,
+                                             {site.name: federation for site in sites})
     results: dict[str, Any] = {}
     curves: dict[str, list[dict]] = {}
     flips: dict[str, Any] = {}
@@ -147,9 +169,11 @@ def quality(sites: list[Site], out: Path, overrides: dict[str, Any], *, rounds: 
         start = time.perf_counter()
         if method == "local":
             per_site, curve_sites = {}, {}
+            alone = (train_sets, tests) if all(h == federation for h in own.values()) \
+                else read_sites(sites, settings, own)[:2]  # each site on its own fingerprint
             for name in train_sets:
-                scores, curve = _centralised(_baseline(settings, name, train_sets[name], device),
-                                             {name: tests[name]})
+                scores, curve = _centralised(_baseline(settings, name, alone[0][name], device),
+                                             {name: alone[1][name]})
                 per_site[name] = scores[name]
                 curve_sites[name] = curve
             curve = [{"round": r["round"], "dice": {n: curve_sites[n][i]["dice"][n]
@@ -176,7 +200,10 @@ def quality(sites: list[Site], out: Path, overrides: dict[str, Any], *, rounds: 
               "epochs_per_site": epochs, "settings": settings.to_run_config(),
               "cases": {name: {"training": len(train_sets[name]), "test": len(tests[name]),
                                "left_out": left_out[name]} for name in train_sets},
-              "test_time_flips": flips, "results": results, "curves": curves}
+              "test_time_flips": flips, "results": results, "curves": curves,
+              "harmonisation": {"federation": federation.to_dict() if federation else None,
+                                "described": federation.describe() if federation else
+                                "off: cases as read, each z-scored"}}
     (out / "quality.json").write_text(json.dumps(report, indent=2, default=str))
     (out / "quality.md").write_text(markdown(report))
     plot(curves, out / "dice.png")
@@ -191,6 +218,9 @@ def markdown(report: dict[str, Any]) -> str:
              f"{report['local_epochs']} local epochs = {report['epochs_per_site']} passes over "
              f"each site's training cases for every method.", "",
              *_case_counts(report.get("cases", {})),
+             *([f"Harmonisation (every method; local-only from its own site's fingerprint): "
+                f"{report['harmonisation']['described']}.", ""]
+               if report.get("harmonisation") else []),
              "| method | site | Dice | IoU | HD95 | sensitivity | specificity | wall time (s) |",
              "|---|---|---|---|---|---|---|---|"]
     for method, r in results.items():

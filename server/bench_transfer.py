@@ -20,6 +20,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from common import wire
 from common.config import RunSettings
+from common.data.harmonise import Harmonisation, Intensity
 from common.model import build_model
 from common.packing import pack, to_wire
 from server.bench import HIPPOCAMPUS
@@ -48,12 +49,23 @@ class RoundBytes:
     evaluate_up: int  # its reply: scores only
 
 
-def round_bytes(settings: RunSettings) -> RoundBytes:
-    """The bytes of one site's messages in a round of a run of ``settings``."""
+# What a harmonised run's messages carry besides (a 3D MR federation's; a few
+# hundred bytes whatever the model)
+TYPICAL = Harmonisation((1.0, 1.0, 1.0), {"MR": Intensity()}, 3)
+
+
+def round_bytes(settings: RunSettings, harmonisation: Harmonisation | None = TYPICAL
+                ) -> RoundBytes:
+    """The bytes of one site's messages in a round of a run of ``settings``
+    whose train and evaluate messages carry ``harmonisation`` (the run's;
+    none with ``harmonise = off``)."""
     state = build_model(settings.model).state_dict()
     weights = to_wire(pack(state), settings.transfer_precision)
     arrays = ArrayRecord({k: Array(v) for k, v in weights.items()})
-    config = {wire.SERVER_ROUND: 2, wire.ROUNDS_DONE: 0, wire.EVALUATE_INCOMING: True}
+    harmonised = ({wire.HARMONISATION: harmonisation.to_wire()}
+                  if harmonisation is not None and settings.harmonise != "off" else {})
+    config = {wire.SERVER_ROUND: 2, wire.ROUNDS_DONE: 0, wire.EVALUATE_INCOMING: True,
+              **harmonised}
     scores = {k: 3 if k == wire.NUM_EXAMPLES else 0.5
               for k in wire.eval_metrics(settings.structure_names)}
     down = RecordDict({wire.ARRAYS: arrays, wire.CONFIG: ConfigRecord(config)})
@@ -64,7 +76,8 @@ def round_bytes(settings: RunSettings) -> RoundBytes:
                                     **{wire.GLOBAL_PREFIX + k: v for k, v in scores.items()}}),
         wire.SITE: ConfigRecord({wire.SITE_NAME: "hospital-a"})})
     evaluate_down = RecordDict({wire.ARRAYS: arrays, wire.CONFIG: ConfigRecord(
-        {wire.SERVER_ROUND: 2, wire.KEEP_MODEL: True, wire.FEDERATION_DICE: 0.5})})
+        {wire.SERVER_ROUND: 2, wire.KEEP_MODEL: True, wire.FEDERATION_DICE: 0.5,
+         **harmonised})})
     evaluate_up = RecordDict({wire.METRICS: MetricRecord(scores),
                               wire.SITE: ConfigRecord({wire.SITE_NAME: "hospital-a"})})
     return RoundBytes(sum(v.numel() for v in state.values()), content_bytes(down),

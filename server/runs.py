@@ -10,7 +10,10 @@
   round number and settings (what ``--resume`` continues from);
 * ``final_model.pt``: the global model's state dict when the run ends;
 * ``summary.json``: the final metrics per site and overall, and totals;
-* ``dice.png``: Dice per site over rounds.
+* ``dice.png``: Dice per site over rounds;
+* ``harmonisation.json``: the target spacing and intensity scheme the run
+  fixed at its start, and the sites' fingerprints it came from
+  (``common/data/harmonise.py``; also in ``summary.json``).
 
 Metrics are keyed as :mod:`common.wire` names them: with several
 ``structures`` each score per structure (``dice/liver``) beside the headline
@@ -37,6 +40,7 @@ from flwr.app import ArrayRecord
 
 from common import wire
 from common.config import RunSettings
+from common.data.harmonise import Harmonisation
 from common.errors import ConfigError
 from common.jsonl import read_jsonl
 from common.metrics import weighted_mean
@@ -47,6 +51,7 @@ from server.strategies import RoundRecord
 
 RUNS_DIR_ENV = "FEDSEG_RUNS_DIR"
 MODEL_CARD = "model-card.json"  # beside final_model.pt: what it is and how it scored
+HARMONISATION_FILE = "harmonisation.json"  # what the run fixed from the sites' fingerprints
 
 
 def runs_root() -> Path:
@@ -146,6 +151,26 @@ class RunFolder:
         path.mkdir(parents=True, exist_ok=True)
         return cls(path, settings, 0, [])
 
+    @property
+    def harmonisation(self) -> Harmonisation | None:
+        """The harmonisation fixed at the run's start (``harmonisation.json``),
+        or None (a run with ``harmonise = off``, or before the fingerprint)."""
+        path = self.path / HARMONISATION_FILE
+        if not path.is_file():
+            return None
+        fixed = json.loads(path.read_text())["harmonisation"]
+        return Harmonisation.from_dict(fixed) if fixed is not None else None
+
+    def save_harmonisation(self, harmonisation: Harmonisation | None,
+                           fingerprints: dict[str, dict[str, Any]], failures: list[str]) -> None:
+        """``harmonisation.json``: what the run fixed (None: nothing, too few
+        usable fingerprints), from which sites' fingerprints (aggregates, as
+        each site's audit holds them), and the sites left out and why."""
+        _atomic_write(self.path / HARMONISATION_FILE, json.dumps(_json_safe({
+            "harmonisation": harmonisation.to_dict() if harmonisation else None,
+            "described": harmonisation.describe() if harmonisation else None,
+            "fingerprints": fingerprints, "failures": failures}), indent=2).encode())
+
     def checkpoint_arrays(self) -> ArrayRecord | None:
         if self.last_round == 0:
             return None
@@ -206,8 +231,10 @@ class RunFolder:
                                "failures": list(rec.failures)}}
         state = self.state_dict(arrays)
         buffer_path = self.path / ".checkpoint.pt.tmp"
+        h = self.harmonisation
         torch.save({"round": server_round, "state_dict": state,
                     "config": self.settings.to_run_config(),
+                    "harmonisation": h.to_dict() if h else None,
                     "pending": _json_safe(snapshot)}, buffer_path)
         os.replace(buffer_path, self.path / "checkpoint.pt")
         self.last_round = server_round
@@ -346,6 +373,7 @@ class RunFolder:
                 "accountant": "RDP (dp-accounting), add-or-remove-one, no sampling "
                               "amplification" if ledger else None,
             },
+            "harmonisation": h.to_dict() if (h := self.harmonisation) else None,
             "config": self.settings.to_run_config(),
         })
 

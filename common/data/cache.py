@@ -4,7 +4,7 @@ A hospital's node trains and scores on the same files every round. Reading and
 normalising them again each time cost 0.24 s of a 5.5 s retina round, and
 grows with the site's data, not its training (docs/performance.md), so the
 node keeps the prepared cases of the
-last few ``(folder, split, input-channels)`` it was asked for, in memory in
+last few ``(folder, split, preparation)`` it was asked for, in memory in
 its own process. Any change to the folder's case list or to a file's size or
 modification time reads the folder again; nothing is written anywhere.
 
@@ -23,7 +23,7 @@ from pathlib import Path
 
 from common.data.labels import Classes
 from common.data.site import Case, DataError, list_cases, read_site
-from common.data.transforms import prepared
+from common.data.transforms import Preparation, prepared
 
 log = logging.getLogger(__name__)
 
@@ -56,16 +56,17 @@ def _signature(site_dir: Path, split: str) -> _Signature:
     return tuple(signature)
 
 
-def load_prepared(site_dir: Path, split: str, channels: str, classes: Classes | None = None
-                  ) -> tuple[list[Case], list[DataError]]:
-    """The usable cases of ``split``, prepared for ``channels`` (see
+def load_prepared(site_dir: Path, split: str, channels: Preparation | str,
+                  classes: Classes | None = None) -> tuple[list[Case], list[DataError]]:
+    """The usable cases of ``split``, prepared as ``channels`` says (input
+    channels, or a whole ``Preparation``: channels, target spacing, intensity; see
     ``common.data.transforms.prepared``), and the errors of the cases left out
     (``common.data.site.read_site``); from memory when the files are the ones
     read last time. ``classes``: the run's classes at this site
     (``common.data.labels.site_classes``). The arrays are shared between calls: read them, do not
     write to them."""
     site_dir = Path(site_dir).resolve()
-    key = (str(site_dir), split, channels, repr(classes))
+    key = (str(site_dir), split, repr(channels), repr(classes))
     signature = _signature(site_dir, split)
     hit = _cache.get(key)
     if hit is not None and hit[0] == signature:
@@ -73,7 +74,7 @@ def load_prepared(site_dir: Path, split: str, channels: str, classes: Classes | 
         return list(hit[1]), list(hit[2])
     _cache.pop(key, None)
     read = read_site(site_dir, split, classes=classes)
-    cases = prepared(read.cases, channels)
+    cases = prepared(read.cases, channels, keep_source=split == "test")
     _cache[key] = (signature, cases, read.left_out)
     while len(_cache) > MAX_ENTRIES:
         _cache.popitem(last=False)

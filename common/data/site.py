@@ -16,6 +16,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -42,15 +43,18 @@ class CaseRef:
 class Case:
     """One loaded case: ``image`` C x spatial float32, ``label`` 1 x spatial uint8.
 
-    ``prepared``: the ``input-channels`` mode the image is already selected and
-    normalised for (``common.data.transforms.prepared``), or None for the image
-    as read."""
+    ``prepared``: how the image was made model-ready (a
+    ``common.data.transforms.Preparation``: channels, target spacing,
+    intensity scheme), or None for the image as read."""
 
     case_id: str
     image: np.ndarray
     label: np.ndarray
     spacing: tuple[float, ...]
-    prepared: str | None = None
+    prepared: Any = None  # common.data.transforms.Preparation
+    # A case resampled for the model: its label and spacing as read, to score on
+    # that grid (kept for test cases only; None: not resampled, or not kept)
+    source: tuple[np.ndarray, tuple[float, ...]] | None = None
 
     @property
     def spatial_dims(self) -> int:

@@ -1,7 +1,10 @@
 """From loaded cases to network inputs, with MONAI's transforms.
 
-Every image is normalised on its own (z-score per channel, over the whole case)
-so scanners with different intensity scales meet the network on one scale.
+Every image is brought to the run's scale (``common.data.harmonise``): resampled
+to the federation's target spacing, then CT clipped and normalised with the
+federation's foreground statistics, other images z-scored on their own (per
+channel, over the whole case), so scanners with different voxel sizes and
+intensity scales meet the network alike.
 A 2D network sees 3D cases as their axial slices; a 3D network sees volumes.
 Training draws random patches, half of them centred on foreground to offset
 the class imbalance of small structures; inference runs a sliding window at
@@ -9,6 +12,8 @@ full resolution.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import numpy as np
 from monai.transforms import (
@@ -22,6 +27,7 @@ from monai.transforms import (
     SpatialPadd,
 )
 
+from common.data.harmonise import Harmonisation, Intensity, resize, scale_intensity, target_shape
 from common.data.site import Case
 
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -46,25 +52,80 @@ def normalise(image: np.ndarray) -> np.ndarray:
     return np.asarray(NormalizeIntensity(channel_wise=True)(image), dtype=np.float32)
 
 
-def prepare(case: Case, channels: str) -> tuple[np.ndarray, np.ndarray]:
-    """A case's model-ready ``(image, label)``: channels selected, normalised."""
-    if case.prepared == channels:
-        return case.image, case.label
+@dataclass(frozen=True)
+class Preparation:
+    """How a site's cases become model inputs: the channels the model takes,
+    the run's target spacing (None: as read) and its intensity scheme for the
+    site's modality (``common.data.harmonise``)."""
+
+    channels: str
+    spacing: tuple[float, ...] | None = None
+    intensity: Intensity = field(default_factory=Intensity)
+
+    @classmethod
+    def of(cls, channels: str, harmonisation: Harmonisation | None, modality: str
+           ) -> Preparation:
+        if harmonisation is None:
+            return cls(channels)
+        return cls(channels, harmonisation.spacing, harmonisation.for_modality(modality))
+
+
+def prepare_image(image: np.ndarray, spacing: tuple[float, ...], prep: Preparation
+                  ) -> tuple[np.ndarray, tuple[int, ...] | None]:
+    """An image (C x spatial as read) as the model takes it, and the shape it
+    was resampled to (None: not resampled)."""
+    image = select_channels(image, prep.channels)
+    shape = None
+    if prep.spacing is not None:
+        shape = target_shape(image.shape[1:], spacing, prep.spacing)
+        if shape is not None:
+            image = resize(np.asarray(image, np.float32), shape)
+    return scale_intensity(np.array(image, np.float32), prep.intensity), shape
+
+
+def prepare_case(case: Case, prep: Preparation | str, keep_source: bool = False) -> Case:
+    """``case`` model-ready: channels selected, resampled to the target
+    spacing (the label by nearest neighbour), intensities scaled. A case
+    already prepared the same way is returned as it is. ``keep_source``: a
+    resampled case keeps its label and spacing as read (``Case.source``), to
+    be scored on that grid."""
+    if isinstance(prep, str):
+        if case.prepared is not None and case.prepared.channels == prep:
+            return case
+        prep = Preparation(prep)
     if case.prepared is not None:
-        raise ValueError(f"case {case.case_id!r} was prepared for input-channels "
-                         f"{case.prepared!r}, not {channels!r}")
-    return normalise(select_channels(case.image, channels)), case.label
+        if case.prepared == prep:
+            return case
+        done = case.prepared
+        what = (f"input-channels {done.channels!r}, not {prep.channels!r}"
+                if done.channels != prep.channels else
+                f"spacing {done.spacing} and {done.intensity}, not {prep.spacing} and "
+                f"{prep.intensity}")
+        raise ValueError(f"case {case.case_id!r} was prepared for {what}")
+    image, shape = prepare_image(case.image, case.spacing, prep)
+    label, spacing = case.label, case.spacing
+    if shape is not None:
+        label = resize(case.label, shape, labels=True)
+        spacing = tuple(float(v) for v in prep.spacing)
+    source = (case.label, case.spacing) if keep_source and shape is not None else None
+    return Case(case.case_id, image, label, spacing, prepared=prep, source=source)
 
 
-def prepared(cases: list[Case], channels: str) -> list[Case]:
-    """The cases with their images model-ready for ``channels``, so repeated
-    training and scoring skip the work (and the raw images can be let go)."""
-    return [Case(c.case_id, *prepare(c, channels), c.spacing, prepared=channels)
-            for c in cases]
+def prepare(case: Case, prep: Preparation | str) -> tuple[np.ndarray, np.ndarray]:
+    """A case's model-ready ``(image, label)`` (:func:`prepare_case`)."""
+    ready = prepare_case(case, prep)
+    return ready.image, ready.label
+
+
+def prepared(cases: list[Case], prep: Preparation | str, keep_source: bool = False
+             ) -> list[Case]:
+    """The cases model-ready (:func:`prepare_case`), so repeated training and
+    scoring skip the work (and the raw images can be let go)."""
+    return [prepare_case(c, prep, keep_source) for c in cases]
 
 
 def training_items(
-    cases: list[Case], spatial_dims: int, channels: str
+    cases: list[Case], spatial_dims: int, channels: Preparation | str
 ) -> list[dict[str, np.ndarray]]:
     """``{"image", "label"}`` items: whole 2D images, or 2D slices of 3D cases
     for a 2D network, or whole volumes for a 3D network."""

@@ -100,7 +100,7 @@ def test_train_and_evaluate_are_answered_and_each_reply_audited_as_it_leaves(
 
 @pytest.mark.parametrize(("config", "words"), [
     ({**RUN, wire.VERSION_KEY: 99}, "the run's app speaks fedseg wire version 99; this "
-                                    "site's fedseg speaks 1"),
+                                    "site's fedseg speaks 1, 2"),
     ({k: v for k, v in RUN.items() if k != wire.VERSION_KEY}, "speaks no fedseg wire version"),
     ({**RUN, wire.VERSION_KEY: "1"}, "speaks fedseg wire version 1;"),
 ])
@@ -116,7 +116,8 @@ def test_a_run_of_a_wire_version_this_site_does_not_speak_is_refused(
 
 def test_the_policy_pins_wire_versions_and_bundles(synthetic_sites, tmp_path):
     handler, audit = site(synthetic_sites, tmp_path,
-                          f'allowed-bundles = ["{"cd" * 32}"]\nallowed-wire-versions = [1]\n')
+                          f'allowed-bundles = ["{"cd" * 32}"]\n'
+                          f'allowed-wire-versions = [{wire.VERSION}]\n')
     out = answer(handler, message(), bundle=BUNDLE)
     assert out.outcome == "refused"
     assert reason(out) == ("refused by the site's policy: the run's app bundle is not among "
@@ -130,9 +131,9 @@ def test_the_policy_pins_wire_versions_and_bundles(synthetic_sites, tmp_path):
 
 def test_a_message_of_another_kind_is_refused(synthetic_sites, tmp_path):
     handler, audit = site(synthetic_sites, tmp_path)
-    out = answer(handler, message("query"))
-    assert out.outcome == "refused" and "message kind 'query' is not one" in reason(out)
-    assert audit.entries()[-1]["kind"] == "query"
+    out = answer(handler, message("system"))
+    assert out.outcome == "refused" and "message kind 'system' is not one" in reason(out)
+    assert audit.entries()[-1]["kind"] == "system"
     agent = answer(handler, message(), task_type="flwr-agentapp")  # answered, never run
     assert agent.outcome == "refused" and "ClientApp messages only" in reason(agent)
 
@@ -303,3 +304,23 @@ def test_a_run_cannot_make_the_worker_build_a_giant_model_or_batch(synthetic_sit
         service.handle("describe", 9, {"batch-size": 250_000}, {}, None)
     relaxed = SitePolicy.from_dict({"max-batch-voxels": 2**40})
     assert relaxed.violations(RunSettings.from_run_config({"batch-size": 250_000})) == []
+
+
+def test_the_fingerprint_query_is_answered_with_aggregates_and_audited_with_its_values(
+        synthetic_sites, tmp_path):
+    handler, audit = site(synthetic_sites, tmp_path)
+    out = answer(handler, message("query", weights=False, **{wire.QUERY: wire.FINGERPRINT}))
+    assert out.outcome == "sent"
+    metrics = dict(out.reply.content[wire.METRICS])
+    assert set(metrics) == set(wire.FINGERPRINT_METRICS)  # nothing of any one case
+    from common.data.site import list_cases
+
+    cases = len(list_cases(synthetic_sites[0], "training"))
+    assert metrics["cases"] == cases and not out.reply.content.array_records
+    assert out.reply.content[wire.SITE][wire.MODALITY] in ("CT", "MR", "other")
+    line = audit.entries()[-1]
+    assert line["kind"] == "query" and line["outcome"] == "sent"
+    assert line["records"][wire.METRICS]["values"]["cases"] == cases  # what left, as it left
+    assert line["records"][wire.METRICS]["values"]["spacing-p50"] == metrics["spacing-p50"]
+    other = answer(handler, message("query", weights=False, **{wire.QUERY: "case-list"}))
+    assert other.outcome == "refused" and "unknown query 'case-list'" in reason(other)

@@ -17,6 +17,7 @@ def test_every_named_key_is_in_the_table_and_nothing_else():
     constants = {v for k, v in vars(wire).items() if k.isupper() and isinstance(v, str)
                  and k not in ("DOWN", "UP", "GLOBAL_PREFIX", "STRUCTURE_SEP")} | set(wire.SCORES)
     constants |= {wire.GLOBAL_PREFIX + k for k in wire.EVAL_METRICS}  # scores in train
+    constants |= set(wire.FINGERPRINT_METRICS)  # a query's reply
     constants.add(wire.structure_key("<score>", "<structure>"))  # one row for them all
     keys = {e.key for e in wire.TABLE}
     records = {e.record.strip("`") for e in wire.TABLE}

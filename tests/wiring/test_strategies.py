@@ -125,11 +125,31 @@ def test_a_site_that_fails_is_named_from_round_one(sites, tmp_path, tmp_path_fac
     (broken / "labelsTr").mkdir()
     (broken / "imagesTr" / "case_1.nii.gz").write_bytes(b"not a nifti")
     (broken / "labelsTr" / "case_1.nii.gz").write_bytes(b"not a nifti")
-    _, summary, rows = run([*sites[:2], ("hospital-x", broken)], tmp_path, "broken")
-    assert rows[0]["failures"][0] == ("train at hospital-x: fedseg data error (no usable "
-                                      "training case: 1 left out, 1 (unreadable file))")
+    _, summary, rows = run([*sites[:2], ("hospital-x", broken)], tmp_path, "broken",
+                           **{"min-nodes": 2})
+    cause = "fedseg data error (no usable training case: 1 left out, 1 (unreadable file))"
+    assert rows[0]["failures"][0] == f"train at hospital-x: {cause}"
     assert "case_1" not in json.dumps(rows)
     assert "site hospital-x failed every round (2 of 2)" in summary["problems"]
+    # its fingerprint failed too: the run's harmonisation came from the other two
+    fixed = json.loads((tmp_path / "broken" / "harmonisation.json").read_text())
+    assert fixed["failures"] == [f"hospital-x: {cause}"]
+    assert set(fixed["fingerprints"]) == {"hospital-a", "hospital-b"}
+    assert "case_1" not in json.dumps(fixed) and str(broken) not in json.dumps(fixed)
+
+
+def test_too_few_usable_fingerprints_stop_the_run_before_any_training_naming_the_site(
+        sites, tmp_path, tmp_path_factory):
+    empty = tmp_path_factory.mktemp("empty")
+    (empty / "imagesTr").mkdir()
+    (empty / "labelsTr").mkdir()
+    grid, summary, rows = run([*sites[:2], ("hospital-x", empty)], tmp_path, "few")
+    assert rows == [] and summary["rounds_completed"] == 0
+    assert summary["stopped"].startswith("fingerprint: 2 of the 3 sites needed (min-nodes) "
+                                         "sent a usable fingerprint; hospital-x: ")
+    assert str(empty) not in json.dumps(summary)
+    assert not [m for m in grid.sent if m.metadata.message_type.endswith("train")]
+    assert not (tmp_path / "few" / "final_model.pt").exists()
 
 
 def test_a_site_that_never_replies_is_named_and_the_round_goes_on(sites, tmp_path,
@@ -166,10 +186,13 @@ def test_failed_replies_carry_only_the_scrubbed_cause(sites, tmp_path):
     assert replies and all(not r.has_error() for r in replies)
     assert all(set(r.content.keys()) <= {wire.ARRAYS, wire.METRICS, wire.SITE}
                for r in replies)
+    assert {r.metadata.message_type for r in replies} == {"query", "train", "evaluate"}
     for r in replies:
         metrics = r.content[wire.METRICS]
-        allowed = ((*wire.TRAIN_METRICS, *(wire.GLOBAL_PREFIX + k for k in wire.EVAL_METRICS))
-                   if wire.ARRAYS in r.content else wire.EVAL_METRICS)
+        allowed = {"train": (*wire.TRAIN_METRICS,
+                             *(wire.GLOBAL_PREFIX + k for k in wire.EVAL_METRICS)),
+                   "evaluate": wire.EVAL_METRICS,
+                   "query": wire.FINGERPRINT_METRICS}[r.metadata.message_type]
         assert set(metrics.keys()) <= set(allowed)
 
 
@@ -253,7 +276,8 @@ def test_too_few_sites_stop_the_run_after_node_wait_and_it_resumes(sites, tmp_pa
 
     def vanish(node, msg, deliver):
         reply = deliver()
-        held["grid"].offline.update(held["grid"].contexts)  # every site drops out
+        if msg.metadata.message_type == "train":  # not the fingerprint at the start
+            held["grid"].offline.update(held["grid"].contexts)  # every site drops out
         return reply
 
     grid = federation(sites, {**TINY, "run-name": "gone", "num-rounds": 3, "node-wait": 1.0},

@@ -87,10 +87,12 @@ def test_replies_carry_exactly_the_runs_per_structure_scores(ran):
     _, _, _, replies = ran
     scores = set(wire.eval_metrics(STRUCTURES))
     assert len(scores) == 1 + 5 * 3
-    assert {kind.rsplit(".", 1)[-1] for kind, _ in replies} == {"train", "evaluate"}
+    assert {kind.rsplit(".", 1)[-1] for kind, _ in replies} == {"query", "train", "evaluate"}
     scored = {wire.GLOBAL_PREFIX + k for k in scores}
     for kind, keys in replies:
-        if kind.endswith("evaluate"):
+        if kind.endswith("query"):  # the fingerprint at the start
+            assert keys == set(wire.FINGERPRINT_METRICS)
+        elif kind.endswith("evaluate"):
             assert keys == scores
         else:  # round 2's train replies score round 1's model first
             assert keys in (set(wire.TRAIN_METRICS), {*wire.TRAIN_METRICS, *scored})

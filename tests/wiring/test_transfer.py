@@ -17,6 +17,7 @@ from common import wire
 from common.config import RunSettings
 from server.bench_transfer import round_bytes
 from server.wire import AUDIT_DIR_ENV
+from server.runs import RunFolder
 from tests.grid import audited_replies
 from tests.wiring.test_strategies import TINY, epsilon, run
 
@@ -53,7 +54,8 @@ def test_float16_halves_the_bytes_both_ways_and_the_server_keeps_float32(sites, 
     # last round also sends the evaluate message and gets its reply)
     for rows_of, precision in ((full_rows, "float32"), (rows, "float16")):
         b = round_bytes(RunSettings.from_run_config({**TINY, **config,
-                                                     "transfer-precision": precision}))
+                                                     "transfer-precision": precision}),
+                        RunFolder(tmp_path / "fp16", RunSettings(), 0, []).harmonisation)
         assert rows_of[1]["bytes_down"] == 3 * (b.down + b.evaluate_down)
         assert rows_of[1]["bytes_up"] == 3 * (b.up + b.evaluate_up)
 

@@ -16,8 +16,8 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from common import wire
 from common.config import RunSettings
 from server.bench_transfer import round_bytes
-from server.wire import AUDIT_DIR_ENV
 from server.runs import RunFolder
+from server.wire import AUDIT_DIR_ENV
 from tests.grid import audited_replies
 from tests.wiring.test_strategies import TINY, epsilon, run
 

@@ -155,6 +155,28 @@ def _per_structure(structures: list[str], sites: dict[str, dict[str, Any]],
             + _score_headers() + "</tr>" + "".join(rows) + "</table>")
 
 
+def _harmonisation(fixed: dict[str, Any] | None) -> str:
+    """What the run fixed from its sites' fingerprints (docs/data.md)."""
+    if not fixed:
+        return ("<h2>Harmonisation</h2><p id='harmonisation'>off: every case as read, "
+                "z-scored on its own</p>")
+    spacing = fixed.get("spacing")
+    rows = [("target spacing", " x ".join(f"{v:g}" for v in spacing) + " mm" if spacing
+             else "each case's own grid")]
+    for modality, scheme in sorted((fixed.get("intensity") or {}).items()):
+        if scheme.get("scheme") == "ct":
+            low, high = scheme["clip"]
+            text = (f"clipped to {low:.1f} .. {high:.1f}, then (x - {scheme['mean']:.1f}) / "
+                    f"{scheme['std']:.1f}")
+        else:
+            text = "z-score per case"
+        rows.append((f"{modality} intensities", text))
+    rows.append(("from the fingerprints of", f"{fixed.get('sites', 0)} sites"))
+    return ("<h2>Harmonisation</h2><table id='harmonisation'>" + "".join(
+        f"<tr><th class='l'>{_e(k)}</th><td class='l'>{_e(v)}</td></tr>" for k, v in rows)
+        + "</table>")
+
+
 def render(name: str, config: dict[str, Any], history: list[dict[str, Any]],
            summary: dict[str, Any] | None) -> str:
     """The page, as text."""
@@ -228,6 +250,8 @@ def render(name: str, config: dict[str, Any], history: list[dict[str, Any]],
         if left:
             parts.append("<p class='note'>cases left out at the sites (counts and kinds): "
                          + "; ".join(f"{_e(s)}: {_e(t)}" for s, t in left.items()) + "</p>")
+    if summary and "harmonisation" in summary:
+        parts.append(_harmonisation(summary.get("harmonisation")))
     parts.append("<h2>Settings</h2><table id='settings'>" + "".join(
         f"<tr><th class='l'>{_e(k)}</th><td class='l'>{_e(v)}</td></tr>"
         for k, v in sorted(config.items())) + "</table>")

@@ -39,8 +39,10 @@ def test_the_run_report_renders_in_a_real_browser(synthetic_sites, tmp_path, tmp
     dom = subprocess.run([*flags, "--virtual-time-budget=5000", "--dump-dom",
                           report.as_uri()], capture_output=True, text=True, timeout=120).stdout
     assert 'data-plots-ok="3/3"' in dom, dom[-2000:]  # every plot decoded and shown
-    for table in ("final", "rounds", "privacy", "settings"):
+    for table in ("final", "rounds", "privacy", "harmonisation", "settings"):
         assert f'<table id="{table}"' in dom
+    assert "from the fingerprints of</th><td class=\"l\">2 sites" in dom  # x's failed
+    assert "CT intensities" in dom  # the synthetic hospitals' DICOM series are CT
     assert "hospital-a" in dom and "train at hospital-x: fedseg data error" in dom
     assert "site hospital-x failed every round" in dom
     shot = tmp_path / "report.png"

@@ -144,6 +144,37 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return _exit_code(summary)
 
 
+def _scanners(spacings: str | None, offsets: str | None, sites: int
+              ) -> list[tuple[tuple[float, float] | None, float]] | None:
+    """``--spacings 1.5:3,0.7:2,...`` and ``--hu-offsets 0,40,...``, one per site."""
+    if not spacings and not offsets:
+        return None
+    out_spacing: list[tuple[float, float] | None] = [None] * sites
+    out_offset = [0.0] * sites
+    if spacings:
+        parts = spacings.split(",")
+        if len(parts) != sites:
+            raise ConfigError(f"--spacings gives {len(parts)} scanners for {sites} sites")
+        try:
+            out_spacing = [tuple(float(v) for v in part.split(":")) for part in parts]
+        except ValueError:
+            raise ConfigError(f"--spacings takes PIXEL:SLICE mm per site, e.g. 1.5:3,0.7:2; "
+                              f"got {spacings!r}") from None
+        if any(len(sp) != 2 or not all(0.1 <= v <= 20 for v in sp) for sp in out_spacing):
+            raise ConfigError(f"--spacings takes PIXEL:SLICE mm (0.1 to 20) per site, got "
+                              f"{spacings!r}")
+    if offsets:
+        parts = offsets.split(",")
+        if len(parts) != sites:
+            raise ConfigError(f"--hu-offsets gives {len(parts)} offsets for {sites} sites")
+        try:
+            out_offset = [float(v) for v in parts]
+        except ValueError:
+            raise ConfigError(f"--hu-offsets takes a number of HU per site, got "
+                              f"{offsets!r}") from None
+    return list(zip(out_spacing, out_offset, strict=True))
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     from common.config import structure_list
     from common.data.synthetic import ROLES, write_federation
@@ -160,9 +191,17 @@ def cmd_synth(args: argparse.Namespace) -> int:
     elif args.images != "dicom" or args.labels or args.slices != 8:
         raise ConfigError("--images, --labels and --slices go with --structures (the default "
                           "sites keep their own form)")
+    scanners = _scanners(args.spacings, args.hu_offsets, args.sites)
     try:
-        folders = write_federation(Path(args.out), args.sites, args.train, args.test,
-                                   args.seed, **options)
+        if scanners is None:
+            folders = write_federation(Path(args.out), args.sites, args.train, args.test,
+                                       args.seed, **options)
+        else:
+            from common.data.synthetic import write_site
+
+            folders = [write_site(Path(args.out) / f"hospital-{k}", k, args.train, args.test,
+                                  args.seed, spacing=spacing, hu_offset=offset, **options)
+                       for k, (spacing, offset) in enumerate(scanners)]
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     for f in folders:
@@ -410,6 +449,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "structure, an RTSTRUCT of an ROI per structure, or a NIfTI label map "
                         "(default: SEG at even sites, NIfTI at odd)")
     p.add_argument("--slices", type=int, default=8, help="with --structures: slices per volume")
+    p.add_argument("--spacings", metavar="P:S,...",
+                   help="each site's scanner: pixel and slice spacing in mm, e.g. "
+                        "1.5:3,0.7:2,1:5 (default 1.5:3 everywhere)")
+    p.add_argument("--hu-offsets", metavar="HU,...",
+                   help="each site's calibration error in Hounsfield units, e.g. 0,40,-40")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("partition", help="many sites from one dataset (MSD or nnU-Net form): "

@@ -172,9 +172,12 @@ def structures_phantom(rng: np.random.Generator, scanner: Scanner, n_structures:
 
 
 def _series(
-    stored: np.ndarray, case_id: str, site: int, scanner: Scanner, seed: int
+    stored: np.ndarray, case_id: str, site: int, scanner: Scanner, seed: int,
+    spacing: tuple[float, float] = (PIXEL_SPACING, SLICE_SPACING),
 ) -> list:
-    """pydicom datasets, one per slice, of a CT image series."""
+    """pydicom datasets, one per slice, of a CT image series (``spacing``:
+    pixel and slice spacing in mm)."""
+    pixel_spacing, slice_spacing = spacing
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
@@ -205,10 +208,10 @@ def _series(
         ds.SeriesNumber, ds.InstanceNumber = 1, k + 1
         ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
         ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.ImagePositionPatient = [0.0, 0.0, float(k * SLICE_SPACING)]
-        ds.SliceLocation = float(k * SLICE_SPACING)
-        ds.PixelSpacing = [PIXEL_SPACING, PIXEL_SPACING]
-        ds.SliceThickness = SLICE_SPACING
+        ds.ImagePositionPatient = [0.0, 0.0, float(k * slice_spacing)]
+        ds.SliceLocation = float(k * slice_spacing)
+        ds.PixelSpacing = [pixel_spacing, pixel_spacing]
+        ds.SliceThickness = slice_spacing
         ds.PositionReferenceIndicator = ""
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
         ds.Rows, ds.Columns = stored.shape[1:]
@@ -262,12 +265,34 @@ def _smallest(array: np.ndarray) -> np.ndarray:
     return array.astype(np.uint8 if fits else np.uint16)
 
 
-def _write_nifti(array: np.ndarray, path: Path) -> None:
+def _write_nifti(array: np.ndarray, path: Path,
+                 spacing: tuple[float, float] = (PIXEL_SPACING, SLICE_SPACING)) -> None:
     """A mask, label map or image ``slices x rows x cols`` on the series'
     grid: axes (column, row, slice), RAS affine."""
     import nibabel as nib
 
-    nib.save(nib.Nifti1Image(np.transpose(_smallest(array), (2, 1, 0)), AFFINE), str(path))
+    affine = np.diag([-spacing[0], -spacing[0], spacing[1], 1.0])
+    nib.save(nib.Nifti1Image(np.transpose(_smallest(array), (2, 1, 0)), affine), str(path))
+
+
+def rescan(stored: np.ndarray, classes: np.ndarray, spacing: tuple[float, float],
+           hu_offset: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """A phantom (``slices x rows x cols`` at the default spacing) as a scanner
+    of ``spacing`` (pixel, slice; mm) would give it: the same anatomy on that
+    grid (images linearly, labels by nearest neighbour), its Hounsfield
+    units shifted by ``hu_offset`` (a miscalibrated scanner)."""
+    from common.data.harmonise import resize
+
+    dtype = classes.dtype
+    old = (SLICE_SPACING, PIXEL_SPACING, PIXEL_SPACING)
+    new = (spacing[1], spacing[0], spacing[0])
+    shape = tuple(max(1, round(n * o / t)) for n, o, t in zip(stored.shape, old, new,
+                                                            strict=True))
+    if shape != stored.shape:
+        stored = resize(stored[None].astype(np.float32), shape)[0]
+        classes = resize(classes[None].astype(np.int16), shape, labels=True)[0]
+    stored = np.clip(np.rint(stored.astype(np.float64) + hu_offset), 0, 65535)
+    return stored.astype(np.uint16), classes.astype(dtype)
 
 
 def _write_png(array: np.ndarray, path: Path) -> None:
@@ -290,6 +315,7 @@ def write_site(
     folder: Path, site: int, n_train: int, n_test: int, seed: int = 0, *,
     labels: Mapping[int, str] | None = None, image_format: str = "dicom",
     label_format: str | None = None, slices: int = SLICES,
+    spacing: tuple[float, float] | None = None, hu_offset: float = 0.0,
 ) -> Path:
     """Write one synthetic hospital into ``folder`` (created; replaced atomically).
 
@@ -307,7 +333,9 @@ def write_site(
     images: one slice, 16-bit). ``label_format`` for DICOM series: ``seg``,
     ``nifti`` or ``rtstruct`` (default: by site, as without ``labels``);
     NIfTI and PNG images have labels of their own format. ``slices``: slices
-    per volume (fewer than a 3D patch is a thin volume).
+    per volume (fewer than a 3D patch is a thin volume). ``spacing`` (pixel,
+    slice; mm) and ``hu_offset``: the same anatomy as another scanner gives it
+    (:func:`rescan`; default: 1.5 x 1.5 x 3 mm, calibrated).
     """
     folder = Path(folder)
     if image_format not in IMAGE_FORMATS:
@@ -341,6 +369,11 @@ def write_site(
                 else:
                     stored, classes = structures_phantom(
                         rng, scanner, len(names), 1 if image_format == "png" else slices)
+                if spacing is not None or hu_offset:
+                    stored, classes = rescan(stored, classes,
+                                             spacing or (PIXEL_SPACING, SLICE_SPACING),
+                                             hu_offset)
+                grid = spacing or (PIXEL_SPACING, SLICE_SPACING)
                 written = classes if values is None else values[classes]  # file values
                 (tmp / img_dir).mkdir(exist_ok=True)
                 (tmp / lbl_dir).mkdir(exist_ok=True)
@@ -349,9 +382,9 @@ def write_site(
                     _write_png(stored[0], tmp / image)
                 elif image_format == "nifti":
                     image = f"{img_dir}/{case_id}.nii.gz"
-                    _write_nifti(stored, tmp / image)
+                    _write_nifti(stored, tmp / image, grid)
                 else:
-                    datasets = _series(stored, case_id, site, scanner, seed)
+                    datasets = _series(stored, case_id, site, scanner, seed, grid)
                     image = f"{img_dir}/{case_id}"
                     (tmp / image).mkdir()
                     for k, ds in enumerate(datasets):
@@ -368,7 +401,7 @@ def write_site(
                 elif label_format == "png":
                     _write_png(written[0], tmp / label)
                 else:
-                    _write_nifti(written, tmp / label)
+                    _write_nifti(written, tmp / label, grid)
                 entries[split].append({"image": image, "label": label})
         if use_datalist:
             spec = ({str(k): v for k, v in labels.items()} if labels is not None

@@ -36,3 +36,26 @@ def test_dicom_headers_are_synthetic(synthetic_sites):
     ds = pydicom.dcmread(next(first.iterdir()))
     assert str(ds.PatientName).startswith("SYNTHETIC^")
     assert ds.Modality == "CT" and ds.RescaleIntercept != 0
+
+
+def test_a_synthetic_scanner_of_another_spacing_and_calibration(tmp_path):
+    """The same anatomy as another scanner gives it: its own voxel size, its
+    Hounsfield units shifted (what the harmonisation benchmark's CT sites are)."""
+    from common.data.site import load_site
+    from common.data.synthetic import write_site
+    from tests.unit.test_cli import fedseg
+
+    plain = load_site(write_site(tmp_path / "a", 0, 1, 1), "training")[0]
+    shifted = load_site(write_site(tmp_path / "b", 0, 1, 1, hu_offset=40), "training")[0]
+    inside = (plain.image > plain.image.min()) & (plain.image < plain.image.max())
+    assert np.allclose((shifted.image - plain.image)[inside], 40)
+    fine = load_site(write_site(tmp_path / "c", 0, 1, 1, spacing=(0.75, 2.0)), "training")[0]
+    assert fine.spacing == (0.75, 0.75, 2.0) and fine.image.shape == (1, 128, 128, 12)
+    assert fine.label.sum() > plain.label.sum() * 2  # the same lesions, in smaller voxels
+    done = fedseg("synth", str(tmp_path / "d"), "--sites", "2", "--spacings", "1:5,0.7:2",
+                  "--hu-offsets", "0,30")
+    assert done.returncode == 0, done.stderr
+    assert load_site(tmp_path / "d" / "hospital-0", "test")[0].spacing == (1.0, 1.0, 5.0)
+    bad = fedseg("synth", str(tmp_path / "e"), "--sites", "2", "--spacings", "1:5")
+    assert bad.returncode != 0 and "--spacings gives 1 scanners for 2 sites" in bad.stderr + \
+        bad.stdout

@@ -170,3 +170,34 @@ def test_a_sites_modality_comes_from_its_dataset_json_then_its_dicom(tmp_path,
 
     first = list_cases(synthetic_sites[1], "training")[0].image  # a DICOM CT series
     assert site_modality(synthetic_sites[1], first) == "CT"
+
+
+def test_predict_on_a_real_ct_series_of_another_spacing_lies_on_its_grid_and_validates(
+        tmp_path, dicom_dir):
+    """A CT-harmonised model (target 1.3 x 1.3 x 4 mm, HU clipped and scaled)
+    on the real GE CT series: resampled for the model, the result brought
+    back onto the series' own grid, written as a DICOM SEG dciodvfy accepts."""
+    import torch
+
+    from common.data.readers import read_image, read_label
+    from common.inference import load_model, segment, write_result
+    from tests.unit.test_inference import saved_model
+    from tests.unit.test_label_readers import SERIES
+    from tests.unit.test_real_dicom import check_seg
+
+    path = saved_model(tmp_path / "run")
+    summary = json.loads((path.parent / "summary.json").read_text())
+    fixed = Harmonisation((1.3, 1.3, 4.0), {"CT": Intensity("ct", (-1000.0, 1000.0), 0.0, 300.0)},
+                          3)
+    summary["harmonisation"] = fixed.to_dict()
+    (path.parent / "summary.json").write_text(json.dumps(summary))
+    model = load_model(path)
+    series = dicom_dir / SERIES
+    assert model.harmonisation == fixed and model.input_modality(series) == "CT"
+    image, meta = read_image(series)
+    assert target_shape(image.shape[1:], meta.spacing, fixed.spacing) is not None  # resampled
+    result = segment(model, series, torch.device("cpu"))
+    assert result.mask.shape == image.shape[1:]  # on the series' own grid
+    (out,) = write_result(model, result, tmp_path / "out")
+    check_seg([out], series.name)
+    assert np.array_equal(read_label(out, result.meta)[0], result.mask)

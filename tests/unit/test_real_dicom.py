@@ -11,7 +11,6 @@ naming the file, whichever frames the run would have read."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 import warnings
@@ -26,23 +25,13 @@ from common.data.readers import read_image, read_label
 from common.errors import DataError, UnreadableFileError, UnsupportedFormatError
 from common.inference import load_model, segment, write_result
 from server.simulation import APP_DIR
-from tests.unit.test_inference import saved_model
+from tests.unit.test_inference import dicom_errors, saved_model
 from tests.unit.test_label_readers import OVERLAP, SERIES, classes
 
 CPU = torch.device("cpu")
 DOCS = {".txt", ".md", ".tsv", ".json", ".dump", ".icc", ".gz"}
 # Images fedseg reads that no DICOM SEG can reference: the reason is the error's
 NO_SEG = {"pydicom_data/data/JLSN_RGB_ILV0.dcm": "has no SOPInstanceUID"}
-
-
-def dciodvfy_errors(path: Path) -> list[str]:
-    validator = shutil.which("dciodvfy")
-    if validator is None:
-        pytest.skip("dciodvfy (dicom3tools, an independent DICOM validator) is not "
-                    "installed: apt-get install dicom3tools")
-    report = subprocess.run([validator, str(path)], capture_output=True, text=True)
-    return [line for line in (report.stdout + report.stderr).splitlines()
-            if line.startswith("Error")]
 
 
 def image_series(root: Path, into: Path) -> list[Path]:
@@ -83,7 +72,7 @@ def check_seg(written: list[Path], name: str) -> None:
     for path in written:
         seg = pydicom.dcmread(path)
         assert seg.Modality == "SEG" and seg.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4"
-        assert dciodvfy_errors(path) == [], (name, path.name)
+        assert dicom_errors(path) == [], (name, path.name)
 
 
 @pytest.mark.slow  # about 35 s on two cores: 90 files and 12 series, each validated

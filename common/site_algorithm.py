@@ -101,7 +101,12 @@ class SiteAlgorithm:
             if self.data_dir is not None:
                 from common.data.site import list_cases
 
-                first = list_cases(self.data_dir, "training")[0].image
+                for split in ("training", "test"):  # a site may hold test cases only
+                    try:
+                        first = list_cases(self.data_dir, split)[0].image
+                        break
+                    except DataError:
+                        continue
             self._modality = (site_modality(self.data_dir, first)
                               if self.data_dir is not None else "other")
         return self._modality

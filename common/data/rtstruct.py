@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common.data.dicom_values import _int_attr
 from common.data.labels import Classes, StructureMissingError, classes_of_named
 from common.errors import DataError, UnreadableFileError
 
@@ -156,8 +157,6 @@ def _seq(ds, keyword: str, name: str, required: bool = True):
 
 def _number(item, keyword: str, name: str) -> int:
     """A whole-number attribute of an RTSTRUCT item (the readers' check)."""
-    from common.data.readers import _int_attr
-
     number = _int_attr(item, keyword, name, None, low=0)
     if number is None:
         raise UnreadableFileError(f"RTSTRUCT {name} has an item without {keyword}")

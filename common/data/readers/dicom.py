@@ -1,0 +1,320 @@
+"""DICOM image files and series folders, through pydicom: a series' slices in
+patient order, turned to the closest RAS axis order, with their geometry (the
+space an RTSTRUCT is drawn in)."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from nibabel import orientations as ornt
+
+from common.data.dicom_values import _attr, _floats, _int_attr, _show
+from common.data.readers.base import (
+    LABELMAP_SEG_SOP_CLASS,
+    SEG_SOP_CLASS,
+    ImageMeta,
+    SliceGeometry,
+    _reorder,
+)
+from common.data.readers.guards import (
+    _BoundedFile,
+    _check_codestreams,
+    _check_deflated,
+    _check_size,
+    _check_spacing,
+    _pixel_header,
+    _PixelHeader,
+)
+from common.data.readers.pil import _channels_first
+from common.errors import (
+    DataError,
+    ShapeMismatchError,
+    UnreadableFileError,
+    UnsupportedFormatError,
+)
+
+
+def _dcmread(path: Path, **kwargs):
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    def dcmread(**more):
+        with warnings.catch_warnings(), _BoundedFile(path) as fp:
+            warnings.simplefilter("ignore")
+            return pydicom.dcmread(fp, **kwargs, **more)
+
+    name = path.name
+    if path.stat().st_size == 0:
+        raise UnreadableFileError(f"{name} is an empty file (0 bytes)")
+    _check_deflated(path)
+    try:
+        ds = dcmread()
+        if len(ds) == 0:  # pydicom gives up quietly on some cut files: nothing after the meta
+            raise UnreadableFileError(f"{name} holds a DICOM file header but no dataset: "
+                                      f"the file is truncated or damaged")
+        return ds
+    except DataError:
+        raise
+    except InvalidDicomError:
+        # Files written without the 128-byte preamble and meta header are still
+        # DICOM; accept them when they parse into a dataset with pixel data or a UID.
+        try:
+            ds = dcmread(force=True)
+            if "PixelData" in ds or "SOPClassUID" in ds:
+                return ds
+        except MemoryError:
+            raise
+        except Exception:  # noqa: BLE001 - any failure means: not DICOM
+            pass
+        if path.suffix.lower() in (".dcm", ".dicom"):
+            raise UnreadableFileError(
+                f"{name} is named as DICOM but is not readable DICOM: no 'DICM' marker at "
+                f"byte 128 and no dataset without it (truncated or damaged file?)") from None
+        raise UnsupportedFormatError(
+            f"{name} is not a DICOM file (no DICM preamble) and its suffix is not "
+            f"one of .png .jpg .nii .nii.gz"
+        ) from None
+    except MemoryError:
+        raise
+    except Exception as exc:
+        raise UnreadableFileError(
+            f"cannot parse DICOM file {name} ({type(exc).__name__}: {exc}); the file is "
+            f"truncated or damaged") from None
+
+
+def _has_pixels(ds) -> bool:
+    return any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
+
+
+def _pixels(ds, name: str, header: _PixelHeader) -> np.ndarray:
+    """Decoded pixels with the modality LUT (rescale slope/intercept) applied."""
+    from pydicom.pixels import apply_modality_lut
+
+    if not _has_pixels(ds):
+        raise UnreadableFileError(f"DICOM file {name} holds no pixel data")
+    _check_codestreams(ds, header, name)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            stored = ds.pixel_array
+            if header.samples == 1 and stored.shape == header.shape:
+                # pydicom rescales in float64: do it a block at a time into float32
+                arr = np.empty(stored.shape, np.float32)
+                flat, out = stored.reshape(-1), arr.reshape(-1)
+                for start in range(0, flat.size, 1 << 22):
+                    out[start: start + (1 << 22)] = apply_modality_lut(
+                        flat[start: start + (1 << 22)], ds)
+            else:
+                arr = np.asarray(stored, dtype=np.float32)
+            del stored
+    except MemoryError:
+        raise
+    except Exception as exc:
+        ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        ts_name = getattr(ts, "name", "unknown transfer syntax")
+        raise UnreadableFileError(
+            f"cannot decode the pixel data of {name} ({ts_name}): {exc}"
+        ) from None
+    if arr.shape != header.shape:
+        raise UnreadableFileError(
+            f"the pixel data of {name} decoded to shape {arr.shape}, not the "
+            f"{header.shape} its header says: the file is corrupt")
+    return arr
+
+
+def _pixel_spacing(ds, name: str) -> tuple[float, float]:
+    value = _attr(ds, "PixelSpacing", name)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return 1.0, 1.0  # absent or empty: unknown, 1 mm
+    values = [value] if isinstance(value, (str, bytes, float, int)) else value
+    spacing = _check_spacing(values, name, "PixelSpacing (mm between pixel centres)")
+    if len(spacing) != 2:
+        raise UnsupportedFormatError(
+            f"the PixelSpacing of {name} is {_show(value)}: it must be two numbers "
+            f"(row spacing, column spacing); fix the header")
+    return spacing[0], spacing[1]
+
+
+def _read_dicom_file(path: Path) -> tuple[np.ndarray, ImageMeta]:
+    return _image_from_dataset(_dcmread(path), path)
+
+
+def _image_from_dataset(ds, path: Path) -> tuple[np.ndarray, ImageMeta]:
+    name = path.name
+    if _attr(ds, "SOPClassUID", name) in (SEG_SOP_CLASS, LABELMAP_SEG_SOP_CLASS):
+        raise UnsupportedFormatError(f"{name} is a DICOM SEG: a label, not an image")
+    if not _has_pixels(ds):
+        raise UnreadableFileError(f"DICOM file {name} holds no pixel data")
+    header = _pixel_header(ds, name)
+    if header.frames > 1 and header.samples > 1:
+        raise UnsupportedFormatError(
+            f"{name} is a multi-frame colour DICOM; fedseg reads grey volumes")
+    spacing = _pixel_spacing(ds, name)
+    arr = _pixels(ds, name, header)
+    if header.frames == 1:
+        return _channels_first(arr), ImageMeta("dicom", spacing)
+    # Multi-frame: frames become the last (slice) axis.
+    return np.moveaxis(arr, 0, -1)[None], ImageMeta("dicom", spacing + (1.0,))
+
+
+def _is_image_class(ds, name: str) -> bool:
+    """Whether the dataset's SOP class (or its file meta's) is an image storage class."""
+    meta = getattr(ds, "file_meta", None)
+    uids = [_attr(ds, "SOPClassUID", name),
+            _attr(meta, "MediaStorageSOPClassUID", name) if meta is not None else None]
+    return any("Image Storage" in str(getattr(uid, "name", "")) for uid in uids)
+
+
+def _orientation(ds, name: str) -> np.ndarray | None:
+    """ImageOrientationPatient (row then column direction cosines), checked; None if
+    absent (no geometry)."""
+    value = _attr(ds, "ImageOrientationPatient", name)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    values = [value] if isinstance(value, (str, bytes, float, int)) else value
+    iop = _floats(values, 6, "ImageOrientationPatient", name)
+    row, col = iop[:3], iop[3:]
+    if (abs(np.linalg.norm(row) - 1) > 0.05 or abs(np.linalg.norm(col) - 1) > 0.05
+            or abs(float(np.dot(row, col))) > 0.05):
+        raise UnsupportedFormatError(
+            f"the ImageOrientationPatient of {name} is {_show(value)}: not two unit vectors "
+            f"at right angles, so the slice geometry is unknown; fix the header")
+    return iop
+
+
+def _position(ds, name: str) -> np.ndarray | None:
+    """ImagePositionPatient, checked; None if absent."""
+    value = _attr(ds, "ImagePositionPatient", name)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    values = [value] if isinstance(value, (str, bytes, float, int)) else value
+    return _floats(values, 3, "ImagePositionPatient", name)
+
+
+def _slice_position(ds, name: str, iop: np.ndarray | None) -> float | None:
+    ipp = _position(ds, name) if iop is not None else None
+    if iop is None or ipp is None:
+        return None
+    return float(np.dot(np.cross(iop[:3], iop[3:]), ipp))
+
+
+def _geometry(datasets: list, orientations: list, rows: int, columns: int
+              ) -> SliceGeometry | None:
+    """The slices' geometry (``datasets``: ``(path, dataset)`` in stored order),
+    when every slice has one and they share an orientation; else None."""
+    positions = [_position(ds, f.name) for f, ds in datasets]
+    if any(p is None for p in positions) or any(o is None for o in orientations):
+        return None
+    if any(np.abs(o - orientations[0]).max() > 1e-3 for o in orientations):
+        return None
+    f, first = datasets[0]
+    return SliceGeometry(np.array(positions), orientations[0],
+                         _pixel_spacing(first, f.name), (rows, columns))
+
+
+def _read_dicom_series(folder: Path) -> tuple[np.ndarray, ImageMeta]:
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    datasets = []
+    for f in files:
+        try:
+            ds = _dcmread(f)
+        except UnsupportedFormatError:
+            continue  # DICOMDIR-less folders often hold a README or similar; skip non-DICOM
+        if _has_pixels(ds):
+            datasets.append((f, ds))
+        elif "Rows" in ds or _is_image_class(ds, f.name):
+            # an image slice whose pixels are gone (a truncated file), not a non-image file
+            raise UnreadableFileError(
+                f"{f.name} in series {folder.name} has no pixel data (truncated file?)")
+    if not datasets:
+        raise UnreadableFileError(f"folder {folder.name} holds no DICOM image with pixel data")
+    series = {str(_attr(ds, "SeriesInstanceUID", f.name, "")) for f, ds in datasets}
+    if len(series) > 1:
+        raise DataError(
+            f"folder {folder.name} mixes {len(series)} DICOM series; put one series per folder"
+        )
+    if len(datasets) == 1:
+        f, ds = datasets[0]
+        arr, meta = _image_from_dataset(ds, f)  # already read: no second pass
+        meta.source_uids = [_instance_uid(ds, f.name)]
+        if arr.ndim == 3:  # one grey slice (rows x columns)
+            meta.geometry = _geometry(datasets, [_orientation(ds, f.name)], *arr.shape[1:])
+        return arr, meta
+    headers = [_pixel_header(ds, f.name) for f, ds in datasets]
+    shapes = {(h.rows, h.columns) for h in headers}
+    if len(shapes) > 1:
+        raise ShapeMismatchError(f"slices in {folder.name} differ in size: {sorted(shapes)}")
+    for (f, _), h in zip(datasets, headers, strict=True):
+        if h.frames > 1 or h.samples > 1:
+            raise UnsupportedFormatError(
+                f"{f.name} in series {folder.name} is a multi-frame or colour image; a series "
+                f"folder holds one grey slice per file")
+    rows, columns = shapes.pop()
+    _check_size((len(datasets), rows, columns), folder.name,
+                shown=f"{len(datasets)} slices of {rows} x {columns} pixels")
+    orientations = [_orientation(ds, f.name) for f, ds in datasets]
+    positions = [_slice_position(ds, f.name, iop)
+                 for (f, ds), iop in zip(datasets, orientations, strict=True)]
+    if all(p is not None for p in positions):
+        order = np.argsort(positions, kind="stable")
+    else:
+        order = np.argsort([_int_attr(ds, "InstanceNumber", f.name, i, low=-(1 << 31))
+                            for i, (f, ds) in enumerate(datasets)], kind="stable")
+    datasets = [datasets[i] for i in order]
+    headers = [headers[i] for i in order]
+    stack = np.empty((len(datasets), rows, columns), np.float32)  # slices x rows x cols
+    for k, ((f, ds), h) in enumerate(zip(datasets, headers, strict=True)):
+        stack[k] = _pixels(ds, f.name, h)
+    first_file, first = datasets[0]
+    row_sp, col_sp = _pixel_spacing(first, first_file.name)
+    sorted_pos = sorted(p for p in positions if p is not None)
+    slice_sp = float(np.median(np.diff(sorted_pos))) if len(sorted_pos) > 1 else 1.0
+    volume = np.transpose(stack, (2, 1, 0))  # columns x rows x slices (i, j, k)
+    transform = _dicom_transform(orientations[order[0]])
+    volume = ornt.apply_orientation(volume, transform)
+    spacing = _reorder((col_sp, row_sp, abs(slice_sp) or 1.0), transform)
+    meta = ImageMeta(
+        "dicom-series",
+        spacing,
+        source_uids=[_instance_uid(ds, f.name) for f, ds in datasets],
+        transform=transform,
+        geometry=_geometry(datasets, [orientations[i] for i in order], rows, columns),
+    )
+    return volume[None].astype(np.float32), meta
+
+
+def _instance_uid(ds, name: str) -> str:
+    uid = str(_attr(ds, "SOPInstanceUID", name) or "").strip()
+    if not uid:
+        raise UnreadableFileError(
+            f"DICOM file {name} has no SOPInstanceUID, which every DICOM image needs")
+    return uid
+
+
+def _dicom_transform(iop: np.ndarray | None) -> np.ndarray:
+    """Orientation transform from DICOM (i=column, j=row, k=slice) to RAS order."""
+    if iop is None:
+        return np.array([[0.0, 1.0], [1.0, 1.0], [2.0, 1.0]])  # no geometry: keep axes
+    col_dir, row_dir = iop[:3], iop[3:]  # direction of increasing i, of increasing j
+    normal = np.cross(col_dir, row_dir)
+    lps = np.column_stack([col_dir, row_dir, normal])
+    ras = lps * np.array([[-1.0], [-1.0], [1.0]])
+    affine = np.eye(4)
+    affine[:3, :3] = ras
+    return ornt.ornt_transform(ornt.io_orientation(affine), ornt.axcodes2ornt(("R", "A", "S")))
+
+
+# --------------------------------------------------------------------------- labels
+
+
+def _on_image_grid(pixels: np.ndarray, image_meta: ImageMeta) -> np.ndarray:
+    """A DICOM label read on its image's stored grid (``slices x rows x
+    columns``) onto the grid the image reader returned (see :func:`_read_dicom_series`)."""
+    if image_meta.transform is not None and pixels.ndim == 3:
+        volume = np.transpose(pixels, (2, 1, 0))
+        if len(image_meta.source_uids) > 1:
+            volume = ornt.apply_orientation(volume, image_meta.transform)
+        return np.ascontiguousarray(volume)  # no negative strides: torch takes it as is
+    return np.ascontiguousarray(np.squeeze(pixels))

@@ -52,6 +52,7 @@ class SiteCheck:
     site_dir: Path
     cases: list[CaseCheck] = field(default_factory=list)
     split_errors: dict[str, str] = field(default_factory=dict)  # split -> why none is read
+    unlearned: tuple[str, ...] = ()  # the map's structures the run does not learn: background
 
     def usable(self, split: str) -> int:
         return sum(c.usable for c in self.cases if c.split == split)
@@ -77,6 +78,9 @@ class SiteCheck:
                 left = self.total(split) - self.usable(split)
                 parts.append(f"{self.usable(split)} of {self.total(split)} {split} cases "
                              f"usable" + (f" ({left} left out)" if left else ""))
+        if self.unlearned:
+            parts.append(f"not learned by this run, so read as background: "
+                         f"{', '.join(map(repr, self.unlearned))}")
         return "; ".join(parts)
 
 
@@ -135,6 +139,7 @@ def check_site(site_dir: Path, on_case: Callable[[CaseCheck], None] | None = Non
         for split in SPLITS:
             result.split_errors[split] = exc.problem
         return result
+    result.unlearned = classes.unlearned
     for split in SPLITS:
         def record(ref: CaseRef, index: int, outcome: Case | DataError,
                    split: str = split) -> None:

@@ -6,9 +6,17 @@ MONAI / Medical Segmentation Decathlon form (``{"0": "background", "1":
 "liver": 1}``, name to value). The run names the structures its model learns
 (run setting ``structures``); class ``i`` of the model is the ``i``-th of
 them, 0 is background. Names are compared, not numbers: two sites may give
-liver different values, never different names. A site whose map does not hold
-exactly the run's structures is refused, naming the structure, before any
-case is read; nothing is remapped behind the hospital's back.
+liver different values, never different names. A site whose map lacks one of
+the run's structures is refused, naming the structure, before any case is
+read; nothing is remapped behind the hospital's back.
+
+A site's map may also name structures the run does not learn (a radiotherapy
+structure set's body, couch and organs at risk): they are background for this
+run. Where one overlaps a structure the run learns (SEG segments and RTSTRUCT
+ROIs may overlap; a value map holds one value per voxel), the learned
+structure wins: an unlearned segment or ROI is left out, so it takes nothing
+from a learned one. They are not left out of the loss: MONAI's
+``DiceCELoss`` has no ignore index (docs/data.md).
 
 Where labels are names rather than values (DICOM SEG segments, RTSTRUCT
 ROIs), a structure is found by its name in the map, the run's name, or one of
@@ -147,12 +155,15 @@ class Classes:
     ``structures[i]``). ``value_class``: file value -> class, or None where
     the site has no map (one structure, read as before maps existed).
     ``spellings``: per structure, the normal names a SEG segment or RTSTRUCT
-    ROI may carry for it."""
+    ROI may carry for it. ``unlearned``: the names in the site's map that the
+    run does not learn; their values are class 0 (background)."""
 
     structures: tuple[str, ...]
     value_class: dict[int, int] | None = None
     spellings: tuple[frozenset[str], ...] = ()
     map_text: str = ""  # the site's map in words, for its own messages
+    # the map's structures the run does not learn (read as background), as the map names them
+    unlearned: tuple[str, ...] = ()
 
     @property
     def num_classes(self) -> int:
@@ -206,7 +217,8 @@ def classes_of_named(found: Mapping[int, Sequence[str]], classes: Classes, what:
                 f"dataset.json (docs/data.md)", structure=structure)
     ignored = [f"{n} {found[n][0]!r}" for n in found if n not in out]
     if ignored:
-        log.info("%s: %s(s) %s match no structure of the run (%s); left out", what, kind,
+        log.info("%s: %s(s) %s match no structure of the run (%s); left out (background "
+                 "where no structure of the run is drawn)", what, kind,
                  ", ".join(ignored), ", ".join(classes.structures))
     return out
 
@@ -244,28 +256,31 @@ def classes_for(label_map: LabelMap | None, settings: RunSettings) -> Classes:
                     f"the site's label map has no {name!r}, which the run learns "
                     f"(its map: {label_map.describe()}; the run's structures: "
                     f"{', '.join(run)}); name it as the run does", structure=name)
-        extra = [site_names[k] for k in by_name if k not in wanted]
-        if extra:
-            raise LabelMapError(
-                f"the site's label map has {', '.join(map(repr, extra))}, which the run does "
-                f"not learn (the run's structures: {', '.join(run)}): a site's map holds "
-                f"background and exactly the run's structures")
+        unlearned = [site_names[k] for k in by_name if k not in wanted]
         order = wanted
     else:
         if len(by_name) != 1:
             raise LabelMapError(
                 f"the site's label map has {len(by_name)} structures "
-                f"({', '.join(site_names.values()) or 'none'}) and the run learns one: "
-                f"name them with the run setting 'structures'")
+                f"({', '.join(site_names.values()) or 'none'}) and the run names none, so "
+                f"it cannot tell which one to learn: name it (or them) with the run setting "
+                f"'structures'; the map's others are then read as background")
+        unlearned = []
         order = list(by_name)  # the site's one structure is the run's "foreground"
     value_class = dict.fromkeys(background, 0)
+    for key in by_name:
+        if key not in order:  # a structure the run does not learn: background
+            value_class.update(dict.fromkeys(by_name[key], 0))
     for i, key in enumerate(order):
         value_class.update(dict.fromkeys(by_name[key], i + 1))
     spellings = tuple(
         frozenset({key, normal_name(name), *label_map.aliases.get(key, ()),
                    *label_map.aliases.get(normal_name(name), ())})
         for key, name in zip(order, run, strict=True))
-    return Classes(tuple(run), value_class, spellings, label_map.describe())
+    if unlearned:
+        log.info("the site's label map names %s, which the run does not learn (%s): read as "
+                 "background", ", ".join(map(repr, unlearned)), ", ".join(run))
+    return Classes(tuple(run), value_class, spellings, label_map.describe(), tuple(unlearned))
 
 
 def site_classes(site_dir: Path, settings: RunSettings) -> Classes:

@@ -266,8 +266,13 @@ def outlines(mask: np.ndarray) -> list[np.ndarray]:
 def write_rtstruct(datasets: Sequence, labels: np.ndarray, roi_names: Sequence[str],
                    path: Path, uid_seed: str = "") -> None:
     """Write an RTSTRUCT for ``datasets`` (the series' slices, pydicom, in the
-    order of ``labels``' first axis) from ``labels`` (``slices x rows x
-    columns``, class ``i`` is ROI ``roi_names[i - 1]``)."""
+    order of the slices in ``labels``) from ``labels``: ``slices x rows x
+    columns`` classes (class ``i`` is ROI ``roi_names[i - 1]``), or ``ROIs x
+    slices x rows x columns`` masks, one per ROI, which may overlap (as a
+    structure set's body, organs and target volumes do)."""
+    labels = np.asarray(labels)
+    if labels.ndim == 4 and len(labels) != len(roi_names):
+        raise ValueError(f"{len(labels)} ROI masks for {len(roi_names)} ROI names")
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.sequence import Sequence as Seq
     from pydicom.uid import ImplicitVRLittleEndian, generate_uid
@@ -323,7 +328,8 @@ def write_rtstruct(datasets: Sequence, labels: np.ndarray, roi_names: Sequence[s
             origin = np.array(slice_ds.ImagePositionPatient, float)
             iop = np.array(slice_ds.ImageOrientationPatient, float)
             row_sp, col_sp = (float(v) for v in slice_ds.PixelSpacing)
-            for outline in outlines(labels[k] == number):
+            mask = labels[number - 1, k] > 0 if labels.ndim == 4 else labels[k] == number
+            for outline in outlines(mask):
                 points = (origin + outline[:, 1:2] * col_sp * iop[:3]
                           + outline[:, 0:1] * row_sp * iop[3:])
                 item = Dataset()

@@ -51,8 +51,6 @@ def test_a_sites_map_is_matched_by_name_not_value():
 
 @pytest.mark.parametrize("site, structures, says, named", [
     ({0: "background", 1: "liver", 2: "tumour"}, "liver,lesion", "has no 'lesion'", "lesion"),
-    ({0: "background", 1: "liver", 2: "lesion", 3: "kidney"}, "liver,lesion", "'kidney'",
-     None),
     ({0: "background", 1: "liver", 2: "lesion"}, "", "2 structures", None),
     ({1: "liver"}, "liver", "no 'background'", None),
 ])
@@ -64,6 +62,15 @@ def test_a_map_that_disagrees_is_refused_naming_the_structure(site, structures, 
     assert "does not fit the run's structures" in scrubbed
     assert ("tumour" not in scrubbed and "kidney" not in scrubbed)
     assert (named in scrubbed) if named else "structure '" not in scrubbed
+
+
+def test_a_structure_the_run_does_not_learn_is_background():
+    """A map may name more than the run learns (tests/unit/test_unlearned_structures.py):
+    kidney's value is background for a liver and lesion run."""
+    classes = classes_for(LabelMap({0: "background", 1: "liver", 2: "lesion", 3: "kidney"}),
+                          run("liver,lesion"))
+    assert classes.value_class == {0: 0, 1: 1, 2: 2, 3: 0} and classes.unlearned == ("kidney",)
+    assert classes.classes_of_values(np.array([3, 1, 2]), "label x").tolist() == [0, 1, 2]
 
 
 def test_a_named_run_needs_a_map_at_every_site():

@@ -4,6 +4,7 @@ name."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -94,7 +95,7 @@ def _by_value(arr: np.ndarray, path: Path, classes: Classes) -> np.ndarray:
         keys = np.array(sorted(values), np.int64)
         nearest = np.abs(arr.astype(np.int64)[..., None] - keys).argmin(axis=-1)
         arr = keys[nearest]
-    remapped = Classes(classes.structures, values, classes.spellings, classes.map_text)
+    remapped = replace(classes, value_class=values)
     return remapped.classes_of_values(arr, name)
 
 

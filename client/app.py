@@ -101,7 +101,8 @@ class InProcessSite:
             fedseg_home() / "synthetic", site.partition_id, settings.synthetic_train_cases,
             settings.synthetic_test_cases, settings.seed)
         policy = SitePolicy(share_local_model=settings.cross_site)  # the user's consent
-        models = fedseg_home() / "sites" / site.name / "models"
+        state = fedseg_home() / "sites" / site.name  # the site's state in a simulation
+        models = state / "models"
         key = (self.context.run_id, self.context.node_id, site.name, data_dir, policy, models)
         if _CURRENT.get("key") != key:
             from common.data import cache
@@ -109,7 +110,8 @@ class InProcessSite:
             _CURRENT.clear()  # the last site's model and cases go before this one's come
             cache.keep_only(data_dir)
             _CURRENT["service"] = SiteService(site.name, data_dir, device=site.device,
-                                              policy=policy, models_dir=models)
+                                              policy=policy, models_dir=models,
+                                              prepared_dir=state / "prepared")
             _CURRENT["key"] = key
         return _CURRENT["service"]
 

@@ -26,8 +26,9 @@ to the SuperLink and polls it; nothing connects in. Its local Runtime API port
 
 The site state folder (``--state``) holds what the node keeps: the audit log
 of every message that left (``fedseg node audit``), the site's privacy
-ledger, the models it kept, the SuperNode's Flower home. Never inside the
-data folder.
+ledger, the models it kept, its prepared cases (``prepared/``, the worker's
+alone: ``common/data/store.py``), the SuperNode's Flower home. Never inside
+the data folder.
 """
 
 from __future__ import annotations
@@ -200,6 +201,12 @@ class SiteState:
         return self.root / "models"
 
     @property
+    def prepared(self) -> Path:
+        """The site's prepared cases (resampled, normalised: ``common/data/store.py``),
+        the worker's alone: they are the site's images."""
+        return self.root / "prepared"
+
+    @property
     def worker_home(self) -> Path:
         """The worker's own caches (torch, matplotlib): its user's, not the install's."""
         return self.root / "worker-home"
@@ -246,14 +253,14 @@ def prepare_state(settings: NodeSettings, users: tuple[Account, Account] | None)
     root.mkdir(parents=True, exist_ok=True)
     os.chmod(root, 0o711 if users else 0o700)  # each part's user passes, none lists
     for folder in (state.worker, state.audit.parent, state.ledger.parent, state.supernode,
-                   state.worker_home, state.models):
+                   state.worker_home, state.models, state.prepared):
         folder.mkdir(exist_ok=True)
         os.chmod(folder, 0o700)
     state.ready.unlink(missing_ok=True)  # a killed worker's
     if users:
         run, data = users
         for folder in (state.worker, state.audit.parent, state.ledger.parent,
-                       state.worker_home, state.models):
+                       state.worker_home, state.models, state.prepared):
             for path in [folder, *folder.rglob("*")]:
                 os.chown(path, data.uid, data.gid, follow_symlinks=False)
         for path in [state.supernode, *state.supernode.rglob("*")]:
@@ -317,7 +324,8 @@ def worker_command(settings: NodeSettings, state: SiteState) -> list[str]:
            "--data-dir", str(Path(settings.data_dir).resolve()), "--name", settings.name,
            "--device", settings.device, "--threads", str(threads),
            "--audit", str(state.audit), "--ledger", str(state.ledger),
-           "--models", str(state.models), "--ready", str(state.ready)]
+           "--models", str(state.models), "--prepared", str(state.prepared),
+           "--ready", str(state.ready)]
     if settings.policy:  # the worker's own copy, in its own folder
         policy = state.audit.parent / "policy.toml"
         shutil.copyfile(settings.policy, policy)

@@ -117,8 +117,11 @@ class SiteService:
     REQUESTS = ("train", "evaluate", wire.FINGERPRINT, "describe")
 
     def __init__(self, site: str, data_dir: Path, device: str = "auto",
-                 policy: SitePolicy | None = None, models_dir: Path | None = None) -> None:
+                 policy: SitePolicy | None = None, models_dir: Path | None = None,
+                 prepared_dir: Path | None = None) -> None:
         self.models_dir = models_dir  # where the site keeps the runs' final models
+        # where it keeps its prepared cases (common/data/store.py); None: in memory
+        self.prepared_dir = prepared_dir
         self.site = site
         self.data_dir = Path(data_dir)
         self.device = device
@@ -137,7 +140,8 @@ class SiteService:
             from common.site_algorithm import SiteAlgorithm
 
             self._algorithm = None  # free the old run's model and cases first
-            algo = SiteAlgorithm(settings, self.site, self.data_dir, device=self.device)
+            algo = SiteAlgorithm(settings, self.site, self.data_dir, device=self.device,
+                                 store=self.prepared_dir)
             self._template = template_of(algo.weights())
             self._shapes = packed_template(self._template)
             self._algorithm, self._run = algo, (run_id, settings)

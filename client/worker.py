@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--audit", required=True)
     p.add_argument("--ledger", required=True, help="the site's privacy ledger (JSON)")
     p.add_argument("--models", help="where the site keeps the runs' final models")
+    p.add_argument("--prepared", help="where the site keeps its prepared cases (in its "
+                   "state folder; default: in memory)")
     p.add_argument("--ready", help="a file written once the worker takes messages")
     p.add_argument("--poll", type=float, default=0.05,
                    help="seconds between asks for a message when there is none")
@@ -67,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
 
     policy = SitePolicy.load(Path(args.policy) if args.policy else None)
     service = SiteService(args.name, Path(args.data_dir), device=args.device, policy=policy,
-                          models_dir=Path(args.models) if args.models else None)
+                          models_dir=Path(args.models) if args.models else None,
+                          prepared_dir=Path(args.prepared) if args.prepared else None)
     secret = Path(args.secret).read_bytes()
     handler = Handler(service, policy, AuditLog(Path(args.audit)),
                       SiteLedger(Path(args.ledger)))

@@ -67,21 +67,52 @@ def run_round(round_config: Mapping[str, Any]) -> int:
     return total
 
 
+def store_layout(settings: RunSettings) -> str:
+    """How a run's cases are kept on disk (``common.data.store``): slice by
+    slice for a 2D model (which reads 3D cases a slice at a time), else whole."""
+    return "slices" if settings.model.spatial_dims == 2 else "volume"
+
+
+def logged_progress(split: str, every: float = 30.0):
+    """A ``progress(done, listed)`` that logs how far the reading of a
+    split's cases is, at each tenth and at least every ``every`` seconds (a
+    node's log shows a large site's first preparation advancing)."""
+    import logging
+    import time
+
+    log = logging.getLogger("common.data")
+    last = [time.monotonic(), -1]
+
+    def progress(done: int, listed: int) -> None:
+        tenth = done * 10 // max(1, listed)
+        now = time.monotonic()
+        if listed >= 10 and (tenth > last[1] or now - last[0] >= every or done == listed):
+            log.info("reading %s cases: %d of %d (%d%%)", split, done, listed,
+                     100 * done // listed)
+            last[:] = [now, tenth]
+
+    return progress
+
+
 class SiteAlgorithm:
     """A site's part of one run.
 
     ``data_dir``: the site's folder (read lazily, prepared once, read again
     when a file changes); or give the cases directly (``train_cases``,
-    ``test_cases``), as the pooled baseline does.
+    ``test_cases``), as the pooled baseline does. ``store``: where the site
+    keeps its prepared cases on disk (its state's ``prepared/`` folder;
+    ``common.data.store``), read by memory mapping; None: in memory.
     """
 
     def __init__(self, settings: RunSettings, site: str, data_dir: Path | None = None, *,
                  device: str | torch.device = "auto",
                  train_cases: list[Case] | None = None,
-                 test_cases: list[Case] | None = None) -> None:
+                 test_cases: list[Case] | None = None,
+                 store: Path | None = None) -> None:
         self.settings = settings
         self.site = site
         self.data_dir = data_dir
+        self.store = store
         self.device = device if isinstance(device, torch.device) else pick_device(device)
         self.model = build_model(settings.model)
         self.optimizer_state: dict[str, np.ndarray] | None = None
@@ -153,8 +184,9 @@ class SiteAlgorithm:
             raise ValueError(f"site {self.site} has neither a data folder nor {split} cases")
         if self.classes is None:  # the site's map against the run's: refused before any case
             self.classes = site_classes(self.data_dir, self.settings)
-        cases, self.left_out[split] = load_prepared(self.data_dir, split, self.preparation(),
-                                                    self.classes)
+        cases, self.left_out[split] = load_prepared(
+            self.data_dir, split, self.preparation(), self.classes, store=self.store,
+            layout=store_layout(self.settings), progress=logged_progress(split))
         return cases
 
     def _load(self, weights: Mapping[str, Any] | None) -> None:

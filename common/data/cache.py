@@ -6,7 +6,15 @@ grows with the site's data, not its training (docs/performance.md), so the
 node keeps the prepared cases of the
 last few ``(folder, split, preparation)`` it was asked for, in memory in
 its own process. Any change to the folder's case list or to a file's size or
-modification time reads the folder again; nothing is written anywhere.
+modification time reads the folder again.
+
+With ``store`` (the site state's ``prepared/`` folder, as every node has:
+``client/service.py``) the prepared cases live on disk instead
+(``common.data.store``): what this process keeps is then a list of small
+handles, each case's arrays memory-mapped only while training or scoring
+reads them, so its memory does not grow with the site; a changed case is
+prepared again alone, and a new process (a restarted node, the next run with
+the same preparation) finds the cases already prepared.
 
 A simulation's worker process serves many sites one after another; it keeps
 only the site it serves now (:func:`keep_only`, called by the ClientApp), so
@@ -19,6 +27,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 from common.data.labels import Classes
@@ -29,9 +38,10 @@ log = logging.getLogger(__name__)
 
 MAX_ENTRIES = 4  # training + test, for two input-channel settings or folders
 
-_Key = tuple[str, str, str, str]
+_Key = tuple[str, str, str, str, str | None, str]
 _Signature = tuple[tuple[str, int, int], ...]
 _cache: OrderedDict[_Key, tuple[_Signature, list[Case], list[DataError]]] = OrderedDict()
+Progress = Callable[[int, int], None]  # (cases done, cases listed)
 _peak = 0  # the most site folders whose cases this process held at once
 
 
@@ -57,24 +67,50 @@ def _signature(site_dir: Path, split: str) -> _Signature:
 
 
 def load_prepared(site_dir: Path, split: str, channels: Preparation | str,
-                  classes: Classes | None = None) -> tuple[list[Case], list[DataError]]:
+                  classes: Classes | None = None, *, store: Path | None = None,
+                  layout: str = "volume", progress: Progress | None = None
+                  ) -> tuple[list[Case], list[DataError]]:
     """The usable cases of ``split``, prepared as ``channels`` says (input
     channels, or a whole ``Preparation``: channels, target spacing, intensity; see
     ``common.data.transforms.prepared``), and the errors of the cases left out
     (``common.data.site.read_site``); from memory when the files are the ones
     read last time. ``classes``: the run's classes at this site
     (``common.data.labels.site_classes``). The arrays are shared between calls: read them, do not
-    write to them."""
+    write to them.
+
+    ``store``: keep the prepared cases on disk there (``common.data.store``;
+    ``layout`` ``slices`` for a 2D model on 3D cases) and return handles
+    whose arrays are memory-mapped on access; None: in this process's memory.
+    ``progress(done, listed)`` after each case read."""
     site_dir = Path(site_dir).resolve()
-    key = (str(site_dir), split, repr(channels), repr(classes))
+    key = (str(site_dir), split, repr(channels), repr(classes),
+           None if store is None else str(Path(store).resolve()), layout)
     signature = _signature(site_dir, split)
     hit = _cache.get(key)
-    if hit is not None and hit[0] == signature:
+    if hit is not None and hit[0] == signature and (store is None or _intact(hit[1])):
         _cache.move_to_end(key)
         return list(hit[1]), list(hit[2])
     _cache.pop(key, None)
-    read = read_site(site_dir, split, classes=classes)
-    cases = prepared(read.cases, channels, keep_source=split == "test")
+    on_case = None
+    if progress is not None:
+        listed = len(list_cases(site_dir, split))
+
+        def on_case(_ref, index: int, _result) -> None:
+            progress(index + 1, listed)
+
+    if store is None:
+        read = read_site(site_dir, split, classes=classes, on_case=on_case)
+        cases = prepared(read.cases, channels, keep_source=split == "test")
+    else:
+        from common.data.store import CaseStore
+
+        prep = channels if isinstance(channels, Preparation) else Preparation(channels)
+        stored = CaseStore(Path(store), site_dir, split, prep, classes, layout)
+        read = read_site(site_dir, split, classes=classes, on_case=on_case, load=stored.load)
+        stored.finish()
+        cases = read.cases
+        log.info("%s cases on disk in %s: %d prepared now, %d reused", split, stored.folder,
+                 stored.written, stored.reused)
     _cache[key] = (signature, cases, read.left_out)
     while len(_cache) > MAX_ENTRIES:
         _cache.popitem(last=False)
@@ -82,6 +118,11 @@ def load_prepared(site_dir: Path, split: str, channels: Preparation | str,
     _peak = max(_peak, len(folders_held()))
     log.info("prepared %d %s cases (kept for the next rounds)", len(cases), split)
     return list(cases), list(read.left_out)
+
+
+def _intact(cases: list[Case]) -> bool:
+    """Whether every stored case's files still have the sizes written."""
+    return all(case._store.intact(case) for case in cases if hasattr(case, "_store"))
 
 
 def keep_only(site_dir: Path | None) -> None:

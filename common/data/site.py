@@ -197,19 +197,22 @@ class SiteRead:
 
 def read_site(site_dir: Path, split: str,
               on_case: Callable[[CaseRef, int, Case | DataError], None] | None = None,
-              keep: bool = True, classes: Classes | None = None) -> SiteRead:
+              keep: bool = True, classes: Classes | None = None,
+              load: Callable[[CaseRef, int, Classes | None], Case] = load_case) -> SiteRead:
     """Load the cases of a split, leaving out each case that cannot be used
     (with a warning in this site's log naming it and why) rather than failing
     the whole split; :class:`NoUsableCaseError` when none is left.
     ``on_case(ref, index, case or error)`` after each case (progress, tables);
-    ``keep=False``: only check, holding no case in memory (``cases`` empty)."""
+    ``keep=False``: only check, holding no case in memory (``cases`` empty).
+    ``load``: how one case is read (default :func:`load_case`; the prepared
+    copies on disk, ``common.data.store``, read through it too)."""
     refs = list_cases(site_dir, split)
     cases: list[Case] = []
     usable = 0
     left_out: list[DataError] = []
     for i, ref in enumerate(refs):
         try:
-            case = load_case(ref, i, classes)
+            case = load(ref, i, classes)
         except DataError as exc:
             log.warning("%s case left out: %s", split, exc)
             left_out.append(exc)

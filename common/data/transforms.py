@@ -128,9 +128,20 @@ def training_items(
     cases: list[Case], spatial_dims: int, channels: Preparation | str
 ) -> list[dict[str, np.ndarray]]:
     """``{"image", "label"}`` items: whole 2D images, or 2D slices of 3D cases
-    for a 2D network, or whole volumes for a 3D network."""
-    items = []
+    for a 2D network, or whole volumes for a 3D network. A case kept on disk
+    (``common.data.store.StoredCase``) gives ``{"stored": case, "slice": k}``
+    instead, opened by :class:`OpenStored` (the first step of
+    :func:`training_transform`) only while its patches are drawn."""
+    items: list[dict] = []
     for case in cases:
+        if hasattr(case, "training_item"):  # on disk: opened when drawn from
+            prepare_case(case, channels)  # checks it was prepared as asked
+            if case.spatial_dims == spatial_dims:
+                items.append({"stored": case, "slice": None})
+                continue
+            if case.spatial_dims == 3 and spatial_dims == 2:
+                items.extend({"stored": case, "slice": k} for k in range(case.depth))
+                continue
         image, label = prepare(case, channels)
         if case.spatial_dims == spatial_dims:
             items.append({"image": image, "label": label})
@@ -155,18 +166,40 @@ def training_items(
 MIRROR_AXES = (0, 1)
 
 
+class OpenStored:
+    """An item of a case kept on disk (``{"stored": case, "slice": k}``) as
+    ``{"image", "label"}`` views of its memory-mapped files (and, for a
+    whole case, pickers of its foreground and background voxels for the
+    crop, ``common.data.store.VoxelPicker``); any other item as it is. The
+    views live as long as the item's patches are drawn from them; the crop
+    copies only the patches (MONAI takes a C-order mapped array as a tensor
+    without copying it)."""
+
+    def __init__(self, patch: tuple[int, ...]) -> None:
+        self.patch = patch
+
+    def __call__(self, item: dict) -> dict:
+        case = item.get("stored")
+        if case is None:
+            return item
+        return case.training_item(item["slice"], self.patch)
+
+
 def training_transform(patch_size: int, spatial_dims: int, samples: int) -> Compose:
     """Pad to the patch, draw ``samples`` patches (half on foreground), augment:
     mirror along each of ``MIRROR_AXES``, turn by 90 degrees in their plane,
-    scale and shift intensities."""
+    scale and shift intensities. Items of cases on disk are opened first
+    (:class:`OpenStored`)."""
     patch = (patch_size,) * spatial_dims
     keys = ("image", "label")
     return Compose(
         [
+            OpenStored(patch),
             SpatialPadd(keys, spatial_size=patch),
             RandCropByPosNegLabeld(
                 keys, label_key="label", spatial_size=patch, pos=1, neg=1,
                 num_samples=samples, allow_smaller=True,
+                fg_indices_key="fg", bg_indices_key="bg",
             ),
             *(RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in MIRROR_AXES),
             RandRotate90d(keys, prob=0.5, spatial_axes=MIRROR_AXES),

@@ -398,6 +398,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                         "(run setting `structures`, e.g. liver,lesion); default: those "
                         "the site's label map names")
     c.set_defaults(func=cmd_site_check)
+    from client.prepare_cli import add_prepare_command
+
+    add_prepare_command(ssub)
     c = ssub.add_parser("resample", help="write a NIfTI site again at another voxel spacing "
                                          "(as another scanner would give it)")
     c.add_argument("site_dir", metavar="DIR")

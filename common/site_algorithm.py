@@ -174,9 +174,10 @@ class SiteAlgorithm:
         self.left_out["training"] = read.left_out
         return acc.result()
 
-    def cases(self, split: str) -> list[Case]:
+    def cases(self, split: str, progress=None) -> list[Case]:
         """The usable cases of ``split``; those left out (a warning in this
-        site's log each) are in ``self.left_out[split]``."""
+        site's log each) are in ``self.left_out[split]``. ``progress(done,
+        listed)`` after each case read (default: a log line at each tenth)."""
         given = self._cases[split]
         if given is not None:
             return given
@@ -186,7 +187,7 @@ class SiteAlgorithm:
             self.classes = site_classes(self.data_dir, self.settings)
         cases, self.left_out[split] = load_prepared(
             self.data_dir, split, self.preparation(), self.classes, store=self.store,
-            layout=store_layout(self.settings), progress=logged_progress(split))
+            layout=store_layout(self.settings), progress=progress or logged_progress(split))
         return cases
 
     def _load(self, weights: Mapping[str, Any] | None) -> None:

@@ -42,6 +42,8 @@ _Key = tuple[str, str, str, str, str | None, str]
 _Signature = tuple[tuple[str, int, int], ...]
 _cache: OrderedDict[_Key, tuple[_Signature, list[Case], list[DataError]]] = OrderedDict()
 Progress = Callable[[int, int], None]  # (cases done, cases listed)
+# The last read through a store: its folder, cases prepared then, cases reused
+last_store_read: dict[str, str | int] = {}
 _peak = 0  # the most site folders whose cases this process held at once
 
 
@@ -111,6 +113,8 @@ def load_prepared(site_dir: Path, split: str, channels: Preparation | str,
         cases = read.cases
         log.info("%s cases on disk in %s: %d prepared now, %d reused", split, stored.folder,
                  stored.written, stored.reused)
+        last_store_read.update(folder=str(stored.folder), written=stored.written,
+                               reused=stored.reused)
     _cache[key] = (signature, cases, read.left_out)
     while len(_cache) > MAX_ENTRIES:
         _cache.popitem(last=False)

@@ -11,6 +11,8 @@
 * ``final_model.pt``: the global model's state dict when the run ends;
 * ``summary.json``: the final metrics per site and overall, and totals;
 * ``dice.png``: Dice per site over rounds;
+* ``events.out.tfevents.*``: the rounds' metrics for TensorBoard
+  (``tensorboard --logdir runs/``; server/tensorboard_events.py);
 * ``harmonisation.json``: the target spacing and intensity scheme the run
   fixed at its start, and the sites' fingerprints it came from
   (``common/data/harmonise.py``; also in ``summary.json``).
@@ -48,6 +50,7 @@ from common.model import build_model
 from common.packing import Template, pack, template_of, unpack
 from common.privacy.accounting import PrivacyAccount
 from server.strategies import RoundRecord
+from server.tensorboard_events import EventLog
 
 RUNS_DIR_ENV = "FEDSEG_RUNS_DIR"
 MODEL_CARD = "model-card.json"  # beside final_model.pt: what it is and how it scored
@@ -119,6 +122,8 @@ class RunFolder:
         self._clock = time.perf_counter()
         # each shareable site's last local model scored at each site (cross-site)
         self.cross_site: dict[str, dict[str, dict]] = {}
+        self.events = EventLog(path, settings.structure_names,
+                               history[-1]["round"] + 1 if history else 1)
 
     @classmethod
     def open(cls, root: Path, settings: RunSettings) -> RunFolder:
@@ -273,6 +278,7 @@ class RunFolder:
         with open(self.path / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(row) + "\n")
         self.history.append(row)
+        self.events.add_round(row)
         self.pending = None
         self.plot()
         self.report()
@@ -301,6 +307,7 @@ class RunFolder:
             (self.path / MODEL_CARD).unlink(missing_ok=True)
         self.plot()
         self.report(summary)
+        self.events.close()
         return summary
 
     def cross_site_table(self) -> dict[str, dict[str, float | None]] | None:

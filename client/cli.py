@@ -208,6 +208,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from common.inference import check_label, load_model, segment, write_result
     from common.model import pick_device
 
+    if getattr(args, "dicomweb", None):  # from the hospital's PACS (client/pacs.py)
+        from client.pacs import cmd_predict_pacs
+
+        return cmd_predict_pacs(args)
+    if not args.inputs or not args.out:
+        console.print("error: fedseg predict needs INPUT... and --out DIR (or --dicomweb URL)")
+        return 2
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         console.print(f"error: {out} is not empty: fedseg predict does not overwrite; "
@@ -361,15 +368,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="hospital: segment new images with a saved model")
     p.add_argument("model", help="final_model.pt of a run folder (its summary.json beside it)")
-    p.add_argument("inputs", nargs="+", metavar="INPUT",
+    p.add_argument("inputs", nargs="*", metavar="INPUT",
                    help="DICOM series folders, NIfTI files, PNG/JPEG images")
-    p.add_argument("--out", required=True, help="a new (or empty) folder for the results")
+    p.add_argument("--out", help="a new (or empty) folder for the results")
     p.add_argument("--fractional", action="store_true",
                    help="DICOM SEG of each structure's probability instead of its mask")
     p.add_argument("--label", help="the segment's label of a one-structure model (default: "
                                    "its structure's name, 'foreground' when the run named "
                                    "none); several structures' segments take their names")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda:N")
+    from client.pacs import add_predict_options, add_pull_command
+
+    add_predict_options(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("evaluate", help="hospital: score a saved model on a site's test cases "
@@ -385,7 +395,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("site", help="hospital: check a site folder before it joins; "
-                                    "resample one")
+                                    "resample one; pull one from the PACS")
     ssub = p.add_subparsers(dest="site", required=True)
     c = ssub.add_parser("check", help="read every case: what is usable, what is not and why")
     c.add_argument("site_dir", metavar="DIR")
@@ -408,6 +418,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--spacing", required=True, metavar="X,Y,Z",
                    help="mm per voxel along the files' array axes, e.g. 1.5,1.5,3")
     c.set_defaults(func=cmd_site_resample)
+    add_pull_command(ssub)
 
     p = sub.add_parser("keygen", help="hospital: make this hospital's own key pair")
     p.add_argument("out")

@@ -409,6 +409,36 @@ def cmd_bench_patches(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_memory(args: argparse.Namespace) -> int:
+    """A site larger than memory: the worker's peak memory from disk, and
+    steps a second from disk against in memory (server/bench_memory.py)."""
+    import shlex
+    import sys
+    import tempfile
+
+    from server.bench import machine
+    from server.bench_memory import DEFAULT_SHAPE, bench
+
+    try:
+        shape = tuple(int(v) for v in args.shape.split(",")) if args.shape else DEFAULT_SHAPE
+    except ValueError:
+        raise FedsegError("--shape is X,Y,Z (e.g. 384,384,192)") from None
+    if len(shape) != 3 or min(shape) < 64 or args.size_gib <= 0 or args.steps < 1:
+        raise FedsegError("--shape needs 3 sizes of at least 64 (the bench's 64-voxel "
+                          "patches); --size-gib and --steps must be positive")
+    base = fedseg_home()
+    base.mkdir(parents=True, exist_ok=True)
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-memory-",
+                                                                   dir=base))
+    start = time.perf_counter()
+    bench(work, args.size_gib, shape, args.steps, args.fit_cases, args.threads, console,
+          keep=args.keep, repeat=args.repeat)
+    console.print(f"machine: {machine()}; {time.perf_counter() - start:.0f} s in all; "
+                  f"command: fedseg {' '.join(shlex.quote(a) for a in sys.argv[1:])}; "
+                  f"written {work}/memory.md, memory.json", soft_wrap=True)
+    return 0
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="measurements (see docs/performance.md)")
     bsub = p.add_subparsers(dest="bench", required=True)
@@ -467,4 +497,20 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--config", action="append", metavar="KEY=VALUE",
                    help="run settings (default structures=organ,lesion, batch-size=2)")
     b.set_defaults(func=cmd_bench_patches)
+    b = bsub.add_parser("memory", help="a site larger than memory: the worker's peak "
+                        "memory, steps a second from disk vs in memory (docs/performance.md)")
+    b.add_argument("--size-gib", type=float, default=20.0,
+                   help="the synthetic site's prepared volumes in GiB as float32 (default 20)")
+    b.add_argument("--shape", help="X,Y,Z of each volume (default 384,384,192)")
+    b.add_argument("--steps", type=int, default=60,
+                   help="training steps per worker (one case's patches a step)")
+    b.add_argument("--fit-cases", type=int, default=8,
+                   help="cases of the site that fits, trained in memory and from disk")
+    b.add_argument("--threads", type=int, default=2, help="CPU threads per worker")
+    b.add_argument("--repeat", type=int, default=2,
+                   help="fresh workers each for in memory and from disk, in turn (the best)")
+    b.add_argument("--work", help="work folder (default a new one in the fedseg home)")
+    b.add_argument("--keep", action="store_true",
+                   help="keep the synthetic site and its prepared copies")
+    b.set_defaults(func=cmd_bench_memory)
 

@@ -122,18 +122,27 @@ def cmd_predict_pacs(args: argparse.Namespace) -> int:
     if not targets:
         console.print(f"study {args.study}: no series the model can take")
         return EXIT_PARTLY
-    failed = 0
+    failed = done = 0
     for series in targets:
         try:
             _predict_one(pacs, saved, series, device, args, out)
+            done += 1
         except PacsError as exc:
             console.print(f"[red]error:[/] {exc}", soft_wrap=True)
             return EXIT_PACS
+        except NotAnImageError as exc:
+            if args.series:
+                console.print(f"[red]error: {series.shown}: {exc}[/red]", soft_wrap=True)
+                return EXIT_USAGE
+            console.print(f"skipped {series.shown}: {exc}", soft_wrap=True)
         except FedsegError as exc:
             failed += 1
             console.print(f"[red]{series.shown}: {exc}[/red]", soft_wrap=True)
     if failed:
         console.print(f"[red]{failed} of {len(targets)} series not segmented[/red]")
+        return EXIT_PARTLY
+    if not done:
+        console.print(f"study {args.study}: no series the model can take")
         return EXIT_PARTLY
     return 0
 

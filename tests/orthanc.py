@@ -161,6 +161,9 @@ http {{
     ssl_certificate {certificate};
     ssl_certificate_key {key};
     client_max_body_size 0;
+    # streamed both ways: no temporary files (the workers may not reach this folder)
+    proxy_buffering off;
+    proxy_request_buffering off;
     location / {{ proxy_pass http://{upstream}; proxy_set_header Host $host; }}
   }}
 }}

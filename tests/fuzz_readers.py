@@ -781,6 +781,7 @@ def child(spec_path: str, shard: int, out_path: str) -> None:
             else:
                 ref = CaseRef(seed["case_id"], image, label)
                 signal.alarm(int(spec["per_input_s"]))
+                result = None  # a timed-out read leaves none: a hang, not a crash
                 try:
                     try:
                         result = load_case(ref, item["i"])

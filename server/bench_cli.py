@@ -413,7 +413,6 @@ def cmd_bench_memory(args: argparse.Namespace) -> int:
     """A site larger than memory: the worker's peak memory from disk, and
     steps a second from disk against in memory (server/bench_memory.py)."""
     import shlex
-    import sys
     import tempfile
 
     from server.bench import machine
@@ -433,8 +432,12 @@ def cmd_bench_memory(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     bench(work, args.size_gib, shape, args.steps, args.fit_cases, args.threads, console,
           keep=args.keep, repeat=args.repeat)
+    command = ["fedseg", "bench", "memory", "--size-gib", f"{args.size_gib:g}", "--shape",
+               ",".join(map(str, shape)), "--steps", str(args.steps), "--fit-cases",
+               str(args.fit_cases), "--threads", str(args.threads), "--repeat",
+               str(args.repeat), "--work", str(work), *(["--keep"] if args.keep else [])]
     console.print(f"machine: {machine()}; {time.perf_counter() - start:.0f} s in all; "
-                  f"command: fedseg {' '.join(shlex.quote(a) for a in sys.argv[1:])}; "
+                  f"command: {' '.join(shlex.quote(a) for a in command)}; "
                   f"written {work}/memory.md, memory.json", soft_wrap=True)
     return 0
 

@@ -18,6 +18,9 @@ Layout, under ``<site state>/prepared/``::
         <case>.label.npy        the prepared label (uint8)
         <case>.source.npy       a resampled test case's label as read (for scoring)
 
+The ``KEEP_SETS`` sets read most recently are kept; older ones (another run's
+spacing, structures or channels) are removed after a complete read.
+
 ``<case>`` is a hash of the case's image and label paths. A case is reused
 while its image and label files keep their size and modification time; a
 changed, added or removed case is prepared (or dropped) alone. Every file is
@@ -56,6 +59,7 @@ LAYOUTS = ("volume", "slices")
 MAP_MODE = "c"  # copy-on-write: the file is never written through a map; a stray
 # in-place write by a transform costs a private page, not a crash or a changed file
 KINDS = ("image", "label", "source")
+KEEP_SETS = 4  # prepared sets a site state keeps: training and test of the last two settings
 
 
 class DamagedStoreError(DataError):
@@ -396,3 +400,22 @@ class CaseStore:
                  "cases": [{"key": k, "case_id": c, "signature": s} for k, c, s in self.seen]}
         _atomic_write(self.folder / "index.json",
                       lambda fh: fh.write(json.dumps(index, indent=1).encode()))
+        self._evict()
+
+    def _evict(self) -> None:
+        """Keep the ``KEEP_SETS`` prepared sets of this site state read most
+        recently (this one among them); older ones (another run's spacing or
+        structures) are removed, so the state does not grow by a copy of the
+        site with every run's settings."""
+        import shutil
+
+        sets = []
+        for folder in self.folder.parent.iterdir():
+            index = folder / "index.json"
+            if folder.is_dir() and index.is_file():
+                sets.append((index.stat().st_mtime_ns, folder))
+        for _, folder in sorted(sets, reverse=True)[KEEP_SETS:]:
+            if folder != self.folder:
+                log.info("removed the prepared cases of an older run's settings (%s)",
+                         folder.name)
+                shutil.rmtree(folder, ignore_errors=True)

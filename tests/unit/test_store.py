@@ -97,6 +97,27 @@ def test_prepared_cases_are_reused_until_a_file_changes(tmp_path):
     assert all(size > 0 for c in index["cases"] for _, size, _ in c["signature"])
 
 
+def test_the_state_keeps_the_prepared_sets_of_the_last_runs_only(tmp_path):
+    """Each run's spacing makes a prepared set; the state keeps the four read
+    last (training and test of two settings), not one more copy per run."""
+    import time
+
+    from common.data.harmonise import Intensity
+    from common.data.store import KEEP_SETS
+
+    folder, store = site(tmp_path / "site", n_train=2, n_test=1), tmp_path / "state" / "prepared"
+    for k, spacing in enumerate((None, (1.0, 1.0, 3.0), (2.0, 2.0, 2.0), (1.5, 1.5, 2.0))):
+        for split in ("training", "test"):
+            cache.clear()
+            cache.load_prepared(folder, split, Preparation("grey", spacing, Intensity()),
+                                store=store)
+            time.sleep(0.01)  # index.json's times tell the order
+    kept = sorted(json.loads((f / "key.json").read_text())["preparation"]
+                  for f in store.iterdir())
+    assert len(kept) == KEEP_SETS == 4
+    assert all("2.0, 2.0, 2.0" in k or "1.5, 1.5, 2.0" in k for k in kept)
+
+
 def test_unusable_cases_are_left_out_as_in_memory(tmp_path):
     folder, store = site(tmp_path / "site"), tmp_path / "prepared"
     (folder / "labelsTr" / "c1.nii.gz").unlink()

@@ -106,7 +106,7 @@ def test_the_state_keeps_the_prepared_sets_of_the_last_runs_only(tmp_path):
     from common.data.store import KEEP_SETS
 
     folder, store = site(tmp_path / "site", n_train=2, n_test=1), tmp_path / "state" / "prepared"
-    for k, spacing in enumerate((None, (1.0, 1.0, 3.0), (2.0, 2.0, 2.0), (1.5, 1.5, 2.0))):
+    for spacing in (None, (1.0, 1.0, 3.0), (2.0, 2.0, 2.0), (1.5, 1.5, 2.0)):
         for split in ("training", "test"):
             cache.clear()
             cache.load_prepared(folder, split, Preparation("grey", spacing, Intensity()),

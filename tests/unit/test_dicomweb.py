@@ -252,6 +252,7 @@ def test_site_pull_stopped_midway_resumes_and_site_check_reads_it(
     assert kept["labels"] == spec["labels"] and kept["label_aliases"] == spec["label_aliases"]
 
 
+@pytest.mark.slow  # the default suite's 8 minutes
 def test_tls_is_verified_against_the_given_ca(tmp_path, dicom_dir, orthanc, model,
                                               credentials, capsys):
     """The PACS behind an HTTPS proxy whose certificate a private CA signed:

@@ -136,6 +136,7 @@ def test_a_ge_ct_series_with_an_odd_character_set_gets_a_valid_seg(tmp_path, dic
     assert np.array_equal(read_label(out, result.meta)[0], result.mask)  # reads back
 
 
+@pytest.mark.slow  # the default suite's 8 minutes
 def test_predict_writes_a_seg_for_a_series_with_an_empty_character_set(tmp_path, dicom_dir):
     """The command itself, as a hospital runs it (the issue's failure)."""
     series = copy_series(dicom_dir / SERIES, tmp_path / "ge_ct", SpecificCharacterSet="")

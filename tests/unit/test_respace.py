@@ -8,12 +8,14 @@ import json
 
 import nibabel as nib
 import numpy as np
+import pytest
 
 from common.data.site import load_site
 from common.data.synthetic import ORGAN_LESION, write_site
 from tests.unit.test_cli import fedseg
 
 
+@pytest.mark.slow  # the default suite's 8 minutes
 def test_a_site_resampled_to_another_spacing_reads_as_a_site_on_that_grid(tmp_path):
     source = write_site(tmp_path / "src", 0, 2, 1, seed=4, labels=ORGAN_LESION,
                         image_format="nifti", slices=6)  # 1.5 x 1.5 x 3 mm

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from common.data.site import load_site
 from common.data.synthetic import scanner_for, write_site
@@ -38,6 +39,7 @@ def test_dicom_headers_are_synthetic(synthetic_sites):
     assert ds.Modality == "CT" and ds.RescaleIntercept != 0
 
 
+@pytest.mark.slow  # the default suite's 8 minutes
 def test_a_synthetic_scanner_of_another_spacing_and_calibration(tmp_path):
     """The same anatomy as another scanner gives it: its own voxel size, its
     Hounsfield units shifted (what the harmonisation benchmark's CT sites are)."""

@@ -96,6 +96,7 @@ def test_harmonise_off_asks_no_fingerprint_and_sends_no_instruction(spaced_sites
     assert not (tmp_path / "off" / "harmonisation.json").exists()
 
 
+@pytest.mark.slow  # the default suite's 8 minutes
 def test_a_resumed_run_keeps_the_harmonisation_of_its_start(spaced_sites, tmp_path):
     run(spaced_sites, tmp_path, "resumed")
     before = json.loads((tmp_path / "resumed" / "harmonisation.json").read_text())

@@ -228,6 +228,7 @@ def test_server_side_clipping_bounds_the_aggregate_update(sites, tmp_path):
     assert summary["privacy"]["epsilon"] is None  # no noise: no finite epsilon claimed
 
 
+@pytest.mark.slow  # the default suite's 8 minutes
 def test_replies_whose_metrics_differ_do_not_stop_the_run(sites, tmp_path):
     """Flower stops a run when replies' metric keys differ. A site that could
     not score the incoming model (no global-* keys, its reason in the site

@@ -64,6 +64,7 @@ def check(folder: Path, rows: list[dict]) -> dict[str, list[tuple[int, float]]]:
     return got
 
 
+@pytest.mark.slow  # the default suite's 8 minutes
 def test_a_runs_metrics_are_tensorboard_event_files_and_a_resume_adds_each_round_once(
         sites, tmp_path):
     config = {**TINY, "run-name": "tb", "dp": "client-fixed", "dp-noise-multiplier": 1.0,

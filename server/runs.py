@@ -171,10 +171,13 @@ class RunFolder:
         """``harmonisation.json``: what the run fixed (None: nothing, too few
         usable fingerprints), from which sites' fingerprints (aggregates, as
         each site's audit holds them), and the sites left out and why."""
+        now = time.perf_counter()
+        seconds, self._clock = now - self._clock, now  # round 1's time is its own
         _atomic_write(self.path / HARMONISATION_FILE, json.dumps(_json_safe({
             "harmonisation": harmonisation.to_dict() if harmonisation else None,
             "described": harmonisation.describe() if harmonisation else None,
-            "fingerprints": fingerprints, "failures": failures}), indent=2).encode())
+            "fingerprints": fingerprints, "failures": failures,
+            "seconds": round(seconds, 3)}), indent=2).encode())
 
     def checkpoint_arrays(self) -> ArrayRecord | None:
         if self.last_round == 0:

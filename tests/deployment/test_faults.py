@@ -195,7 +195,10 @@ def test_a_frozen_node_is_cut_off_by_the_round_timeout_and_its_late_reply_ignore
         thaw()
     rows = read_metrics(fed.state.runs / "frozen")
     assert rows[0]["trained"] == ["hospital-a"]
-    assert "train at hospital-b: no reply" in rows[0]["failures"]
+    # (frozen through the fingerprint too, b may have missed its heartbeat by round 1:
+    # Flower then adds why to the "no reply")
+    assert any(f.startswith("train at hospital-b: no reply") for f in rows[0]["failures"]), \
+        rows[0]["failures"]
     assert 20.0 <= rows[0]["seconds"] < 60, rows[0]["seconds"]  # the timeout, not the heartbeat
     assert summary["rounds_completed"] == 2 and summary["stopped"] is None
     assert rows[1]["aggregated"] and "hospital-a" in rows[1]["trained"]

@@ -49,9 +49,11 @@ def server_log_lines(run_dir: Path, needle: str) -> list[str]:
     """The ServerApp's lines holding ``needle`` in this run's Flower log."""
     from common.config import fedseg_home
 
-    logs = list((fedseg_home() / "sim").glob(f"{run_dir.name}-*/flower.log"))
-    assert len(logs) == 1, logs
-    return [line for line in logs[0].read_text(errors="replace").splitlines()
+    logs = sorted((fedseg_home() / "sim").glob(f"{run_dir.name}-*/flower.log"),
+                  key=lambda p: p.stat().st_mtime)
+    assert logs, f"no Flower log of {run_dir.name}"
+    # the newest: an earlier run of the same name (a stopped session's) may be kept
+    return [line for line in logs[-1].read_text(errors="replace").splitlines()
             if needle in line]
 
 

@@ -62,9 +62,12 @@ def test_twenty_sites_sampled_per_round_one_sites_cases_per_process(tmp_path,
     assert {x["site"] for x in lines if x["kind"] == "evaluate"} == {f.name for f in folders}
     assert all(x["ok"] for x in lines)
     by_process = defaultdict(set)
-    for x in lines:
+    assert {x["site"] for x in lines if x["kind"] == "fingerprint"} == {f.name for f in folders}
+    for x in lines:  # the fingerprint at the start reads a site's cases, keeping none
         by_process[x["pid"]].add(x["site"])
-        assert x["sites_held"] == 1 and x["sites_held_peak"] == 1, x
+        assert x["sites_held"] <= 1 and x["sites_held_peak"] <= 1, x
+        if x["kind"] != "fingerprint":
+            assert x["sites_held"] == 1, x
     assert len(by_process) >= 2 and all(len(s) > 3 for s in by_process.values()), by_process
     assert "at most 1 site's cases in a process at once" in " ".join(proc.stdout.split())
 

@@ -317,7 +317,10 @@ def test_rounds_short_of_min_nodes_are_skipped_then_the_run_stops_and_resumes(si
     """One of three sites never answers, min-nodes 3: each round is skipped
     (model unchanged, the reason recorded); after max-short-rounds such rounds
     the run stops, resumable, and finishes once the site is back."""
-    _, summary, rows = run(sites, tmp_path, "short", faults={101: lambda n, m, d: None},
+    def silent_in_rounds(node, msg, deliver):  # it sent its fingerprint at the start
+        return deliver() if msg.metadata.message_type == "query" else None
+
+    _, summary, rows = run(sites, tmp_path, "short", faults={101: silent_in_rounds},
                            **{"num-rounds": 4, "max-short-rounds": 2})
     assert [r["round"] for r in rows] == [1]  # round 2 stopped the run before its line
     assert rows[0]["aggregated"] is False and rows[0]["trained"] == []

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -18,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from common.processes import stop_group
 
 USER, PASSWORD = "fedseg-test", "orthanc-test-password-9f1c"
 PLUGINS = (Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so"),
@@ -51,6 +52,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_process(process: subprocess.Popen) -> None:
+    """End a server this test started in its own process group, and reap it."""
+    if process.poll() is None:
+        stop_group(process.pid, grace=20.0)
+    process.wait(timeout=10)
+
+
 @dataclass
 class Orthanc:
     root: Path
@@ -63,13 +71,7 @@ class Orthanc:
         return path.read_text(errors="replace")[-3000:] if path.is_file() else ""
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=10)
+        stop_process(self.process)
 
 
 def start_orthanc(root: Path) -> Orthanc:
@@ -122,13 +124,7 @@ class TlsProxy:
     url: str
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=10)
+        stop_process(self.process)
 
 
 def start_tls_proxy(root: Path, orthanc: Orthanc, certificate: Path, key: Path,

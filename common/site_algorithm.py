@@ -41,6 +41,10 @@ from common.errors import ConfigError, DataError
 from common.model import build_model, pick_device
 from common.training import evaluate, train
 
+# The last fingerprint this process took, with the signature of the files it
+# read (``SiteAlgorithm.fingerprint``)
+_FINGERPRINTS: dict[tuple, tuple] = {}
+
 # Not a wire key: how many rounds' worth of local epochs one call trains (the
 # benchmark's baselines train a whole scored stretch in one call). Default 1.
 ROUNDS_IN_CALL = "rounds-in-call"
@@ -162,6 +166,16 @@ class SiteAlgorithm:
             raise ValueError(f"site {self.site} has no data folder to take a fingerprint of")
         if self.classes is None:
             self.classes = site_classes(self.data_dir, self.settings)
+        from common.data.cache import _signature
+
+        # A node's next run on unchanged files has the same fingerprint: not decoded again
+        key = (str(Path(self.data_dir).resolve()), self.settings.input_channels,
+               repr(self.classes), self.settings.seed)
+        signature = _signature(Path(self.data_dir).resolve(), "training")
+        kept = _FINGERPRINTS.get(key)
+        if kept is not None and kept[0] == signature:
+            self.left_out["training"] = list(kept[2])
+            return kept[1]
         acc = FingerprintAccumulator(self.modality, seed=self.settings.seed)
 
         def add(_ref, _index, case) -> None:
@@ -172,7 +186,10 @@ class SiteAlgorithm:
         read = read_site(self.data_dir, "training", on_case=add, keep=False,
                          classes=self.classes)
         self.left_out["training"] = read.left_out
-        return acc.result()
+        result = acc.result()
+        _FINGERPRINTS.clear()  # one site's, as the prepared cases' cache keeps few
+        _FINGERPRINTS[key] = (signature, result, list(read.left_out))
+        return result
 
     def cases(self, split: str, progress=None) -> list[Case]:
         """The usable cases of ``split``; those left out (a warning in this

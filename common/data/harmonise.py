@@ -52,6 +52,7 @@ SAMPLES_PER_CASE = 10_000  # foreground voxels sampled per case for the percenti
 ANISOTROPY = 3.0  # coarsest / finest median spacing beyond which the coarse axis differs
 SAME_SPACING = 0.01  # relative difference below which a case is not resampled
 MAX_SPACING_MM = 100.0
+MAX_GROWTH = 27  # a resampled case holds at most this many times its voxels as read
 
 _MR_NAMES = {"MR", "MRI", "T1", "T1W", "T2", "T2W", "FLAIR", "ADC", "DWI", "PD", "T1C", "T1CE",
              "T1GD", "SWI", "MP-RAGE", "MPRAGE"}
@@ -405,8 +406,15 @@ def target_shape(shape: Sequence[int], spacing: Sequence[float],
                         f"{len(target)}")
     if all(abs(s / t - 1) < SAME_SPACING for s, t in zip(spacing, target, strict=True)):
         return None
-    return tuple(max(1, round(n * s / t)) for n, s, t in zip(shape, spacing, target,
-                                                             strict=True))
+    out = tuple(max(1, round(n * s / t)) for n, s, t in zip(shape, spacing, target,
+                                                            strict=True))
+    # The spacing comes from the server: one far finer than the case's would
+    # make it many times its size in the site's memory. Refused, not resampled.
+    if math.prod(out) > MAX_GROWTH * max(1, math.prod(shape)):
+        raise DataError(f"the run's target spacing {tuple(target)} mm would make this case "
+                        f"{math.prod(out) / max(1, math.prod(shape)):.0f} times its voxels "
+                        f"(at most {MAX_GROWTH}): refused")
+    return out
 
 
 def resize(array: np.ndarray, shape: Sequence[int], labels: bool = False) -> np.ndarray:

@@ -201,3 +201,41 @@ def test_predict_on_a_real_ct_series_of_another_spacing_lies_on_its_grid_and_val
     (out,) = write_result(model, result, tmp_path / "out")
     check_seg([out], series.name)
     assert np.array_equal(read_label(out, result.meta)[0], result.mask)
+
+
+def test_a_target_spacing_that_would_blow_a_case_up_is_refused_not_resampled():
+    """A coordinator (or a lying site's fingerprint) asks for 0.01 mm voxels:
+    the site refuses the case, naming why, rather than fill its memory."""
+    rng = np.random.default_rng(3)
+    image, label, spacing = ct_case(rng, (20, 20, 10), (1.0, 1.0, 2.0))
+    with pytest.raises(DataError, match="times its voxels"):
+        prepare_case(Case("c", image, label, spacing), Preparation("grey", (0.01, 0.01, 0.01)))
+    assert target_shape((20, 20, 10), (1.0, 1.0, 2.0), (1.0, 1.0, 1.0)) == (20, 20, 20)
+
+
+def test_a_nodes_next_run_on_unchanged_files_reuses_its_fingerprint(synthetic_sites,
+                                                                   monkeypatch, tmp_path):
+    """The fingerprint decodes the whole training split: a node's next run on
+    the same files takes the one it has; a changed file makes it read again."""
+    import shutil
+
+    import common.data.site as site_module
+    from common.config import RunSettings
+    from common.site_algorithm import SiteAlgorithm
+
+    folder = shutil.copytree(synthetic_sites[0], tmp_path / "site")
+    reads = []
+    real = site_module.read_site
+    monkeypatch.setattr(site_module, "read_site",
+                        lambda *a, **k: reads.append(1) or real(*a, **k))
+    settings = RunSettings()
+    first = SiteAlgorithm(settings, "a", folder, device="cpu").fingerprint()
+    again = SiteAlgorithm(settings, "a", folder, device="cpu").fingerprint()
+    assert again == first and len(reads) == 1
+    case = next((folder / "imagesTr").iterdir())
+    touched = next(case.iterdir()) if case.is_dir() else case
+    import os
+
+    os.utime(touched, ns=(1, 1))
+    SiteAlgorithm(settings, "a", folder, device="cpu").fingerprint()
+    assert len(reads) == 2

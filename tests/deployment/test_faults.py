@@ -197,9 +197,12 @@ def test_a_frozen_node_is_cut_off_by_the_round_timeout_and_its_late_reply_ignore
     assert rows[0]["trained"] == ["hospital-a"]
     # (frozen through the fingerprint too, b may have missed its heartbeat by round 1:
     # Flower then adds why to the "no reply")
-    assert any(f.startswith("train at hospital-b: no reply") for f in rows[0]["failures"]), \
-        rows[0]["failures"]
-    assert 20.0 <= rows[0]["seconds"] < 60, rows[0]["seconds"]  # the timeout, not the heartbeat
+    lost = [f for f in rows[0]["failures"] if f.startswith("train at hospital-b: no reply")]
+    assert lost, rows[0]["failures"]
+    if lost[0] == "train at hospital-b: no reply":  # nothing from Flower: the round's timeout
+        assert 20.0 <= rows[0]["seconds"] < 60, rows[0]["seconds"]
+    else:  # Flower found b's heartbeat gone and said so: the round may end before its timeout
+        assert rows[0]["seconds"] < 60, (rows[0]["seconds"], lost)
     assert summary["rounds_completed"] == 2 and summary["stopped"] is None
     assert rows[1]["aggregated"] and "hospital-a" in rows[1]["trained"]
     assert not any("round 1" in f for f in rows[1]["failures"])  # the late reply: ignored

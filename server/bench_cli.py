@@ -480,8 +480,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                         "given here: retina (RGB input, 96-px patches, 8 per image, batch 16, "
                         "learning rate 2e-3, scoring every 30 rounds), hippocampus (3D "
                         "U-Net of 4 levels, 1 residual unit each, Anterior,Posterior, "
-                        "32-voxel patches, 8 per image, batch 8, learning rate 2e-3, 16 "
-                        "rounds of 1 epoch, scoring every 8), none")
+                        "32-voxel patches, 2 per image a round, batch 8, learning rate 2e-3, "
+                        "64 rounds of 1 epoch, scoring every 16), none")
     b.add_argument("--no-retina-defaults", dest="retina_defaults", action="store_false",
                    help="the same as --preset none")
     add_run_options(b)

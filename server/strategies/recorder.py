@@ -14,6 +14,7 @@ from typing import Any
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from common import wire
@@ -44,6 +45,53 @@ def wait_for_sites(grid, needed: int, limit: float, what: str) -> int:
                               f"{what}, after waiting {limit:.0f} s (node-wait)")
         time.sleep(min(1.0, max(0.05, deadline - time.monotonic())))
     return n
+
+class OneNodeList(Grid):
+    """``grid`` for one configure step, in which Flower's strategies read the
+    connected nodes twice: once to size the sample (``fraction-train`` x
+    connected), once to draw it. A site that connects between the two reads
+    made a draw of n from n + 1, so at ``fraction-train`` 1 a connected site
+    sat the round out. Here the second read gives the first one's list while
+    each node on it is still connected (a node come since joins next round);
+    any other read is live, as is everything else."""
+
+    def __init__(self, inner: Grid) -> None:
+        self.inner = inner
+        self._first: list[int] | None = None
+        self._reads = 0
+
+    def get_node_ids(self) -> Iterable[int]:
+        live = list(self.inner.get_node_ids())
+        self._reads += 1
+        if self._reads == 1:
+            self._first = live
+        elif self._reads == 2 and self._first is not None and set(self._first) <= set(live):
+            return list(self._first)
+        return live
+
+    def set_run(self, run) -> None:
+        self.inner.set_run(run)
+
+    @property
+    def run(self):
+        return self.inner.run
+
+    def create_message(self, *args, **kwargs) -> Message:
+        return self.inner.create_message(*args, **kwargs)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.inner.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.inner.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:
+        return self.inner.send_and_receive(messages, timeout=timeout)
+
+    def __getattr__(self, name: str):  # anything a grid adds beyond the interface
+        return getattr(self.inner, name)
+
 
 def registered_names() -> dict[int, str]:
     """Node id -> hospital name from the coordinator's registry
@@ -275,7 +323,7 @@ class SiteRecorder(StrategyWrapper):
         if self.keep_every and incoming >= 1 and incoming % self.keep_every == 0:
             config[wire.KEEP_MODEL] = True  # the sites keep the model of round ``incoming``
         return self._sent(server_round, super().configure_train(server_round, arrays, config,
-                                                                grid))
+                                                                OneNodeList(grid)))
 
     def aggregate_train(self, server_round, replies):
         replies = self._received(server_round, replies, "train")
@@ -328,7 +376,7 @@ class SiteRecorder(StrategyWrapper):
                                    **({wire.FEDERATION_DICE: float(dice)}
                                       if dice is not None else {})})
         return self._sent(server_round, super().configure_evaluate(server_round, arrays,
-                                                                   config, grid))
+                                                                   config, OneNodeList(grid)))
 
     def aggregate_evaluate(self, server_round, replies):
         return super().aggregate_evaluate(server_round,

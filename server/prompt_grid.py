@@ -21,7 +21,10 @@ FIRST_WAIT = 0.05
 LONGEST_WAIT = 0.25
 
 
-class PromptGrid(Grid):
+class DelegatingGrid(Grid):
+    """Every step of the Grid interface handed to ``inner``; subclasses
+    override what they change."""
+
     def __init__(self, inner: Grid) -> None:
         self.inner = inner
 
@@ -49,6 +52,15 @@ class PromptGrid(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:
+        return self.inner.send_and_receive(messages, timeout=timeout)
+
+    def __getattr__(self, name: str):  # anything a grid adds beyond the interface
+        return getattr(self.inner, name)
+
+
+class PromptGrid(DelegatingGrid):
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:
         pending = set(self.inner.push_messages(messages))
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
@@ -62,9 +74,6 @@ class PromptGrid(Grid):
             time.sleep(wait)
             wait = min(wait * 1.5, LONGEST_WAIT)
         return replies
-
-    def __getattr__(self, name: str):  # anything a grid adds beyond the interface
-        return getattr(self.inner, name)
 
 
 def prompt(grid: Grid) -> Grid:

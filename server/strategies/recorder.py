@@ -20,6 +20,7 @@ from flwr.serverapp.strategy import Strategy
 from common import wire
 from common.errors import FedsegError, parse_error_reason
 from common.metrics import combine
+from server.prompt_grid import DelegatingGrid
 from server.strategies.base import StrategyWrapper
 from server.strategies.declared import NAME_LIMIT, Declared, bounded, log_dropped
 from server.strategies.secagg import SecureRound
@@ -46,7 +47,7 @@ def wait_for_sites(grid, needed: int, limit: float, what: str) -> int:
         time.sleep(min(1.0, max(0.05, deadline - time.monotonic())))
     return n
 
-class OneNodeList(Grid):
+class OneNodeList(DelegatingGrid):
     """``grid`` for one configure step, in which Flower's strategies read the
     connected nodes twice: once to size the sample (``fraction-train`` x
     connected), once to draw it. A site that connects between the two reads
@@ -56,7 +57,7 @@ class OneNodeList(Grid):
     any other read is live, as is everything else."""
 
     def __init__(self, inner: Grid) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self._first: list[int] | None = None
         self._reads = 0
 
@@ -68,29 +69,6 @@ class OneNodeList(Grid):
         elif self._reads == 2 and self._first is not None and set(self._first) <= set(live):
             return list(self._first)
         return live
-
-    def set_run(self, run) -> None:
-        self.inner.set_run(run)
-
-    @property
-    def run(self):
-        return self.inner.run
-
-    def create_message(self, *args, **kwargs) -> Message:
-        return self.inner.create_message(*args, **kwargs)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self.inner.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self.inner.pull_messages(message_ids)
-
-    def send_and_receive(self, messages: Iterable[Message], *,
-                         timeout: float | None = None) -> Iterable[Message]:
-        return self.inner.send_and_receive(messages, timeout=timeout)
-
-    def __getattr__(self, name: str):  # anything a grid adds beyond the interface
-        return getattr(self.inner, name)
 
 
 def registered_names() -> dict[int, str]:

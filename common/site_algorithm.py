@@ -166,12 +166,12 @@ class SiteAlgorithm:
             raise ValueError(f"site {self.site} has no data folder to take a fingerprint of")
         if self.classes is None:
             self.classes = site_classes(self.data_dir, self.settings)
-        from common.data.cache import _signature
+        from common.data.cache import files_signature
 
         # A node's next run on unchanged files has the same fingerprint: not decoded again
         key = (str(Path(self.data_dir).resolve()), self.settings.input_channels,
                repr(self.classes), self.settings.seed)
-        signature = _signature(Path(self.data_dir).resolve(), "training")
+        signature = files_signature(Path(self.data_dir).resolve(), "training")
         kept = _FINGERPRINTS.get(key)
         if kept is not None and kept[0] == signature:
             self.left_out["training"] = list(kept[2])

@@ -53,7 +53,9 @@ def _files(path: Path) -> list[Path]:
     return [path]
 
 
-def _signature(site_dir: Path, split: str) -> _Signature:
+def files_signature(site_dir: Path, split: str) -> _Signature:
+    """Size and modification time of every file ``split`` reads: a case changed, added
+    or removed changes it (the prepared-case cache and the fingerprint memo)."""
     refs = list_cases(site_dir, split)
     paths = [site_dir / "dataset.json"]
     paths += [p for ref in refs for p in (ref.image, ref.label) if p is not None]
@@ -87,7 +89,7 @@ def load_prepared(site_dir: Path, split: str, channels: Preparation | str,
     site_dir = Path(site_dir).resolve()
     key = (str(site_dir), split, repr(channels), repr(classes),
            None if store is None else str(Path(store).resolve()), layout)
-    signature = _signature(site_dir, split)
+    signature = files_signature(site_dir, split)
     hit = _cache.get(key)
     if hit is not None and hit[0] == signature and (store is None or _intact(hit[1])):
         _cache.move_to_end(key)

@@ -47,6 +47,7 @@ def wait_for_sites(grid, needed: int, limit: float, what: str) -> int:
         time.sleep(min(1.0, max(0.05, deadline - time.monotonic())))
     return n
 
+
 class OneNodeList(DelegatingGrid):
     """``grid`` for one configure step, in which Flower's strategies read the
     connected nodes twice: once to size the sample (``fraction-train`` x

@@ -98,7 +98,8 @@ def harmonisations(sites: list[Site], settings: RunSettings
                                        device="cpu").fingerprint() for site in sites}
     own = {name: harmonise_sites({name: fp}, settings.harmonise, target)
            for name, fp in prints.items()}
-    return harmonise_sites(prints, settings.harmonise, target), own
+    return harmonise_sites(prints, settings.harmonise, target,
+                           each_site_once=settings.aggregation != "mean"), own
 
 
 def read_sites(sites: list[Site], settings: RunSettings,

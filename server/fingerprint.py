@@ -81,7 +81,9 @@ def harmonise_run(grid: Grid, settings: RunSettings, run: RunFolder) -> Harmonis
         raise TooFewSites(f"{len(prints)} of the {settings.min_nodes} sites needed (min-nodes) "
                           f"sent a usable fingerprint" + "".join(f"; {f}" for f in failures))
     try:
-        harmonisation = combine(prints, settings.harmonise, target)
+        # under a robust rule no site's reported counts outweigh another's
+        harmonisation = combine(prints, settings.harmonise, target,
+                                each_site_once=settings.aggregation != "mean")
     except DataError as exc:
         raise TooFewSites(f"the sites' fingerprints do not combine: {exc}") from None
     run.save_harmonisation(harmonisation, shown, failures)

@@ -354,11 +354,19 @@ def parse_spacing(text: str) -> tuple[float, ...] | None:
 
 
 def combine(fingerprints: Mapping[str, SiteFingerprint], mode: str = "auto",
-            spacing: tuple[float, ...] | None = None) -> Harmonisation:
+            spacing: tuple[float, ...] | None = None,
+            each_site_once: bool = False) -> Harmonisation:
     """The run's harmonisation from its sites' fingerprints (by site name).
     ``mode``: the run's ``harmonise`` (``auto``: spacing and intensity;
     ``intensity``: intensity only; ``off``: nothing). ``spacing``: the
-    ``target-spacing`` setting, which replaces the fingerprint's."""
+    ``target-spacing`` setting, which replaces the fingerprint's.
+
+    By default a site weighs by the cases (spacing) and foreground voxels (CT
+    statistics) it reports, so one site that overstates them sets the
+    spacing and the CT scale. ``each_site_once`` (the run's ``aggregation``
+    is a robust rule): every site counts once, and the target spacing and CT
+    statistics are medians over the sites, which fewer than half of them
+    cannot move past the honest sites' values, whatever they report."""
     if mode == "off":
         return Harmonisation()
     prints = list(fingerprints.values())
@@ -368,7 +376,7 @@ def combine(fingerprints: Mapping[str, SiteFingerprint], mode: str = "auto",
         if len(dims) != 1:
             raise DataError("the sites' cases are not all of one dimension (2D and 3D mixed): "
                             "set target-spacing or harmonise = intensity")
-        weights = [p.cases for p in prints]
+        weights = [1 if each_site_once else p.cases for p in prints]
         median = [_weighted_median([p.spacing[1][a] for p in prints], weights)
                   for a in range(dims.pop())]
         if max(median) / min(median) > ANISOTROPY:  # nnU-Net's rule for the coarse axis
@@ -383,12 +391,17 @@ def combine(fingerprints: Mapping[str, SiteFingerprint], mode: str = "auto",
         if modality != "CT" or not group:
             intensity[modality] = Intensity()
             continue
-        n = sum(p.fg_voxels for p in group)
-        mean = sum(p.fg_voxels * p.fg_mean for p in group) / n
-        second = sum(p.fg_voxels * (p.fg_std ** 2 + p.fg_mean ** 2) for p in group) / n
-        std = math.sqrt(max(second - mean * mean, 0.0)) or 1.0
-        low = sum(p.fg_voxels * p.fg_low for p in group) / n
-        high = sum(p.fg_voxels * p.fg_high for p in group) / n
+        if each_site_once:  # the median site's, statistic by statistic
+            mean, std, low, high = (float(np.median([getattr(p, k) for p in group]))
+                                    for k in ("fg_mean", "fg_std", "fg_low", "fg_high"))
+            std = std or 1.0
+        else:  # the pooled voxels' (exact from the sites' counts, means and stds)
+            n = sum(p.fg_voxels for p in group)
+            mean = sum(p.fg_voxels * p.fg_mean for p in group) / n
+            second = sum(p.fg_voxels * (p.fg_std ** 2 + p.fg_mean ** 2) for p in group) / n
+            std = math.sqrt(max(second - mean * mean, 0.0)) or 1.0
+            low = sum(p.fg_voxels * p.fg_low for p in group) / n
+            high = sum(p.fg_voxels * p.fg_high for p in group) / n
         intensity[modality] = Intensity("ct", (round(low, 4), round(high, 4)),
                                         round(mean, 4), round(std, 4))
     return Harmonisation(target, intensity, len(prints))

@@ -73,6 +73,33 @@ def test_target_spacing_is_the_case_weighted_median_and_nnunets_rule_for_thin_ax
                  "b": SiteFingerprint(5, "MR", ((1, 1),) * 3, ((9, 9),) * 3, 0, 0, 0, 0, 0)})
 
 
+def test_under_a_robust_rule_a_site_overstating_its_counts_moves_nothing():
+    """The attack: one hospital of four reports a million cases scanned at
+    0.3 mm and 10^12 CT foreground voxels around 5000 HU. Weighted by what
+    sites report (the default, ``aggregation = mean``), it sets the spacing
+    and the CT scale; counting each site once (a robust ``aggregation``), the
+    medians stay among the honest sites' values."""
+    def fp(cases, spacing, voxels, mean, std, low, high):
+        return SiteFingerprint(cases, "CT", ((spacing,) * 3,) * 3, ((64.0,) * 3,) * 3,
+                               voxels, mean, std, low, high)
+
+    honest = {"a": fp(20, 1.0, 10**6, 100.0, 50.0, -20.0, 250.0),
+              "b": fp(30, 1.2, 2 * 10**6, 120.0, 60.0, -10.0, 280.0),
+              "c": fp(25, 0.9, 10**6, 90.0, 40.0, -30.0, 230.0)}
+    liar = {**honest, "d": fp(10**6, 0.3, 10**12, 5000.0, 1.0, 4990.0, 5010.0)}
+    steered = combine(liar)
+    assert steered.spacing == (0.3, 0.3, 0.3)
+    assert steered.for_modality("CT").mean == pytest.approx(5000.0, abs=1.0)
+    for prints in (honest, liar):
+        robust = combine(prints, each_site_once=True)
+        ct = robust.for_modality("CT")
+        assert robust.spacing in ((0.9,) * 3, (1.0,) * 3)
+        assert 90.0 <= ct.mean <= 120.0 and 40.0 <= ct.std <= 60.0
+        assert -30.0 <= ct.clip[0] <= -10.0 and 230.0 <= ct.clip[1] <= 280.0
+    assert combine(liar, each_site_once=True).spacing == (0.9,) * 3  # the lower middle of four
+    assert combine(honest, each_site_once=True).spacing == (1.0,) * 3
+
+
 @pytest.mark.parametrize(("key", "value", "words"), [
     ("fg-mean", math.nan, "'fg-mean' must be a finite number"),
     ("fg-std", -1.0, "'fg-std' must be a finite number from 0"),

@@ -5,6 +5,7 @@ bringing its result back onto each input's own grid."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -86,6 +87,31 @@ def test_the_run_fixes_a_target_spacing_from_fingerprints_and_every_message_carr
     result = segment(model, source, torch.device("cpu"))
     assert result.mask.shape == nib.load(str(source)).shape  # on the source's own grid
     assert result.probabilities.shape == (3, *result.mask.shape)
+
+
+def test_under_a_robust_rule_a_site_overstating_its_cases_does_not_set_the_spacing(
+        spaced_sites, tmp_path, monkeypatch):
+    """The attack through the real apps: hospital-c (0.8 x 0.8 x 2.5 mm, 4
+    cases) reports 1000 cases. Weighted by that claim it would set the run's
+    spacing to its own (unit test: test_harmonise.py); under ``aggregation =
+    median`` each site counts once and the run keeps the honest sites' median."""
+    from common.data.harmonise import Harmonisation
+    from common.site_algorithm import SiteAlgorithm
+
+    honest = SiteAlgorithm.fingerprint
+
+    def overstated(self):
+        fingerprint = honest(self)
+        return (dataclasses.replace(fingerprint, cases=1000) if self.site == "hospital-c"
+                else fingerprint)
+
+    monkeypatch.setattr(SiteAlgorithm, "fingerprint", overstated)
+    _, summary, _ = run(spaced_sites, tmp_path, "liar", aggregation="median",
+                        **{"num-rounds": 1})
+    assert summary["rounds_completed"] == 1
+    saved = json.loads((tmp_path / "liar" / "harmonisation.json").read_text())
+    assert saved["fingerprints"]["hospital-c"]["cases"] == 1000  # the claim reached the server
+    assert Harmonisation.from_dict(saved["harmonisation"]).spacing == (1.0, 1.0, 2.5)
 
 
 def test_harmonise_off_asks_no_fingerprint_and_sends_no_instruction(spaced_sites, tmp_path):

@@ -384,6 +384,12 @@ class RunSettings:
         return bool(structure_list(self.structures))
 
     @property
+    def robust_aggregation(self) -> bool:
+        """Whether a robust rule replaces FedAvg's weighted mean: each site then
+        counts once, in the model's aggregate and in the harmonisation."""
+        return self.aggregation != "mean"
+
+    @property
     def model(self) -> ModelSettings:
         return ModelSettings(spatial_dims=self.model_spatial_dims,
                              channels=_channels(self.model_channels),

@@ -99,7 +99,7 @@ def harmonisations(sites: list[Site], settings: RunSettings
     own = {name: harmonise_sites({name: fp}, settings.harmonise, target)
            for name, fp in prints.items()}
     return harmonise_sites(prints, settings.harmonise, target,
-                           each_site_once=settings.aggregation != "mean"), own
+                           each_site_once=settings.robust_aggregation), own
 
 
 def read_sites(sites: list[Site], settings: RunSettings,

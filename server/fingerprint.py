@@ -83,7 +83,7 @@ def harmonise_run(grid: Grid, settings: RunSettings, run: RunFolder) -> Harmonis
     try:
         # under a robust rule no site's reported counts outweigh another's
         harmonisation = combine(prints, settings.harmonise, target,
-                                each_site_once=settings.aggregation != "mean")
+                                each_site_once=settings.robust_aggregation)
     except DataError as exc:
         raise TooFewSites(f"the sites' fingerprints do not combine: {exc}") from None
     run.save_harmonisation(harmonisation, shown, failures)

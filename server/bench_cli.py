@@ -321,7 +321,13 @@ def cmd_bench_privacy(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_quality(args: argparse.Namespace) -> int:
-    typed, node = run_overrides(args), node_overrides(args)  # before anything starts
+    from server.bench import METHODS, PRESETS, STRATEGIES, quality
+    from server.simulation import Site
+
+    preset = PRESETS[args.preset if args.retina_defaults else "none"]
+    # Before anything starts, and checked with the preset beneath them (a
+    # 24-voxel patch is valid for the hippocampus preset's 4-level U-Net).
+    typed, node = run_overrides(args, base=preset), node_overrides(args)
     folders = [Path(p) for p in args.site_dirs]
     if not folders:
         retina = os.environ.get(RETINA_ENV)
@@ -333,11 +339,7 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
     missing = [str(f) for f in folders if not f.is_dir()]
     if missing:
         raise FedsegError(f"site folder(s) not found: {', '.join(missing)}")
-    from server.bench import METHODS, PRESETS, STRATEGIES, quality
-    from server.simulation import Site
-
-    overrides = dict(PRESETS[args.preset if args.retina_defaults else "none"])
-    overrides |= typed
+    overrides = dict(preset) | typed
     if "device" in node:  # read by every site of the benchmark (SiteSettings' fallback)
         os.environ["FEDSEG_DEVICE"] = node["device"]
     rounds = overrides.pop("num-rounds", QUALITY_ROUNDS)

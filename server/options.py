@@ -5,6 +5,7 @@ coordinator's, the benchmarks' and the simulation commands."""
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -13,9 +14,12 @@ from common.config import check_node_config, check_run_overrides, parse_key_valu
 from common.errors import ConfigError
 
 
-def run_overrides(args: argparse.Namespace) -> dict[str, Any]:
+def run_overrides(args: argparse.Namespace, base: Mapping[str, Any] | None = None
+                  ) -> dict[str, Any]:
     """The run settings typed on the command line, checked against their
-    declarations before anything starts (unknown key, wrong type, rule)."""
+    declarations before anything starts (unknown key, wrong type, rule).
+    ``base``: settings the command applies beneath them (a benchmark's
+    preset), so that rules across keys see what the run will use."""
     out: dict[str, Any] = {}
     for key, attr in (("num-rounds", "rounds"), ("local-epochs", "local_epochs"),
                       ("learning-rate", "lr"), ("patch-size", "patch_size"),
@@ -25,7 +29,7 @@ def run_overrides(args: argparse.Namespace) -> dict[str, Any]:
         if value is not None:
             out[key] = value
     out.update(parse_key_values(args.config or []))
-    typed = check_run_overrides(out).to_run_config()
+    typed = check_run_overrides({**(base or {}), **out}).to_run_config()
     return {key: typed[key] for key in out}
 
 

@@ -44,6 +44,22 @@ def test_run_and_bench_refuse_a_mistyped_key(tmp_path):
     assert not (tmp_path / "fed").exists()
 
 
+def test_bench_checks_typed_settings_with_its_preset_beneath(tmp_path):
+    """A 24-voxel patch fits the hippocampus preset's 4-level U-Net (a multiple
+    of 8), not the default 5 levels: the check sees the preset, and still
+    refuses what the preset's U-Net cannot take."""
+    missing = str(tmp_path / "no-site")
+    fits = fedseg("bench", "quality", missing, "--preset", "hippocampus",
+                  "--config", "patch-size=24")
+    assert fits.returncode == 2
+    assert "site folder(s) not found" in fits.stdout, fits.stdout + fits.stderr
+    odd = fedseg("bench", "quality", missing, "--preset", "hippocampus",
+                 "--config", "patch-size=20")
+    assert odd.returncode == 2
+    assert "patch-size must be a multiple of 8 for 4 U-Net levels, got 20" in " ".join(
+        odd.stdout.split())
+
+
 def test_the_hospitals_commands_live_apart_from_the_coordinators():
     import client.cli
     import server.cli

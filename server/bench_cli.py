@@ -59,7 +59,7 @@ def cmd_bench_deploy(args: argparse.Namespace) -> int:
     if folders:  # real sites: copied into the work folder, which the nodes' users own
         import shutil
 
-        from server.bench import RETINA
+        from server.presets import RETINA
 
         sites = [Path(shutil.copytree(f, work / "data" / f.resolve().name)) for f in folders]
         names = [f.resolve().name for f in folders]
@@ -321,12 +321,11 @@ def cmd_bench_privacy(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_quality(args: argparse.Namespace) -> int:
-    from server.bench import METHODS, PRESETS, STRATEGIES, quality
-    from server.simulation import Site
+    from server.presets import PRESETS
 
     preset = PRESETS[args.preset if args.retina_defaults else "none"]
-    # Before anything starts, and checked with the preset beneath them (a
-    # 24-voxel patch is valid for the hippocampus preset's 4-level U-Net).
+    # Before anything starts (or loads torch), and checked with the preset
+    # beneath them (a 24-voxel patch fits the hippocampus preset's 4 levels).
     typed, node = run_overrides(args, base=preset), node_overrides(args)
     folders = [Path(p) for p in args.site_dirs]
     if not folders:
@@ -339,7 +338,10 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
     missing = [str(f) for f in folders if not f.is_dir()]
     if missing:
         raise FedsegError(f"site folder(s) not found: {', '.join(missing)}")
-    overrides = dict(preset) | typed
+    from server.bench import METHODS, STRATEGIES, quality
+    from server.simulation import Site
+
+    overrides = preset | typed
     if "device" in node:  # read by every site of the benchmark (SiteSettings' fallback)
         os.environ["FEDSEG_DEVICE"] = node["device"]
     rounds = overrides.pop("num-rounds", QUALITY_ROUNDS)

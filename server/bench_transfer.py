@@ -23,11 +23,11 @@ from common.config import RunSettings
 from common.data.harmonise import Harmonisation, Intensity
 from common.model import build_model
 from common.packing import pack, to_wire
-from server.bench import HIPPOCAMPUS
+from server.presets import HIPPOCAMPUS
 from server.wire import content_bytes
 
 # The models of docs/performance.md's table: the default 2D U-Net and the 3D
-# U-Net of the hippocampus benchmark (server/bench.py's preset), with 2 and
+# U-Net of the hippocampus benchmark (server/presets.py), with 2 and
 # with 1 residual units per level.
 HIPPOCAMPUS_MODEL = {k: v for k, v in HIPPOCAMPUS.items()
                      if k in ("model-spatial-dims", "model-channels", "structures")}

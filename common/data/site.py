@@ -5,8 +5,10 @@ Two layouts (see docs/data.md):
 * ``dataset.json`` in the MONAI / Medical Segmentation Decathlon form, with
   ``training`` and ``test`` lists of ``{"image": ..., "label": ...}`` and paths
   relative to the folder;
-* without it, ``imagesTr/`` + ``labelsTr/`` (and ``imagesTs/`` + ``labelsTs/``),
-  paired by file name (suffixes and an nnU-Net ``_0000`` channel tag ignored).
+* without it, or where it lists no cases (an nnU-Net ``dataset.json`` holds
+  the label map only), ``imagesTr/`` + ``labelsTr/`` (and ``imagesTs/`` +
+  ``labelsTs/``), paired by file name (suffixes and an nnU-Net ``_0000``
+  channel tag ignored).
 """
 
 from __future__ import annotations
@@ -81,7 +83,8 @@ def list_cases(site_dir: Path, split: str) -> list[CaseRef]:
     if not site_dir.is_dir():
         raise EmptyDatasetError(f"site folder {site_dir} does not exist or is not a folder")
     datalist = site_dir / "dataset.json"
-    if datalist.is_file():
+    if datalist.is_file() and (_lists(datalist, split)
+                               or not (site_dir / SPLITS[split][0]).is_dir()):
         refs = _from_datalist(site_dir, datalist, split)
     elif (site_dir / SPLITS[split][0]).is_dir():
         refs = _from_folders(site_dir, *SPLITS[split])
@@ -93,6 +96,17 @@ def list_cases(site_dir: Path, split: str) -> list[CaseRef]:
     if not refs:
         raise EmptyDatasetError(f"site folder {site_dir} holds no {split} case")
     return refs
+
+
+def _lists(datalist: Path, split: str) -> bool:
+    """Whether ``dataset.json`` lists ``split``'s cases. An nnU-Net one (labels
+    and channel names, no lists) does not: its cases are the folders beside it.
+    An unreadable one answers True, for :func:`_from_datalist` to say what is wrong."""
+    try:
+        spec = json.loads(datalist.read_text())
+    except (OSError, ValueError):
+        return True
+    return not isinstance(spec, dict) or split in spec
 
 
 def _from_datalist(site_dir: Path, datalist: Path, split: str) -> list[CaseRef]:

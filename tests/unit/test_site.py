@@ -57,6 +57,26 @@ def test_images_and_labels_folders_pair_by_name(tmp_path):
     assert len(load_site(tmp_path, "test")) == 1
 
 
+def test_an_nnunet_dataset_json_gives_the_label_map_and_the_folders_the_cases(tmp_path):
+    from common.data.labels import read_label_map
+
+    for folder, name in (("imagesTr", "a_0000"), ("imagesTs", "t_0000")):
+        png(tmp_path / folder / f"{name}.png")
+    for folder, name in (("labelsTr", "a"), ("labelsTs", "t")):
+        png(tmp_path / folder / f"{name}.png", value=2)
+    (tmp_path / "dataset.json").write_text(json.dumps(
+        {"channel_names": {"0": "MRI"}, "labels": {"background": 0, "Anterior": 1,
+                                                   "Posterior": 2},
+         "numTraining": 1, "file_ending": ".png"}))
+    assert [c.case_id for c in list_cases(tmp_path, "training")] == ["a"]
+    assert [c.case_id for c in list_cases(tmp_path, "test")] == ["t"]
+    assert read_label_map(tmp_path).names[2] == "Posterior"
+    # a dataset.json that lists a split is that split's list, folders or not
+    (tmp_path / "dataset.json").write_text(json.dumps({"training": [], "test": []}))
+    with pytest.raises(EmptyDatasetError, match="no training case"):
+        list_cases(tmp_path, "training")
+
+
 def test_synthetic_sites_use_both_layouts_and_label_formats(synthetic_sites):
     even, odd = synthetic_sites[0], synthetic_sites[1]
     assert (even / "dataset.json").exists() and not (odd / "dataset.json").exists()

@@ -237,6 +237,12 @@ def write_nifti(result: Segmentation, out: Path) -> Path:
     mask = mask.reshape(src.shape)  # the reader squeezed singleton axes: put them back
     img = nib.Nifti1Image(mask.astype(np.uint8), src.affine)
     img.header.set_xyzt_units(*src.header.get_xyzt_units())
+    # the source's own qform and sform, with their codes (scanner, aligned,
+    # template...): a viewer reads the label map in the space it reads the image in
+    qform, qcode = src.header.get_qform(coded=True)
+    sform, scode = src.header.get_sform(coded=True)
+    img.set_qform(qform if qcode else src.affine, code=int(qcode))
+    img.set_sform(sform if scode else src.affine, code=int(scode))
     if result.multiclass:
         img.header.set_intent("label", (), name="fedseg")
         names = " ".join(f"{v}={n}" for v, n in label_names(result.structures).items()

@@ -34,7 +34,7 @@ def _resampled(path: Path, out: Path, spacing: Sequence[float], labels: bool) ->
         raise DataError(f"cannot read {path.name} as NIfTI: {exc}") from None
     if data.ndim != len(spacing):
         raise DataError(f"{path.name} has {data.ndim} axes; --spacing gives {len(spacing)}")
-    zooms = tuple(float(z) for z in img.header.get_zooms()[:data.ndim])
+    zooms = tuple(float(z) for z in nib.affines.voxel_sizes(img.affine)[:data.ndim])
     shape = tuple(max(1, round(n * z / t)) for n, z, t in zip(data.shape, zooms, spacing,
                                                             strict=True))
     source = data.astype(np.int32 if labels else np.float32, copy=False)

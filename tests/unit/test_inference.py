@@ -108,12 +108,17 @@ def test_nifti_gets_a_label_map_on_the_sources_grid(tmp_path):
     affine = np.diag([-0.8, -0.8, 2.5, 1.0])  # LPS-like: flipped against RAS
     affine[:3, 3] = (12, -30, 5)
     src = tmp_path / "scan.nii.gz"
-    nib.save(nib.Nifti1Image(data, affine), str(src))
+    scan = nib.Nifti1Image(data, affine)
+    scan.set_qform(affine, code=1)  # scanner-anatomical, as a converter writes it
+    scan.set_sform(affine, code=1)
+    nib.save(scan, str(src))
     model = load_model(saved_model(tmp_path / "run"))
     result = segment(model, src, CPU)
     (out,) = write_result(model, result, tmp_path)
     written = nib.load(str(out))
     assert written.shape == data.shape and np.allclose(written.affine, affine)
+    # in the space the source names, not nibabel's default (no qform, sform "aligned")
+    assert (int(written.header["qform_code"]), int(written.header["sform_code"])) == (1, 1)
     _, meta = read_image(src)
     assert np.array_equal(read_label(out, meta)[0], result.mask)  # same voxels, same place
 

@@ -157,6 +157,20 @@ def test_nifti_image_and_label_are_reoriented_together(tmp_path):
     assert meta.spacing == (2.0, 1.0, 3.0)
 
 
+def test_nifti_voxel_size_is_the_affines_not_a_stale_pixdim(tmp_path):
+    # a writer set the sform (0.8 x 1.2 x 2.5 mm) and left pixdim at 1: the
+    # geometry (and nibabel, ITK, every viewer) follows the sform
+    affine = np.diag([0.8, 1.2, 2.5, 1.0])
+    img = nib.Nifti1Image(np.zeros((6, 5, 4), np.float32), affine)
+    img.header.set_sform(affine, code=1)
+    img.header.set_qform(None, code=0)
+    img.header.set_zooms((1.0, 1.0, 1.0))
+    nib.save(img, str(tmp_path / "s.nii.gz"))
+    assert nib.load(str(tmp_path / "s.nii.gz")).header.get_zooms() == (1.0, 1.0, 1.0)
+    _, meta = read_image(tmp_path / "s.nii.gz")
+    assert np.allclose(meta.spacing, (0.8, 1.2, 2.5))
+
+
 def test_png_label_with_255_foreground(tmp_path):
     from PIL import Image
 

@@ -25,7 +25,6 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, tuple[float, ...], np.ndarray]:
             shape = tuple(int(d) for d in img.shape)
             dtype = np.dtype(img.get_data_dtype())
             offset = int(img.dataobj.offset)
-            zooms = tuple(float(z) for z in img.header.get_zooms())
             affine = np.asarray(img.affine, dtype=float)
     except MemoryError:
         raise
@@ -53,12 +52,16 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, tuple[float, ...], np.ndarray]:
     keep = [i for i, d in enumerate(spatial) if d != 1]
     if len(keep) < 2:
         raise UnsupportedFormatError(f"NIfTI {name} has shape {shape}; expected 2D or 3D")
-    spacing = tuple(zooms[i] if i < len(zooms) else 1.0 for i in keep)
-    _check_spacing(spacing, name, "pixdim (voxel size)")
     if not np.isfinite(affine).all():
         raise UnreadableFileError(
             f"the orientation (qform / sform) in the header of NIfTI {name} holds NaN or "
             f"infinite numbers")
+    # The voxel size is the one the geometry uses: the lengths of the affine's
+    # axes (sform, else qform, as nibabel and ITK read them), not pixdim, which
+    # a writer may leave at 1 beside an sform that says otherwise.
+    zooms = tuple(float(z) for z in nib.affines.voxel_sizes(affine))
+    spacing = tuple(zooms[i] for i in keep)
+    _check_spacing(spacing, name, "voxel size (from its qform / sform)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

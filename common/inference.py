@@ -145,6 +145,10 @@ def segment(saved: SavedModel, source: Path, device: torch.device) -> Segmentati
     if spatial < s.model.spatial_dims:
         raise UnsupportedFormatError(f"{Path(source).name} is {spatial}D; the model is "
                                      f"{s.model.spatial_dims}D")
+    if s.model.spatial_dims == 3 and meta.not_a_volume:
+        raise UnsupportedFormatError(
+            f"{meta.not_a_volume}; the model is 3D and reads one stack of evenly spaced "
+            f"parallel slices: export the whole series, one plane a folder, or resample it")
     # as the run prepared its cases: resampled to its spacing, on its intensity scale
     prep = Preparation.of(s.input_channels, saved.harmonisation,
                           saved.input_modality(Path(source)))

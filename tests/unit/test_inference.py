@@ -181,6 +181,25 @@ def test_a_model_that_does_not_fit_its_settings_or_its_input_is_refused(tmp_path
         segment(model3d, tmp_path / "flat.png", CPU)
 
 
+def test_a_3d_model_refuses_a_series_that_is_not_one_even_volume(tmp_path, synthetic_sites,
+                                                                 dicom_dir):
+    model3d = load_model(saved_model(tmp_path / "run3d", **{"model-spatial-dims": 3}))
+    radial = dicom_dir / "pydicom_testfiles/test_files/dicomdirtests/98892003/MR700"
+    with pytest.raises(UnsupportedFormatError, match="lie in 7 planes.*the model is 3D"):
+        segment(model3d, radial, CPU)
+    whole = sorted((synthetic_sites[0] / "imagesTs").iterdir())[0]
+    gap = tmp_path / "gap"
+    shutil.copytree(whole, gap)
+    slices = sorted(gap.iterdir(), key=lambda f: float(pydicom.dcmread(f).ImagePositionPatient[2]))
+    slices[3].unlink()  # a slice lost on the way out of the archive
+    with pytest.raises(UnsupportedFormatError, match="not evenly spaced: .* between slices 3 "
+                                                     "and 4"):
+        segment(model3d, gap, CPU)
+    assert segment(model3d, whole, CPU).mask.shape == (64, 64, 8)  # the whole series is read
+    assert segment(load_model(saved_model(tmp_path / "run2d")), gap, CPU).mask.shape == (
+        64, 64, 7)  # a 2D model reads it slice by slice
+
+
 @pytest.mark.slow  # with the drills: keeps the default suite under 8 min (issue 27 added ~70 s)
 def test_predict_and_evaluate_from_the_command_line(tmp_path, synthetic_sites):
     model = saved_model(tmp_path / "run")

@@ -41,6 +41,10 @@ class ImageMeta:
     transform: np.ndarray | None = None  # nibabel orientation transform, or None
     # For DICOM series with a geometry: the stored slices in patient space (RTSTRUCT)
     geometry: SliceGeometry | None = None
+    # For DICOM series: why the slices are not one evenly spaced volume (several
+    # planes, slices at one place, a slice missing), or None. A 2D model reads
+    # such a series slice by slice; a 3D model cannot.
+    not_a_volume: str | None = None
 
 
 def file_kind(path: Path) -> str:

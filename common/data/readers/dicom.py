@@ -257,6 +257,7 @@ def _read_dicom_series(folder: Path) -> tuple[np.ndarray, ImageMeta]:
     orientations = [_orientation(ds, f.name) for f, ds in datasets]
     positions = [_slice_position(ds, f.name, iop)
                  for (f, ds), iop in zip(datasets, orientations, strict=True)]
+    problem = _not_one_volume(orientations, positions, folder.name)  # a 3D model refuses
     if all(p is not None for p in positions):
         order = np.argsort(positions, kind="stable")
     else:
@@ -281,8 +282,46 @@ def _read_dicom_series(folder: Path) -> tuple[np.ndarray, ImageMeta]:
         source_uids=[_instance_uid(ds, f.name) for f, ds in datasets],
         transform=transform,
         geometry=_geometry(datasets, [orientations[i] for i in order], rows, columns),
+        not_a_volume=problem,
     )
     return volume[None].astype(np.float32), meta
+
+
+# Slice planes further apart than this (in direction cosines, about 0.6 degrees)
+# are different planes, not one stack written with rounded numbers.
+_PLANE_TOLERANCE = 0.01
+# Gaps between neighbouring slices may differ from their median by this share
+# before the series counts as uneven (a slice missing, or mixed spacings).
+_GAP_TOLERANCE = 0.1
+
+
+def _not_one_volume(orientations: list, positions: list, folder: str) -> str | None:
+    """Why a series' slices are not one evenly spaced volume, or None if they
+    are (or have no geometry to tell): slices in several planes (a localiser,
+    a radial series), two at one place (several echoes or times in one
+    series), or a step between neighbours unlike the rest (a slice missing)."""
+    planes: list[np.ndarray] = []
+    for o in (o for o in orientations if o is not None):
+        if not any(np.abs(o - p).max() <= _PLANE_TOLERANCE for p in planes):
+            planes.append(o)
+    if len(planes) > 1:
+        return (f"the slices of series {folder} lie in {len(planes)} planes "
+                f"(ImageOrientationPatient): a localiser, radial or multi-plane series, not "
+                f"one volume")
+    if any(p is None for p in positions) or len(positions) < 2:
+        return None
+    gaps = np.diff(np.sort(np.asarray(positions, dtype=float)))
+    step = float(np.median(gaps))
+    same = int((gaps <= 1e-3 * max(step, 1.0)).sum())
+    if same:
+        return (f"series {folder} holds {same + 1} or more slices at one position "
+                f"(several echoes, phases or times in one series?), not one volume")
+    worst = int(np.argmax(np.abs(gaps - step)))
+    if abs(gaps[worst] - step) > _GAP_TOLERANCE * step:
+        return (f"the slices of series {folder} are not evenly spaced: {gaps[worst]:.3g} mm "
+                f"between slices {worst + 1} and {worst + 2} (in position order) against "
+                f"{step:.3g} mm between most (a slice missing, or mixed spacings)")
+    return None
 
 
 def _instance_uid(ds, name: str) -> str:

@@ -36,6 +36,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +52,7 @@ from common.errors import (
     DataError,
     EmptyDatasetError,
     MissingLabelError,
+    ShapeMismatchError,
     UnsupportedFormatError,
 )
 
@@ -152,8 +155,42 @@ def read_source(dataset_dir: Path) -> Source:
                                 f"file; every case of a site needs one (remove the "
                                 f"case from the source's listing, or add its label)")
     cases = _unique_ids(pairs)
+    _check_shapes(cases, root)
     name = str(spec.get("name") or root.name)
     return Source(root, form, name, spec, cases)
+
+
+def _check_shapes(cases: list[SourceCase], root: Path) -> None:
+    """Each NIfTI label has its image's shape, read from the two headers (no
+    voxels): a site would leave a mismatched case out, and a skewed split would
+    have sorted it by a label that does not fit its image. Other formats are
+    checked case by case by ``fedseg site check``."""
+    import nibabel as nib
+
+    from common.data.readers import file_kind
+
+    wrong, unreadable = [], []
+    for case in cases:
+        if file_kind(case.image) != "nifti" or file_kind(case.label) != "nifti":
+            continue
+        try:
+            shapes = [tuple(d for d in nib.load(str(p)).shape[:3] if d != 1)
+                      for p in (case.image, case.label)]
+        except Exception:  # noqa: BLE001 - a damaged header: named below
+            unreadable.append(case.case_id)
+            continue
+        if shapes[0] != shapes[1]:
+            wrong.append(f"{case.case_id!r} (image {shapes[0]}, label {shapes[1]})")
+    if unreadable:
+        raise DataError(f"{_some(unreadable)} in {root}: the NIfTI header of the image or "
+                        f"label cannot be read (a damaged or truncated file)")
+    if wrong:
+        more = f" and {len(wrong) - 5} more" if len(wrong) > 5 else ""
+        raise ShapeMismatchError(
+            f"{'case' if len(wrong) == 1 else f'{len(wrong)} cases'} in {root} "
+            f"{'has' if len(wrong) == 1 else 'have'} a label whose shape is not its "
+            f"image's: {', '.join(wrong[:5])}{more}; fix or remove "
+            f"{'it' if len(wrong) == 1 else 'them'} in the source")
 
 
 def _some(ids: list[str], shown: int = 5) -> str:
@@ -311,6 +348,9 @@ def site_names(sites: int, names: Sequence[str] | None) -> list[str]:
         if not name or name in (".", "..") or "/" in name or "\\" in name:
             raise ConfigError(f"site name {name!r} is not a folder name (no '/', not '.' "
                               f"or '..', not empty)")
+        if name.lower() == "partition.json" or name.startswith("."):
+            raise ConfigError(f"site name {name!r} is taken: OUT/partition.json sums up "
+                              f"the sites, and a name starting with '.' is hidden")
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})
         raise ConfigError(f"--names gives {', '.join(dup)} more than once")
@@ -344,6 +384,12 @@ def _sort_keys(source: Source, by: str | None,
     if not numbers and not all(isinstance(v, str) for v in values.values()):
         raise ConfigError(f"--by {by}: its values must all be numbers or all be text "
                           f"(found {sorted({type(v).__name__ for v in values.values()})})")
+    if numbers:
+        odd = [cid for cid, v in values.items() if not math.isfinite(v)]
+        if odd:
+            raise ConfigError(f"--by {by}: {_some(odd)} {_has(odd)} a value that is not a "
+                              f"finite number (NaN or infinite), which has no place in "
+                              f"an order")
     return values
 
 
@@ -352,7 +398,7 @@ def plan(source: Source, sites: int, split: str = "even", seed: int = 0,
          by: str | None = None,
          progress: Callable[[int, int], None] | None = None) -> list[SitePlan]:
     """Which cases each site trains and tests on (nothing is written)."""
-    check_options(sites, split, test_fraction, by)
+    check_options(sites, split, test_fraction, by, seed)
     n = len(source.cases)
     if sites > n:
         raise ConfigError(f"cannot make {sites} sites from {n} case{'s' * (n != 1)} "
@@ -378,7 +424,10 @@ def plan(source: Source, sites: int, split: str = "even", seed: int = 0,
     return plans
 
 
-def check_options(sites: int, split: str, test_fraction: float, by: str | None) -> None:
+def check_options(sites: int, split: str, test_fraction: float, by: str | None,
+                  seed: int = 0) -> None:
+    if not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"--seed must be a whole number of 0 or more, not {seed}")
     if sites < 1:
         raise ConfigError(f"--sites must be at least 1, not {sites}")
     if split not in SPLITS:
@@ -442,20 +491,49 @@ def partition(dataset_dir: Path, out: Path, sites: int, *, split: str = "even",
     ``dataset_dir`` and ``out/partition.json``; returns what partition.json
     holds. Everything is checked before anything is written; ``out`` must be
     absent or empty."""
-    check_options(sites, split, test_fraction, by)
+    check_options(sites, split, test_fraction, by, seed)
     out = Path(out)
+    if out.is_symlink() and not out.exists():
+        raise ConfigError(f"output folder {out} is a symbolic link to nothing; give a new "
+                          f"folder")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"output folder {out} exists and is not empty; give a new folder "
                           f"(nothing is overwritten)")
     source = read_source(Path(dataset_dir))
+    if out.resolve().is_relative_to(source.root):
+        raise ConfigError(f"output folder {out} is inside the dataset {source.root}; give "
+                          f"a folder outside it (the source is only read)")
     plans = plan(source, sites, split, seed, test_fraction, names, by, progress)
     by_name = None if split == "even" else (by or BY_SIZE)
     recipe = {"source": str(source.root), "source_name": source.name,
               "source_form": source.form, "split": split, "by": by_name, "seed": seed,
               "test_fraction": test_fraction}
 
-    out.mkdir(parents=True, exist_ok=True)
-    out = out.resolve()
+    # Written into a hidden folder beside OUT and renamed to OUT at the end: a
+    # failure half-way leaves no half-written OUT behind.
+    final = out.resolve()
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        out = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        out.chmod(0o777 & ~umask)  # as mkdir would make it, not mkdtemp's owner-only
+    except OSError as exc:
+        raise ConfigError(f"cannot create output folder {final}: "
+                          f"{exc.strerror or exc}") from None
+    try:
+        result = _write(source, plans, out, recipe, by, sites)
+        if final.exists():
+            final.rmdir()  # empty, checked above
+        out.rename(final)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)  # links and lists only: no source file
+        raise
+    return result
+
+
+def _write(source: Source, plans: list[SitePlan], out: Path, recipe: dict[str, Any],
+           by: str | None, sites: int) -> dict[str, Any]:
     kept = {k: source.spec[k] for k in KEPT_KEYS if k in source.spec}
     if "modality" not in kept and "channel_names" in kept:
         kept["modality"] = kept["channel_names"]  # the Decathlon's name for it

@@ -18,6 +18,7 @@ from common.errors import (
     ConfigError,
     EmptyDatasetError,
     MissingLabelError,
+    ShapeMismatchError,
     UnsupportedFormatError,
 )
 
@@ -242,6 +243,58 @@ def test_refuses_bad_counts_and_a_used_output_folder(tmp_path, toy):
     (tmp_path / "empty").mkdir()
     assert partition(toy, tmp_path / "empty", 11, test_fraction=0.5)["sites"][0] == {
         "name": "site-1", "folder": "site-1", "site": 1, "cases": 1, "training": 1, "test": 0}
+
+
+def test_refuses_hostile_options_and_outputs_leaving_nothing_half_written(tmp_path, toy,
+                                                                          monkeypatch):
+    with pytest.raises(ConfigError, match="--seed must be a whole number of 0 or more, not -1"):
+        partition(toy, tmp_path / "o", 2, seed=-1)
+    with pytest.raises(ConfigError, match="'partition.json' is taken"):
+        partition(toy, tmp_path / "o", 2, names=["partition.json", "b"])
+    assert not (tmp_path / "o").exists()
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(ConfigError, match="symbolic link to nothing"):
+        partition(toy, tmp_path / "dangling", 2)
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(ConfigError, match="cannot create output folder"):
+        partition(toy, tmp_path / "file" / "out", 2)
+    with pytest.raises(ConfigError, match="is inside the dataset"):
+        partition(toy, toy / "sites", 2)
+    assert not (toy / "sites").exists()
+    # a failure while writing (here: the disk fills at the second site) leaves
+    # no OUT and no hidden partial folder behind
+    before = sorted(p.name for p in tmp_path.iterdir())
+    import common.data.partition as part
+
+    real = part._place
+
+    def failing(target, link, site_dir):
+        if "site-2" in str(site_dir):
+            raise OSError("disk full")
+        return real(target, link, site_dir)
+
+    monkeypatch.setattr(part, "_place", failing)
+    with pytest.raises(OSError, match="disk full"):
+        partition(toy, tmp_path / "half", 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert sorted(p.name for p in toy.iterdir()) == ["dataset.json", "imagesTr", "labelsTr"]
+
+
+def test_refuses_a_label_of_another_shape_and_a_sort_key_that_is_not_a_number(tmp_path):
+    src = msd(tmp_path / "src", n=4, attributes=True)
+    nib.save(nib.Nifti1Image(np.zeros((12, 10, 4), np.uint8), np.eye(4)),
+             str(src / "labelsTr" / "case_002.nii.gz"))
+    with pytest.raises(ShapeMismatchError,
+                       match=r"'case_002' \(image \(12, 12, 4\), label \(12, 10, 4\)\)"):
+        partition(src, tmp_path / "o", 2)
+    _volume(src / "labelsTr" / "case_002.nii.gz", 2, label=True)
+    spec = json.loads((src / "dataset.json").read_text())
+    spec["training"][1]["age"] = float("nan")
+    (src / "dataset.json").write_text(json.dumps(spec))
+    with pytest.raises(ConfigError, match="--by age: case 'case_001' has a value that is not "
+                                          "a finite number"):
+        partition(src, tmp_path / "o", 2, split="skewed", by="age")
+    assert not (tmp_path / "o").exists()
 
 
 def test_refuses_a_dataset_without_cases(tmp_path):

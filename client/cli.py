@@ -318,7 +318,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from common.data.labels import site_classes
+    from common.data.site import left_out_summary
     from common.data.transforms import prepared
+    from common.errors import MissingLabelError
     from common.inference import load_model
     from common.model import pick_device
     from common.training import evaluate
@@ -326,9 +328,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     saved = load_model(Path(args.model))
     site = Path(args.site_dir)  # its labels as the model's structures, as a run reads them
+    out = _evaluate_csv(args.csv, saved.sha256, site, args.split)  # before the scoring
     found, left_out = evaluation_cases(site, args.split, site_classes(site, saved.settings))
-    for exc in left_out:
-        console.print(f"[yellow]left out: {exc}[/yellow]", soft_wrap=True)
     from common.data.harmonise import site_modality
     from common.data.site import list_cases
     from common.data.transforms import Preparation
@@ -340,7 +341,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                            modality), keep_source=True)
     result = evaluate(saved.model, cases, saved.settings, pick_device(args.device))
     shown = "training and test" if args.split == "all" else args.split
-    table = Table(title=f"{saved.path.name} on {args.site_dir} ({shown} cases)")
+    scored = (f"{len(cases)} of {len(cases) + len(left_out)} {shown} cases scored, "
+              f"{len(left_out)} left out" if left_out else f"{shown} cases")
+    table = Table(title=f"{saved.path.name} on {args.site_dir} ({scored})")
     for col in ("case", *SCORES):
         table.add_column(col, justify="right")
     rows = [(c.case_id, m) for c, m in zip(cases, result.per_case, strict=True)]
@@ -355,14 +358,46 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         table.add_row(f"{prefix}mean", *(f"{summary[k]:.4f}" for k in keys))
     console.print(table)
     columns = score_keys(structures)
-    out = Path(args.csv or f"fedseg-evaluate-{saved.sha256[:12]}.csv")
-    with open(out, "w", newline="") as fh:
+    # "x" (exclusive): a file that appeared since the check is not overwritten either
+    with open(out, "x", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["case", *columns])
-        writer.writerows([case_id, *(m[k] for k in columns)] for case_id, m in rows)
-        writer.writerow(["mean", *(summary[k] for k in columns)])
+        writer.writerow(["case", *columns, "note"])
+        writer.writerows([case_id, *(m[k] for k in columns), ""] for case_id, m in rows)
+        writer.writerows([exc.case, *([""] * len(columns)), f"left out: {exc.problem}"]
+                         for exc in left_out)
+        writer.writerow(["mean", *(summary[k] for k in columns),
+                         f"mean of {len(rows)} scored case(s)"])
     console.print(f"per-case metrics written to {out} (they stay at this site)")
-    return 0
+    unread = [e for e in left_out if not isinstance(e, MissingLabelError)]
+    if left_out:  # each was named as it was read, and is in the CSV
+        console.print(f"[yellow]{len(cases)} of {len(cases) + len(left_out)} case(s) scored; "
+                      f"{left_out_summary(left_out)} left out[/yellow]")
+    # a case that could not be read is a failure; an image without a label (the
+    # Decathlon's test lists) is only one there is nothing to score against
+    return 1 if unread else 0
+
+
+def _evaluate_csv(given: str | None, sha256: str, site: Path, split: str) -> Path:
+    """Where ``fedseg evaluate`` writes its CSV, checked before any scoring:
+    ``--csv`` must be a new file in an existing folder (nothing is
+    overwritten); the default names the model, the folder and the split, with
+    ``-2``, ``-3``... where such a file is already there."""
+    from common.errors import ConfigError
+
+    if given:
+        out = Path(given)
+        if out.exists() or out.is_symlink():
+            raise ConfigError(f"--csv {out} exists; give a new file name (nothing is "
+                              f"overwritten)")
+        if not out.parent.is_dir():
+            raise ConfigError(f"--csv {out}: folder {out.parent} does not exist")
+        return out
+    stem = f"fedseg-evaluate-{sha256[:12]}-{site.resolve().name or 'root'}-{split}"
+    out, n = Path(f"{stem}.csv"), 1
+    while out.exists() or out.is_symlink():
+        n += 1
+        out = Path(f"{stem}-{n}.csv")
+    return out
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -390,7 +425,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="the cases to score: the folder's test cases (default), its "
                         "training cases (a held-out folder in the Decathlon's form lists "
                         "its labelled cases under 'training'), or all of them")
-    p.add_argument("--csv", help="per-case CSV to write (default ./fedseg-evaluate-HASH.csv)")
+    p.add_argument("--csv", help="per-case CSV to write, a new file (default "
+                   "./fedseg-evaluate-HASH-FOLDER-SPLIT.csv)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda:N")
     p.set_defaults(func=cmd_evaluate)
 

@@ -219,8 +219,12 @@ def test_predict_and_evaluate_from_the_command_line(tmp_path, synthetic_sites):
     proc = fedseg("evaluate", str(model), str(synthetic_sites[0]), "--csv", str(csv))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = csv.read_text().splitlines()
-    assert rows[0] == "case,dice,iou,hd95,sensitivity,specificity" and rows[-1].startswith(
+    assert rows[0] == "case,dice,iou,hd95,sensitivity,specificity,note" and rows[-1].startswith(
         "mean,") and len(rows) == 2 + len(series)
+    again = fedseg("evaluate", str(model), str(synthetic_sites[0]), "--csv", str(csv))
+    said = " ".join(again.stdout.split())
+    assert again.returncode == 2 and "exists; give a new file name" in said
+    assert csv.read_text().splitlines() == rows  # nothing overwritten
 
 
 @pytest.mark.parametrize("name", ["pydicom_testfiles/test_files/CT_small.dcm",

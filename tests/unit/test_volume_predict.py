@@ -316,9 +316,17 @@ def evaluate(capsys, model: Path, folder: Path, csv: Path, *options: str
     if not csv.exists():
         return code, text, []
     rows = csv.read_text().splitlines()
-    assert rows[0] == ",".join(("case", *score_keys(STRUCTURES)))
+    assert rows[0] == ",".join(("case", *score_keys(STRUCTURES), "note"))
     assert rows[-1].startswith("mean,")
-    return code, text, [row.split(",")[0] for row in rows[1:-1]]
+    return code, text, [row[0] for row in csv_rows(csv)[1:-1]
+                        if not row[-1].startswith("left out")]  # the scored ones
+
+
+def csv_rows(path: Path) -> list[list[str]]:
+    import csv
+
+    with open(path, newline="") as fh:
+        return list(csv.reader(fh))
 
 
 def test_evaluate_scores_a_held_out_folder_whose_cases_are_all_under_training(
@@ -354,3 +362,29 @@ def test_evaluate_split_chooses_among_training_and_test_cases(tmp_path, capsys, 
     (nothing / "dataset.json").write_text(json.dumps({"labels": LABELS, "training": []}))
     code, text, _ = evaluate(capsys, model_3d, nothing, csv, "--split", "all")
     assert code != 0 and "holds no training case" in text and "--split" not in text, text
+
+
+def test_evaluate_says_which_cases_it_could_not_score_and_fails(tmp_path, capsys, model_3d):
+    folder = heldout_folder(tmp_path / "mixed", training=4)
+    (folder / "imagesTr" / "training_001.nii.gz").write_bytes(b"\x1f\x8b truncated")
+    nib.save(nib.Nifti1Image(np.zeros((24, 20, 15), np.uint8), np.diag([-1.0, -1.0, 1.5, 1.0])),
+             str(folder / "labelsTr" / "training_002.nii.gz"))
+    csv = tmp_path / "scores.csv"
+    code, text, cases = evaluate(capsys, model_3d, folder, csv, "--split", "training")
+    assert code == 1, text  # scores written, and the exit code says not all could be
+    assert cases == ["training_000", "training_003"]
+    assert "2 of 4 training cases scored, 2 left out" in text, text
+    rows = {r[0]: r[-1] for r in csv_rows(csv)[1:]}
+    assert rows["training_001"].startswith("left out: cannot read the NIfTI header of "
+                                           "training_001.nii.gz")
+    assert rows["training_002"].startswith("left out: ") and "(24, 20, 15)" in rows[
+        "training_002"]
+    assert rows["mean"] == "mean of 2 scored case(s)"
+    # a CSV that cannot be written is refused before any scoring, not after it
+    from server.cli import main
+
+    code = main(["evaluate", str(model_3d), str(folder), "--csv",
+                 str(tmp_path / "nowhere" / "s.csv"), "--split", "training"])
+    printed = capsys.readouterr()
+    assert code == 2 and "folder" in printed.out and "does not exist" in printed.out
+    assert "Traceback" not in printed.out + printed.err and "left out" not in printed.out

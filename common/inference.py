@@ -78,7 +78,10 @@ def load_model(path: Path) -> SavedModel:
     try:
         obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file
-        raise ConfigError(f"{path} is not a fedseg model: {exc}") from None
+        # torch's own message suggests weights_only=False, which would run code
+        # the file carries: not advice to pass on
+        raise ConfigError(f"{path} is not a fedseg model (a PyTorch file of weights only; "
+                          f"{type(exc).__name__} on loading it)") from None
     config = obj.get("config") if isinstance(obj, dict) and "state_dict" in obj else None
     state = obj["state_dict"] if config is not None else obj
     harmonised = obj.get("harmonisation") if config is not None else None
@@ -86,7 +89,14 @@ def load_model(path: Path) -> SavedModel:
         for name in CONFIG_FILES:
             side = path.with_name(name)
             if side.is_file():
-                beside = json.loads(side.read_text())
+                try:
+                    beside = json.loads(side.read_text())
+                except (OSError, ValueError) as exc:
+                    raise ConfigError(f"{side} (the run settings beside the model) cannot be "
+                                      f"read: {exc}") from None
+                if not isinstance(beside, dict):
+                    raise ConfigError(f"{side} (the run settings beside the model) is not a "
+                                      f"JSON object")
                 config, harmonised = beside.get("config"), beside.get("harmonisation")
                 break
     if not isinstance(config, dict) or not isinstance(state, dict):
@@ -99,6 +109,11 @@ def load_model(path: Path) -> SavedModel:
     except RuntimeError as exc:
         raise ConfigError(f"{path} does not match the U-Net its settings describe: "
                           f"{str(exc).splitlines()[0]}") from None
+    broken = [k for k, v in model.state_dict().items()
+              if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:  # it would label every voxel background, and say nothing
+        raise ConfigError(f"{path} holds NaN or infinite weights ({len(broken)} tensor(s), "
+                          f"first {broken[0]}): a diverged or damaged model")
     harmonisation = Harmonisation.from_dict(harmonised) if harmonised else None
     return SavedModel(path, settings, model.eval(), hashlib.sha256(raw).hexdigest(),
                       harmonisation)

@@ -173,6 +173,19 @@ def test_a_model_that_does_not_fit_its_settings_or_its_input_is_refused(tmp_path
     shutil.copy(path, lone)
     with pytest.raises(ConfigError, match="no run settings beside it"):
         load_model(lone)
+    (tmp_path / "notes.txt").write_text("not a model")
+    with pytest.raises(ConfigError, match="not a fedseg model") as info:
+        load_model(tmp_path / "notes.txt")
+    assert "weights_only=False" not in str(info.value)  # torch's advice runs foreign code
+    (tmp_path / "run" / "summary.json").write_text("{ cut")
+    with pytest.raises(ConfigError, match="summary.json .* cannot be read"):
+        load_model(path)
+    nan = saved_model(tmp_path / "nan")
+    weights = torch.load(nan, weights_only=True)
+    next(iter(weights.values())).fill_(float("nan"))
+    torch.save(weights, nan)
+    with pytest.raises(ConfigError, match="NaN or infinite weights"):
+        load_model(nan)
     model3d = load_model(saved_model(tmp_path / "run3d", **{"model-spatial-dims": 3}))
     from PIL import Image
 

@@ -31,7 +31,9 @@ from common import wire
 from common.config import RunSettings
 from common.data.harmonise import Harmonisation, parse_spacing
 from common.data.harmonise import combine as harmonise_sites
+from common.data.labels import scored_at_site
 from common.data.site import Case
+from common.errors import ConfigError
 from common.metrics import METRICS, combine
 from common.model import pick_device
 from common.site_algorithm import ROUNDS_IN_CALL, SiteAlgorithm
@@ -87,6 +89,25 @@ def harmonisations(sites: list[Site], settings: RunSettings
                            each_site_once=settings.robust_aggregation), own
 
 
+def structures_scored(sites: list[Site], settings: RunSettings) -> dict[str, str]:
+    """Each site's structure(s) as its label map names them and the values
+    that hold them. Where the run names no structure, each site's one
+    structure is learned as the same class: sites whose maps name different
+    ones (``membrane`` at one, ``vessel`` at another) are refused, as the
+    table would compare two tasks as one."""
+    own, words = {}, {}
+    for site in sites:
+        own[site.name], words[site.name] = scored_at_site(site.data_dir, settings)
+    named = {name for name in own.values() if name}
+    if len(named) > 1:
+        said = ", ".join(f"{site} {name!r}" for site, name in own.items() if name)
+        raise ConfigError(
+            f"the sites' label maps name different structures ({said}) and the run names "
+            f"none, so each site's would be learned as one: name the structure with "
+            f"--config structures=NAME (a site names it in its map, or in label_aliases)")
+    return words
+
+
 def read_sites(sites: list[Site], settings: RunSettings,
                harmonisation: Mapping[str, Harmonisation | None] | None = None
                ) -> tuple[dict[str, list[Case]], dict[str, list[Case]], dict[str, dict[str, int]]]:
@@ -135,6 +156,7 @@ def quality(sites: list[Site], out: Path, overrides: dict[str, Any], *, rounds: 
                                             "local-epochs": local_epochs})
     epochs = rounds * local_epochs
     device = pick_device(os.environ.get("FEDSEG_DEVICE", "auto"))  # local and pooled models
+    scored = structures_scored(sites, settings)
     federation, own = harmonisations(sites, settings)
     train_sets, tests, left_out = read_sites(sites, settings,
                                              {site.name: federation for site in sites})
@@ -187,6 +209,7 @@ def quality(sites: list[Site], out: Path, overrides: dict[str, Any], *, rounds: 
               "epochs_per_site": epochs, "settings": settings.to_run_config(),
               "cases": {name: {"training": len(train_sets[name]), "test": len(tests[name]),
                                "left_out": left_out[name]} for name in train_sets},
+              "structures_scored": scored,
               "test_time_flips": flips, "results": results, "curves": curves,
               "harmonisation": {"federation": federation.to_dict() if federation else None,
                                 "described": federation.describe() if federation else
@@ -205,6 +228,9 @@ def markdown(report: dict[str, Any]) -> str:
              f"{report['local_epochs']} local epochs = {report['epochs_per_site']} passes over "
              f"each site's training cases for every method.", "",
              *_case_counts(report.get("cases", {})),
+             *(["Scored, as each site's label map names it: " + "; ".join(
+                 f"{site}: {words}" for site, words in report["structures_scored"].items())
+                + ".", ""] if report.get("structures_scored") else []),
              *([f"Harmonisation (every method; local-only from its own site's fingerprint): "
                 f"{report['harmonisation']['described']}.", ""]
                if report.get("harmonisation") else []),

@@ -286,3 +286,25 @@ def classes_for(label_map: LabelMap | None, settings: RunSettings) -> Classes:
 def site_classes(site_dir: Path, settings: RunSettings) -> Classes:
     """:func:`classes_for` with the map in the site's ``dataset.json``."""
     return classes_for(read_label_map(site_dir), settings)
+
+
+def scored_at_site(site_dir: Path, settings: RunSettings) -> tuple[str | None, str]:
+    """What a run learns and scores at a site: the site's own name for it
+    where the run names no structure (its map's one structure; None without a
+    map), and a description in the site's words, for reports
+    (``vessel = value 0``; ``Anterior = 1, Posterior = 2``;
+    ``foreground = any value but 0 (no label map)``)."""
+    label_map = read_label_map(site_dir)
+    classes = classes_for(label_map, settings)
+    if classes.value_class is None:
+        return None, f"{classes.structures[0]} = any value but 0 (no label map)"
+    words = []
+    own = None
+    for index, run_name in enumerate(classes.structures, start=1):
+        values = sorted(v for v, c in classes.value_class.items() if c == index)
+        name = label_map.names[values[0]] if label_map and values else run_name
+        if not settings.named_structures:
+            own = normal_name(name)
+        words.append(f"{name} = value{'s' * (len(values) > 1)} "
+                     f"{', '.join(map(str, values))}")
+    return own, "; ".join(words)

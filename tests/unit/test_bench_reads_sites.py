@@ -78,6 +78,8 @@ def test_the_baselines_learn_each_site_as_its_node_reads_it(tmp_path, monkeypatc
                                        "left_out": {"training": 1, "test": 0}}
     table = (tmp_path / "out" / "quality.md").read_text()
     assert "dark 3 training / 1 test (1 left out as unusable)" in table
+    assert ("Scored, as each site's label map names it: dark: membrane = value 0; plain: "
+            "membrane = value 1.") in table
     flips = report["test_time_flips"]  # the pooled model scored both ways
     assert flips["spatial_dims"] == 2 and 0 <= flips["dice_without"] <= 1
     assert f"mean Dice {flips['dice_with']:.3f} with" in table
@@ -93,3 +95,28 @@ def test_a_table_of_several_structures_gives_each_ones_dice_and_hd95():
     table = server.bench.markdown(report)
     assert "| method | site | Dice Anterior | HD95 Anterior (mm) | Dice Posterior |" in table
     assert "| pooled | a | 0.810 | 1.500 | 0.790 | n/a |" in table
+
+
+def test_sites_naming_different_structures_are_not_compared_as_one(tmp_path):
+    """A run that names no structure learns each site's one structure as the
+    same class: a 'membrane' site beside a 'vessel' site would make every row
+    of the table a comparison of two tasks."""
+    sites = [
+        Site("dark", _site(tmp_path, "dark", {"0": "membrane", "255": "background"}, 0, 255)),
+        Site("plain", _site(tmp_path, "plain", {"0": "background", "1": "vessel"}, 1, 0)),
+    ]
+    settings = RunSettings.from_run_config({})
+    try:
+        server.bench.structures_scored(sites, settings)
+    except server.bench.ConfigError as exc:
+        assert "dark 'membrane', plain 'vessel'" in str(exc) and "structures=NAME" in str(exc)
+    else:
+        raise AssertionError("two structures were compared as one")
+    same = [sites[0], Site("plain", _site(tmp_path / "2", "plain",
+                                           {"0": "background", "1": "Membrane"}, 1, 0))]
+    assert server.bench.structures_scored(same, settings) == {
+        "dark": "membrane = value 0", "plain": "Membrane = value 1"}
+    bare = tmp_path / "bare"  # no label map: the non-zero values, named nothing
+    bare.mkdir()
+    assert server.bench.structures_scored([sites[0], Site("bare", bare)], settings) == {
+        "dark": "membrane = value 0", "bare": "foreground = any value but 0 (no label map)"}

@@ -122,7 +122,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    overrides, node = run_overrides(args), node_overrides(args)  # before anything starts
+    from server.presets import PRESETS
+
+    preset = PRESETS[args.preset]  # the benchmark's measured settings, beneath the typed ones
+    overrides = preset | run_overrides(args, base=preset)  # checked before anything starts
+    node = node_overrides(args)
     from server.simulation import Site
 
     if args.resume:
@@ -430,6 +434,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-site", type=float, metavar="SHARE",
                    help="GPUs each simulated site reserves, e.g. 0.25 (default: this "
                         "machine's GPUs shared between the sites; none on a cluster)")
+    p.add_argument("--preset", choices=["retina", "hippocampus", "none"], default="none",
+                   help="start from the settings fedseg bench quality measured for this "
+                        "task (server/presets.py, docs/benchmarks.md); typed settings "
+                        "go over them")
     add_run_options(p)
     p.set_defaults(func=cmd_simulate)
 

@@ -84,7 +84,8 @@ def workers_line(workers: dict[str, Any] | None, rows: list[dict[str, Any]]) -> 
         median = middle[len(middle) // 2] if len(middle) % 2 else (
             middle[len(middle) // 2 - 1] + middle[len(middle) // 2]) / 2
         console.print(f"round time: median {median:.1f} s (rounds 2-{len(seconds) - 1}); "
-                      f"round 1 {seconds[0]:.1f} s with start-up, last {seconds[-1]:.1f} s",
+                      f"round 1 {seconds[0]:.1f} s (first reads of the sites' cases), last "
+                      f"{seconds[-1]:.1f} s",
                       soft_wrap=True)
     if not workers:
         return

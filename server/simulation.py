@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -225,12 +226,43 @@ def simulate(
             stop_process_group(superlink)
     summary_path = run_dir / "summary.json"
     if code != 0 or not summary_path.exists():
+        cause = cause_in_log(log_path)
         raise SimulationError(
-            f"the simulation did not finish (flwr run exit code {code}); "
-            f"Flower's log: {log_path}"
+            f"the simulation did not finish (flwr run exit code {code})"
+            f"{f': {cause}' if cause else ''}; Flower's log: {log_path}"
         )
     shutil.rmtree(work / "flwr", ignore_errors=True)
     return json.loads(summary_path.read_text())
+
+
+# Flower's simulation engine says why it stopped in its log, not in its exit code
+_ANSI = re.compile(r"\x1b\[[0-9;]*m|\[[0-9;]*m")
+
+
+def cause_in_log(log_path: Path, tail_bytes: int = 200_000) -> str:
+    """The last error a failed simulation left in Flower's log, in one line
+    (with what to do where it is a known one), or "" where there is none."""
+    try:
+        with open(log_path, "rb") as fh:
+            fh.seek(max(0, fh.seek(0, os.SEEK_END) - tail_bytes))
+            lines = fh.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return ""
+    raised, logged, wants = [], [], ""
+    for line in lines:
+        text = _ANSI.sub("", line).strip()
+        if re.match(r"^[A-Za-z_.]*(Error|Exception): ", text):
+            raised.append(text)  # a traceback's last line
+        elif text.startswith("ERROR"):
+            logged.append(text)
+        if "does not meet the criteria" in text:  # Ray's actor pool could not start
+            wants = text.split("resources:", 1)[-1].split("}", 1)[0].strip() + "}"
+    if any("ActorPool is empty" in x for x in raised):
+        return (f"no Ray node can host one simulated site, which asks for "
+                f"{wants or 'more than any node has'}: lower --threads (CPUs a site) or "
+                f"--gpus-per-site, or give the nodes more (ray start --num-cpus N)")
+    # the first exception raised is the cause; the later ones wrap it
+    return (raised or logged or [""])[0][:400]
 
 
 def worker_summary(run_dir: Path) -> dict[str, Any] | None:

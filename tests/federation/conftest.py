@@ -7,8 +7,12 @@ from pathlib import Path
 
 import pytest
 
+# Flower's processes and every process of a Ray cluster: raylet and GCS, Ray's
+# workers (ray::IDLE, ray::ClientAppActor...), its agents, monitors and
+# dashboard (python .../site-packages/ray/...)
 FLOWER_PROCESSES = ("flower-superlink", "flower-supernode", "flwr-simulation",
-                    "flwr-serverapp", "flwr-clientapp", "raylet", "gcs_server")
+                    "flwr-serverapp", "flwr-clientapp", "raylet", "gcs_server", "ray::",
+                    "site-packages/ray/")
 
 
 def processes_matching(*needles: str) -> dict[int, str]:
@@ -43,8 +47,13 @@ def no_leftover_processes():
     """Fail a test that leaves a Flower or Ray process behind (and stop those)."""
     before = set(processes_matching(*FLOWER_PROCESSES))
     yield
-    time.sleep(0.5)
-    left = {p: c for p, c in processes_matching(*FLOWER_PROCESSES).items() if p not in before}
+    deadline = time.monotonic() + 15  # a stopped cluster's workers take a moment to go
+    while True:
+        left = {p: c for p, c in processes_matching(*FLOWER_PROCESSES).items()
+                if p not in before and state_of(p) not in (None, "Z")}
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     stop_pids(list(left))
     assert not left, f"processes left running: {left}"
 

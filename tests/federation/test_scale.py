@@ -169,3 +169,12 @@ def test_a_simulation_runs_on_an_existing_two_node_ray_cluster(tmp_path,
     resources = {k for node in ran_on for k in nodes[node]}
     assert {"fedseg_head", "fedseg_second"} <= resources
     assert "on 2 Ray node(s)" in " ".join(proc.stdout.split())
+    # a site asking for more CPUs than any node has: the cause, not only an exit code
+    failed = subprocess.run([sys.executable, "-m", "server.cli", "simulate",
+                             *map(str, folders), "--rounds", "1", "--threads", "2",
+                             "--ray-address", address, "--out", str(tmp_path / "too-big")],
+                            capture_output=True, text=True, timeout=300, cwd=APP_DIR,
+                            env=runtime_env(1))
+    said = " ".join((failed.stdout + failed.stderr).split())
+    assert failed.returncode != 0, said
+    assert "no Ray node can host one simulated site, which asks for {'num_cpus': 2" in said, said

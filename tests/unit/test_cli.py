@@ -60,6 +60,30 @@ def test_bench_checks_typed_settings_with_its_preset_beneath(tmp_path):
         odd.stdout.split())
 
 
+def test_simulate_starts_from_a_preset_with_typed_settings_over_it(tmp_path, monkeypatch):
+    """``fedseg simulate --preset hippocampus``: the benchmark's measured 3D
+    settings reach the run, what is typed goes over them, and a typed value
+    the preset's U-Net cannot take is refused before anything starts."""
+    import server.cli
+
+    seen = {}
+
+    def run(sites, run_dir, overrides, **_):  # the wiring only: what the run is given
+        seen.update(overrides)
+        return {"rounds_completed": 1, "rounds_planned": 1}
+
+    monkeypatch.setattr(server.cli, "_run", run)
+    site = tmp_path / "site-1"
+    site.mkdir()
+    assert server.cli.main(["simulate", str(site), "--preset", "hippocampus",
+                            "--rounds", "3", "--config", "patch-size=24"]) == 0
+    assert (seen["model-spatial-dims"], seen["model-channels"], seen["num-rounds"],
+            seen["patch-size"]) == (3, "16,32,64,128", 3, 24)
+    seen.clear()
+    assert server.cli.main(["simulate", str(site), "--preset", "hippocampus",
+                            "--config", "patch-size=20"]) == 2 and not seen
+
+
 def test_the_hospitals_commands_live_apart_from_the_coordinators():
     import client.cli
     import server.cli

@@ -150,7 +150,7 @@ def test_fedseg_evaluate_writes_each_structure(ran, sites, tmp_path):
                                            site_dir=str(sites[0][1]), csv=str(csv),
                                            device="cpu", split="test")) == 0
     rows = csv.read_text().splitlines()
-    assert rows[0].split(",") == ["case", *wire.score_keys(STRUCTURES)]
+    assert rows[0].split(",") == ["case", *wire.score_keys(STRUCTURES), "note"]
     assert len(rows) == 2 + 2 and rows[-1].startswith("mean,")
 
 

@@ -270,14 +270,16 @@ def _split_size(site: Path, split: str) -> int:
         return 0
 
 
-def evaluation_cases(site: Path, split: str, classes):
+def evaluation_cases(site: Path, split: str, classes, volumes: bool = False):
     """The usable cases of ``split`` (``test``, ``training`` or ``all``: both)
     of a folder to score a model on, and the cases left out. A split that
     lists no case, or none usable, while the folder's other split has cases
     is a :class:`ConfigError` naming the ``--split`` to use: a held-out folder
     in the Decathlon's form lists its (labelled) cases under ``training``,
     and its ``test`` list, when there is one, holds unlabelled images."""
-    from common.data.site import NoUsableCaseError, list_cases, read_site
+    from functools import partial
+
+    from common.data.site import NoUsableCaseError, list_cases, load_case, read_site
     from common.errors import ConfigError
 
     chosen = ("training", "test") if split == "all" else (split,)
@@ -292,7 +294,8 @@ def evaluation_cases(site: Path, split: str, classes):
     cases, left_out = [], []
     for s in (s for s in chosen if sizes[s]):
         try:
-            read = read_site(site, s, classes=classes)
+            read = read_site(site, s, classes=classes,
+                             load=partial(load_case, volumes=volumes))
         except NoUsableCaseError as exc:
             if split != "all":
                 if hint:
@@ -329,7 +332,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     saved = load_model(Path(args.model))
     site = Path(args.site_dir)  # its labels as the model's structures, as a run reads them
     out = _evaluate_csv(args.csv, saved.sha256, site, args.split)  # before the scoring
-    found, left_out = evaluation_cases(site, args.split, site_classes(site, saved.settings))
+    found, left_out = evaluation_cases(site, args.split, site_classes(site, saved.settings),
+                                       volumes=saved.settings.model.spatial_dims == 3)
     from common.data.harmonise import site_modality
     from common.data.site import list_cases
     from common.data.transforms import Preparation

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ from common.data.harmonise import (
     site_modality,
 )
 from common.data.labels import Classes, site_classes
-from common.data.site import Case
+from common.data.site import Case, load_case
 from common.data.transforms import Preparation
 from common.errors import ConfigError, DataError
 from common.model import build_model, pick_device
@@ -184,7 +185,8 @@ class SiteAlgorithm:
                         case.label, case.spacing)
 
         read = read_site(self.data_dir, "training", on_case=add, keep=False,
-                         classes=self.classes)
+                         classes=self.classes,
+                         load=partial(load_case, volumes=self.settings.model.spatial_dims == 3))
         self.left_out["training"] = read.left_out
         result = acc.result()
         _FINGERPRINTS.clear()  # one site's, as the prepared cases' cache keeps few

@@ -28,10 +28,11 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from common.data.labels import Classes
-from common.data.site import Case, DataError, list_cases, read_site
+from common.data.site import Case, DataError, list_cases, load_case, read_site
 from common.data.transforms import Preparation, prepared
 
 log = logging.getLogger(__name__)
@@ -103,7 +104,8 @@ def load_prepared(site_dir: Path, split: str, channels: Preparation | str,
             progress(index + 1, listed)
 
     if store is None:
-        read = read_site(site_dir, split, classes=classes, on_case=on_case)
+        read = read_site(site_dir, split, classes=classes, on_case=on_case,
+                         load=partial(load_case, volumes=layout == "volume"))
         cases = prepared(read.cases, channels, keep_source=split == "test")
     else:
         from common.data.store import CaseStore

@@ -24,7 +24,13 @@ import numpy as np
 
 from common.data.labels import Classes
 from common.data.readers import check_pair, read_image, read_label
-from common.errors import DataError, EmptyDatasetError, MissingLabelError, UnreadableFileError
+from common.errors import (
+    DataError,
+    EmptyDatasetError,
+    MissingLabelError,
+    UnreadableFileError,
+    UnsupportedFormatError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +163,8 @@ def _from_folders(site_dir: Path, images: str, labels: str) -> list[CaseRef]:
     return refs
 
 
-def load_case(ref: CaseRef, index: int, classes: Classes | None = None) -> Case:
+def load_case(ref: CaseRef, index: int, classes: Classes | None = None, *,
+              volumes: bool = False) -> Case:
     """Read and check one case; errors name the case (locally) and its index.
 
     The readers raise only :class:`DataError`; should a library's exception still
@@ -165,12 +172,18 @@ def load_case(ref: CaseRef, index: int, classes: Classes | None = None) -> Case:
     an :class:`UnreadableFileError` for this case, chained to the original, rather
     than an error that stops the whole site. ``classes``: how the site's label
     values become the run's classes (``common.data.labels``); None: one
-    structure, the site read without a label map."""
+    structure, the site read without a label map. ``volumes``: for a 3D model,
+    which refuses a DICOM series that is not one evenly spaced stack (a
+    localiser, a slice missing); a 2D model reads such a series slice by slice."""
     try:
         try:
             if ref.label is None:
                 raise MissingLabelError("no label file for this image")
             image, meta = read_image(ref.image)
+            if volumes and meta.not_a_volume:
+                raise UnsupportedFormatError(
+                    f"{meta.not_a_volume}; a 3D model reads one stack of evenly spaced "
+                    f"parallel slices")
             label = read_label(ref.label, meta, classes)
             check_pair(image, label)
             if not np.isfinite(image).all():

@@ -346,7 +346,7 @@ class CaseStore:
             log.warning("%s case %r: its prepared copy is damaged; preparing it again",
                         self.split, ref.case_id)
         self.forget(key)
-        case = load_case(ref, index, classes)
+        case = load_case(ref, index, classes, volumes=self.layout == "volume")
         try:
             ready = prepare_case(case, self.prep, keep_source=self.split == "test")
         except DataError as exc:  # named like load_case's own: the case, its index

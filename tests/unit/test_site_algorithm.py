@@ -59,3 +59,28 @@ def test_a_resumed_run_continues_the_schedule(synthetic_sites, start_weights):
     b = SiteAlgorithm(settings, "h", synthetic_sites[0], device="cpu").train(
         start_weights, {wire.SERVER_ROUND: 1, wire.ROUNDS_DONE: 2})[0]
     assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
+
+
+def test_a_3d_site_leaves_out_a_series_missing_a_slice_saying_so(synthetic_sites, tmp_path):
+    """A training series that lost a slice would be read at its median step,
+    its voxels placed where they are not: a 3D run leaves it out, named, with
+    the reason; the site's other cases train."""
+    import json
+    import shutil
+
+    import pydicom
+
+    site = tmp_path / "site"
+    shutil.copytree(synthetic_sites[0], site)
+    first = json.loads((site / "dataset.json").read_text())["training"][0]["image"]
+    series = sorted((site / first).iterdir(),
+                    key=lambda f: float(pydicom.dcmread(f).ImagePositionPatient[2]))
+    series[5].unlink()
+    settings = RunSettings.from_run_config({"model-spatial-dims": 3, "model-channels": "8,16",
+                                            "patch-size": 16})
+    node = SiteAlgorithm(settings, "site", site, device="cpu")
+    cases = node.cases("training")
+    assert len(cases) == 3
+    (missing,) = node.left_out["training"]
+    assert "not evenly spaced" in missing.problem and missing.case_index == 0
+    assert missing.category == "unsupported format"  # what may leave the site: the kind

@@ -31,7 +31,6 @@ from server.bench_cli import add_commands as bench_commands
 from server.options import add_run_options, default_out, node_overrides, run_overrides
 from server.render import (
     console,
-    fmt,
     problems,
     round_line,
     site_error_line,
@@ -87,12 +86,31 @@ def _run(sites: list, run_dir: Path, overrides: dict[str, Any], resume: bool,
     problems(summary)
     workers_line(worker_summary(run_dir), read_metrics(run_dir))
     console.print(
-        f"Dice: first round {fmt(summary['dice_first_round'])} -> final "
-        f"{fmt(summary['dice_final'])}   wall time {time.perf_counter() - start:.0f} s   "
-        f"run folder {run_dir}",
+        f"{dice_progress(read_metrics(run_dir))}   wall time "
+        f"{time.perf_counter() - start:.0f} s   run folder {run_dir}",
         soft_wrap=True,
     )
     return summary
+
+
+def dice_progress(rows: list[dict[str, Any]]) -> str:
+    """Mean Dice at the first and the last scored round, each with the sites
+    it is the mean of: with fraction-evaluate below 1, or sites that fail,
+    the two can be means over different sites."""
+    scored = [r for r in rows if r.get("dice")]
+    if not scored:
+        return "Dice: no round was scored"
+    first, last = scored[0], scored[-1]
+
+    def mean(row: dict[str, Any]) -> str:
+        values = [v for v in row["dice"].values() if v is not None]
+        return f"{sum(values) / len(values):.3f}" if values else "n/a"
+
+    if first is last:
+        return f"Dice: round {last['round']} {mean(last)} ({len(last['dice'])} sites)"
+    note = "" if set(first["dice"]) == set(last["dice"]) else ", not the same sites"
+    return (f"Dice: round {first['round']} {mean(first)} ({len(first['dice'])} sites) -> "
+            f"round {last['round']} {mean(last)} ({len(last['dice'])} sites{note})")
 
 
 def _saved_config(run_dir: Path) -> dict[str, Any]:

@@ -157,3 +157,21 @@ def test_synth_writes_several_structures_and_refuses_what_cannot_be(tmp_path):
                        (("--structures", "a,b,c,d"), "1 to 3 structures")):
         proc = fedseg("synth", str(tmp_path / "x"), *args)
         assert proc.returncode == 2 and says in proc.stdout + proc.stderr, (args, proc.stdout)
+
+
+def test_the_closing_dice_line_says_which_sites_each_figure_is_the_mean_of():
+    """With fraction-evaluate below 1 (or a site failing) the first and last
+    scored rounds can be means over different sites: the line says so, and
+    says nothing of rounds no site scored."""
+    from server.cli import dice_progress
+
+    rows = [{"round": 1, "dice": {}},
+            {"round": 2, "dice": {"a": 0.2, "b": 0.4}},
+            {"round": 3, "dice": {}},
+            {"round": 4, "dice": {"a": 0.5, "b": 0.7, "c": 0.6}}]
+    assert dice_progress(rows) == ("Dice: round 2 0.300 (2 sites) -> round 4 0.600 "
+                                   "(3 sites, not the same sites)")
+    rows[1]["dice"]["c"] = 0.3
+    assert dice_progress(rows).endswith("round 4 0.600 (3 sites)")
+    assert dice_progress(rows[:1]) == "Dice: no round was scored"
+    assert dice_progress(rows[3:]) == "Dice: round 4 0.600 (3 sites)"

@@ -160,6 +160,23 @@ def read_source(dataset_dir: Path) -> Source:
     return Source(root, form, name, spec, cases)
 
 
+def _ras_shape(img) -> tuple[int, ...]:
+    """A NIfTI's shape in the closest RAS axis order (as the reader turns it),
+    singleton axes left out: a label stored in another axis order than its
+    image is still the same grid."""
+    import nibabel as nib
+
+    shape = tuple(int(d) for d in img.shape[:3])
+    if len(shape) == 3:
+        order = nib.orientations.io_orientation(img.affine)[:, 0]
+        if not np.isnan(order).any():
+            ras = [0, 0, 0]
+            for axis, target in enumerate(order):
+                ras[int(target)] = shape[axis]
+            shape = tuple(ras)
+    return tuple(d for d in shape if d != 1)
+
+
 def _check_shapes(cases: list[SourceCase], root: Path) -> None:
     """Each NIfTI label has its image's shape, read from the two headers (no
     voxels): a site would leave a mismatched case out, and a skewed split would
@@ -174,8 +191,7 @@ def _check_shapes(cases: list[SourceCase], root: Path) -> None:
         if file_kind(case.image) != "nifti" or file_kind(case.label) != "nifti":
             continue
         try:
-            shapes = [tuple(d for d in nib.load(str(p)).shape[:3] if d != 1)
-                      for p in (case.image, case.label)]
+            shapes = [_ras_shape(nib.load(str(p))) for p in (case.image, case.label)]
         except Exception:  # noqa: BLE001 - a damaged header: named below
             unreadable.append(case.case_id)
             continue
@@ -385,7 +401,8 @@ def _sort_keys(source: Source, by: str | None,
         raise ConfigError(f"--by {by}: its values must all be numbers or all be text "
                           f"(found {sorted({type(v).__name__ for v in values.values()})})")
     if numbers:
-        odd = [cid for cid, v in values.items() if not math.isfinite(v)]
+        odd = [cid for cid, v in values.items()
+               if isinstance(v, float) and not math.isfinite(v)]  # an int is finite
         if odd:
             raise ConfigError(f"--by {by}: {_some(odd)} {_has(odd)} a value that is not a "
                               f"finite number (NaN or infinite), which has no place in "
@@ -478,9 +495,17 @@ def _summary_range(values: list[Any]) -> dict[str, Any]:
         return {}
     if not all(isinstance(v, int | float) for v in values):
         return {"min": min(values), "max": max(values)}
-    median = float(np.median(values))
-    return {"min": min(values), "median": int(median) if median.is_integer() else median,
-            "max": max(values)}
+    ordered = sorted(values)  # exact for ints too large for a float
+    middle = len(ordered) // 2
+    median = ordered[middle]
+    if not len(ordered) % 2:
+        total = ordered[middle - 1] + ordered[middle]
+        # an int beyond a float's exact range (2**53) stays an int: its half, rounded down
+        median = total // 2 if isinstance(total, int) and (
+            total % 2 == 0 or abs(total) >= 2 ** 53) else total / 2
+    if isinstance(median, float) and median.is_integer():
+        median = int(median)
+    return {"min": ordered[0], "median": median, "max": ordered[-1]}
 
 
 def partition(dataset_dir: Path, out: Path, sites: int, *, split: str = "even",
@@ -509,27 +534,57 @@ def partition(dataset_dir: Path, out: Path, sites: int, *, split: str = "even",
               "source_form": source.form, "split": split, "by": by_name, "seed": seed,
               "test_fraction": test_fraction}
 
-    # Written into a hidden folder beside OUT and renamed to OUT at the end: a
-    # failure half-way leaves no half-written OUT behind.
+    # Written into a hidden folder and moved into place at the end: a failure
+    # half-way leaves no half-written OUT behind. An OUT that exists (empty: a
+    # mount point, a folder with its own owner and mode) is kept, and the
+    # hidden folder made inside it; otherwise it is made beside OUT and renamed.
     final = out.resolve()
+    inside = final.is_dir()
     try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        out = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+        if not inside:
+            final.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=".partial-" if inside else f".{final.name}.partial-",
+                                     dir=final if inside else final.parent))
         umask = os.umask(0)
         os.umask(umask)
-        out.chmod(0o777 & ~umask)  # as mkdir would make it, not mkdtemp's owner-only
+        work.chmod(0o777 & ~umask)  # as mkdir would make it, not mkdtemp's owner-only
     except OSError as exc:
         raise ConfigError(f"cannot create output folder {final}: "
                           f"{exc.strerror or exc}") from None
     try:
-        result = _write(source, plans, out, recipe, by, sites)
-        if final.exists():
-            final.rmdir()  # empty, checked above
-        out.rename(final)
+        result = _write(source, plans, work, recipe, by, sites)
+        _move_into_place(work, final, inside)
     except BaseException:
-        shutil.rmtree(out, ignore_errors=True)  # links and lists only: no source file
+        shutil.rmtree(work, ignore_errors=True)  # links and lists only: no source file
         raise
     return result
+
+
+def _move_into_place(work: Path, final: Path, inside: bool) -> None:
+    """The written sites become OUT: renamed to it, or moved up into it where
+    it existed; refused where something else wrote OUT meanwhile."""
+    try:
+        if not inside:
+            work.rename(final)
+            return
+        others = [p.name for p in final.iterdir() if p != work]
+        if others:
+            raise FileExistsError(f"it now holds {', '.join(sorted(others)[:3])}")
+        moved: list[Path] = []
+        try:
+            for entry in work.iterdir():
+                entry.rename(final / entry.name)
+                moved.append(final / entry.name)
+        except OSError:
+            for path in moved:  # ours: site folders of links, partition.json
+                (shutil.rmtree(path, ignore_errors=True) if path.is_dir() and
+                 not path.is_symlink() else path.unlink(missing_ok=True))
+            raise
+        work.rmdir()
+    except OSError as exc:
+        raise ConfigError(f"output folder {final} was written by something else while the "
+                          f"sites were being written ({exc.strerror or exc}); nothing of "
+                          f"this partition is left in it: give a new folder") from None
 
 
 def _write(source: Source, plans: list[SitePlan], out: Path, recipe: dict[str, Any],

@@ -297,6 +297,35 @@ def test_refuses_a_label_of_another_shape_and_a_sort_key_that_is_not_a_number(tm
     assert not (tmp_path / "o").exists()
 
 
+def test_an_existing_empty_output_folder_is_filled_not_replaced(tmp_path, toy):
+    out = tmp_path / "group-private"
+    out.mkdir()
+    out.chmod(0o2750)  # its owner's choice of who may read the sites
+    inode = out.stat().st_ino
+    partition(toy, out, 2)
+    assert out.stat().st_ino == inode and (out.stat().st_mode & 0o7777) == 0o2750
+    assert sorted(p.name for p in out.iterdir()) == ["partition.json", "site-1", "site-2"]
+
+
+def test_a_label_stored_in_another_axis_order_is_the_same_grid(tmp_path):
+    src = msd(tmp_path / "src", n=4)
+    label = nib.load(str(src / "labelsTr" / "case_001.nii.gz"))
+    # the same voxels stored A, S, R instead of R, A, S: another axis order, one grid
+    swapped = np.transpose(np.asanyarray(label.dataobj), (1, 2, 0))
+    affine = label.affine[:, [1, 2, 0, 3]]
+    nib.save(nib.Nifti1Image(swapped, affine), str(src / "labelsTr" / "case_001.nii.gz"))
+    assert partition(src, tmp_path / "o", 2)["cases"] == 4
+
+
+def test_a_sort_key_too_large_for_a_float_still_sorts(tmp_path):
+    src = msd(tmp_path / "src", n=4, attributes=True)
+    spec = json.loads((src / "dataset.json").read_text())
+    spec["training"][0]["age"] = 10 ** 400
+    (src / "dataset.json").write_text(json.dumps(spec))
+    result = partition(src, tmp_path / "o", 2, split="skewed", by="age", test_fraction=0)
+    assert result["sites"][1]["by_range"]["max"] == 10 ** 400
+
+
 def test_refuses_a_dataset_without_cases(tmp_path):
     (tmp_path / "nothing").mkdir()
     with pytest.raises(EmptyDatasetError, match="has no case"):

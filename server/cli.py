@@ -142,6 +142,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_simulate(args: argparse.Namespace) -> int:
     from server.presets import PRESETS
 
+    if args.resume and args.preset != "none":
+        raise ConfigError("--preset starts a new run from a benchmark's settings; a resumed "
+                          "run keeps its own (give only what changes, e.g. --rounds)")
     preset = PRESETS[args.preset]  # the benchmark's measured settings, beneath the typed ones
     overrides = preset | run_overrides(args, base=preset)  # checked before anything starts
     node = node_overrides(args)

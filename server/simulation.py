@@ -157,6 +157,10 @@ def simulate(
     env[SIM_SITES_ENV] = str(manifest)
     env[RUNS_DIR_ENV] = str(run_dir.parent)
     run_dir.mkdir(exist_ok=True)
+    summary_path = run_dir / "summary.json"
+    # a resumed run's folder holds the summary of its earlier part: only a new
+    # one says this simulation finished
+    earlier = summary_path.stat().st_mtime_ns if summary_path.exists() else None
     local_log = run_dir / "local.log"
     env[LOCAL_LOG_ENV] = str(local_log)
     env[SIM_WORKERS_ENV] = str(run_dir / WORKERS_LOG)
@@ -224,8 +228,8 @@ def simulate(
                                   on_local=on_site_error)
         finally:
             stop_process_group(superlink)
-    summary_path = run_dir / "summary.json"
-    if code != 0 or not summary_path.exists():
+    fresh = summary_path.exists() and summary_path.stat().st_mtime_ns != earlier
+    if code != 0 or not fresh:
         cause = cause_in_log(log_path)
         raise SimulationError(
             f"the simulation did not finish (flwr run exit code {code})"

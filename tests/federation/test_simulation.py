@@ -68,6 +68,20 @@ def test_fedseg_simulate_command_trains_and_resumes(two_sites, tmp_path,
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds_completed"] == 3 and summary["problems"] == []
     assert after[-1]["dice_mean"] > after[0]["dice_mean"]  # the global model learned
+    # a resume that cannot continue (another U-Net than the checkpoint's) fails, saying
+    # why, instead of exiting 0 over the earlier summary still in the folder
+    base = cmd[:cmd.index("--rounds")]
+    broken = subprocess.run([*base, "--rounds", "4", "--resume", str(out), "--config",
+                             "model-channels=8,16"], capture_output=True, text=True,
+                            timeout=400, cwd=APP_DIR, env=runtime_env(1))
+    said = " ".join((broken.stdout + broken.stderr).split())
+    assert broken.returncode != 0 and "did not finish" in said, said
+    assert json.loads((out / "summary.json").read_text())["rounds_completed"] == 3
+    preset = subprocess.run([*base, "--resume", str(out), "--preset", "hippocampus"],
+                            capture_output=True, text=True, timeout=60, cwd=APP_DIR,
+                            env=runtime_env(1))
+    assert preset.returncode == 2 and "a resumed run keeps its own" in " ".join(
+        preset.stdout.split())
 
 
 @pytest.mark.slow  # 31 s: with the drills, so the default suite keeps a margin under 8 min

@@ -212,3 +212,15 @@ def test_a_truncated_slice_in_a_series_is_an_error_not_skipped(tmp_path):
     first.write_bytes(first.read_bytes()[:400])
     with pytest.raises(UnreadableFileError, match="no pixel data"):
         read_image(case)
+
+
+def test_slice_positions_written_to_a_tenth_of_a_mm_are_still_one_volume():
+    """A 0.625 mm CT whose positions are stored to 0.1 mm has gaps of 0.6 and
+    0.7 mm: one volume. The same series missing a slice is not."""
+    from common.data.readers.dicom import _not_one_volume
+
+    axial = np.array([1.0, 0, 0, 0, 1, 0])
+    positions = [round(k * 0.625, 1) for k in range(40)]
+    assert _not_one_volume([axial] * 40, positions, "ct") is None
+    del positions[20]
+    assert "not evenly spaced" in _not_one_volume([axial] * 39, positions, "ct")

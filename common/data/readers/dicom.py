@@ -290,9 +290,11 @@ def _read_dicom_series(folder: Path) -> tuple[np.ndarray, ImageMeta]:
 # Slice planes further apart than this (in direction cosines, about 0.6 degrees)
 # are different planes, not one stack written with rounded numbers.
 _PLANE_TOLERANCE = 0.01
-# Gaps between neighbouring slices may differ from their median by this share
-# before the series counts as uneven (a slice missing, or mixed spacings).
+# Gaps between neighbouring slices may differ from their median by this share,
+# or by _GAP_SLACK mm (positions written to 0.1 mm: a 0.625 mm series has gaps of
+# 0.6 and 0.7), before the series counts as uneven (a slice missing, mixed spacings).
 _GAP_TOLERANCE = 0.1
+_GAP_SLACK = 0.15
 
 
 def _not_one_volume(orientations: list, positions: list, folder: str) -> str | None:
@@ -317,7 +319,7 @@ def _not_one_volume(orientations: list, positions: list, folder: str) -> str | N
         return (f"series {folder} holds {same + 1} or more slices at one position "
                 f"(several echoes, phases or times in one series?), not one volume")
     worst = int(np.argmax(np.abs(gaps - step)))
-    if abs(gaps[worst] - step) > _GAP_TOLERANCE * step:
+    if abs(gaps[worst] - step) > max(_GAP_TOLERANCE * step, _GAP_SLACK):
         return (f"the slices of series {folder} are not evenly spaced: {gaps[worst]:.3g} mm "
                 f"between slices {worst + 1} and {worst + 2} (in position order) against "
                 f"{step:.3g} mm between most (a slice missing, or mixed spacings)")

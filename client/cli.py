@@ -280,7 +280,7 @@ def evaluation_cases(site: Path, split: str, classes, volumes: bool = False):
     from functools import partial
 
     from common.data.site import NoUsableCaseError, list_cases, load_case, read_site
-    from common.errors import ConfigError
+    from common.errors import ConfigError, MissingLabelError
 
     chosen = ("training", "test") if split == "all" else (split,)
     sizes = {s: _split_size(site, s) for s in ("test", "training")}
@@ -292,6 +292,7 @@ def evaluation_cases(site: Path, split: str, classes, volumes: bool = False):
             raise ConfigError(f"{site} lists no {split} case; {hint}")
         list_cases(site, chosen[0])  # raises, saying what the folder lacks
     cases, left_out = [], []
+    unlabelled = []  # test images listed without a label (the Decathlon's test lists)
     for s in (s for s in chosen if sizes[s]):
         try:
             read = read_site(site, s, classes=classes,
@@ -302,12 +303,16 @@ def evaluation_cases(site: Path, split: str, classes, volumes: bool = False):
                     raise ConfigError(f"{exc}; {hint}") from None
                 raise
             left_out += exc.left_out
+            unlabelled += [e for e in exc.left_out
+                           if s == "test" and isinstance(e, MissingLabelError)]
             continue
         cases += read.cases
         left_out += read.left_out
+        unlabelled += [e for e in read.left_out
+                       if s == "test" and isinstance(e, MissingLabelError)]
     if not cases:
         raise NoUsableCaseError("training or test", left_out)
-    return cases, left_out
+    return cases, left_out, unlabelled
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -323,7 +328,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from common.data.labels import site_classes
     from common.data.site import left_out_summary
     from common.data.transforms import prepared
-    from common.errors import MissingLabelError
+    from common.errors import ConfigError
     from common.inference import load_model
     from common.model import pick_device
     from common.training import evaluate
@@ -332,8 +337,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     saved = load_model(Path(args.model))
     site = Path(args.site_dir)  # its labels as the model's structures, as a run reads them
     out = _evaluate_csv(args.csv, saved.sha256, site, args.split)  # before the scoring
-    found, left_out = evaluation_cases(site, args.split, site_classes(site, saved.settings),
-                                       volumes=saved.settings.model.spatial_dims == 3)
+    found, left_out, unlabelled = evaluation_cases(
+        site, args.split, site_classes(site, saved.settings),
+        volumes=saved.settings.model.spatial_dims == 3)
     from common.data.harmonise import site_modality
     from common.data.site import list_cases
     from common.data.transforms import Preparation
@@ -362,8 +368,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         table.add_row(f"{prefix}mean", *(f"{summary[k]:.4f}" for k in keys))
     console.print(table)
     columns = score_keys(structures)
-    # "x" (exclusive): a file that appeared since the check is not overwritten either
-    with open(out, "x", newline="") as fh:
+    try:  # "x" (exclusive): a file that appeared since the check is not overwritten either
+        fh = open(out, "x", newline="")  # noqa: SIM115 - closed below, errors said
+    except OSError as exc:
+        raise ConfigError(f"cannot write {out}: {exc.strerror or exc} (the scores are in "
+                          f"the table above)") from None
+    with fh:
         writer = csv.writer(fh)
         writer.writerow(["case", *columns, "note"])
         writer.writerows([case_id, *(m[k] for k in columns), ""] for case_id, m in rows)
@@ -372,12 +382,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         writer.writerow(["mean", *(summary[k] for k in columns),
                          f"mean of {len(rows)} scored case(s)"])
     console.print(f"per-case metrics written to {out} (they stay at this site)")
-    unread = [e for e in left_out if not isinstance(e, MissingLabelError)]
+    unread = [e for e in left_out if all(e is not u for u in unlabelled)]
     if left_out:  # each was named as it was read, and is in the CSV
         console.print(f"[yellow]{len(cases)} of {len(cases) + len(left_out)} case(s) scored; "
                       f"{left_out_summary(left_out)} left out[/yellow]")
-    # a case that could not be read is a failure; an image without a label (the
-    # Decathlon's test lists) is only one there is nothing to score against
+    # a case that could not be scored is a failure; a test image listed without a
+    # label (the Decathlon's test lists) only has nothing to be scored against
     return 1 if unread else 0
 
 
@@ -386,6 +396,8 @@ def _evaluate_csv(given: str | None, sha256: str, site: Path, split: str) -> Pat
     ``--csv`` must be a new file in an existing folder (nothing is
     overwritten); the default names the model, the folder and the split, with
     ``-2``, ``-3``... where such a file is already there."""
+    import os
+
     from common.errors import ConfigError
 
     if given:
@@ -395,8 +407,13 @@ def _evaluate_csv(given: str | None, sha256: str, site: Path, split: str) -> Pat
                               f"overwritten)")
         if not out.parent.is_dir():
             raise ConfigError(f"--csv {out}: folder {out.parent} does not exist")
+        if not os.access(out.parent, os.W_OK):
+            raise ConfigError(f"--csv {out}: folder {out.parent} is not writable here")
         return out
     stem = f"fedseg-evaluate-{sha256[:12]}-{site.resolve().name or 'root'}-{split}"
+    if not os.access(".", os.W_OK):
+        raise ConfigError("the current folder is not writable here: give --csv a file in "
+                          "one that is")
     out, n = Path(f"{stem}.csv"), 1
     while out.exists() or out.is_symlink():
         n += 1

@@ -380,6 +380,10 @@ def test_evaluate_says_which_cases_it_could_not_score_and_fails(tmp_path, capsys
     assert rows["training_002"].startswith("left out: ") and "(24, 20, 15)" in rows[
         "training_002"]
     assert rows["mean"] == "mean of 2 scored case(s)"
+    # a labelled training case whose label is gone is a case not scored: exit 1
+    (folder / "labelsTr" / "training_003.nii.gz").unlink()
+    code, text, cases = evaluate(capsys, model_3d, folder, csv, "--split", "training")
+    assert code == 1 and cases == ["training_000"], text
     # a CSV that cannot be written is refused before any scoring, not after it
     from server.cli import main
 

@@ -106,7 +106,7 @@ def load_model(path: Path) -> SavedModel:
     model = build_model(settings.model)
     try:
         model.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()})
-    except RuntimeError as exc:
+    except (RuntimeError, TypeError, ValueError) as exc:  # a shape, or a value not a tensor
         raise ConfigError(f"{path} does not match the U-Net its settings describe: "
                           f"{str(exc).splitlines()[0]}") from None
     broken = [k for k, v in model.state_dict().items()

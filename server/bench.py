@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import platform
 import time
@@ -41,6 +42,8 @@ from common.training import evaluate, low_precision
 from common.wire import eval_metrics
 from server.runs import read_metrics
 from server.simulation import Site, simulate
+
+log = logging.getLogger(__name__)
 
 STRATEGIES = ("fedavg", "fedprox", "fednova", "fedadam")  # any of these can be asked for
 METHODS = ("local", "pooled", "fedavg", "fedprox", "fednova")  # the default table
@@ -99,6 +102,10 @@ def structures_scored(sites: list[Site], settings: RunSettings) -> dict[str, str
     for site in sites:
         own[site.name], words[site.name] = scored_at_site(site.data_dir, settings)
     named = {name for name in own.values() if name}
+    unnamed = [site for site, name in own.items() if name is None]
+    if named and unnamed:  # one names it, another only marks it: said in the table too
+        log.warning("site(s) %s have no label map: their non-zero values are scored as the "
+                    "%s the other sites name", ", ".join(unnamed), " / ".join(sorted(named)))
     if len(named) > 1:
         said = ", ".join(f"{site} {name!r}" for site, name in own.items() if name)
         raise ConfigError(

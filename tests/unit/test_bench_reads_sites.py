@@ -97,7 +97,7 @@ def test_a_table_of_several_structures_gives_each_ones_dice_and_hd95():
     assert "| pooled | a | 0.810 | 1.500 | 0.790 | n/a |" in table
 
 
-def test_sites_naming_different_structures_are_not_compared_as_one(tmp_path):
+def test_sites_naming_different_structures_are_not_compared_as_one(tmp_path, caplog):
     """A run that names no structure learns each site's one structure as the
     same class: a 'membrane' site beside a 'vessel' site would make every row
     of the table a comparison of two tasks."""
@@ -120,3 +120,5 @@ def test_sites_naming_different_structures_are_not_compared_as_one(tmp_path):
     bare.mkdir()
     assert server.bench.structures_scored([sites[0], Site("bare", bare)], settings) == {
         "dark": "membrane = value 0", "bare": "foreground = any value but 0 (no label map)"}
+    assert "bare have no label map: their non-zero values are scored as the membrane" in (
+        caplog.text)

@@ -186,6 +186,10 @@ def test_a_model_that_does_not_fit_its_settings_or_its_input_is_refused(tmp_path
     torch.save(weights, nan)
     with pytest.raises(ConfigError, match="NaN or infinite weights"):
         load_model(nan)
+    weights[next(iter(weights))] = "not a tensor"
+    torch.save(weights, nan)
+    with pytest.raises(ConfigError, match="does not match the U-Net"):
+        load_model(nan)
     model3d = load_model(saved_model(tmp_path / "run3d", **{"model-spatial-dims": 3}))
     from PIL import Image
 

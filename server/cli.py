@@ -94,17 +94,17 @@ def _run(sites: list, run_dir: Path, overrides: dict[str, Any], resume: bool,
 
 
 def dice_progress(rows: list[dict[str, Any]]) -> str:
-    """Mean Dice at the first and the last scored round, each with the sites
-    it is the mean of: with fraction-evaluate below 1, or sites that fail,
-    the two can be means over different sites."""
+    """The run's Dice (``dice_mean``, case-weighted across the sites that
+    scored) at the first and the last scored round, each with the sites it is
+    the mean of: with fraction-evaluate below 1, or sites that fail, the two
+    can be means over different sites."""
     scored = [r for r in rows if r.get("dice")]
     if not scored:
         return "Dice: no round was scored"
     first, last = scored[0], scored[-1]
 
     def mean(row: dict[str, Any]) -> str:
-        values = [v for v in row["dice"].values() if v is not None]
-        return f"{sum(values) / len(values):.3f}" if values else "n/a"
+        return "n/a" if row.get("dice_mean") is None else f"{row['dice_mean']:.3f}"
 
     if first is last:
         return f"Dice: round {last['round']} {mean(last)} ({len(last['dice'])} sites)"

@@ -244,8 +244,9 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m|\[[0-9;]*m")
 
 
 def cause_in_log(log_path: Path, tail_bytes: int = 200_000) -> str:
-    """The last error a failed simulation left in Flower's log, in one line
-    (with what to do where it is a known one), or "" where there is none."""
+    """The error that stopped a failed simulation, from Flower's log, in one
+    line (the first exception raised: later ones wrap it; with what to do
+    where it is a known one), or "" where the log holds none."""
     try:
         with open(log_path, "rb") as fh:
             fh.seek(max(0, fh.seek(0, os.SEEK_END) - tail_bytes))

@@ -37,6 +37,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -166,14 +167,13 @@ def _ras_shape(img) -> tuple[int, ...]:
     image is still the same grid."""
     import nibabel as nib
 
+    from common.data.readers.base import _reorder
+
     shape = tuple(int(d) for d in img.shape[:3])
     if len(shape) == 3:
-        order = nib.orientations.io_orientation(img.affine)[:, 0]
-        if not np.isnan(order).any():
-            ras = [0, 0, 0]
-            for axis, target in enumerate(order):
-                ras[int(target)] = shape[axis]
-            shape = tuple(ras)
+        ornt = nib.orientations.io_orientation(img.affine)
+        if not np.isnan(ornt).any():
+            shape = tuple(int(d) for d in _reorder(shape, ornt))
     return tuple(d for d in shape if d != 1)
 
 
@@ -495,17 +495,13 @@ def _summary_range(values: list[Any]) -> dict[str, Any]:
         return {}
     if not all(isinstance(v, int | float) for v in values):
         return {"min": min(values), "max": max(values)}
-    ordered = sorted(values)  # exact for ints too large for a float
-    middle = len(ordered) // 2
-    median = ordered[middle]
-    if not len(ordered) % 2:
-        total = ordered[middle - 1] + ordered[middle]
-        # an int beyond a float's exact range (2**53) stays an int: its half, rounded down
-        median = total // 2 if isinstance(total, int) and (
-            total % 2 == 0 or abs(total) >= 2 ** 53) else total / 2
+    try:
+        median = statistics.median(values)
+    except OverflowError:  # two middle ints too large for a float's halving
+        median = statistics.median_low(values)
     if isinstance(median, float) and median.is_integer():
         median = int(median)
-    return {"min": ordered[0], "median": median, "max": ordered[-1]}
+    return {"min": min(values), "median": median, "max": max(values)}
 
 
 def partition(dataset_dir: Path, out: Path, sites: int, *, split: str = "even",

@@ -89,9 +89,12 @@ def list_cases(site_dir: Path, split: str) -> list[CaseRef]:
     if not site_dir.is_dir():
         raise EmptyDatasetError(f"site folder {site_dir} does not exist or is not a folder")
     datalist = site_dir / "dataset.json"
-    if datalist.is_file() and (_lists(datalist, split)
-                               or not (site_dir / SPLITS[split][0]).is_dir()):
-        refs = _from_datalist(site_dir, datalist, split)
+    spec = _read_datalist(datalist) if datalist.is_file() else None
+    # an nnU-Net dataset.json (labels and channel names, no lists) leaves the
+    # cases to the folders beside it
+    if spec is not None and (not isinstance(spec, dict) or split in spec
+                             or not (site_dir / SPLITS[split][0]).is_dir()):
+        refs = _from_datalist(site_dir, datalist, spec, split)
     elif (site_dir / SPLITS[split][0]).is_dir():
         refs = _from_folders(site_dir, *SPLITS[split])
     else:
@@ -104,22 +107,14 @@ def list_cases(site_dir: Path, split: str) -> list[CaseRef]:
     return refs
 
 
-def _lists(datalist: Path, split: str) -> bool:
-    """Whether ``dataset.json`` lists ``split``'s cases. An nnU-Net one (labels
-    and channel names, no lists) does not: its cases are the folders beside it.
-    An unreadable one answers True, for :func:`_from_datalist` to say what is wrong."""
+def _read_datalist(datalist: Path) -> Any:
     try:
-        spec = json.loads(datalist.read_text())
-    except (OSError, ValueError):
-        return True
-    return not isinstance(spec, dict) or split in spec
-
-
-def _from_datalist(site_dir: Path, datalist: Path, split: str) -> list[CaseRef]:
-    try:
-        spec = json.loads(datalist.read_text())
+        return json.loads(datalist.read_text())
     except (OSError, ValueError) as exc:
         raise DataError(f"cannot read {datalist}: {exc}") from None
+
+
+def _from_datalist(site_dir: Path, datalist: Path, spec: Any, split: str) -> list[CaseRef]:
     entries = spec.get(split, []) if isinstance(spec, dict) else None
     if not isinstance(entries, list):
         raise DataError(f"{datalist}: '{split}' must be a list of {{image, label}} entries")

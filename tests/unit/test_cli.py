@@ -165,10 +165,10 @@ def test_the_closing_dice_line_says_which_sites_each_figure_is_the_mean_of():
     says nothing of rounds no site scored."""
     from server.cli import dice_progress
 
-    rows = [{"round": 1, "dice": {}},
-            {"round": 2, "dice": {"a": 0.2, "b": 0.4}},
-            {"round": 3, "dice": {}},
-            {"round": 4, "dice": {"a": 0.5, "b": 0.7, "c": 0.6}}]
+    rows = [{"round": 1, "dice": {}, "dice_mean": None},
+            {"round": 2, "dice": {"a": 0.2, "b": 0.4}, "dice_mean": 0.3},
+            {"round": 3, "dice": {}, "dice_mean": None},
+            {"round": 4, "dice": {"a": 0.5, "b": 0.7, "c": 0.6}, "dice_mean": 0.6}]
     assert dice_progress(rows) == ("Dice: round 2 0.300 (2 sites) -> round 4 0.600 "
                                    "(3 sites, not the same sites)")
     rows[1]["dice"]["c"] = 0.3

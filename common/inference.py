@@ -355,10 +355,8 @@ def write_dicom_seg(saved: SavedModel, result: Segmentation, out: Path, *,
         per_segment = result.probabilities[1:]
     else:
         per_segment = np.stack([result.mask == i + 1 for i in range(len(result.structures))])
-    if source.is_file():  # one DICOM file: a single frame, or frames last (the reader's)
+    if source.is_file():  # one DICOM file: a single frame, or a multi-frame image
         sources = [_dcmread(source)]
-        frames = np.stack([v[None] if v.ndim == 2 else np.moveaxis(v, -1, 0)
-                           for v in per_segment], axis=-1)
     else:
         by_uid = {}
         for f in sorted(p for p in source.rglob("*") if p.is_file()):
@@ -374,15 +372,7 @@ def write_dicom_seg(saved: SavedModel, result: Segmentation, out: Path, *,
             raise DataError(f"{source.name}: {len(missing)} source slice(s) could not be "
                             f"read back")
         sources = [by_uid[u] for u in uids]
-
-        def slices(values: np.ndarray) -> np.ndarray:
-            if values.ndim == 3 and result.meta.transform is not None:
-                # back from the reader's RAS grid to slices x rows x columns, source order
-                values = ornt.apply_orientation(values, inverse(result.meta.transform))
-                return np.transpose(values, (2, 1, 0))
-            return values[None] if values.ndim == 2 else values
-
-        frames = np.stack([slices(v) for v in per_segment], axis=-1)  # F x rows x cols x S
+    frames = np.stack([_as_stored(v, result.meta) for v in per_segment], axis=-1)
     units = _seg_units(sources, frames, source.name, result.notes)
     if len(units) == 1:
         paths = [out]
@@ -392,6 +382,22 @@ def write_dicom_seg(saved: SavedModel, result: Segmentation, out: Path, *,
         paths = [out.with_name(f"{stem}_{k:0{width}d}.dcm") for k in range(1, len(units) + 1)]
     return [_save_seg(hd, saved, result, unit, fractional, label, path)
             for unit, path in zip(units, paths, strict=True)]
+
+
+def _as_stored(values: np.ndarray, meta) -> np.ndarray:
+    """A volume on the reader's grid back to its source's frames (``frames x rows
+    x columns``): the slices of a series in position order (``meta.source_uids``'),
+    the frames of a multi-frame image in stored order."""
+    if values.ndim == 2:
+        return values[None]
+    if meta.transform is None:  # a multi-frame image without geometry: frames last
+        return np.moveaxis(values, -1, 0)
+    values = np.transpose(ornt.apply_orientation(values, inverse(meta.transform)), (2, 1, 0))
+    if meta.frames is None:
+        return values
+    stored = np.empty_like(values)
+    stored[np.asarray(meta.frames) - 1] = values
+    return stored
 
 
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"

@@ -74,6 +74,8 @@ def read_rtstruct(ds, name: str, meta, classes: Classes) -> np.ndarray:
     roi_class = classes_of_named(found, classes, f"RTSTRUCT {name}", "ROI")
 
     uid_slice = {uid: k for k, uid in enumerate(meta.source_uids)}
+    if meta.frames:  # one multi-frame image: a contour on it names its frame
+        uid_slice = {meta.source_uids[0]: {f: k for k, f in enumerate(meta.frames)}}
     _check_references(ds, name, uid_slice)
     rows, columns = geometry.shape
     row_dir, col_dir = geometry.orientation[:3], geometry.orientation[3:]
@@ -187,7 +189,7 @@ def _points(contour, name: str) -> np.ndarray:
     return values.reshape(-1, 3)
 
 
-def _check_references(ds, name: str, uid_slice: dict[str, int]) -> None:
+def _check_references(ds, name: str, uid_slice: dict[str, int | dict[int, int]]) -> None:
     """The images the RTSTRUCT says it was drawn on must be the case's series:
     a data error naming how many are missing otherwise."""
     referenced: list[str] = []
@@ -205,11 +207,18 @@ def _check_references(ds, name: str, uid_slice: dict[str, int]) -> None:
             f"are missing; export the RTSTRUCT with its whole CT/MR series")
 
 
-def _slice_of(contour, points: np.ndarray, uid_slice: dict[str, int], depth: np.ndarray,
-              normal: np.ndarray, tolerance: float, name: str) -> int:
-    """The slice a contour lies on: the image it references, else where its points are."""
+def _slice_of(contour, points: np.ndarray, uid_slice: dict[str, int | dict[int, int]],
+              depth: np.ndarray, normal: np.ndarray, tolerance: float, name: str) -> int:
+    """The slice a contour lies on: the image (or frame of a multi-frame image)
+    it references, else where its points are."""
     for image in getattr(contour, "ContourImageSequence", None) or []:
         uid = str(getattr(image, "ReferencedSOPInstanceUID", "")).strip()
+        if isinstance(uid_slice.get(uid), dict):  # a multi-frame image: by frame number
+            frame = getattr(image, "ReferencedFrameNumber", None)
+            try:
+                return uid_slice[uid][int(frame)]
+            except (KeyError, TypeError, ValueError):
+                break  # no frame of the image named: where the points are
         if uid in uid_slice:
             return uid_slice[uid]
         raise DataError(f"RTSTRUCT {name} has a contour on an image that is not in the case's "

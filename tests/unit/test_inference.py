@@ -31,6 +31,7 @@ from server.simulation import APP_DIR
 CONFIG = {"model-channels": "8,16", "patch-size": 32, "test-time-flips": False,
           "mixed-precision": False}
 CPU = torch.device("cpu")
+LPS_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])  # DICOM patient coordinates (LPS) to NIfTI's (RAS)
 
 
 def saved_model(folder: Path, **overrides) -> Path:
@@ -258,9 +259,19 @@ def test_a_single_dicom_file_single_or_multi_frame_gets_a_valid_seg(tmp_path, di
     assert referenced.ReferencedSOPInstanceUID == src.SOPInstanceUID
     frames = 1 if result.mask.ndim == 2 else result.mask.shape[-1]
     assert int(seg.NumberOfFrames) == frames
-    stored = seg.pixel_array.reshape(frames, *seg.pixel_array.shape[-2:])
-    expected = result.mask[None] if result.mask.ndim == 2 else np.moveaxis(result.mask, -1, 0)
-    assert np.array_equal(stored.astype(np.uint8), expected)
+    if result.meta.frames:  # an enhanced image: where highdicom places the SEG's frames
+        import highdicom as hd
+
+        assert {int(f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedFrameNumber)
+                for f in seg.PerFrameFunctionalGroupsSequence} == {1, 2}
+        volume = hd.seg.Segmentation.from_dataset(seg).get_volume(combine_segments=True)
+        placed = nib.as_closest_canonical(nib.Nifti1Image(
+            np.asarray(volume.array).astype(np.uint8), LPS_RAS @ volume.affine))
+        assert np.array_equal(np.asanyarray(placed.dataobj), result.mask)
+    else:
+        stored = seg.pixel_array.reshape(frames, *seg.pixel_array.shape[-2:])
+        expected = result.mask[None] if result.mask.ndim == 2 else np.moveaxis(result.mask, -1, 0)
+        assert np.array_equal(stored.astype(np.uint8), expected)
     validator = shutil.which("dciodvfy")
     if validator:
         report = subprocess.run([validator, str(out)], capture_output=True, text=True)

@@ -162,6 +162,46 @@ def test_an_rtstruct_roi_is_rasterised_on_its_slice_with_its_hole(dicom_dir, rt_
     assert abs(int(at_60.sum()) - (outer - inner)) < 0.1 * outer
 
 
+@pytest.mark.parametrize("by", ["frame number", "position"])
+def test_an_rtstruct_on_an_enhanced_ct_reads_as_on_its_series(dicom_dir, rt_series, tmp_path,
+                                                              by):
+    """The two slices as one enhanced CT file (highdicom stores the frames in
+    the reverse of position order), the RTSTRUCT's contours pointed at its frames (by
+    ReferencedFrameNumber, or with no image named: by where the points lie):
+    the same label as on the series."""
+    import highdicom as hd
+
+    slices = [pydicom.dcmread(f) for f in sorted(rt_series.iterdir())]
+    image = hd.legacy.LegacyConvertedEnhancedCTImage(
+        slices, series_instance_uid=hd.UID(), series_number=9, sop_instance_uid=hd.UID(),
+        instance_number=1)
+    frame_of = {str(f.ConversionSourceAttributesSequence[0].ReferencedSOPInstanceUID): k + 1
+                for k, f in enumerate(image.PerFrameFunctionalGroupsSequence)}
+    enhanced = tmp_path / "ect.dcm"
+    image.save_as(enhanced, enforce_file_format=True)
+    rt = pydicom.dcmread(dicom_dir / RT / "rt.dcm")
+    for roi in rt.ROIContourSequence:
+        for contour in roi.ContourSequence:
+            if by == "position":
+                del contour.ContourImageSequence
+                continue
+            for ref in contour.ContourImageSequence:
+                ref.ReferencedFrameNumber = frame_of[str(ref.ReferencedSOPInstanceUID)]
+                ref.ReferencedSOPInstanceUID = image.SOPInstanceUID
+    series = rt.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0] \
+        .RTReferencedSeriesSequence[0]
+    series.ContourImageSequence[0].ReferencedSOPInstanceUID = image.SOPInstanceUID
+    del series.ContourImageSequence[1:]
+    rt.save_as(tmp_path / "rt.dcm")
+    run = classes("gtv", {1: "GTV"}, {"gtv": ["ROI-1"]})
+    _, series_meta = read_image(rt_series)
+    on_series = read_label(dicom_dir / RT / "rt.dcm", series_meta, run)
+    _, meta = read_image(enhanced)
+    assert meta.frames == (2, 1)
+    assert on_series[0, ..., 0].sum() > 0
+    assert np.array_equal(read_label(tmp_path / "rt.dcm", meta, run), on_series)
+
+
 def test_an_rtstruct_whose_roi_has_another_name_is_an_error_naming_the_structure(
         dicom_dir, rt_series):
     _, meta = read_image(rt_series)

@@ -55,6 +55,41 @@ def test_multiframe_dicom_is_a_volume(dicom_dir):
     assert len(meta.spacing) == 3
 
 
+def test_an_enhanced_ct_reads_with_its_functional_groups_as_highdicom_places_it(dicom_dir):
+    """An enhanced CT keeps its pixel spacing, frame positions and rescale in
+    functional groups, not in the image-level attributes: read from there, it
+    is the volume (in HU, at 0.39 x 0.39 x 10 mm) highdicom places in patient
+    space, in the closest RAS axis order, not stored values at 1 mm."""
+    import highdicom as hd
+
+    path = dicom_dir / f"{PD}/eCT_Supplemental.dcm"
+    ds = pydicom.dcmread(path)
+    assert "PixelSpacing" not in ds and "RescaleIntercept" not in ds  # in the groups only
+    image, meta = read_image(path)
+    volume = hd.Image.from_dataset(ds).get_volume()  # frames x rows x columns, in LPS
+    placed = nib.as_closest_canonical(nib.Nifti1Image(
+        np.asarray(volume.array, np.float32), np.diag([-1.0, -1.0, 1.0, 1.0]) @ volume.affine))
+    assert np.array_equal(image[0], np.asanyarray(placed.dataobj))
+    assert image.min() == -1024  # air, in HU: the groups' rescale intercept applied
+    assert np.allclose(meta.spacing, placed.header.get_zooms())
+    assert sorted(meta.spacing) == pytest.approx([0.388672, 0.388672, 10.0])
+    assert meta.frames == (2, 1) and meta.not_a_volume is None  # frame 2 lies first
+
+
+def test_an_enhanced_image_whose_frames_share_a_position_is_not_one_volume(dicom_dir,
+                                                                           tmp_path):
+    """Two frames at one place (as a multi-echo MR stores its echoes): a 3D
+    model must not take them for a stack."""
+    ds = pydicom.dcmread(dicom_dir / f"{PD}/eCT_Supplemental.dcm")
+    first, second = (f.PlanePositionSequence[0] for f in ds.PerFrameFunctionalGroupsSequence)
+    second.ImagePositionPatient = first.ImagePositionPatient
+    ds.save_as(tmp_path / "echoes.dcm")
+    _, meta = read_image(tmp_path / "echoes.dcm")
+    assert meta.not_a_volume == (
+        "multi-frame image echoes.dcm holds 2 or more slices at one position (several "
+        "echoes, phases or times in one image?), not one volume")
+
+
 def test_file_without_preamble_is_still_parsed_as_dicom(dicom_dir):
     # An RT dose file written without preamble or meta header: read as DICOM
     # (not refused as "not DICOM"), then refused for having no pixel data.

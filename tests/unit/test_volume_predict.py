@@ -120,6 +120,33 @@ def write_mr_series(nifti: Path, folder: Path, seed: str) -> list[Path]:
     return files
 
 
+def enhanced_mr(files: list[Path], out: Path, seed: str) -> Path:
+    """The MR series ``files`` as one enhanced multi-frame MR image (highdicom's
+    legacy conversion: the geometry in functional groups, no image-level
+    PixelSpacing or ImagePositionPatient), its frames then stored out of
+    position order (every other slice from the far end, then the rest) with a
+    rescale in the functional groups (stored values 100 up, intercept -100),
+    as scanners and archives write them."""
+    import highdicom as hd
+    from pydicom.uid import generate_uid
+
+    image = hd.legacy.LegacyConvertedEnhancedMRImage(
+        [pydicom.dcmread(f) for f in files],
+        series_instance_uid=generate_uid(entropy_srcs=[seed, "series"]), series_number=30,
+        sop_instance_uid=generate_uid(entropy_srcs=[seed, "image"]), instance_number=1)
+    assert "PixelSpacing" not in image and "ImagePositionPatient" not in image
+    frames = image.pixel_array
+    assert frames.ndim == 3 and int(frames.max()) < 65535 - 100
+    order = list(range(len(frames)))[::-2] + list(range(len(frames)))[-2::-2]
+    image.PixelData = (frames[order] + 100).astype(frames.dtype).tobytes()
+    per_frame = image.PerFrameFunctionalGroupsSequence
+    image.PerFrameFunctionalGroupsSequence = [per_frame[k] for k in order]
+    rescale = image.SharedFunctionalGroupsSequence[0].PixelValueTransformationSequence[0]
+    rescale.RescaleSlope, rescale.RescaleIntercept = 1, -100
+    image.save_as(out, enforce_file_format=True)
+    return out
+
+
 def scanner_case(source: Path, out: Path, codes: tuple[str, str, str] | None = None) -> Path:
     """The case's voxels as a scanner stores them (whole numbers), with its
     header and affine; ``codes``: stored in that axis order instead (the
@@ -161,7 +188,11 @@ def predicted(tmp_path_factory: pytest.TempPathFactory) -> dict:
                          "files": write_mr_series(nifti, series, f"{case}-{tag}"),
                          "nifti_out": tmp / "out" / f"{nifti.name[:-7]}_seg.nii.gz",
                          "seg": tmp / "out" / f"{series.name}_seg.dcm"}
+    enhanced = variants["".join(REORIENTED)]  # the same slices as one enhanced MR file
+    enhanced["enhanced"] = enhanced_mr(enhanced["files"], tmp / f"{case}_eMR.dcm", case)
+    enhanced["enhanced_seg"] = tmp / "out" / f"{case}_eMR_seg.dcm"
     inputs = [source] + [v[k] for v in variants.values() for k in ("nifti", "series")]
+    inputs.append(enhanced["enhanced"])
     proc = fedseg("predict", str(model), *map(str, inputs), "--out", str(tmp / "out"),
                   "--device", "cpu")
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -249,6 +280,40 @@ def test_the_seg_holds_the_nifti_label_map_voxel_for_voxel(predicted, tag):
     _, nifti_meta = read_image(variant["nifti"])
     assert np.array_equal(read_label(variant["seg"], series_meta, classes),
                           read_label(variant["nifti_out"], nifti_meta, classes))
+
+
+def test_an_enhanced_mr_image_reads_as_its_series_and_gets_a_seg_on_its_frames(predicted):
+    """One enhanced multi-frame MR file (geometry and rescale in functional
+    groups, frames out of position order) is the same volume as the series it
+    was made from, and its SEG, which references its frames, reads back as
+    the NIfTI label map of the same voxels, by fedseg's readers and by where
+    highdicom places it in patient space."""
+    import highdicom as hd
+
+    variant = predicted["variants"]["".join(REORIENTED)]
+    series, series_meta = read_image(variant["series"])
+    image, meta = read_image(variant["enhanced"])
+    assert np.array_equal(image, series)  # rescaled, in position order, in RAS axis order
+    assert meta.spacing == series_meta.spacing
+    assert np.array_equal(meta.transform, series_meta.transform)
+    assert sorted(meta.frames) == list(range(1, len(meta.frames) + 1))
+    assert list(meta.frames) != sorted(meta.frames)  # the frames were out of order
+    source = pydicom.dcmread(variant["enhanced"], stop_before_pixels=True)
+    seg = hd.seg.segread(variant["enhanced_seg"])
+    assert {uid for _, _, uid in seg.get_source_image_uids()} == {source.SOPInstanceUID}
+    assert seg.FrameOfReferenceUID == source.FrameOfReferenceUID
+    settings = RunSettings.from_run_config(MODEL_3D)
+    classes = classes_for(LabelMap(parse_label_map(LABELS)), settings)
+    _, nifti_meta = read_image(variant["nifti"])
+    expected = read_label(variant["nifti_out"], nifti_meta, classes)
+    assert np.array_equal(read_label(variant["enhanced_seg"], meta, classes), expected)
+    volume = seg.get_volume(combine_segments=True)
+    placed = nib.as_closest_canonical(nib.Nifti1Image(
+        np.asarray(volume.array).astype(np.uint8), np.diag([-1.0, -1.0, 1.0, 1.0]) @ volume.affine))
+    ours = nib.as_closest_canonical(nib.load(str(variant["nifti_out"])))
+    assert np.allclose(placed.affine, ours.affine, atol=1e-4)
+    assert np.array_equal(np.asanyarray(placed.dataobj), np.asanyarray(ours.dataobj))
+    assert dicom_errors(variant["enhanced_seg"]) == []  # skips without the validator
 
 
 def test_the_seg_and_the_mr_series_pass_an_independent_validator(predicted):

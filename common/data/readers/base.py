@@ -23,7 +23,7 @@ class SliceGeometry:
     """Where a DICOM series' slices lie in patient space (mm), the space an
     RTSTRUCT's contours are drawn in."""
 
-    positions: np.ndarray  # S x 3: ImagePositionPatient of each slice, in stored order
+    positions: np.ndarray  # S x 3: ImagePositionPatient of each slice, in position order
     orientation: np.ndarray  # ImageOrientationPatient: row direction, then column direction
     spacing: tuple[float, float]  # PixelSpacing: between rows, between columns
     shape: tuple[int, int]  # rows, columns
@@ -45,6 +45,9 @@ class ImageMeta:
     # planes, slices at one place, a slice missing), or None. A 2D model reads
     # such a series slice by slice; a 3D model cannot.
     not_a_volume: str | None = None
+    # For one multi-frame DICOM image with a plane geometry (enhanced CT, MR...):
+    # the stored frame number (from 1) of each slice, in position order
+    frames: tuple[int, ...] | None = None
 
 
 def file_kind(path: Path) -> str:

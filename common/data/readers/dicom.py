@@ -151,12 +151,92 @@ def _image_from_dataset(ds, path: Path) -> tuple[np.ndarray, ImageMeta]:
     if header.frames > 1 and header.samples > 1:
         raise UnsupportedFormatError(
             f"{name} is a multi-frame colour DICOM; fedseg reads grey volumes")
-    spacing = _pixel_spacing(ds, name)
     arr = _pixels(ds, name, header)
     if header.frames == 1:
-        return _channels_first(arr), ImageMeta("dicom", spacing)
-    # Multi-frame: frames become the last (slice) axis.
-    return np.moveaxis(arr, 0, -1)[None], ImageMeta("dicom", spacing + (1.0,))
+        return _channels_first(arr), ImageMeta("dicom", _pixel_spacing(ds, name))
+    return _multi_frame_volume(ds, name, arr)
+
+
+_GROUPS = ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence")
+
+
+def _group_item(ds, frame: int, sequence: str, name: str):
+    """Functional group ``sequence``'s item for ``frame`` (from 0) of an enhanced
+    multi-frame image: the frame's own, else the one all frames share; None."""
+    per_frame = _attr(ds, "PerFrameFunctionalGroupsSequence", name) or []
+    shared = _attr(ds, "SharedFunctionalGroupsSequence", name) or []
+    for groups in ([per_frame[frame]] if frame < len(per_frame) else []) + list(shared[:1]):
+        item = _attr(groups, sequence, name)
+        if item:
+            return item[0]
+    return None
+
+
+def _multi_frame_volume(ds, name: str, arr: np.ndarray) -> tuple[np.ndarray, ImageMeta]:
+    """A grey multi-frame image (``arr``: frames x rows x columns) as one volume.
+
+    An enhanced image (CT, MR, PET...) holds its geometry and rescale in
+    functional groups, shared or per frame: each frame is rescaled with its
+    own slope and intercept, and frames with a plane position and
+    orientation are put in position order and turned to the closest RAS
+    axis order, as a series' slices are (:func:`_read_dicom_series`);
+    ``meta.frames`` says which stored frame each slice is. Frames without a
+    geometry stay in stored order as the last axis."""
+    frames = arr.shape[0]
+    enhanced = any(_attr(ds, key, name) for key in _GROUPS)
+    if enhanced and not any(key in ds for key in ("RescaleSlope", "RescaleIntercept",
+                                                  "ModalityLUTSequence")):
+        for k in range(frames):  # an image-level rescale (already applied) takes precedence
+            item = _group_item(ds, k, "PixelValueTransformationSequence", name)
+            if item is not None:
+                slope = _floats([_attr(item, "RescaleSlope", name, 1.0)], 1, "RescaleSlope", name)
+                intercept = _floats([_attr(item, "RescaleIntercept", name, 0.0)], 1,
+                                    "RescaleIntercept", name)
+                arr[k] = arr[k] * np.float32(slope[0]) + np.float32(intercept[0])
+    measures = _group_item(ds, 0, "PixelMeasuresSequence", name) if enhanced else None
+    row_sp, col_sp = _pixel_spacing(measures if measures is not None and "PixelSpacing"
+                                    in measures else ds, name)
+    orientations = positions = None
+    if enhanced:
+        planes = [_group_item(ds, k, "PlaneOrientationSequence", name) for k in range(frames)]
+        places = [_group_item(ds, k, "PlanePositionSequence", name) for k in range(frames)]
+        orientations = [None if o is None else _orientation(o, name) for o in planes]
+        positions = [None if p is None else _position(p, name) for p in places]
+    if (orientations is None or any(o is None for o in orientations)
+            or any(p is None for p in positions)):
+        # no plane geometry: frames in stored order become the last (slice) axis
+        thickness = 1.0
+        if measures is not None:
+            value = _attr(measures, "SpacingBetweenSlices", name) or _attr(
+                measures, "SliceThickness", name)
+            if value not in (None, ""):
+                thickness = _check_spacing([value], name, "slice spacing")[0]
+        return np.moveaxis(arr, 0, -1)[None], ImageMeta("dicom", (row_sp, col_sp, thickness))
+    depth = [float(np.dot(np.cross(o[:3], o[3:]), p))
+             for o, p in zip(orientations, positions, strict=True)]
+    problem = _not_one_volume(orientations, depth, f"multi-frame image {name}")
+    order = np.argsort(depth, kind="stable")
+    volume, transform, spacing = _as_volume(arr[order], orientations[order[0]],
+                                            (row_sp, col_sp), np.sort(depth))
+    meta = ImageMeta(
+        "dicom", spacing, source_uids=[_instance_uid(ds, name)], transform=transform,
+        geometry=_geometry([positions[i] for i in order], [orientations[i] for i in order],
+                           (row_sp, col_sp), *arr.shape[1:]),
+        not_a_volume=problem, frames=tuple(int(i) + 1 for i in order))
+    return volume[None], meta
+
+
+def _as_volume(stack: np.ndarray, orientation: np.ndarray | None,
+               pixel_spacing: tuple[float, float], depth) -> tuple:
+    """Slices in position order (``slices x rows x columns``) as a volume in the
+    closest RAS axis order: ``(volume, transform, spacing)``, the slice
+    spacing the median step between ``depth`` (sorted positions along the
+    normal), 1 mm without two."""
+    slice_sp = float(np.median(np.diff(depth))) if len(depth) > 1 else 1.0
+    volume = np.transpose(stack, (2, 1, 0))  # columns x rows x slices (i, j, k)
+    transform = _dicom_transform(orientation)
+    spacing = _reorder((pixel_spacing[1], pixel_spacing[0], abs(slice_sp) or 1.0), transform)
+    return ornt.apply_orientation(volume, transform), transform, spacing
 
 
 def _is_image_class(ds, name: str) -> bool:
@@ -200,18 +280,16 @@ def _slice_position(ds, name: str, iop: np.ndarray | None) -> float | None:
     return float(np.dot(np.cross(iop[:3], iop[3:]), ipp))
 
 
-def _geometry(datasets: list, orientations: list, rows: int, columns: int
-              ) -> SliceGeometry | None:
-    """The slices' geometry (``datasets``: ``(path, dataset)`` in stored order),
-    when every slice has one and they share an orientation; else None."""
-    positions = [_position(ds, f.name) for f, ds in datasets]
+def _geometry(positions: list, orientations: list, pixel_spacing: tuple[float, float],
+              rows: int, columns: int) -> SliceGeometry | None:
+    """The slices' geometry (``positions``: each slice's ImagePositionPatient,
+    in position order), when every slice has one and they share an
+    orientation; else None."""
     if any(p is None for p in positions) or any(o is None for o in orientations):
         return None
     if any(np.abs(o - orientations[0]).max() > 1e-3 for o in orientations):
         return None
-    f, first = datasets[0]
-    return SliceGeometry(np.array(positions), orientations[0],
-                         _pixel_spacing(first, f.name), (rows, columns))
+    return SliceGeometry(np.array(positions), orientations[0], pixel_spacing, (rows, columns))
 
 
 def _read_dicom_series(folder: Path) -> tuple[np.ndarray, ImageMeta]:
@@ -240,7 +318,8 @@ def _read_dicom_series(folder: Path) -> tuple[np.ndarray, ImageMeta]:
         arr, meta = _image_from_dataset(ds, f)  # already read: no second pass
         meta.source_uids = [_instance_uid(ds, f.name)]
         if arr.ndim == 3:  # one grey slice (rows x columns)
-            meta.geometry = _geometry(datasets, [_orientation(ds, f.name)], *arr.shape[1:])
+            meta.geometry = _geometry([_position(ds, f.name)], [_orientation(ds, f.name)],
+                                      _pixel_spacing(ds, f.name), *arr.shape[1:])
         return arr, meta
     headers = [_pixel_header(ds, f.name) for f, ds in datasets]
     shapes = {(h.rows, h.columns) for h in headers}
@@ -257,7 +336,8 @@ def _read_dicom_series(folder: Path) -> tuple[np.ndarray, ImageMeta]:
     orientations = [_orientation(ds, f.name) for f, ds in datasets]
     positions = [_slice_position(ds, f.name, iop)
                  for (f, ds), iop in zip(datasets, orientations, strict=True)]
-    problem = _not_one_volume(orientations, positions, folder.name)  # a 3D model refuses
+    # a 3D model refuses a series that is not one volume
+    problem = _not_one_volume(orientations, positions, f"series {folder.name}")
     if all(p is not None for p in positions):
         order = np.argsort(positions, kind="stable")
     else:
@@ -269,19 +349,16 @@ def _read_dicom_series(folder: Path) -> tuple[np.ndarray, ImageMeta]:
     for k, ((f, ds), h) in enumerate(zip(datasets, headers, strict=True)):
         stack[k] = _pixels(ds, f.name, h)
     first_file, first = datasets[0]
-    row_sp, col_sp = _pixel_spacing(first, first_file.name)
-    sorted_pos = sorted(p for p in positions if p is not None)
-    slice_sp = float(np.median(np.diff(sorted_pos))) if len(sorted_pos) > 1 else 1.0
-    volume = np.transpose(stack, (2, 1, 0))  # columns x rows x slices (i, j, k)
-    transform = _dicom_transform(orientations[order[0]])
-    volume = ornt.apply_orientation(volume, transform)
-    spacing = _reorder((col_sp, row_sp, abs(slice_sp) or 1.0), transform)
+    pixel_spacing = _pixel_spacing(first, first_file.name)
+    volume, transform, spacing = _as_volume(stack, orientations[order[0]], pixel_spacing,
+                                            sorted(p for p in positions if p is not None))
     meta = ImageMeta(
         "dicom-series",
         spacing,
         source_uids=[_instance_uid(ds, f.name) for f, ds in datasets],
         transform=transform,
-        geometry=_geometry(datasets, [orientations[i] for i in order], rows, columns),
+        geometry=_geometry([_position(ds, f.name) for f, ds in datasets],
+                           [orientations[i] for i in order], pixel_spacing, rows, columns),
         not_a_volume=problem,
     )
     return volume[None].astype(np.float32), meta
@@ -297,7 +374,7 @@ _GAP_TOLERANCE = 0.1
 _GAP_SLACK = 0.15
 
 
-def _not_one_volume(orientations: list, positions: list, folder: str) -> str | None:
+def _not_one_volume(orientations: list, positions: list, what: str) -> str | None:
     """Why a series' slices are not one evenly spaced volume, or None if they
     are (or have no geometry to tell): slices in several planes (a localiser,
     a radial series), two at one place (several echoes or times in one
@@ -307,7 +384,7 @@ def _not_one_volume(orientations: list, positions: list, folder: str) -> str | N
         if not any(np.abs(o - p).max() <= _PLANE_TOLERANCE for p in planes):
             planes.append(o)
     if len(planes) > 1:
-        return (f"the slices of series {folder} lie in {len(planes)} planes "
+        return (f"the slices of {what} lie in {len(planes)} planes "
                 f"(ImageOrientationPatient): a localiser, radial or multi-plane series, not "
                 f"one volume")
     if any(p is None for p in positions) or len(positions) < 2:
@@ -316,11 +393,11 @@ def _not_one_volume(orientations: list, positions: list, folder: str) -> str | N
     step = float(np.median(gaps))
     same = int((gaps <= 1e-3 * max(step, 1.0)).sum())
     if same:
-        return (f"series {folder} holds {same + 1} or more slices at one position "
-                f"(several echoes, phases or times in one series?), not one volume")
+        return (f"{what} holds {same + 1} or more slices at one position "
+                f"(several echoes, phases or times in one image?), not one volume")
     worst = int(np.argmax(np.abs(gaps - step)))
     if abs(gaps[worst] - step) > max(_GAP_TOLERANCE * step, _GAP_SLACK):
-        return (f"the slices of series {folder} are not evenly spaced: {gaps[worst]:.3g} mm "
+        return (f"the slices of {what} are not evenly spaced: {gaps[worst]:.3g} mm "
                 f"between slices {worst + 1} and {worst + 2} (in position order) against "
                 f"{step:.3g} mm between most (a slice missing, or mixed spacings)")
     return None
@@ -351,11 +428,10 @@ def _dicom_transform(iop: np.ndarray | None) -> np.ndarray:
 
 
 def _on_image_grid(pixels: np.ndarray, image_meta: ImageMeta) -> np.ndarray:
-    """A DICOM label read on its image's stored grid (``slices x rows x
-    columns``) onto the grid the image reader returned (see :func:`_read_dicom_series`)."""
+    """A DICOM label read on its image's slices in position order (``slices x
+    rows x columns``) onto the grid the image reader returned (see
+    :func:`_read_dicom_series`, :func:`_multi_frame_volume`)."""
     if image_meta.transform is not None and pixels.ndim == 3:
-        volume = np.transpose(pixels, (2, 1, 0))
-        if len(image_meta.source_uids) > 1:
-            volume = ornt.apply_orientation(volume, image_meta.transform)
+        volume = ornt.apply_orientation(np.transpose(pixels, (2, 1, 0)), image_meta.transform)
         return np.ascontiguousarray(volume)  # no negative strides: torch takes it as is
     return np.ascontiguousarray(np.squeeze(pixels))

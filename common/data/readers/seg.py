@@ -115,7 +115,8 @@ def _read_seg(ds, path: Path, image_meta: ImageMeta, classes: Classes | None) ->
     if not segments:
         raise UnreadableFileError(f"DICOM SEG {name} describes no segment (SegmentSequence)")
     # the label is read as slices x rows x columns x segments before segments merge
-    slices = len(image_meta.source_uids) or header.frames
+    frames = image_meta.frames  # one multi-frame image: its frames in position order
+    slices = len(frames) if frames else len(image_meta.source_uids) or header.frames
     _check_size((slices, header.rows, header.columns, len(segments)), name,
                 shown=f"{slices} slices of {header.rows} x {header.columns} pixels x "
                       f"{len(segments)} segments")
@@ -133,13 +134,16 @@ def _read_seg(ds, path: Path, image_meta: ImageMeta, classes: Classes | None) ->
                         f"DICOM SEG {name} does not reference any slice of its image "
                         f"series: it belongs to another series"
                     )
-                pixels = seg.get_pixels_by_source_instance(
-                    source_sop_instance_uids=image_meta.source_uids,
-                    segment_numbers=numbers,
-                    combine_segments=False,
-                    ignore_spatial_locations=True,
-                    assert_missing_frames_are_empty=True,
-                )  # slices x rows x cols x segments, in the image's slice order
+                how = {"segment_numbers": numbers, "combine_segments": False,
+                       "ignore_spatial_locations": True, "assert_missing_frames_are_empty": True}
+                if frames:
+                    pixels = seg.get_pixels_by_source_frame(
+                        source_sop_instance_uid=image_meta.source_uids[0],
+                        source_frame_numbers=list(frames), **how)
+                else:
+                    pixels = seg.get_pixels_by_source_instance(
+                        source_sop_instance_uids=image_meta.source_uids, **how)
+                # slices x rows x cols x segments, in the image's slice order
             else:
                 pixels = seg.get_volume(segment_numbers=numbers, combine_segments=False).array
     except DataError:

@@ -103,7 +103,11 @@ def _verdict(split: str, ref: CaseRef, index: int, outcome: Case | DataError,
     fg = float(np.count_nonzero(label)) / max(1, label.size)
     present = set(np.unique(label).tolist())
     absent = [n for i, n in enumerate(classes.structures) if i + 1 not in present]
-    if fg == 0:
+    flat = getattr(outcome, "not_a_volume", None)
+    if flat:
+        note = (f"{flat}: a 2D run reads it slice by slice, a 3D run leaves it out "
+                f"(export the whole series, one plane a folder)")
+    elif fg == 0:
         note = "label has no foreground"
     elif len(classes.structures) > 1 and absent:
         note = "label has no " + ", ".join(absent)

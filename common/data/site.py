@@ -63,6 +63,9 @@ class Case:
     # A case resampled for the model: its label and spacing as read, to score on
     # that grid (kept for test cases only; None: not resampled, or not kept)
     source: tuple[np.ndarray, tuple[float, ...]] | None = None
+    # A DICOM series or multi-frame image that is not one evenly spaced stack:
+    # why (read slice by slice; a 3D model leaves it out), else None
+    not_a_volume: str | None = None
 
     @property
     def spatial_dims(self) -> int:
@@ -194,7 +197,7 @@ def load_case(ref: CaseRef, index: int, classes: Classes | None = None, *,
         exc.case, exc.case_index = ref.case_id, index
         exc.args = (f"case {ref.case_id!r}: {exc.problem}",)
         raise
-    return Case(ref.case_id, image, label, meta.spacing)
+    return Case(ref.case_id, image, label, meta.spacing, not_a_volume=meta.not_a_volume)
 
 
 def load_site(site_dir: Path, split: str, classes: Classes | None = None) -> list[Case]:

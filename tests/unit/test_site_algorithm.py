@@ -84,3 +84,9 @@ def test_a_3d_site_leaves_out_a_series_missing_a_slice_saying_so(synthetic_sites
     (missing,) = node.left_out["training"]
     assert "not evenly spaced" in missing.problem and missing.case_index == 0
     assert missing.category == "unsupported format"  # what may leave the site: the kind
+    # the hospital's own check says so before a run: usable (2D), with the reason
+    from common.data.check import check_site
+
+    (flagged,) = [c for c in check_site(site).cases if c.note]
+    assert flagged.usable and (flagged.split, flagged.index) == ("training", 0)
+    assert "not evenly spaced" in flagged.note and "a 3D run leaves it out" in flagged.note

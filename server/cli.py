@@ -70,13 +70,14 @@ def _run(sites: list, run_dir: Path, overrides: dict[str, Any], resume: bool,
     elif (run_dir / "metrics.jsonl").exists():
         raise FedsegError(f"{run_dir} already holds a run: pass --resume {run_dir} to continue "
                           f"it, or choose another --out")
+    earlier = len(read_metrics(run_dir)) if resume else 0  # rounds of an earlier part
     settings = RunSettings.from_run_config({**overrides, "run-name": run_dir.name})
     console.print(
         f"[bold]fedseg[/] {len(sites)} hospitals, {settings.num_rounds} rounds, "
         f"{settings.local_epochs} local epoch(s), run folder [bold]{run_dir}[/]"
         + (f", on the Ray cluster at {ray_address}" if ray_address else "")
     )
-    start = time.perf_counter()
+    start, started = time.perf_counter(), time.time()
     summary = simulate(sites, run_dir, overrides, on_round=round_line,
                        on_site_error=site_error_line,
                        threads_per_client=node.get("threads") or threads,
@@ -84,7 +85,7 @@ def _run(sites: list, run_dir: Path, overrides: dict[str, Any], resume: bool,
                        gpus_per_site=gpus_per_site)
     console.print(summary_table(summary))
     problems(summary)
-    workers_line(worker_summary(run_dir), read_metrics(run_dir))
+    workers_line(worker_summary(run_dir, since=started), read_metrics(run_dir)[earlier:])
     console.print(
         f"{dice_progress(read_metrics(run_dir))}   wall time "
         f"{time.perf_counter() - start:.0f} s   run folder {run_dir}",

@@ -78,14 +78,16 @@ def workers_line(workers: dict[str, Any] | None, rows: list[dict[str, Any]]) -> 
     """After a simulation: its round times (the first holds the start-up, the
     last every site's scoring where it sends evaluate messages), and where the
     simulated sites ran (``server.simulation.worker_summary``)."""
-    seconds = [float(r["seconds"]) for r in rows if r.get("seconds") is not None]
+    timed = [r for r in rows if r.get("seconds") is not None]
+    seconds = [float(r["seconds"]) for r in timed]
     if len(seconds) >= 3:
         middle = sorted(seconds[1:-1])
         median = middle[len(middle) // 2] if len(middle) % 2 else (
             middle[len(middle) // 2 - 1] + middle[len(middle) // 2]) / 2
-        console.print(f"round time: median {median:.1f} s (rounds 2-{len(seconds) - 1}); "
-                      f"round 1 {seconds[0]:.1f} s (first reads of the sites' cases), last "
-                      f"{seconds[-1]:.1f} s",
+        first, last = timed[0].get("round", 1), timed[-1].get("round", len(timed))
+        console.print(f"round time: median {median:.1f} s (rounds {first + 1}-{last - 1}); "
+                      f"round {first} {seconds[0]:.1f} s (first reads of the sites' cases), "
+                      f"last {seconds[-1]:.1f} s",
                       soft_wrap=True)
     if not workers:
         return

@@ -270,17 +270,19 @@ def cause_in_log(log_path: Path, tail_bytes: int = 200_000) -> str:
     return (raised or logged or [""])[0][:400]
 
 
-def worker_summary(run_dir: Path) -> dict[str, Any] | None:
+def worker_summary(run_dir: Path, since: float = 0.0) -> dict[str, Any] | None:
     """What ``workers.jsonl`` says about the processes that ran the simulated
-    sites: how many, on how many Ray nodes (and which sites ran on each), the
-    most sites' cases one process held at once, and each process's peak
-    memory (MB). None where the run left no such log."""
+    sites (from time ``since`` on: a resumed run's own part): how many, on how
+    many Ray nodes (and which sites ran on each), the most sites' cases one
+    process held at once, and each process's peak memory (MB). None where the
+    run left no such log."""
     from common.jsonl import read_jsonl
 
     path = Path(run_dir) / WORKERS_LOG
     if not path.exists():
         return None
-    lines = [x for x in read_jsonl(path) if isinstance(x, dict) and "pid" in x]
+    lines = [x for x in read_jsonl(path) if isinstance(x, dict) and "pid" in x
+             and isinstance(x.get("time"), (int, float)) and x["time"] >= since]
     if not lines:
         return None
     processes: dict[str, float] = {}

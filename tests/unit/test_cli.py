@@ -175,3 +175,29 @@ def test_the_closing_dice_line_says_which_sites_each_figure_is_the_mean_of():
     assert dice_progress(rows).endswith("round 4 0.600 (3 sites)")
     assert dice_progress(rows[:1]) == "Dice: no round was scored"
     assert dice_progress(rows[3:]) == "Dice: round 4 0.600 (3 sites)"
+
+
+def test_after_a_resume_the_closing_lines_count_only_the_resumed_part(tmp_path, capsys):
+    """The worker log and metrics of a resumed run hold both parts: the round
+    times and the process count are the part that just ran (rounds 3-6, its
+    own two processes), not the sum of both."""
+    import json
+
+    from server.render import workers_line
+    from server.simulation import WORKERS_LOG, worker_summary
+
+    def line(t: float, pid: int, rss: float) -> str:
+        return json.dumps({"time": t, "pid": pid, "host": "h", "ray_node": "n", "site": "a",
+                           "sites_held_peak": 1, "peak_rss_mb": rss})
+
+    (tmp_path / WORKERS_LOG).write_text("\n".join(
+        [line(100.0, 1, 900), line(101.0, 2, 950), line(200.0, 3, 500), line(201.0, 4, 510)])
+        + "\n")
+    part = worker_summary(tmp_path, since=150.0)
+    assert part["processes"] == 2 and list(part["peak_rss_mb"].values()) == [500, 510]
+    assert worker_summary(tmp_path)["processes"] == 4  # the whole log, for the record
+    rows = [{"round": r, "seconds": s} for r, s in ((3, 9.0), (4, 2.0), (5, 3.0), (6, 7.0))]
+    workers_line(part, rows)
+    said = " ".join(capsys.readouterr().out.split())
+    assert "median 2.5 s (rounds 4-5); round 3 9.0 s (first reads" in said
+    assert "ran in 2 process(es)" in said and "500-510 MB" in said

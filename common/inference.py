@@ -454,12 +454,26 @@ def _placed(ds) -> bool:
                                   str(ds.get("SOPInstanceUID", "") or "").strip()}:
         return False
     if _multi_frame(ds):
-        shared = (ds.get("SharedFunctionalGroupsSequence") or [None])[0]
         per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
-        return (shared is not None and "PlaneOrientationSequence" in shared
+        return (_one_orientation(ds) is not None
                 and len(per_frame) == int(ds.get("NumberOfFrames", 1) or 1)
                 and all("PlanePositionSequence" in f for f in per_frame))
     return _orientation_key(ds) is not None and bool(ds.get("ImagePositionPatient"))
+
+
+def _one_orientation(ds):
+    """An enhanced image's plane orientation item: the shared one, or the one
+    every frame repeats in its own group (as some scanners write it); None
+    where the frames lie in different planes or say nothing."""
+    shared = (ds.get("SharedFunctionalGroupsSequence") or [None])[0]
+    if shared is not None and shared.get("PlaneOrientationSequence"):
+        return shared.PlaneOrientationSequence[0]
+    items = [(f.get("PlaneOrientationSequence") or [None])[0]
+             for f in ds.get("PerFrameFunctionalGroupsSequence") or []]
+    if not items or any(i is None or "ImageOrientationPatient" not in i for i in items):
+        return None
+    keys = {_orientation_key(i) for i in items}
+    return items[0] if len(keys) == 1 and None not in keys else None
 
 
 def _seg_units(sources: list, frames: np.ndarray, name: str, notes: list[str]
@@ -569,6 +583,17 @@ def _source_view(ds, unit: _SegUnit, name: str, notes: list[str]):
     elif "FrameOfReferenceUID" in ds and not (
             _orientation_key(ds) or "SharedFunctionalGroupsSequence" in ds):
         delattr(view, "FrameOfReferenceUID")
+    elif _multi_frame(ds) and _one_orientation(ds) is not None:
+        if not view.get("SharedFunctionalGroupsSequence"):
+            from pydicom.dataset import Dataset
+
+            view.SharedFunctionalGroupsSequence = [Dataset()]
+        shared = view.SharedFunctionalGroupsSequence[0]
+        if not shared.get("PlaneOrientationSequence"):  # each frame repeats it: share it
+            shared.PlaneOrientationSequence = [copy.deepcopy(_one_orientation(ds))]
+            for item in view.get("PerFrameFunctionalGroupsSequence") or []:
+                if "PlaneOrientationSequence" in item:
+                    del item.PlaneOrientationSequence
     return view
 
 

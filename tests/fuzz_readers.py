@@ -129,6 +129,7 @@ REAL_IMAGES = [
     ("multiframe", f"{PD}/emri_small.dcm"),
     ("multiframe-rle", f"{PD}/emri_small_RLE.dcm"),
     ("multiframe-j2k", f"{PD}/emri_small_jpeg_2k_lossless.dcm"),
+    ("enhanced-ct", f"{PD}/eCT_Supplemental.dcm"),  # functional groups
     ("highdicom-ct", "highdicom_seg/test_files/ct_image.dcm"),
 ]
 REAL_SEGS = [

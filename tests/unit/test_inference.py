@@ -279,6 +279,30 @@ def test_a_single_dicom_file_single_or_multi_frame_gets_a_valid_seg(tmp_path, di
                     if line.startswith("Error")], name
 
 
+def test_an_enhanced_image_whose_frames_each_repeat_the_orientation_gets_one_seg(tmp_path,
+                                                                               dicom_dir):
+    """Some scanners write the plane orientation into every frame's own group
+    instead of the shared one: still one volume, so one SEG, not a SEG a frame
+    saying the frames cannot be placed."""
+    import copy
+
+    ds = pydicom.dcmread(dicom_dir / "pydicom_data/data/eCT_Supplemental.dcm")
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    orientation = shared.PlaneOrientationSequence
+    del shared.PlaneOrientationSequence
+    for frame in ds.PerFrameFunctionalGroupsSequence:
+        frame.PlaneOrientationSequence = copy.deepcopy(orientation)
+    ds.save_as(tmp_path / "perframe.dcm")
+    model = load_model(saved_model(tmp_path / "run"))
+    result = segment(model, tmp_path / "perframe.dcm", CPU)
+    written = write_result(model, result, tmp_path / "out")
+    assert [p.name for p in written] == ["perframe_seg.dcm"] and result.notes == []
+    seg = pydicom.dcmread(written[0])
+    assert seg.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0] \
+        .ImageOrientationPatient == orientation[0].ImageOrientationPatient
+    assert dicom_errors(written[0]) == []  # skips without the validator
+
+
 # --------------------------------------------------------------- several structures
 
 TWO = {"structures": "organ,lesion"}

@@ -127,6 +127,48 @@ def test_a_fractional_seg_is_in_the_structure_from_one_half(dicom_dir):
     assert np.array_equal(label[0], _on_image_grid(values >= 0.5, meta))
 
 
+@pytest.mark.parametrize("frame, said", [
+    (None, "as written"),
+    (99, "references frame(s) [99] of its image, which has frames 1 to 2: it was drawn on "
+         "another image"),
+    ("none", "references its multi-frame image without saying which frame"),
+])
+def test_a_seg_on_an_enhanced_image_is_read_by_its_frame_numbers(dicom_dir, tmp_path, frame,
+                                                                 said):
+    """A SEG drawn on an enhanced CT (highdicom's own) reads back on its frames;
+    one whose frames name a frame the image lacks, or none, is refused rather
+    than read as empty slices."""
+    image = dicom_dir / "pydicom_data/data/eCT_Supplemental.dcm"
+    source = pydicom.dcmread(image)
+    code = hd.sr.CodedConcept("91723000", "SCT", "Anatomical structure")
+    drawn = np.zeros((2, 512, 512), np.uint8)
+    drawn[0, 100:200, 100:200] = 1  # stored frame 1 only
+    seg = hd.seg.Segmentation(
+        [source], drawn, hd.seg.SegmentationTypeValues.BINARY,
+        [hd.seg.SegmentDescription(1, "GTV", code, code,
+                                   hd.seg.SegmentAlgorithmTypeValues.MANUAL)],
+        hd.UID(), 5, hd.UID(), 1, "fedseg test", "seg", "1", "1")
+    for item in seg.PerFrameFunctionalGroupsSequence if frame is not None else []:
+        reference = item.DerivationImageSequence[0].SourceImageSequence[0]
+        if frame == "none":
+            del reference.ReferencedFrameNumber
+        else:
+            reference.ReferencedFrameNumber = frame
+    seg.save_as(tmp_path / "seg.dcm")
+    _, meta = read_image(image)
+    run = classes("gtv", {1: "GTV"})
+    if frame is None:
+        label = read_label(tmp_path / "seg.dcm", meta, run)
+        assert label.sum() == 100 * 100
+        # stored frame 1 lies at z = -159 mm, below frame 2 (-149 mm): on the RAS grid,
+        # whose last axis runs inferior to superior, it is the first slice
+        assert label[0, ..., 0].sum() == 100 * 100
+        return
+    with pytest.raises(DataError) as info:
+        read_label(tmp_path / "seg.dcm", meta, run)
+    assert said in str(info.value)
+
+
 # ------------------------------------------------------------------ RTSTRUCT
 
 

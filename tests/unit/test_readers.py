@@ -76,6 +76,98 @@ def test_an_enhanced_ct_reads_with_its_functional_groups_as_highdicom_places_it(
     assert meta.frames == (2, 1) and meta.not_a_volume is None  # frame 2 lies first
 
 
+def _enhanced_ct(dicom_dir, tmp_path, change=None, name="ect.dcm") -> Path:
+    """eCT_Supplemental.dcm, changed by ``change(ds)``, saved under tmp_path."""
+    ds = pydicom.dcmread(dicom_dir / f"{PD}/eCT_Supplemental.dcm")
+    if change is not None:
+        change(ds)
+    ds.save_as(tmp_path / name)
+    return tmp_path / name
+
+
+def _hostile_position(ds):
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    plane_position = Tag(0x00209113)  # a sequence, written as a number
+    ds.PerFrameFunctionalGroupsSequence[0][plane_position] = RawDataElement(
+        plane_position, "DS", 2, b"1 ", 0, False, True)
+
+
+def _one_item_short(ds):
+    del ds.PerFrameFunctionalGroupsSequence[1]
+
+
+def _huge_slope(ds):
+    ds.SharedFunctionalGroupsSequence[0].PixelValueTransformationSequence[0].RescaleSlope = 1e38
+
+
+@pytest.mark.parametrize("change, said", [
+    (_hostile_position, "ect.dcm: PlanePositionSequence is not a sequence of items"),
+    (_one_item_short, "ect.dcm: PerFrameFunctionalGroupsSequence holds 1 items for its 2 "
+                      "frames (NumberOfFrames): the file is damaged"),
+    (_huge_slope, "the RescaleSlope of frame 1 is 1e+38, not a rescale"),
+])
+def test_a_damaged_enhanced_image_is_one_line_naming_what_is_wrong(dicom_dir, tmp_path,
+                                                                   change, said):
+    with pytest.raises(UnreadableFileError) as info:
+        read_image(_enhanced_ct(dicom_dir, tmp_path, change))
+    assert said in str(info.value)
+
+
+def test_an_enhanced_image_of_one_frame_keeps_its_groups_rescale_and_spacing(dicom_dir,
+                                                                             tmp_path):
+    """One frame of an enhanced CT (a file of an enhanced series, one slice a
+    file): in HU at 0.39 mm, its plane geometry from the groups too."""
+    def one_frame(ds):
+        ds.PixelData = ds.pixel_array[:1].tobytes()
+        ds.NumberOfFrames = 1
+        del ds.PerFrameFunctionalGroupsSequence[1]
+
+    image, meta = read_image(_enhanced_ct(dicom_dir, tmp_path, one_frame))
+    assert image.shape == (1, 512, 512) and image.min() == -1024
+    assert meta.spacing == pytest.approx((0.388672, 0.388672))
+    from common.data.readers.dicom import _orientation, _position
+
+    ds = pydicom.dcmread(tmp_path / "ect.dcm")
+    assert _orientation(ds, "ect.dcm") is not None and _position(ds, "ect.dcm") is not None
+
+
+def test_the_groups_rescale_is_the_enhanced_images_even_beside_an_image_level_one(
+        dicom_dir, tmp_path):
+    """pydicom rescales by the image-level attributes only when both slope and
+    intercept are there; an enhanced image's rescale is in its groups."""
+    def lone_slope(ds):
+        ds.RescaleSlope = 1
+
+    image, _ = read_image(_enhanced_ct(dicom_dir, tmp_path, lone_slope))
+    assert image.min() == -1024
+
+
+def test_frames_of_different_pixel_spacing_are_not_one_volume_and_groups_fill_in(
+        dicom_dir, tmp_path):
+    import copy
+
+    def per_frame_spacing(ds):
+        shared = ds.SharedFunctionalGroupsSequence[0]
+        measures = shared.PixelMeasuresSequence
+        del shared.PixelMeasuresSequence
+        for k, frame in enumerate(ds.PerFrameFunctionalGroupsSequence):
+            frame.PixelMeasuresSequence = copy.deepcopy(measures)
+            frame.PixelMeasuresSequence[0].PixelSpacing = [[0.388672] * 2, [0.8] * 2][k]
+
+    _, meta = read_image(_enhanced_ct(dicom_dir, tmp_path, per_frame_spacing))
+    assert "differ in pixel spacing" in meta.not_a_volume
+
+    def thickness_only_per_frame(ds):  # the spacing is the shared group's
+        for frame in ds.PerFrameFunctionalGroupsSequence:
+            frame.PixelMeasuresSequence = [pydicom.Dataset()]
+            frame.PixelMeasuresSequence[0].SliceThickness = 10
+
+    _, meta = read_image(_enhanced_ct(dicom_dir, tmp_path, thickness_only_per_frame, "t.dcm"))
+    assert meta.spacing == pytest.approx((0.388672, 0.388672, 10.0)) and not meta.not_a_volume
+
+
 def test_an_enhanced_image_whose_frames_share_a_position_is_not_one_volume(dicom_dir,
                                                                            tmp_path):
     """Two frames at one place (as a multi-echo MR stores its echoes): a 3D

@@ -5,7 +5,9 @@ space an RTSTRUCT is drawn in)."""
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from nibabel import orientations as ornt
@@ -89,17 +91,32 @@ def _has_pixels(ds) -> bool:
 
 
 def _pixels(ds, name: str, header: _PixelHeader) -> np.ndarray:
-    """Decoded pixels with the modality LUT (rescale slope/intercept) applied."""
+    """Decoded pixels with the modality LUT (rescale slope/intercept) applied:
+    an enhanced image's own, frame by frame, from its functional groups
+    (where it has them, they are its rescale: an image-level one is ignored)."""
     from pydicom.pixels import apply_modality_lut
 
     if not _has_pixels(ds):
         raise UnreadableFileError(f"DICOM file {name} holds no pixel data")
     _check_codestreams(ds, header, name)
+    groups = _functional_groups(ds, name, header.frames)
+    rescales = None
+    if groups is not None and header.samples == 1 and any(
+            _group_item(groups, k, "PixelValueTransformationSequence", name) is not None
+            for k in range(header.frames)):
+        rescales = [(_rescale(groups, k, "RescaleSlope", 1.0, name),
+                     _rescale(groups, k, "RescaleIntercept", 0.0, name))
+                    for k in range(header.frames)]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             stored = ds.pixel_array
-            if header.samples == 1 and stored.shape == header.shape:
+            if rescales is not None and stored.shape == header.shape:
+                arr = np.asarray(stored, dtype=np.float32).reshape(header.frames, -1)
+                for k, (slope, intercept) in enumerate(rescales):
+                    arr[k] = arr[k] * np.float32(slope) + np.float32(intercept)
+                arr = arr.reshape(header.shape)
+            elif header.samples == 1 and stored.shape == header.shape:
                 # pydicom rescales in float64: do it a block at a time into float32
                 arr = np.empty(stored.shape, np.float32)
                 flat, out = stored.reshape(-1), arr.reshape(-1)
@@ -124,9 +141,9 @@ def _pixels(ds, name: str, header: _PixelHeader) -> np.ndarray:
     return arr
 
 
-def _pixel_spacing(ds, name: str) -> tuple[float, float]:
-    value = _attr(ds, "PixelSpacing", name)
-    if value is None or (isinstance(value, str) and not value.strip()):
+def _pixel_spacing(ds, name: str, frame: int = 0, groups=None) -> tuple[float, float]:
+    value = _value(ds, "PixelSpacing", name, frame, groups)
+    if value is None:
         return 1.0, 1.0  # absent or empty: unknown, 1 mm
     values = [value] if isinstance(value, (str, bytes, float, int)) else value
     spacing = _check_spacing(values, name, "PixelSpacing (mm between pixel centres)")
@@ -157,64 +174,129 @@ def _image_from_dataset(ds, path: Path) -> tuple[np.ndarray, ImageMeta]:
     return _multi_frame_volume(ds, name, arr)
 
 
-_GROUPS = ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence")
+@dataclass(frozen=True)
+class _Groups:
+    """An enhanced image's functional groups: each frame's own items, and the
+    item all frames share (None without one)."""
+
+    per_frame: list
+    shared: Any
 
 
-def _group_item(ds, frame: int, sequence: str, name: str):
-    """Functional group ``sequence``'s item for ``frame`` (from 0) of an enhanced
-    multi-frame image: the frame's own, else the one all frames share; None."""
-    per_frame = _attr(ds, "PerFrameFunctionalGroupsSequence", name) or []
-    shared = _attr(ds, "SharedFunctionalGroupsSequence", name) or []
-    for groups in ([per_frame[frame]] if frame < len(per_frame) else []) + list(shared[:1]):
-        item = _attr(groups, sequence, name)
-        if item:
-            return item[0]
+# where an enhanced image keeps what a classic image holds at its top level
+_GROUP_OF = {"ImageOrientationPatient": "PlaneOrientationSequence",
+             "ImagePositionPatient": "PlanePositionSequence",
+             "PixelSpacing": "PixelMeasuresSequence",
+             "SliceThickness": "PixelMeasuresSequence",
+             "SpacingBetweenSlices": "PixelMeasuresSequence",
+             "RescaleSlope": "PixelValueTransformationSequence",
+             "RescaleIntercept": "PixelValueTransformationSequence"}
+
+
+def _sequence(ds, keyword: str, name: str) -> list:
+    """A sequence attribute's items, ``[]`` where absent or empty; a value of
+    another kind (a hostile or damaged file) is an error naming it."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    value = _attr(ds, keyword, name)
+    if value is None or (isinstance(value, (str, bytes)) and not value.strip()):
+        return []
+    if not isinstance(value, Sequence) or not all(isinstance(i, Dataset) for i in value):
+        raise UnreadableFileError(f"DICOM file {name}: {keyword} is not a sequence of items "
+                                  f"(corrupt header?)")
+    return list(value)
+
+
+def _functional_groups(ds, name: str, frames: int | None = None) -> _Groups | None:
+    """The functional groups of an enhanced image (Enhanced CT, MR, PET, legacy
+    converted...), None for a classic image; ``frames``: the image's frames,
+    which the per-frame items must match one for one."""
+    per_frame = _sequence(ds, "PerFrameFunctionalGroupsSequence", name)
+    shared = _sequence(ds, "SharedFunctionalGroupsSequence", name)
+    if not per_frame and not shared:
+        return None
+    if per_frame and frames is not None and len(per_frame) != frames:
+        raise UnreadableFileError(
+            f"DICOM file {name}: PerFrameFunctionalGroupsSequence holds {len(per_frame)} "
+            f"items for its {frames} frames (NumberOfFrames): the file is damaged")
+    return _Groups(per_frame, shared[0] if shared else None)
+
+
+def _group_item(groups: _Groups, frame: int, sequence: str, name: str):
+    """Functional group ``sequence``'s item for ``frame`` (from 0): the frame's
+    own, else the one all frames share; None."""
+    own = [groups.per_frame[frame]] if frame < len(groups.per_frame) else []
+    for holder in own + ([groups.shared] if groups.shared is not None else []):
+        items = _sequence(holder, sequence, name)
+        if items:
+            return items[0]
     return None
 
 
-def _multi_frame_volume(ds, name: str, arr: np.ndarray) -> tuple[np.ndarray, ImageMeta]:
-    """A grey multi-frame image (``arr``: frames x rows x columns) as one volume.
+def _value(ds, keyword: str, name: str, frame: int = 0, groups=None):
+    """An attribute that locates or scales the pixels: from an enhanced image's
+    functional groups for ``frame`` (the frame's own group, else the shared
+    one, attribute by attribute), else (a classic image) from its top level;
+    None where absent or empty."""
+    groups = groups if groups is not None else _functional_groups(ds, name)
+    holders = []
+    if groups is not None:
+        own = [groups.per_frame[frame]] if frame < len(groups.per_frame) else []
+        for holder in own + ([groups.shared] if groups.shared is not None else []):
+            holders += _sequence(holder, _GROUP_OF[keyword], name)[:1]
+    for holder in holders + ([ds] if ds is not None else []):
+        value = _attr(holder, keyword, name)
+        if value is not None and not (isinstance(value, str) and not value.strip()):
+            return value
+    return None
 
-    An enhanced image (CT, MR, PET...) holds its geometry and rescale in
-    functional groups, shared or per frame: each frame is rescaled with its
-    own slope and intercept, and frames with a plane position and
+
+def _rescale(groups: _Groups, frame: int, keyword: str, default: float, name: str) -> float:
+    value = _value(None, keyword, name, frame, groups) if groups else None
+    if value is None:
+        return default
+    number = float(_floats([value], 1, f"{keyword} (functional group of frame {frame + 1})",
+                           name)[0])
+    if abs(number) > 1e9:
+        raise UnreadableFileError(f"DICOM file {name}: the {keyword} of frame {frame + 1} is "
+                                  f"{number:g}, not a rescale (corrupt header?)")
+    return number
+
+
+def _multi_frame_volume(ds, name: str, arr: np.ndarray) -> tuple[np.ndarray, ImageMeta]:
+    """A grey multi-frame image (``arr``: frames x rows x columns, rescaled) as
+    one volume.
+
+    An enhanced image (CT, MR, PET...) holds its geometry in functional
+    groups, shared or per frame: frames with a plane position and
     orientation are put in position order and turned to the closest RAS
     axis order, as a series' slices are (:func:`_read_dicom_series`);
     ``meta.frames`` says which stored frame each slice is. Frames without a
     geometry stay in stored order as the last axis."""
     frames = arr.shape[0]
-    enhanced = any(_attr(ds, key, name) for key in _GROUPS)
-    if enhanced and not any(key in ds for key in ("RescaleSlope", "RescaleIntercept",
-                                                  "ModalityLUTSequence")):
-        for k in range(frames):  # an image-level rescale (already applied) takes precedence
-            item = _group_item(ds, k, "PixelValueTransformationSequence", name)
-            if item is not None:
-                slope = _floats([_attr(item, "RescaleSlope", name, 1.0)], 1, "RescaleSlope", name)
-                intercept = _floats([_attr(item, "RescaleIntercept", name, 0.0)], 1,
-                                    "RescaleIntercept", name)
-                arr[k] = arr[k] * np.float32(slope[0]) + np.float32(intercept[0])
-    measures = _group_item(ds, 0, "PixelMeasuresSequence", name) if enhanced else None
-    row_sp, col_sp = _pixel_spacing(measures if measures is not None and "PixelSpacing"
-                                    in measures else ds, name)
+    groups = _functional_groups(ds, name, frames)
+    spacings = [_pixel_spacing(ds, name, k, groups) for k in (range(frames) if groups else [0])]
+    row_sp, col_sp = spacings[0]
     orientations = positions = None
-    if enhanced:
-        planes = [_group_item(ds, k, "PlaneOrientationSequence", name) for k in range(frames)]
-        places = [_group_item(ds, k, "PlanePositionSequence", name) for k in range(frames)]
-        orientations = [None if o is None else _orientation(o, name) for o in planes]
-        positions = [None if p is None else _position(p, name) for p in places]
+    if groups is not None:
+        orientations = [_orientation(ds, name, k, groups) for k in range(frames)]
+        positions = [_position(ds, name, k, groups) for k in range(frames)]
     if (orientations is None or any(o is None for o in orientations)
             or any(p is None for p in positions)):
         # no plane geometry: frames in stored order become the last (slice) axis
-        thickness = 1.0
-        if measures is not None:
-            value = _attr(measures, "SpacingBetweenSlices", name) or _attr(
-                measures, "SliceThickness", name)
-            if value not in (None, ""):
-                thickness = _check_spacing([value], name, "slice spacing")[0]
+        value = (_value(ds, "SpacingBetweenSlices", name, 0, groups)
+                 or _value(ds, "SliceThickness", name, 0, groups)) if groups else None
+        thickness = 1.0 if value is None else _check_spacing([value], name, "slice spacing")[0]
         return np.moveaxis(arr, 0, -1)[None], ImageMeta("dicom", (row_sp, col_sp, thickness))
     depth = [float(np.dot(np.cross(o[:3], o[3:]), p))
              for o, p in zip(orientations, positions, strict=True)]
     problem = _not_one_volume(orientations, depth, f"multi-frame image {name}")
+    if problem is None and any(np.abs(np.subtract(sp, spacings[0])).max() > 1e-3 * max(sp)
+                               for sp in spacings):
+        problem = (f"the frames of multi-frame image {name} differ in pixel spacing "
+                   f"(PixelMeasuresSequence: {min(spacings)} to {max(spacings)} mm), not one "
+                   f"volume")
     order = np.argsort(depth, kind="stable")
     volume, transform, spacing = _as_volume(arr[order], orientations[order[0]],
                                             (row_sp, col_sp), np.sort(depth))
@@ -247,11 +329,11 @@ def _is_image_class(ds, name: str) -> bool:
     return any("Image Storage" in str(getattr(uid, "name", "")) for uid in uids)
 
 
-def _orientation(ds, name: str) -> np.ndarray | None:
+def _orientation(ds, name: str, frame: int = 0, groups=None) -> np.ndarray | None:
     """ImageOrientationPatient (row then column direction cosines), checked; None if
-    absent (no geometry)."""
-    value = _attr(ds, "ImageOrientationPatient", name)
-    if value is None or (isinstance(value, str) and not value.strip()):
+    absent (no geometry). Of ``frame`` for an enhanced image (:func:`_value`)."""
+    value = _value(ds, "ImageOrientationPatient", name, frame, groups)
+    if value is None:
         return None
     values = [value] if isinstance(value, (str, bytes, float, int)) else value
     iop = _floats(values, 6, "ImageOrientationPatient", name)
@@ -264,10 +346,11 @@ def _orientation(ds, name: str) -> np.ndarray | None:
     return iop
 
 
-def _position(ds, name: str) -> np.ndarray | None:
-    """ImagePositionPatient, checked; None if absent."""
-    value = _attr(ds, "ImagePositionPatient", name)
-    if value is None or (isinstance(value, str) and not value.strip()):
+def _position(ds, name: str, frame: int = 0, groups=None) -> np.ndarray | None:
+    """ImagePositionPatient, checked; None if absent. Of ``frame`` for an
+    enhanced image (:func:`_value`)."""
+    value = _value(ds, "ImagePositionPatient", name, frame, groups)
+    if value is None:
         return None
     values = [value] if isinstance(value, (str, bytes, float, int)) else value
     return _floats(values, 3, "ImagePositionPatient", name)

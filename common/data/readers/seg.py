@@ -7,12 +7,13 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from pydicom.multival import MultiValue
 
 from common.config import FOREGROUND
 from common.data.dicom_values import _attr, _int_attr
 from common.data.labels import Classes, classes_of_named
 from common.data.readers.base import DEFLATED_SYNTAX, ImageMeta
-from common.data.readers.dicom import _has_pixels
+from common.data.readers.dicom import _has_pixels, _sequence
 from common.data.readers.guards import (
     _check_codestreams,
     _check_size,
@@ -97,6 +98,32 @@ def _check_seg_complete(ds, header: _PixelHeader, name: str) -> None:
             f"DICOM SEG {name} is damaged (truncated?): it holds {found} of its {shown}")
 
 
+def _check_frame_references(ds, image_uid: str, frames: tuple[int, ...], name: str) -> None:
+    """Each frame of a SEG drawn on a multi-frame image names one of its
+    frames (ReferencedFrameNumber): a frame that names none, or one the
+    image does not have, would be read as an empty slice without a word."""
+    named: set[int] = set()
+    for item in _sequence(ds, "PerFrameFunctionalGroupsSequence", name):
+        for derivation in _sequence(item, "DerivationImageSequence", name):
+            for source in _sequence(derivation, "SourceImageSequence", name):
+                if str(_attr(source, "ReferencedSOPInstanceUID", name, "")).strip() != image_uid:
+                    continue
+                value = _attr(source, "ReferencedFrameNumber", name)
+                values = [] if value in (None, "") else (
+                    list(value) if isinstance(value, (list, tuple, MultiValue)) else [value])
+                if not values:
+                    raise UnsupportedFormatError(
+                        f"DICOM SEG {name} references its multi-frame image without saying "
+                        f"which frame (ReferencedFrameNumber): it cannot be placed on it")
+                named.update(int(v) for v in values)
+    outside = sorted(named - set(frames))
+    if outside or not named:
+        raise UnsupportedFormatError(
+            f"DICOM SEG {name} references frame(s) {outside[:5]} of its image, which has "
+            f"frames 1 to {len(frames)}: it was drawn on another image" if outside else
+            f"DICOM SEG {name} references no frame of its multi-frame image")
+
+
 def _read_seg(ds, path: Path, image_meta: ImageMeta, classes: Classes | None) -> np.ndarray:
     """The SEG's segments as the run's classes: ``slices x rows x columns`` (or
     ``rows x columns``) uint8 on the image's stored grid. Segments of the same
@@ -137,6 +164,7 @@ def _read_seg(ds, path: Path, image_meta: ImageMeta, classes: Classes | None) ->
                 how = {"segment_numbers": numbers, "combine_segments": False,
                        "ignore_spatial_locations": True, "assert_missing_frames_are_empty": True}
                 if frames:
+                    _check_frame_references(ds, image_meta.source_uids[0], frames, name)
                     pixels = seg.get_pixels_by_source_frame(
                         source_sop_instance_uid=image_meta.source_uids[0],
                         source_frame_numbers=list(frames), **how)

@@ -407,7 +407,8 @@ def cmd_bench_patches(args: argparse.Namespace) -> int:
     device = str(pick_device(args.device))
     console.print(f"patch cost on {device}: {len(configs)} models, {args.steps} timed steps "
                   f"each, settings {overrides}", soft_wrap=True)
-    rows = patch_cost(configs, overrides, steps=args.steps, volume=volume, device=device)
+    rows = patch_cost(configs, overrides, steps=args.steps, volume=volume, device=device,
+                      layouts=(True, False) if args.compare_layout else (True,))
     console.print(markdown(rows, volume), soft_wrap=True)
     console.print(f"machine: {machine()}", soft_wrap=True)
     return 0
@@ -503,6 +504,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--device", default="auto", help="auto, cpu or cuda:N")
     b.add_argument("--config", action="append", metavar="KEY=VALUE",
                    help="run settings (default structures=organ,lesion, batch-size=2)")
+    b.add_argument("--compare-layout", action="store_true",
+                   help="each model also without its few-channel 3D convolutions in "
+                        "channels-last order, side by side (docs/performance.md)")
     b.set_defaults(func=cmd_bench_patches)
     b = bsub.add_parser("memory", help="a site larger than memory: the worker's peak "
                         "memory, steps a second from disk vs in memory (docs/performance.md)")

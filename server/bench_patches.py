@@ -25,7 +25,7 @@ DEFAULT_CONFIGS = ((2, 64), (2, 128), (3, 32), (3, 64), (3, 96), (3, 128))
 
 
 def _one(dims: int, patch: int, overrides: dict[str, Any], steps: int,
-         volume: tuple[int, int, int], device: str) -> dict[str, Any]:
+         volume: tuple[int, int, int], device: str, layout: bool = True) -> dict[str, Any]:
     """One configuration's figures (runs in its own process)."""
     import numpy as np
     from monai.losses import DiceCELoss
@@ -38,7 +38,7 @@ def _one(dims: int, patch: int, overrides: dict[str, Any], steps: int,
         **overrides, "model-spatial-dims": dims, "patch-size": patch})
     dev = torch.device(device)
     torch.manual_seed(0)
-    model = build_model(settings.model).to(dev)
+    model = build_model(settings.model, few_channel_layout=layout).to(dev)
     batch = settings.batch_size
     shape = (batch, settings.model.in_channels, *(patch,) * dims)
     image = torch.randn(shape, device=dev)
@@ -73,32 +73,40 @@ def _one(dims: int, patch: int, overrides: dict[str, Any], steps: int,
     infer_s = time.perf_counter() - start
     peak = (torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else
             (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
-    return {"dims": dims, "patch": patch, "batch": batch, "step_s": step_s,
+    return {"dims": dims, "patch": patch, "batch": batch, "step_s": step_s, "layout": layout,
             "voxels_per_s": batch * patch ** dims / step_s, "infer_s": infer_s,
             "peak_mib": peak, "parameters": sum(p.numel() for p in model.parameters())}
 
 
 def patch_cost(configs: list[tuple[int, int]], overrides: dict[str, Any], *, steps: int,
-               volume: tuple[int, int, int], device: str) -> list[dict[str, Any]]:
-    """Every configuration in ``configs``, each in a fresh process, in order."""
+               volume: tuple[int, int, int], device: str,
+               layouts: tuple[bool, ...] = (True,)) -> list[dict[str, Any]]:
+    """Every configuration in ``configs``, each in a fresh process, in order;
+    with ``layouts`` (True, False), each with and then without the few-channel
+    convolutions in channels-last order (``common.model``), side by side."""
     out = []
     context = multiprocessing.get_context("spawn")
     for dims, patch in configs:
-        with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-            out.append(pool.submit(_one, dims, patch, overrides, steps, volume,
-                                   device).result())
+        for layout in layouts:
+            with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+                out.append(pool.submit(_one, dims, patch, overrides, steps, volume,
+                                       device, layout).result())
     return out
 
 
 def markdown(rows: list[dict[str, Any]], volume: tuple[int, int, int]) -> str:
     """The table docs/data.md shows; ratios against the first row."""
     first = rows[0]
+    both = len({r.get("layout", True) for r in rows}) > 1
     lines = ["| model | patch | batch | s / step | x first row | patch voxels / s | "
              f"s to segment {' x '.join(map(str, volume))} | peak memory (MiB) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        shown = (f"{r['dims']}D, few-channel convolutions "
+                 f"{'channels-last' if r['layout'] else 'as they come'}") if both else (
+            f"{r['dims']}D")
         lines.append(
-            f"| {r['dims']}D | {r['patch']} | {r['batch']} | {r['step_s']:.3g} | "
+            f"| {shown} | {r['patch']} | {r['batch']} | {r['step_s']:.3g} | "
             f"{r['step_s'] / first['step_s']:.1f} | {r['voxels_per_s'] / 1e3:.0f} k | "
             f"{r['infer_s']:.1f} | {r['peak_mib']:.0f} |")
     return "\n".join(lines)

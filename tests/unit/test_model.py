@@ -55,3 +55,33 @@ def test_auto_device_is_cuda_exactly_when_available():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="CUDA is not available"):
             pick_device("cuda")
+
+
+def test_few_channel_3d_convolutions_run_channels_last_on_a_cpu_with_the_same_results():
+    """The preset's 3D U-Net: only its last convolution (3 classes to 3) takes
+    channels-last input (the 1-channel input convolutions gain nothing); the
+    weights, the state dict and the output are those of the plain U-Net."""
+    settings = RunSettings.from_run_config({
+        "model-spatial-dims": 3, "structures": "Anterior,Posterior",
+        "model-channels": "16,32,64,128", "model-res-units": 1})
+    torch.manual_seed(0)
+    plain = build_model(settings.model, few_channel_layout=False)
+    torch.manual_seed(0)
+    model = build_model(settings.model)
+    hooked = [(m.in_channels, m.out_channels) for m in model.modules()
+              if isinstance(m, torch.nn.Conv3d) and m._forward_pre_hooks]
+    assert hooked == [(3, 3)]
+    seen = []
+    last = next(m for m in model.modules() if m._forward_pre_hooks)
+    last.register_forward_pre_hook(lambda m, args: seen.append(
+        args[0].is_contiguous(memory_format=torch.channels_last_3d)))
+    x = torch.randn(2, 1, 32, 32, 32)
+    with torch.no_grad():
+        out, reference = model(x), plain(x)
+    assert seen == [True] and out.is_contiguous()  # in channels-last, out in the usual order
+    assert torch.allclose(out, reference, atol=1e-5)
+    assert model.state_dict().keys() == plain.state_dict().keys()
+    out.sum().backward() if out.requires_grad else model(x).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    two_d = build_model(RunSettings.from_run_config({"structures": "a,b"}).model)
+    assert not any(m._forward_pre_hooks for m in two_d.modules())  # 2D: as it comes

@@ -583,14 +583,14 @@ def _source_view(ds, unit: _SegUnit, name: str, notes: list[str]):
     elif "FrameOfReferenceUID" in ds and not (
             _orientation_key(ds) or "SharedFunctionalGroupsSequence" in ds):
         delattr(view, "FrameOfReferenceUID")
-    elif _multi_frame(ds) and _one_orientation(ds) is not None:
+    elif _multi_frame(ds) and (orientation := _one_orientation(ds)) is not None:
         if not view.get("SharedFunctionalGroupsSequence"):
             from pydicom.dataset import Dataset
 
             view.SharedFunctionalGroupsSequence = [Dataset()]
         shared = view.SharedFunctionalGroupsSequence[0]
         if not shared.get("PlaneOrientationSequence"):  # each frame repeats it: share it
-            shared.PlaneOrientationSequence = [copy.deepcopy(_one_orientation(ds))]
+            shared.PlaneOrientationSequence = [copy.deepcopy(orientation)]
             for item in view.get("PerFrameFunctionalGroupsSequence") or []:
                 if "PlaneOrientationSequence" in item:
                     del item.PlaneOrientationSequence

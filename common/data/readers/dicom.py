@@ -102,7 +102,7 @@ def _pixels(ds, name: str, header: _PixelHeader) -> np.ndarray:
     groups = _functional_groups(ds, name, header.frames)
     rescales = None
     if groups is not None and header.samples == 1 and any(
-            _group_item(groups, k, "PixelValueTransformationSequence", name) is not None
+            _group_items(groups, k, "PixelValueTransformationSequence", name)
             for k in range(header.frames)):
         rescales = [(_rescale(groups, k, "RescaleSlope", 1.0, name),
                      _rescale(groups, k, "RescaleIntercept", 0.0, name))
@@ -223,37 +223,37 @@ def _functional_groups(ds, name: str, frames: int | None = None) -> _Groups | No
     return _Groups(per_frame, shared[0] if shared else None)
 
 
-def _group_item(groups: _Groups, frame: int, sequence: str, name: str):
-    """Functional group ``sequence``'s item for ``frame`` (from 0): the frame's
-    own, else the one all frames share; None."""
+def _group_items(groups: _Groups, frame: int, sequence: str, name: str) -> list:
+    """Functional group ``sequence``'s items for ``frame`` (from 0), nearest
+    first: the frame's own, then the one all frames share."""
     own = [groups.per_frame[frame]] if frame < len(groups.per_frame) else []
-    for holder in own + ([groups.shared] if groups.shared is not None else []):
-        items = _sequence(holder, sequence, name)
-        if items:
-            return items[0]
-    return None
+    return [item for holder in own + ([groups.shared] if groups.shared is not None else [])
+            for item in _sequence(holder, sequence, name)[:1]]
 
 
-def _value(ds, keyword: str, name: str, frame: int = 0, groups=None):
-    """An attribute that locates or scales the pixels: from an enhanced image's
-    functional groups for ``frame`` (the frame's own group, else the shared
-    one, attribute by attribute), else (a classic image) from its top level;
-    None where absent or empty."""
-    groups = groups if groups is not None else _functional_groups(ds, name)
-    holders = []
-    if groups is not None:
-        own = [groups.per_frame[frame]] if frame < len(groups.per_frame) else []
-        for holder in own + ([groups.shared] if groups.shared is not None else []):
-            holders += _sequence(holder, _GROUP_OF[keyword], name)[:1]
-    for holder in holders + ([ds] if ds is not None else []):
-        value = _attr(holder, keyword, name)
+def _group_value(groups: _Groups | None, frame: int, keyword: str, name: str):
+    """``keyword`` for ``frame`` from an enhanced image's functional groups, the
+    frame's own group first, attribute by attribute; None where none says."""
+    for item in _group_items(groups, frame, _GROUP_OF[keyword], name) if groups else []:
+        value = _attr(item, keyword, name)
         if value is not None and not (isinstance(value, str) and not value.strip()):
             return value
     return None
 
 
+def _value(ds, keyword: str, name: str, frame: int = 0, groups=None):
+    """An attribute that locates or scales the pixels: from an enhanced image's
+    functional groups for ``frame`` (:func:`_group_value`), else (a classic
+    image) from its top level; None where absent or empty."""
+    value = _group_value(groups if groups is not None else _functional_groups(ds, name),
+                         frame, keyword, name)
+    if value is None:
+        value = _attr(ds, keyword, name)
+    return None if isinstance(value, str) and not value.strip() else value
+
+
 def _rescale(groups: _Groups, frame: int, keyword: str, default: float, name: str) -> float:
-    value = _value(None, keyword, name, frame, groups) if groups else None
+    value = _group_value(groups, frame, keyword, name)
     if value is None:
         return default
     number = float(_floats([value], 1, f"{keyword} (functional group of frame {frame + 1})",

@@ -210,21 +210,32 @@ def _check_references(ds, name: str, uid_slice: dict[str, int | dict[int, int]])
 def _slice_of(contour, points: np.ndarray, uid_slice: dict[str, int | dict[int, int]],
               depth: np.ndarray, normal: np.ndarray, tolerance: float, name: str) -> int:
     """The slice a contour lies on: the image (or frame of a multi-frame image)
-    it references, else where its points are."""
-    for image in getattr(contour, "ContourImageSequence", None) or []:
-        uid = str(getattr(image, "ReferencedSOPInstanceUID", "")).strip()
-        if isinstance(uid_slice.get(uid), dict):  # a multi-frame image: by frame number
-            frame = getattr(image, "ReferencedFrameNumber", None)
-            try:
-                return uid_slice[uid][int(frame)]
-            except (KeyError, TypeError, ValueError):
-                break  # no frame of the image named: where the points are
-        if uid in uid_slice:
-            return uid_slice[uid]
-        raise DataError(f"RTSTRUCT {name} has a contour on an image that is not in the case's "
-                        f"image series: the referenced image is missing")
+    it references, else where its points are. A reference and points that
+    name different slices are a DataError: which of the two is wrong cannot be
+    told, and a contour drawn on the wrong slice would teach a wrong label."""
     along = float(np.mean(points @ normal))
     k = int(np.argmin(np.abs(depth - along)))
+    for image in getattr(contour, "ContourImageSequence", None) or []:
+        uid = str(getattr(image, "ReferencedSOPInstanceUID", "")).strip()
+        referenced = uid_slice.get(uid)
+        what = "image"
+        if isinstance(referenced, dict):  # a multi-frame image: by frame number
+            frame = getattr(image, "ReferencedFrameNumber", None)
+            try:
+                referenced, what = referenced[int(frame)], f"frame {int(frame)}"
+            except (KeyError, TypeError, ValueError):
+                break  # no frame of the image named: where the points are
+        if referenced is None:
+            raise DataError(f"RTSTRUCT {name} has a contour on an image that is not in the "
+                            f"case's image series: the referenced image is missing")
+        if abs(depth[referenced] - along) > tolerance:
+            raise DataError(
+                f"RTSTRUCT {name} has a contour that references slice {referenced + 1} of "
+                f"{len(depth)} in position order (its {what}) while its points lie {along - depth[referenced]:+.1f}"
+                f" mm from that slice along the normal: the reference and the points "
+                f"disagree, so the case is not read (export the RTSTRUCT again from the "
+                f"system that drew it)")
+        return referenced
     if abs(depth[k] - along) > tolerance:
         raise DataError(f"RTSTRUCT {name} has a contour {along:.1f} mm along the slice "
                         f"normal, on no slice of the case's image series")

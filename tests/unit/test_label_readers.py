@@ -244,6 +244,54 @@ def test_an_rtstruct_on_an_enhanced_ct_reads_as_on_its_series(dicom_dir, rt_seri
     assert np.array_equal(read_label(tmp_path / "rt.dcm", meta, run), on_series)
 
 
+@pytest.mark.parametrize("on", ["series", "enhanced"])
+def test_an_rtstruct_contour_referencing_another_slice_than_its_points_is_refused(
+        dicom_dir, rt_series, tmp_path, on):
+    """A contour whose image (or frame) reference names the other slice than
+    the one its points lie on: which is wrong cannot be told, so the case is
+    refused, naming the slice and the distance (it was drawn on the slice the
+    reference named)."""
+    import highdicom as hd
+
+    slices = [pydicom.dcmread(f) for f in sorted(rt_series.iterdir())]
+    uids = [str(s.SOPInstanceUID) for s in slices]
+    image_path = rt_series
+    if on == "enhanced":
+        image = hd.legacy.LegacyConvertedEnhancedCTImage(
+            slices, series_instance_uid=hd.UID(), series_number=9, sop_instance_uid=hd.UID(),
+            instance_number=1)
+        frame_of = {str(f.ConversionSourceAttributesSequence[0].ReferencedSOPInstanceUID):
+                    k + 1 for k, f in enumerate(image.PerFrameFunctionalGroupsSequence)}
+        image_path = tmp_path / "ect.dcm"
+        image.save_as(image_path, enforce_file_format=True)
+    rt = pydicom.dcmread(dicom_dir / RT / "rt.dcm")
+    for roi in rt.ROIContourSequence:
+        for contour in roi.ContourSequence:
+            for ref in contour.ContourImageSequence:
+                other = uids[1 - uids.index(str(ref.ReferencedSOPInstanceUID))]
+                if on == "enhanced":
+                    ref.ReferencedFrameNumber = frame_of[other]
+                    ref.ReferencedSOPInstanceUID = image.SOPInstanceUID
+                else:
+                    ref.ReferencedSOPInstanceUID = other
+    if on == "enhanced":
+        series = rt.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0] \
+            .RTReferencedSeriesSequence[0]
+        series.ContourImageSequence[0].ReferencedSOPInstanceUID = image.SOPInstanceUID
+        del series.ContourImageSequence[1:]
+    rt.save_as(tmp_path / "rt.dcm")
+    _, meta = read_image(image_path)
+    what = "frame [12]" if on == "enhanced" else "image"
+    with pytest.raises(DataError, match=rf"RTSTRUCT rt.dcm has a contour that references slice "
+                                        rf"[12] of 2 in position order \(its {what}\) while "
+                                        rf"its points lie [+-]\d+\.\d mm from that slice .* "
+                                        rf"the reference and the points disagree"):
+        read_label(tmp_path / "rt.dcm", meta, classes("ROI-1", {1: "ROI-1"}))
+    # the file as exported reads (the check does not refuse consistent contours)
+    assert read_label(dicom_dir / RT / "rt.dcm", read_image(rt_series)[1],
+                      classes("ROI-1", {1: "ROI-1"})).sum() > 0
+
+
 def test_an_rtstruct_whose_roi_has_another_name_is_an_error_naming_the_structure(
         dicom_dir, rt_series):
     _, meta = read_image(rt_series)

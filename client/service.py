@@ -111,6 +111,18 @@ def keep_model(models_dir: Path, site: str, settings: RunSettings,
     return path
 
 
+def structure_note(algo, run_config: Mapping[str, Any]) -> dict[str, str]:
+    """``wire.STRUCTURE`` for a run of wire 3 or later that names no
+    structure: the one structure this site's label map names, so the server
+    can tell sites that learn different ones apart; nothing without a map."""
+    version = run_config.get(wire.VERSION_KEY)
+    if (isinstance(version, bool) or not isinstance(version, int) or version < 3
+            or algo.settings.named_structures):
+        return {}
+    own = algo.own_structure()
+    return {wire.STRUCTURE: own} if own else {}
+
+
 class SiteService:
     """One site's answers. ``policy``: the hospital's (none in a simulation)."""
 
@@ -192,6 +204,7 @@ class SiteService:
                      fingerprint.cases, fingerprint.modality)
             metrics = fingerprint.to_metrics()
             notes[wire.MODALITY] = fingerprint.modality
+            notes.update(structure_note(algo, run_config))
             if algo.left_out.get("training"):
                 notes[wire.LEFT_OUT] = f"training: {left_out_summary(algo.left_out['training'])}"
             stray = set(metrics) - _allowed_metrics(kind, algo.settings.structure_names)
@@ -235,6 +248,7 @@ class SiteService:
             self.rounds_trained[run_id] = self.rounds_trained.get(run_id, 0) + 1
             if algo.settings.cross_site and self.policy.share_local_model:
                 notes[wire.SHARE_LOCAL] = "yes"
+            notes.update(structure_note(algo, run_config))
             metrics.update({wire.GLOBAL_PREFIX + k: v for k, v in scored.items()})
             out = pack(new)
             self.check_weights(out)  # never anything but the model

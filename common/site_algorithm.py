@@ -147,6 +147,16 @@ class SiteAlgorithm:
                               if self.data_dir is not None else "other")
         return self._modality
 
+    def own_structure(self) -> str | None:
+        """Where the run names no structure: the one its site's label map
+        names (compared form), which this site learns as the run's one class;
+        None without a map, or in a run that names its structures."""
+        if self.data_dir is None or self.settings.named_structures:
+            return None
+        from common.data.labels import scored_at_site
+
+        return scored_at_site(self.data_dir, self.settings)[0]
+
     def preparation(self) -> Preparation:
         """How this site's cases become model inputs in this run."""
         return Preparation.of(self.settings.input_channels, self.harmonisation, self.modality)

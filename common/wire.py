@@ -19,8 +19,8 @@ from dataclasses import dataclass
 # The contract's version. A run's bundle declares the version it speaks in its
 # run config; a hospital's executor runs it only if its installed fedseg speaks
 # that version (CHANGELOG.md records every change to it, the keys and settings).
-VERSION = 2  # 2: the fingerprint query and the harmonisation instruction
-SPOKEN = (1, 2)  # the versions this install answers
+VERSION = 3  # 2: the fingerprint query and the harmonisation instruction; 3: ``structure``
+SPOKEN = (1, 2, 3)  # the versions this install answers
 VERSION_KEY = "fedseg-wire"  # run config ([tool.flwr.app.config]): the bundle's version
 
 # Records of a message
@@ -35,7 +35,10 @@ EVALUATE_ERROR = "evaluate-error"  # in SITE: scoring the incoming model failed 
 LEFT_OUT = "left-out"  # in SITE: unusable cases left out of this reply (counts and kinds)
 SHARE_LOCAL = "share-local-model"  # in SITE (train): the site's policy lets others score it
 MODALITY = "modality"  # in SITE (query): the site's modality, CT, MR or other
-SITE_NOTES = (EVALUATE_ERROR, LEFT_OUT, SHARE_LOCAL, MODALITY)  # what SITE may add
+# in SITE (train, query; wire 3): the one structure the site's label map names, where
+# the run names none (``common.data.labels.scored_at_site``); the server compares sites
+STRUCTURE = "structure"
+SITE_NOTES = (EVALUATE_ERROR, LEFT_OUT, SHARE_LOCAL, MODALITY, STRUCTURE)  # what SITE may add
 CROSS_SITE_OF = "cross-site-of"  # in CONFIG (evaluate): whose local model the weights are
 SERVER_ROUND = "server-round"  # in CONFIG, written by Flower's strategies
 ROUNDS_DONE = "rounds-done"  # in CONFIG: rounds of a resumed run already behind
@@ -158,6 +161,11 @@ TABLE = (
           strict=True)),
     Entry(MODALITY, SITE, UP, "query `fingerprint`: the site's modality (CT, MR or other), "
           "from its dataset.json or DICOM"),
+    Entry(STRUCTURE, SITE, UP, "train and query `fingerprint`, in a run whose `structures` "
+          "names none (wire 3): the one structure the site's label map names (case, spaces, "
+          "`_` and `-` not counting), which the site learns as the run's one class; sites "
+          "naming different ones stop the run, and a later site naming another is left out "
+          "(a site without a label map sends none)"),
     Entry(SITE_NAME, SITE, UP, "the site's public name (node setting `site-name`)"),
     Entry(EVALUATE_ERROR, SITE, UP, "train with `evaluate-incoming`: why scoring the incoming "
           "model failed (scrubbed, as a failed reply's cause); the site trained all the same"),

@@ -19,7 +19,7 @@ from server.fingerprint import harmonise_run
 from server.prompt_grid import prompt
 from server.runs import RunFolder, packed_arrays, runs_root
 from server.strategies import PrivacyBudgetExhausted, TooFewSites, build_strategy
-from server.strategies.recorder import wait_for_sites
+from server.strategies.recorder import SitesDisagree, wait_for_sites
 
 app = ServerApp()
 
@@ -98,6 +98,10 @@ def main(grid: Grid, context: Context) -> None:
         log(WARNING, "fedseg run %s stopped: %s", run.path.name, exc)
         run.finish(None, stopped=f"fingerprint: {exc}")
         return
+    except SitesDisagree as exc:
+        log(WARNING, "fedseg run %s stopped: %s", run.path.name, exc)
+        run.finish(None, stopped=f"structures: {exc}")
+        return
     instructions = {wire.HARMONISATION: harmonisation.to_wire()} if harmonisation else {}
     strategy = build_strategy(settings, sampled, rounds_done=done,
                               dp_releases=run.dp_releases())
@@ -145,6 +149,9 @@ def main(grid: Grid, context: Context) -> None:
             log(WARNING, "fedseg run %s stopped: %s", run.path.name, stopped)
         except TooFewSites as exc:  # resumable: the last round's checkpoint is kept
             stopped = f"too few sites: {exc}"
+            log(WARNING, "fedseg run %s stopped: %s", run.path.name, stopped)
+        except SitesDisagree as exc:  # not resumable as it is: the run must name its structure
+            stopped = f"structures: {exc}"
             log(WARNING, "fedseg run %s stopped: %s", run.path.name, stopped)
         except PrecisionOverflow as exc:  # the global model cannot go out at float16
             stopped = (f"transfer precision: the global model holds {exc}; --resume with "

@@ -32,7 +32,7 @@ from common import wire
 from common.config import RunSettings
 from common.data.harmonise import Harmonisation, parse_spacing
 from common.data.harmonise import combine as harmonise_sites
-from common.data.labels import scored_at_site
+from common.data.labels import scored_at_site, structure_disagreement
 from common.data.site import Case
 from common.errors import ConfigError
 from common.metrics import METRICS, combine
@@ -106,12 +106,9 @@ def structures_scored(sites: list[Site], settings: RunSettings) -> dict[str, str
     if named and unnamed:  # one names it, another only marks it: said in the table too
         log.warning("site(s) %s have no label map: their non-zero values are scored as the "
                     "%s the other sites name", ", ".join(unnamed), " / ".join(sorted(named)))
-    if len(named) > 1:
-        said = ", ".join(f"{site} {name!r}" for site, name in own.items() if name)
-        raise ConfigError(
-            f"the sites' label maps name different structures ({said}) and the run names "
-            f"none, so each site's would be learned as one: name the structure with "
-            f"--config structures=NAME (a site names it in its map, or in label_aliases)")
+    problem = structure_disagreement(own, "--config structures=NAME")
+    if problem:
+        raise ConfigError(problem)
     return words
 
 

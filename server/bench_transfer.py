@@ -74,7 +74,9 @@ def round_bytes(settings: RunSettings, harmonisation: Harmonisation | None = TYP
         wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 6, wire.TRAIN_LOSS: 0.5,
                                     wire.TRAIN_SECONDS: 1.5, wire.TRAIN_STEPS: 2,
                                     **{wire.GLOBAL_PREFIX + k: v for k, v in scores.items()}}),
-        wire.SITE: ConfigRecord({wire.SITE_NAME: "hospital-a"})})
+        # in a run that names no structure the site says its own (a name like this)
+        wire.SITE: ConfigRecord({wire.SITE_NAME: "hospital-a", **(
+            {} if settings.named_structures else {wire.STRUCTURE: "lesion"})})})
     evaluate_down = RecordDict({wire.ARRAYS: arrays, wire.CONFIG: ConfigRecord(
         {wire.SERVER_ROUND: 2, wire.KEEP_MODEL: True, wire.FEDERATION_DICE: 0.5,
          **harmonised})})

@@ -288,6 +288,25 @@ def site_classes(site_dir: Path, settings: RunSettings) -> Classes:
     return classes_for(read_label_map(site_dir), settings)
 
 
+def structure_disagreement(own: Mapping[str, str | None], how: str) -> str | None:
+    """Where the run names no structure, each site learns its label map's one
+    structure as the run's one class: sites whose maps name different ones
+    (``membrane`` at one, ``vessel`` at another) would train one model on two
+    tasks. ``own``: each site's structure (:func:`scored_at_site`; None: no
+    map, or not said). The message naming each site's, or None where they
+    agree. ``how``: how this user names the run's structure."""
+    named = {site: name for site, name in own.items() if name}
+    if len(set(named.values())) < 2:
+        return None
+    by_name: dict[str, list[str]] = {}
+    for site, name in sorted(named.items()):
+        by_name.setdefault(name, []).append(site)
+    said = "; ".join(f"{', '.join(sites)} {name!r}" for name, sites in sorted(by_name.items()))
+    return (f"the sites' label maps name different structures ({said}) and the run names "
+            f"none, so each site's would be learned as one: name the structure with {how} "
+            f"(as each site's map names it, or its label_aliases spell it)")
+
+
 def scored_at_site(site_dir: Path, settings: RunSettings) -> tuple[str | None, str]:
     """What a run learns and scores at a site: the site's own name for it
     where the run names no structure (its map's one structure; None without a

@@ -231,8 +231,9 @@ def _slice_of(contour, points: np.ndarray, uid_slice: dict[str, int | dict[int, 
         if abs(depth[referenced] - along) > tolerance:
             raise DataError(
                 f"RTSTRUCT {name} has a contour that references slice {referenced + 1} of "
-                f"{len(depth)} in position order (its {what}) while its points lie {along - depth[referenced]:+.1f}"
-                f" mm from that slice along the normal: the reference and the points "
+                f"{len(depth)} in position order (its {what}) while its points lie "
+                f"{along - depth[referenced]:+.1f} mm from that slice along the normal: the "
+                f"reference and the points "
                 f"disagree, so the case is not read (export the RTSTRUCT again from the "
                 f"system that drew it)")
         return referenced

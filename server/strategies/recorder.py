@@ -18,6 +18,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from common import wire
+from common.data.labels import structure_disagreement
 from common.errors import FedsegError, parse_error_reason
 from common.metrics import combine
 from server.prompt_grid import DelegatingGrid
@@ -34,6 +35,25 @@ class TooFewSites(FedsegError):
     stops (its last round's checkpoint is kept; ``--resume`` goes on)."""
 
     kind = "too few sites"
+
+
+class SitesDisagree(FedsegError):
+    """The sites learn different tasks: in a run that names no structure,
+    their label maps name different ones (``wire.STRUCTURE``). The run stops;
+    it is fixed by naming the structure, in a new run."""
+
+    kind = "configuration error"
+
+
+STRUCTURES_HOW = "the run setting 'structures', --config structures=NAME"
+
+
+def check_structures(own: dict[str, str]) -> None:
+    """SitesDisagree naming each site's structure where ``own`` (site ->
+    the structure its reply said) holds more than one."""
+    problem = structure_disagreement(own, STRUCTURES_HOW)
+    if problem:
+        raise SitesDisagree(problem)
 
 
 def wait_for_sites(grid, needed: int, limit: float, what: str) -> int:
@@ -126,6 +146,7 @@ class RoundRecord:
     failed: set[str] = field(default_factory=set)  # sites with a failure this round
     left_out: set[str] = field(default_factory=set)  # sites whose update did not count
     cases_left_out: dict[str, str] = field(default_factory=dict)  # site -> unusable cases
+    structures: dict[str, str] = field(default_factory=dict)  # site -> wire.STRUCTURE said
     aggregated: bool = False  # the round produced a new global model
     bytes_down: int = 0
     bytes_up: int = 0
@@ -168,6 +189,9 @@ class SiteRecorder(StrategyWrapper):
         self.keep_every = 0  # every N rounds the sites keep the global model (keep-model-every)
         self.dp_sampled = 0  # under DP: the sites sampled each round, all of which must answer
         self.rounds_done = 0  # rounds of a resumed run before this call
+        # In a run that names no structure: the one its sites learn, once they said it
+        # (wire.STRUCTURE), from the fingerprint or the first round that brought one
+        self.structure: str | None = None
 
     def round(self, server_round: int) -> RoundRecord:
         return self.rounds.setdefault(server_round, RoundRecord())
@@ -231,6 +255,11 @@ class SiteRecorder(StrategyWrapper):
             if wire.EVALUATE_ERROR in notes:
                 self.scoring_failed(server_round, site, str(notes[wire.EVALUATE_ERROR]))
             self.cases_left_out(server_round, site, notes.get(wire.LEFT_OUT))
+            if wire.STRUCTURE in notes:
+                rec.structures[site] = str(notes[wire.STRUCTURE])
+        # the secure sum holds every site's update: one that learns another structure
+        # cannot be left out of it, so the run stops
+        self.other_structures(server_round, leave_out=False)
         rec.bytes_down += result.bytes_down
         rec.bytes_up += result.bytes_up
         if result.halted:
@@ -281,6 +310,8 @@ class SiteRecorder(StrategyWrapper):
                          for k, a in msg.content[wire.ARRAYS].items()})
                 if wire.EVALUATE_ERROR in notes:
                     self.scoring_failed(server_round, name, str(notes[wire.EVALUATE_ERROR]))
+                if wire.STRUCTURE in notes:
+                    rec.structures[name] = str(notes[wire.STRUCTURE])
             else:
                 rec.evaluate[name] = values
             self.cases_left_out(server_round, name, notes.get(wire.LEFT_OUT))
@@ -304,8 +335,37 @@ class SiteRecorder(StrategyWrapper):
         return self._sent(server_round, super().configure_train(server_round, arrays, config,
                                                                 OneNodeList(grid)))
 
+    def other_structures(self, server_round: int, leave_out: bool = True) -> set[str]:
+        """The sites of this round whose label map names another structure
+        than the run's (``wire.STRUCTURE``), each recorded as a failure whose
+        update does not count. The first sites to say theirs set the run's;
+        if they differ among themselves, or ``leave_out`` is False and any
+        differs, the run stops (:class:`SitesDisagree`)."""
+        said = self.round(server_round).structures
+        if self.structure is None:
+            check_structures(said)
+            self.structure = next(iter(said.values()), None)
+        others = {site for site, name in said.items() if name != self.structure}
+        if others and not leave_out:
+            raise SitesDisagree(
+                f"{', '.join(f'{s} {said[s]!r}' for s in sorted(others))}: the label map "
+                f"names another structure than the run's sites learn ({self.structure!r}), "
+                f"and a secure round cannot leave one site's update out of its sum; the run "
+                f"names none: name it with {STRUCTURES_HOW}")
+        for site in sorted(others):
+            text = (f"update from {site} left out: its label map names {said[site]!r}, the "
+                    f"structure the run's sites learn is {self.structure!r} (the run names "
+                    f"none: name it with {STRUCTURES_HOW})")
+            self.note_failure(server_round, text, site)
+            log(WARNING, "round %d: %s", server_round, text)
+        return others
+
     def aggregate_train(self, server_round, replies):
         replies = self._received(server_round, replies, "train")
+        others = self.other_structures(server_round)
+        if others:
+            replies = [m for m in replies if m.has_error()
+                       or site_name(m, self.names) not in others]
         answered = len(self.round(server_round).train)  # replies, or a secure round's sites
         if self.min_nodes and answered < self.min_nodes:
             return self.short_round(server_round, answered, self.min_nodes, "min-nodes")

@@ -100,3 +100,28 @@ def test_sites_whose_maps_agree_train_together(folders, tmp_path, no_leftover_pr
     for scores in (*row["sites"].values(), row["overall"], summary["final"]["overall"]):
         assert {"dice/organ", "dice/lesion", "hd95/lesion"} <= set(scores)
         assert 0 <= scores["dice/organ"] <= 1 and 0 <= scores["dice/lesion"] <= 1
+
+
+def test_sites_learning_different_structures_stop_the_run_before_any_training(
+        tmp_path, no_leftover_processes):
+    """A run that names no structure learns each site's one structure as its
+    one class: a 'liver' site and a 'kidney' site would train one model on two
+    tasks. Each says its structure with its fingerprint; the run stops there,
+    saying which site names which, and the command's exit code says so."""
+    root = tmp_path / "sites"
+    sites = [write_site(root / name, i, 2, 1, labels={0: "background", 1: name},
+                        image_format="nifti") for i, name in enumerate(["liver", "kidney"])]
+    out = tmp_path / "two-tasks"
+    cmd = [sys.executable, "-m", "server.cli", "simulate", *map(str, sites),
+           "--names", "hospital-a,hospital-b", "--rounds", "1", "--out", str(out),
+           "--config", "model-channels=8,16", "--config", "patch-size=32"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=APP_DIR,
+                          env=runtime_env(1))
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds_completed"] == 0 and read_metrics(out) == []
+    said = ("the sites' label maps name different structures (hospital-b 'kidney'; "
+            "hospital-a 'liver') and the run names none")
+    assert summary["stopped"].startswith(f"structures: {said}")
+    assert said in " ".join(proc.stdout.split())  # rich wraps the line
+    assert "--config structures=NAME" in " ".join(proc.stdout.split())

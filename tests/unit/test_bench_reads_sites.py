@@ -109,7 +109,7 @@ def test_sites_naming_different_structures_are_not_compared_as_one(tmp_path, cap
     try:
         server.bench.structures_scored(sites, settings)
     except server.bench.ConfigError as exc:
-        assert "dark 'membrane', plain 'vessel'" in str(exc) and "structures=NAME" in str(exc)
+        assert "dark 'membrane'; plain 'vessel'" in str(exc) and "structures=NAME" in str(exc)
     else:
         raise AssertionError("two structures were compared as one")
     same = [sites[0], Site("plain", _site(tmp_path / "2", "plain",

@@ -91,7 +91,8 @@ def test_train_and_evaluate_are_answered_and_each_reply_audited_as_it_leaves(
     assert first["message_id"] == reply.object_id and len(first["message_id"]) == 64
     assert first["records"]["arrays"] == {"type": "arrays", "keys": ["weights-float32"]}
     assert "global-dice" in first["records"]["metrics"]["keys"]
-    assert first["records"]["site"]["keys"] == ["name"]
+    # the run names no structure: the site says the one its map names (wire 3)
+    assert first["records"]["site"]["keys"] == ["name", "structure"]
     assert first["bytes"] > first["array_bytes"] > 0 and first["weights_sha256"]
     assert first["bundle"] == BUNDLE  # what allowed-bundles pins
     assert (second["kind"], second["arrays"], second["weights_sha256"]) == ("evaluate", 0,

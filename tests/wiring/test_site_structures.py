@@ -1,0 +1,152 @@
+"""Sites that would learn different tasks: in a run that names no structure,
+each site learns its label map's one structure as the run's one class, so a
+'vessel' site beside a 'membrane' site would train one model on two tasks
+without a word. Each site says its structure (``wire.STRUCTURE``); the real
+ServerApp and ClientApp on the in-process grid stop such a run before any
+site trains (fingerprint) or at its first round (no fingerprint), and leave
+out a later site naming another."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common import wire
+from server.runs import read_metrics
+from tests.grid import federation, run_server
+
+TINY = {"model-channels": "8,16", "patch-size": 32, "batch-size": 2, "patches-per-image": 1,
+        "num-rounds": 2, "min-nodes": 2, "test-time-flips": False, "mixed-precision": False}
+
+
+def one_structure_site(folder: Path, name: str, seed: int) -> Path:
+    """PNG cases of 48 x 48, a bright square (value 1) on noise, the map
+    naming it ``name``."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    (folder / "images").mkdir(parents=True)
+    (folder / "labels").mkdir()
+    spec = {"labels": {"0": "background", "1": name}, "training": [], "test": []}
+    for i in range(4):
+        label = np.zeros((48, 48), np.uint8)
+        r, c = rng.integers(4, 28, size=2)
+        label[r:r + 14, c:c + 14] = 1
+        image = np.clip(rng.normal(40, 10, label.shape) + 160 * label, 0, 255)
+        Image.fromarray(image.astype(np.uint8)).save(folder / "images" / f"c{i}.png")
+        Image.fromarray(label).save(folder / "labels" / f"c{i}.png")
+        spec["training" if i < 3 else "test"].append(
+            {"image": f"images/c{i}.png", "label": f"labels/c{i}.png"})
+    (folder / "dataset.json").write_text(json.dumps(spec))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("named")
+    return {name: one_structure_site(root / f"{name}-{seed}", name, seed)
+            for seed, name in enumerate(["vessel", "membrane", "Vessel"])}
+
+
+def said(grid, kind: str) -> list[str | None]:
+    """What each ``kind`` reply's site record said of its structure, as sent."""
+    return [m.content[wire.SITE].get(wire.STRUCTURE) for m in grid.replies
+            if m.metadata.message_type.endswith(kind) and not m.has_error()]
+
+
+def keeping(grid):
+    """Keep every reply the grid delivers, as the site sent it."""
+    grid.replies = []
+    delivered = dict(grid.faults)
+
+    def keep(node, msg, deliver):
+        fault = delivered.get(node)
+        reply = fault(node, msg, deliver) if fault else deliver()
+        if reply is not None:
+            grid.replies.append(reply)
+        return reply
+
+    grid.faults = dict.fromkeys(grid.contexts, keep)
+    return grid
+
+
+def run(tmp_path, sites, name, faults=None, **overrides):
+    grid = keeping(federation(sites, {**TINY, "run-name": name, **overrides}, faults))
+    return grid, run_server(grid, tmp_path), read_metrics(tmp_path / name)
+
+
+DISAGREE = ("the sites' label maps name different structures (hospital-b 'membrane'; "
+            "hospital-a 'vessel') and the run names none")
+
+
+def test_sites_naming_different_structures_stop_the_run_before_anyone_trains(
+        folders, tmp_path):
+    grid, summary, rows = run(tmp_path, [("hospital-a", folders["vessel"]),
+                                         ("hospital-b", folders["membrane"])], "two-tasks")
+    assert summary["rounds_completed"] == 0 and rows == []
+    assert summary["stopped"].startswith(f"structures: {DISAGREE}")
+    assert "name the structure with the run setting 'structures'" in summary["stopped"]
+    assert not [m for m in grid.sent if m.metadata.message_type.endswith("train")]
+    assert sorted(said(grid, "query")) == ["membrane", "vessel"]
+
+
+def test_without_a_fingerprint_the_first_round_stops_it_unaggregated(folders, tmp_path):
+    _, summary, rows = run(tmp_path, [("hospital-a", folders["vessel"]),
+                                      ("hospital-b", folders["membrane"])], "no-print",
+                           harmonise="off")
+    assert summary["rounds_completed"] == 0
+    assert summary["stopped"].startswith(f"structures: {DISAGREE}")
+    assert all(not r["aggregated"] for r in rows)
+
+
+def test_sites_naming_one_structure_train_and_say_it(folders, tmp_path):
+    grid, summary, rows = run(tmp_path, [("hospital-a", folders["vessel"]),
+                                         ("hospital-c", folders["Vessel"])], "one-task")
+    assert summary["rounds_completed"] == 2 and summary["problems"] == []
+    assert summary["stopped"] is None
+    assert set(said(grid, "train")) == {"vessel"} and set(said(grid, "query")) == {"vessel"}
+
+
+def test_a_site_joining_later_with_another_structure_is_left_out(folders, tmp_path):
+    def late(node, msg, deliver):  # not there for the fingerprint and round 1
+        first = (msg.metadata.message_type.endswith("query")
+                 or msg.content[wire.CONFIG].get(wire.SERVER_ROUND) == 1)
+        return None if first else deliver()
+
+    _, summary, rows = run(tmp_path, [("hospital-a", folders["vessel"]),
+                                      ("hospital-c", folders["Vessel"]),
+                                      ("hospital-b", folders["membrane"])], "late",
+                           faults={102: late}, **{"num-rounds": 3})
+    assert summary["rounds_completed"] == 3 and summary["stopped"] is None
+    assert rows[0]["trained"] == ["hospital-a", "hospital-c"]
+    for row in rows[1:]:
+        assert row["trained"] == ["hospital-a", "hospital-c"]
+        assert ("update from hospital-b left out: its label map names 'membrane', the "
+                "structure the run's sites learn is 'vessel' (the run names none: name it "
+                "with the run setting 'structures', --config structures=NAME)") in " ".join(
+                    row["failures"])
+
+
+def test_a_secure_round_cannot_leave_one_out_so_it_stops(folders, tmp_path):
+    _, summary, _ = run(tmp_path, [("hospital-a", folders["vessel"]),
+                                   ("hospital-b", folders["membrane"]),
+                                   ("hospital-c", folders["Vessel"])], "secure",
+                        harmonise="off", **{"secure-aggregation": True, "min-nodes": 3})
+    assert summary["rounds_completed"] == 0
+    assert summary["stopped"].startswith(
+        "structures: the sites' label maps name different structures (hospital-b "
+        "'membrane'; hospital-a, hospital-c 'vessel')")
+
+
+@pytest.mark.parametrize("overrides", [{"structures": "vessel"}, {"fedseg-wire": 2}],
+                         ids=["named", "wire-2"])
+def test_nothing_is_said_where_the_run_names_its_structure_or_speaks_wire_2(
+        folders, tmp_path, overrides):
+    grid, summary, _ = run(tmp_path, [("hospital-a", folders["vessel"]),
+                                      ("hospital-c", folders["Vessel"])], "quiet",
+                           **{"num-rounds": 1, **overrides})
+    assert summary["rounds_completed"] == 1 and summary["problems"] == []
+    assert said(grid, "train") == [None, None]

@@ -144,6 +144,17 @@ def _with_and_without_flips(algo: SiteAlgorithm, tests: dict[str, list[Case]],
             "dice_without": combine(list(off.values()))["dice"]}
 
 
+def _keep(algo: SiteAlgorithm, path: Path, harmonisation: Harmonisation | None) -> None:
+    """A baseline's final model as a self-contained checkpoint (weights, run
+    settings, harmonisation), which ``fedseg predict`` and ``fedseg evaluate``
+    read as they read a federated run's ``final_model.pt``: every method of a
+    table can be scored again, on cases no method saw."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": {k: v.detach().cpu() for k, v in algo.model.state_dict().items()},
+                "config": algo.settings.to_run_config(),
+                "harmonisation": harmonisation.to_dict() if harmonisation else None}, path)
+
+
 def _baseline(settings: RunSettings, name: str, train_cases: list[Case],
               device: torch.device) -> SiteAlgorithm:
     torch.manual_seed(settings.seed)  # the same initial model as every method
@@ -185,8 +196,10 @@ def quality(sites: list[Site], out: Path, overrides: dict[str, Any], *, rounds: 
             alone = (train_sets, tests) if all(h == federation for h in own.values()) \
                 else read_sites(sites, settings, own)[:2]  # each site on its own fingerprint
             for name in train_sets:
-                scores, curve = _centralised(_baseline(settings, name, alone[0][name], device),
-                                             {name: alone[1][name]})
+                algo = _baseline(settings, name, alone[0][name], device)
+                scores, curve = _centralised(algo, {name: alone[1][name]})
+                _keep(algo, out / "local" / name / "final_model.pt",
+                      federation if alone[0] is train_sets else own[name])
                 per_site[name] = scores[name]
                 curve_sites[name] = curve
             curve = [{"round": r["round"], "dice": {n: curve_sites[n][i]["dice"][n]
@@ -197,6 +210,7 @@ def quality(sites: list[Site], out: Path, overrides: dict[str, Any], *, rounds: 
             pooled = [c for cases in train_sets.values() for c in cases]
             algo = _baseline(settings, "pooled", pooled, device)
             per_site, curve = _centralised(algo, tests)
+            _keep(algo, out / "pooled" / "final_model.pt", federation)
             record(method, per_site, time.perf_counter() - start, curve)
             flips = _with_and_without_flips(algo, tests, per_site)
         else:

@@ -5,15 +5,20 @@ site whose structure has the dark value the baselines learned the background).""
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
 import numpy as np
+import pytest
+import torch
 from PIL import Image
 
 import server.bench
 from common.config import RunSettings
+from common.inference import load_model
 from common.site_algorithm import SiteAlgorithm
+from server.cli import main as cli_main
 from server.simulation import Site
 
 
@@ -52,7 +57,10 @@ def test_the_baselines_learn_each_site_as_its_node_reads_it(tmp_path, monkeypatc
     seen: dict[str, list] = {}
     centralised = server.bench._centralised
 
+    trained: dict[str, SiteAlgorithm] = {}
+
     def spy(algo, tests):  # what each baseline trains and is scored on, then the real thing
+        trained[algo.site] = algo
         seen[algo.site] = [c.label for c in algo.cases("training")]
         seen.update({f"test:{name}": [c.label for c in cases] for name, cases in tests.items()})
         return centralised(algo, tests)
@@ -80,6 +88,19 @@ def test_the_baselines_learn_each_site_as_its_node_reads_it(tmp_path, monkeypatc
     assert "dark 3 training / 1 test (1 left out as unusable)" in table
     assert ("Scored, as each site's label map names it: dark: membrane = value 0; plain: "
             "membrane = value 1.") in table
+    # every baseline's final model is kept, self-contained, and scores again
+    # through `fedseg evaluate` as the table says (cases no method saw, later)
+    for method, name in (("pooled", "pooled"), ("local/dark", "dark"), ("local/plain", "plain")):
+        kept = load_model(tmp_path / "out" / method / "final_model.pt")
+        want = trained[name].model.state_dict()
+        assert all(torch.equal(v, want[k]) for k, v in kept.model.state_dict().items())
+        assert kept.settings == trained[name].settings
+    scores = tmp_path / "dark.csv"
+    assert cli_main(["evaluate", str(tmp_path / "out" / "pooled" / "final_model.pt"),
+                     str(sites[0].data_dir), "--csv", str(scores)]) == 0
+    rows = {r["case"]: r for r in csv.DictReader(scores.open())}
+    assert float(rows["mean"]["dice"]) == pytest.approx(report["results"]["pooled"]["sites"]["dark"]
+                                               ["dice"], abs=1e-6)
     flips = report["test_time_flips"]  # the pooled model scored both ways
     assert flips["spatial_dims"] == 2 and 0 <= flips["dice_without"] <= 1
     assert f"mean Dice {flips['dice_with']:.3f} with" in table

@@ -164,8 +164,9 @@ TABLE = (
     Entry(STRUCTURE, SITE, UP, "train and query `fingerprint`, in a run whose `structures` "
           "names none (wire 3): the one structure the site's label map names (case, spaces, "
           "`_` and `-` not counting), which the site learns as the run's one class; sites "
-          "naming different ones stop the run, and a later site naming another is left out "
-          "(a site without a label map sends none)"),
+          "naming different ones where they first say theirs stop the run; once the run's is "
+          "fixed, a site naming another is left out, its scores not counted (a site without "
+          "a label map sends none; a run that names its structure does not read it)"),
     Entry(SITE_NAME, SITE, UP, "the site's public name (node setting `site-name`)"),
     Entry(EVALUATE_ERROR, SITE, UP, "train with `evaluate-incoming`: why scoring the incoming "
           "model failed (scrubbed, as a failed reply's cause); the site trained all the same"),

@@ -106,6 +106,7 @@ def main(grid: Grid, context: Context) -> None:
     strategy = build_strategy(settings, sampled, rounds_done=done,
                               dp_releases=run.dp_releases())
     ledger = strategy.privacy
+    strategy.structure = run.site_structure  # the fingerprint's, or a resumed run's
     log(INFO, "fedseg run %s: rounds %d..%d", run.path.name, done + 1, settings.num_rounds)
 
     # Rounds checkpointed whose line waits for their scores, which come with
@@ -126,6 +127,7 @@ def main(grid: Grid, context: Context) -> None:
 
     def end_of_round(server_round: int, global_arrays: ArrayRecord) -> MetricRecord | None:
         if server_round > 0:  # round 0 is the initial model, before any training
+            run.site_structure = strategy.structure
             waiting.append((server_round, run.save_checkpoint(
                 done + server_round, global_arrays, strategy.round(server_round), ledger)))
             last = server_round == settings.num_rounds - done

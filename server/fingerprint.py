@@ -24,7 +24,12 @@ from common.data.harmonise import Harmonisation, SiteFingerprint, combine, parse
 from common.errors import DataError, parse_error_reason
 from server.runs import RunFolder
 from server.strategies import TooFewSites
-from server.strategies.recorder import check_structures, registered_names, wait_for_sites
+from server.strategies.recorder import (
+    check_structures,
+    registered_names,
+    said_structure,
+    wait_for_sites,
+)
 from server.wire import audit
 
 
@@ -46,7 +51,7 @@ def harmonise_run(grid: Grid, settings: RunSettings, run: RunFolder) -> Harmonis
     replies = list(grid.send_and_receive(messages, timeout=settings.round_timeout))
     names = registered_names()
     prints: dict[str, SiteFingerprint] = {}
-    structures: dict[str, str] = {}  # wire.STRUCTURE, where the run names none
+    structures: list[tuple[str, str]] = []  # (site, wire.STRUCTURE): a run that names none
     shown: dict[str, dict[str, Any]] = {}
     failures: list[str] = []
     answered = set()
@@ -73,8 +78,9 @@ def harmonise_run(grid: Grid, settings: RunSettings, run: RunFolder) -> Harmonis
             failures.append(f"{name}: a second fingerprint under the same name, left out")
             continue
         prints[name] = fingerprint
-        if site.get(wire.STRUCTURE):
-            structures[name] = str(site.get(wire.STRUCTURE))
+        structure = said_structure(site.get(wire.STRUCTURE))
+        if structure and not settings.named_structures:
+            structures.append((name, structure))
         shown[name] = {**fingerprint.to_metrics(), "modality": fingerprint.modality}
     failures += [f"{names.get(n, f'node-{n}')}: no reply" for n in nodes if n not in answered]
     for failure in failures:
@@ -83,7 +89,8 @@ def harmonise_run(grid: Grid, settings: RunSettings, run: RunFolder) -> Harmonis
         run.save_harmonisation(None, shown, failures)
         raise TooFewSites(f"{len(prints)} of the {settings.min_nodes} sites needed (min-nodes) "
                           f"sent a usable fingerprint" + "".join(f"; {f}" for f in failures))
-    check_structures(structures)  # before any site trains on a task the others lack
+    # before any site trains on a task the others lack; the rounds hold every site to it
+    run.site_structure = check_structures(structures)
     try:
         # under a robust rule no site's reported counts outweigh another's
         harmonisation = combine(prints, settings.harmonise, target,

@@ -124,6 +124,9 @@ class RunFolder:
         self.cross_site: dict[str, dict[str, dict]] = {}
         self.events = EventLog(path, settings.structure_names,
                                history[-1]["round"] + 1 if history else 1)
+        # In a run that names no structure: the one its sites' label maps name, once
+        # known (server/strategies/recorder.py); kept in the checkpoint for a resume
+        self.site_structure: str | None = None
 
     @classmethod
     def open(cls, root: Path, settings: RunSettings) -> RunFolder:
@@ -148,7 +151,10 @@ class RunFolder:
             pending = saved.get("pending")
             if history and history[-1]["round"] == last:
                 pending = None  # its line was written before the stop
-            return cls(path, settings, last, history, pending)
+            folder = cls(path, settings, last, history, pending)
+            structure = saved.get("structure")
+            folder.site_structure = structure if isinstance(structure, str) else None
+            return folder
         if (path / "metrics.jsonl").exists():
             raise ConfigError(
                 f"run folder {name!r} already holds a run; resume it or choose another name"
@@ -234,7 +240,8 @@ class RunFolder:
         snapshot = {"round": server_round, "seconds": seconds,
                     "epsilon": ledger.epsilon if ledger else None,
                     "dp_releases": ledger.releases if ledger else None,
-                    "record": {**rec.__dict__, "failed": sorted(rec.failed),
+                    "record": {**{k: v for k, v in rec.__dict__.items() if k != "structures"},
+                               "failed": sorted(rec.failed),
                                "left_out": sorted(rec.left_out),
                                "failures": list(rec.failures)}}
         state = self.state_dict(arrays)
@@ -243,6 +250,7 @@ class RunFolder:
         torch.save({"round": server_round, "state_dict": state,
                     "config": self.settings.to_run_config(),
                     "harmonisation": h.to_dict() if h else None,
+                    "structure": self.site_structure,
                     "pending": _json_safe(snapshot)}, buffer_path)
         os.replace(buffer_path, self.path / "checkpoint.pt")
         self.last_round = server_round
@@ -351,6 +359,8 @@ class RunFolder:
             "rounds_completed": self.last_round,
             "rounds_planned": self.settings.num_rounds,
             "structures": list(self.settings.structure_names),
+            # a run that names none: the one structure its sites' label maps name
+            "site_structure": self.site_structure,
             "final": {"round": last["round"] if last else None, "sites": sites,
                       "overall": overall},
             "dice_first_round": first,

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -288,18 +288,21 @@ def site_classes(site_dir: Path, settings: RunSettings) -> Classes:
     return classes_for(read_label_map(site_dir), settings)
 
 
-def structure_disagreement(own: Mapping[str, str | None], how: str) -> str | None:
+def structure_disagreement(own: Mapping[str, str | None] | Iterable[tuple[str, str | None]],
+                           how: str) -> str | None:
     """Where the run names no structure, each site learns its label map's one
     structure as the run's one class: sites whose maps name different ones
     (``membrane`` at one, ``vessel`` at another) would train one model on two
     tasks. ``own``: each site's structure (:func:`scored_at_site`; None: no
-    map, or not said). The message naming each site's, or None where they
+    map, or not said), as a mapping or as (site, structure) pairs (two nodes
+    may give one name). The message naming each site's, or None where they
     agree. ``how``: how this user names the run's structure."""
-    named = {site: name for site, name in own.items() if name}
-    if len(set(named.values())) < 2:
+    pairs = own.items() if isinstance(own, Mapping) else own
+    named = sorted((site, name) for site, name in pairs if name)
+    if len({name for _, name in named}) < 2:
         return None
     by_name: dict[str, list[str]] = {}
-    for site, name in sorted(named.items()):
+    for site, name in named:
         by_name.setdefault(name, []).append(site)
     said = "; ".join(f"{', '.join(sites)} {name!r}" for name, sites in sorted(by_name.items()))
     return (f"the sites' label maps name different structures ({said}) and the run names "

@@ -30,6 +30,7 @@ between pixel centres, so the reader's fill gives the mask back exactly.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -38,6 +39,8 @@ import numpy as np
 from common.data.dicom_values import _int_attr
 from common.data.labels import Classes, StructureMissingError, classes_of_named
 from common.errors import DataError, UnreadableFileError
+
+log = logging.getLogger(__name__)
 
 RTSTRUCT_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 COLOURS = ([255, 0, 0], [0, 160, 255], [0, 200, 0], [255, 200, 0], [200, 0, 255])
@@ -86,6 +89,7 @@ def read_rtstruct(ds, name: str, meta, classes: Classes) -> np.ndarray:
     by_class = {c: np.zeros((len(depth), rows, columns), bool) for c in set(roi_class.values())}
     drawn: set[int] = set()  # classes with at least one closed contour
     budget = _Budget(name)
+    moved: list[tuple[int, int]] = []  # contours whose reference names another slice
     for roi_contour in _seq(ds, "ROIContourSequence", name, required=False):
         cls = roi_class.get(_number(roi_contour, "ReferencedROINumber", name))
         if cls is None:
@@ -97,7 +101,7 @@ def read_rtstruct(ds, name: str, meta, classes: Classes) -> np.ndarray:
                 continue  # a point or an open line: no area
             points = _points(contour, name)
             budget.points(len(points))
-            k = _slice_of(contour, points, uid_slice, depth, normal, tolerance, name)
+            k = _slice_of(contour, points, uid_slice, depth, normal, tolerance, name, moved)
             offset = points - geometry.positions[k]
             r = offset @ col_dir / geometry.spacing[0]  # along the column: the row index
             c = offset @ row_dir / geometry.spacing[1]
@@ -110,6 +114,13 @@ def read_rtstruct(ds, name: str, meta, classes: Classes) -> np.ndarray:
             drawn.add(cls)
         for k, pixels in roi.items():  # ROIs of one structure join
             by_class[cls][k] |= pixels
+    if moved:  # the site's log only: it names the file
+        referenced, lying = moved[0]
+        log.warning("RTSTRUCT %s: %d contour(s) reference another slice than the one their "
+                    "points lie on (the first references slice %d of %d in position order, "
+                    "its points lie on slice %d); drawn where their points lie, which define "
+                    "a contour (check the file's export if the structure looks wrong)",
+                    name, len(moved), referenced + 1, len(depth), lying + 1)
     for cls in sorted(set(roi_class.values()) - drawn):
         structure = classes.structures[cls - 1]
         rois_of = ", ".join(repr(found[n][0]) for n, c in roi_class.items() if c == cls)
@@ -208,36 +219,34 @@ def _check_references(ds, name: str, uid_slice: dict[str, int | dict[int, int]])
 
 
 def _slice_of(contour, points: np.ndarray, uid_slice: dict[str, int | dict[int, int]],
-              depth: np.ndarray, normal: np.ndarray, tolerance: float, name: str) -> int:
-    """The slice a contour lies on: the image (or frame of a multi-frame image)
-    it references, else where its points are. A reference and points that
-    name different slices are a DataError: which of the two is wrong cannot be
-    told, and a contour drawn on the wrong slice would teach a wrong label."""
+              depth: np.ndarray, normal: np.ndarray, tolerance: float, name: str,
+              moved: list[tuple[int, int]]) -> int:
+    """The slice a contour lies on. Its points define it (ContourData, in
+    patient coordinates): where they lie on a slice, that slice, even where
+    the image (or frame of a multi-frame image) it references is another, a
+    disagreement added to ``moved`` as (referenced, lying on) for the file's
+    warning; where they lie on no slice, the referenced one (a contour a
+    little off its plane), else a DataError."""
     along = float(np.mean(points @ normal))
     k = int(np.argmin(np.abs(depth - along)))
+    on_slice = abs(depth[k] - along) <= tolerance
     for image in getattr(contour, "ContourImageSequence", None) or []:
         uid = str(getattr(image, "ReferencedSOPInstanceUID", "")).strip()
         referenced = uid_slice.get(uid)
-        what = "image"
         if isinstance(referenced, dict):  # a multi-frame image: by frame number
             frame = getattr(image, "ReferencedFrameNumber", None)
             try:
-                referenced, what = referenced[int(frame)], f"frame {int(frame)}"
+                referenced = referenced[int(frame)]
             except (KeyError, TypeError, ValueError):
                 break  # no frame of the image named: where the points are
         if referenced is None:
             raise DataError(f"RTSTRUCT {name} has a contour on an image that is not in the "
                             f"case's image series: the referenced image is missing")
-        if abs(depth[referenced] - along) > tolerance:
-            raise DataError(
-                f"RTSTRUCT {name} has a contour that references slice {referenced + 1} of "
-                f"{len(depth)} in position order (its {what}) while its points lie "
-                f"{along - depth[referenced]:+.1f} mm from that slice along the normal: the "
-                f"reference and the points "
-                f"disagree, so the case is not read (export the RTSTRUCT again from the "
-                f"system that drew it)")
+        if on_slice and k != referenced:
+            moved.append((referenced, k))
+            return k
         return referenced
-    if abs(depth[k] - along) > tolerance:
+    if not on_slice:
         raise DataError(f"RTSTRUCT {name} has a contour {along:.1f} mm along the slice "
                         f"normal, on no slice of the case's image series")
     return k

@@ -142,6 +142,7 @@ def build_strategy(settings: RunSettings, num_sampled: int | None = None,
     recorder.keep_every = settings.keep_model_every
     recorder.dp_sampled = num_sampled if dp_on else 0
     recorder.last_round = settings.num_rounds - rounds_done
+    recorder.site_structures = not settings.named_structures
     checks.on_reject = recorder.note_failure
     if isinstance(fedavg, SecAggPlusFedAvg):
         fedavg.on_round = recorder.secure_round

@@ -18,6 +18,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from common import wire
+from common.config import normal_name
 from common.data.labels import structure_disagreement
 from common.errors import FedsegError, parse_error_reason
 from common.metrics import combine
@@ -48,12 +49,23 @@ class SitesDisagree(FedsegError):
 STRUCTURES_HOW = "the run setting 'structures', --config structures=NAME"
 
 
-def check_structures(own: dict[str, str]) -> None:
-    """SitesDisagree naming each site's structure where ``own`` (site ->
-    the structure its reply said) holds more than one."""
-    problem = structure_disagreement(own, STRUCTURES_HOW)
+def said_structure(value: Any) -> str | None:
+    """A reply's ``wire.STRUCTURE`` as the server compares it: text only,
+    one bounded line, case, spaces, ``_`` and ``-`` not counting; None for
+    anything else."""
+    if not isinstance(value, str):
+        return None
+    return normal_name(bounded(value, NAME_LIMIT)) or None
+
+
+def check_structures(said: Iterable[tuple[str, str]]) -> str | None:
+    """The one structure of ``said`` ((site, structure) pairs), None if
+    empty; SitesDisagree naming each site's where they hold more than one."""
+    said = list(said)
+    problem = structure_disagreement(said, STRUCTURES_HOW)
     if problem:
         raise SitesDisagree(problem)
+    return said[0][1] if said else None
 
 
 def wait_for_sites(grid, needed: int, limit: float, what: str) -> int:
@@ -146,7 +158,8 @@ class RoundRecord:
     failed: set[str] = field(default_factory=set)  # sites with a failure this round
     left_out: set[str] = field(default_factory=set)  # sites whose update did not count
     cases_left_out: dict[str, str] = field(default_factory=dict)  # site -> unusable cases
-    structures: dict[str, str] = field(default_factory=dict)  # site -> wire.STRUCTURE said
+    # node -> (site, wire.STRUCTURE said), in a run that learns each site's structure
+    structures: dict[int, tuple[str, str]] = field(default_factory=dict)
     aggregated: bool = False  # the round produced a new global model
     bytes_down: int = 0
     bytes_up: int = 0
@@ -189,9 +202,13 @@ class SiteRecorder(StrategyWrapper):
         self.keep_every = 0  # every N rounds the sites keep the global model (keep-model-every)
         self.dp_sampled = 0  # under DP: the sites sampled each round, all of which must answer
         self.rounds_done = 0  # rounds of a resumed run before this call
-        # In a run that names no structure: the one its sites learn, once they said it
-        # (wire.STRUCTURE), from the fingerprint or the first round that brought one
+        # A run that names no structure learns each site's one (wire.STRUCTURE): whether
+        # this run does; the one its sites learn (from the fingerprint, the run folder of
+        # a resumed run, else the first round aggregated with sites that said it); the
+        # nodes left out for naming another (their updates and scores do not count)
+        self.site_structures = False
         self.structure: str | None = None
+        self.excluded: set[int] = set()
 
     def round(self, server_round: int) -> RoundRecord:
         return self.rounds.setdefault(server_round, RoundRecord())
@@ -255,11 +272,12 @@ class SiteRecorder(StrategyWrapper):
             if wire.EVALUATE_ERROR in notes:
                 self.scoring_failed(server_round, site, str(notes[wire.EVALUATE_ERROR]))
             self.cases_left_out(server_round, site, notes.get(wire.LEFT_OUT))
-            if wire.STRUCTURE in notes:
-                rec.structures[site] = str(notes[wire.STRUCTURE])
+            self.said(server_round, node, site, notes)
         # the secure sum holds every site's update: one that learns another structure
         # cannot be left out of it, so the run stops
-        self.other_structures(server_round, leave_out=False)
+        self.other_structures(server_round, secure=True)
+        if self.structure is None and rec.structures and not result.halted:
+            self.structure = next(iter(rec.structures.values()))[1]
         rec.bytes_down += result.bytes_down
         rec.bytes_up += result.bytes_up
         if result.halted:
@@ -310,8 +328,11 @@ class SiteRecorder(StrategyWrapper):
                          for k, a in msg.content[wire.ARRAYS].items()})
                 if wire.EVALUATE_ERROR in notes:
                     self.scoring_failed(server_round, name, str(notes[wire.EVALUATE_ERROR]))
-                if wire.STRUCTURE in notes:
-                    rec.structures[name] = str(notes[wire.STRUCTURE])
+                self.said(server_round, node, name, notes)
+            elif node in self.excluded:  # it learns another task: its scores say nothing
+                self.note_failure(server_round, f"evaluate at {name} not counted: it was "
+                                  f"left out for the structure its label map names", name,
+                                  train=False)
             else:
                 rec.evaluate[name] = values
             self.cases_left_out(server_round, name, notes.get(wire.LEFT_OUT))
@@ -335,38 +356,50 @@ class SiteRecorder(StrategyWrapper):
         return self._sent(server_round, super().configure_train(server_round, arrays, config,
                                                                 OneNodeList(grid)))
 
-    def other_structures(self, server_round: int, leave_out: bool = True) -> set[str]:
-        """The sites of this round whose label map names another structure
-        than the run's (``wire.STRUCTURE``), each recorded as a failure whose
-        update does not count. The first sites to say theirs set the run's;
-        if they differ among themselves, or ``leave_out`` is False and any
-        differs, the run stops (:class:`SitesDisagree`)."""
+    def said(self, server_round: int, node: int, site: str, notes: dict) -> None:
+        """Record the structure a train reply said (``wire.STRUCTURE``), in a
+        run that learns each site's; anything else is not read."""
+        structure = said_structure(notes.get(wire.STRUCTURE))
+        if self.site_structures and structure:
+            self.round(server_round).structures[node] = (site, structure)
+
+    def other_structures(self, server_round: int, secure: bool = False) -> set[int]:
+        """The nodes of this round whose label map names another structure
+        than the run's, each recorded as a failure whose update and scores do
+        not count (its scores of the incoming model are dropped here, its
+        later evaluate replies on arrival). Before the run's structure is
+        known, sites of this round that differ among themselves stop the run
+        (:class:`SitesDisagree`), as does any that differs in a ``secure``
+        round (its update is in the sum); the round's one structure becomes
+        the run's in :meth:`aggregate_train`, once the round is aggregated."""
         said = self.round(server_round).structures
-        if self.structure is None:
-            check_structures(said)
-            self.structure = next(iter(said.values()), None)
-        others = {site for site, name in said.items() if name != self.structure}
-        if others and not leave_out:
+        run = self.structure or check_structures(said.values())
+        others = {node for node, (_, structure) in said.items() if structure != run}
+        if others and secure:
             raise SitesDisagree(
-                f"{', '.join(f'{s} {said[s]!r}' for s in sorted(others))}: the label map "
-                f"names another structure than the run's sites learn ({self.structure!r}), "
-                f"and a secure round cannot leave one site's update out of its sum; the run "
-                f"names none: name it with {STRUCTURES_HOW}")
-        for site in sorted(others):
-            text = (f"update from {site} left out: its label map names {said[site]!r}, the "
-                    f"structure the run's sites learn is {self.structure!r} (the run names "
-                    f"none: name it with {STRUCTURES_HOW})")
+                f"{', '.join(f'{said[n][0]} {said[n][1]!r}' for n in sorted(others))}: the "
+                f"label map names another structure than the run's sites learn ({run!r}), and "
+                f"a secure round cannot leave one site's update out of its sum; the run names "
+                f"none: name it with {STRUCTURES_HOW}")
+        for node in sorted(others):
+            site, structure = said[node]
+            text = (f"update from {site} left out: its label map names {structure!r}, the "
+                    f"structure the run's sites learn is {run!r} (the run names none: name "
+                    f"it with {STRUCTURES_HOW})")
             self.note_failure(server_round, text, site)
+            self.round(server_round - 1).evaluate.pop(site, None)  # scored another task
             log(WARNING, "round %d: %s", server_round, text)
+        self.excluded |= others
         return others
 
     def aggregate_train(self, server_round, replies):
         replies = self._received(server_round, replies, "train")
         others = self.other_structures(server_round)
         if others:
-            replies = [m for m in replies if m.has_error()
-                       or site_name(m, self.names) not in others]
-        answered = len(self.round(server_round).train)  # replies, or a secure round's sites
+            replies = [m for m in replies if m.metadata.src_node_id not in others]
+        rec = self.round(server_round)
+        counted = set(rec.train) - {rec.structures[n][0] for n in others}
+        answered = len(counted)  # replies, or a secure round's sites, that count
         if self.min_nodes and answered < self.min_nodes:
             return self.short_round(server_round, answered, self.min_nodes, "min-nodes")
         if self.dp_sampled and answered < self.dp_sampled:  # Flower's DP wrappers refuse it
@@ -374,7 +407,9 @@ class SiteRecorder(StrategyWrapper):
                                     "DP: its noise is calibrated to every sampled site")
         self.short_rounds = 0
         arrays, metrics = super().aggregate_train(server_round, replies)
-        self.round(server_round).aggregated = arrays is not None
+        rec.aggregated = arrays is not None
+        if rec.aggregated and self.structure is None and rec.structures:
+            self.structure = next(s for n, (_, s) in rec.structures.items() if n not in others)
         return arrays, metrics
 
     def short_round(self, server_round: int, answered: int, needed: int, rule: str
@@ -418,5 +453,6 @@ class SiteRecorder(StrategyWrapper):
                                                                    config, OneNodeList(grid)))
 
     def aggregate_evaluate(self, server_round, replies):
-        return super().aggregate_evaluate(server_round,
-                                          self._received(server_round, replies, "evaluate"))
+        replies = self._received(server_round, replies, "evaluate")
+        return super().aggregate_evaluate(server_round, [
+            m for m in replies if m.metadata.src_node_id not in self.excluded])

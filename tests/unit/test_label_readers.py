@@ -5,6 +5,7 @@ run's order, contours rasterised onto the series' grid; real files from
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -245,12 +246,12 @@ def test_an_rtstruct_on_an_enhanced_ct_reads_as_on_its_series(dicom_dir, rt_seri
 
 
 @pytest.mark.parametrize("on", ["series", "enhanced"])
-def test_an_rtstruct_contour_referencing_another_slice_than_its_points_is_refused(
-        dicom_dir, rt_series, tmp_path, on):
+def test_an_rtstruct_contour_referencing_another_slice_is_drawn_where_its_points_lie(
+        dicom_dir, rt_series, tmp_path, caplog, on):
     """A contour whose image (or frame) reference names the other slice than
-    the one its points lie on: which is wrong cannot be told, so the case is
-    refused, naming the slice and the distance (it was drawn on the slice the
-    reference named)."""
+    the one its points lie on: the points define a contour (ContourData), so
+    it is drawn where they lie, as the file as exported reads, and the
+    site's log says so (it was drawn on the slice the reference named)."""
     import highdicom as hd
 
     slices = [pydicom.dcmread(f) for f in sorted(rt_series.iterdir())]
@@ -280,16 +281,41 @@ def test_an_rtstruct_contour_referencing_another_slice_than_its_points_is_refuse
         series.ContourImageSequence[0].ReferencedSOPInstanceUID = image.SOPInstanceUID
         del series.ContourImageSequence[1:]
     rt.save_as(tmp_path / "rt.dcm")
-    _, meta = read_image(image_path)
-    what = "frame [12]" if on == "enhanced" else "image"
-    with pytest.raises(DataError, match=rf"RTSTRUCT rt.dcm has a contour that references slice "
-                                        rf"[12] of 2 in position order \(its {what}\) while "
-                                        rf"its points lie [+-]\d+\.\d mm from that slice .* "
-                                        rf"the reference and the points disagree"):
-        read_label(tmp_path / "rt.dcm", meta, classes("ROI-1", {1: "ROI-1"}))
-    # the file as exported reads (the check does not refuse consistent contours)
-    assert read_label(dicom_dir / RT / "rt.dcm", read_image(rt_series)[1],
-                      classes("ROI-1", {1: "ROI-1"})).sum() > 0
+    run = classes("ROI-1", {1: "ROI-1"})
+    as_exported = read_label(dicom_dir / RT / "rt.dcm", read_image(rt_series)[1], run)
+    assert as_exported.sum() > 0 and "reference another slice" not in caplog.text
+    with caplog.at_level("WARNING", logger="common.data.rtstruct"):
+        moved = read_label(tmp_path / "rt.dcm", read_image(image_path)[1], run)
+    assert np.array_equal(moved, as_exported)
+    assert re.search(r"RTSTRUCT rt.dcm: \d+ contour\(s\) reference another slice than the one "
+                     r"their points lie on \(the first references slice [12] of 2 in position "
+                     r"order, its points lie on slice [12]\); drawn where their points lie",
+                     caplog.text)
+
+
+def test_an_rtstruct_contour_a_little_off_its_single_slice_is_drawn_on_it(
+        dicom_dir, rt_series, tmp_path):
+    """A one-slice series: a referenced contour 0.6 mm off the slice's plane
+    (on no slice by the points' 0.5 mm tolerance) is drawn on the slice it
+    references, as before the points were checked."""
+    (rt_series / "ct_2.dcm").unlink()
+    _, meta = read_image(rt_series)
+    kept = str(pydicom.dcmread(rt_series / "ct_1.dcm").SOPInstanceUID)
+    rt = pydicom.dcmread(dicom_dir / RT / "rt.dcm")
+    z = float(pydicom.dcmread(rt_series / "ct_1.dcm").ImagePositionPatient[2])
+    for roi in rt.ROIContourSequence:
+        roi.ContourSequence = [c for c in roi.ContourSequence
+                               if str(c.ContourImageSequence[0].ReferencedSOPInstanceUID) == kept]
+        for contour in roi.ContourSequence:
+            contour.ContourData = [f"{z + 0.6:.1f}" if i % 3 == 2 else v
+                                   for i, v in enumerate(map(str, contour.ContourData))]
+    series = rt.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0] \
+        .RTReferencedSeriesSequence[0]
+    series.ContourImageSequence = [r for r in series.ContourImageSequence
+                                   if str(r.ReferencedSOPInstanceUID) == kept]
+    rt.save_as(tmp_path / "rt.dcm")
+    label = read_label(tmp_path / "rt.dcm", meta, classes("ROI-1", {1: "ROI-1"}))
+    assert label.shape[0] == 1 and label.sum() > 0
 
 
 def test_an_rtstruct_whose_roi_has_another_name_is_an_error_naming_the_structure(

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from flwr.app import Error, Message
+from flwr.common.constant import ErrorCode
 
 from common import wire
 from server.runs import read_metrics
@@ -47,8 +49,10 @@ def one_structure_site(folder: Path, name: str, seed: int) -> Path:
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("named")
-    return {name: one_structure_site(root / f"{name}-{seed}", name, seed)
-            for seed, name in enumerate(["vessel", "membrane", "Vessel"])}
+    return {key: one_structure_site(root / key, name, seed)
+            for seed, (key, name) in enumerate([("vessel", "vessel"), ("membrane", "membrane"),
+                                                ("Vessel", "Vessel"),
+                                                ("membrane2", "membrane")])}
 
 
 def said(grid, kind: str) -> list[str | None]:
@@ -110,17 +114,25 @@ def test_sites_naming_one_structure_train_and_say_it(folders, tmp_path):
     assert set(said(grid, "train")) == {"vessel"} and set(said(grid, "query")) == {"vessel"}
 
 
-def test_a_site_joining_later_with_another_structure_is_left_out(folders, tmp_path):
-    def late(node, msg, deliver):  # not there for the fingerprint and round 1
-        first = (msg.metadata.message_type.endswith("query")
-                 or msg.content[wire.CONFIG].get(wire.SERVER_ROUND) == 1)
-        return None if first else deliver()
+def late(node, msg, deliver):
+    """A site not there for the fingerprint and round 1."""
+    first = (msg.metadata.message_type.endswith("query")
+             or msg.content[wire.CONFIG].get(wire.SERVER_ROUND) == 1)
+    return None if first else deliver()
 
+
+def test_a_site_joining_later_with_another_structure_is_left_out(folders, tmp_path):
+    """Its update is left out, and its scores (of a model of another task,
+    against its own labels) count nowhere: not in a row, the summary or the
+    federation's Dice."""
     _, summary, rows = run(tmp_path, [("hospital-a", folders["vessel"]),
                                       ("hospital-c", folders["Vessel"]),
                                       ("hospital-b", folders["membrane"])], "late",
                            faults={102: late}, **{"num-rounds": 3})
     assert summary["rounds_completed"] == 3 and summary["stopped"] is None
+    assert summary["site_structure"] == "vessel"
+    assert "hospital-b" not in summary["final"]["sites"]
+    assert all("hospital-b" not in r["dice"] for r in rows)
     assert rows[0]["trained"] == ["hospital-a", "hospital-c"]
     for row in rows[1:]:
         assert row["trained"] == ["hospital-a", "hospital-c"]
@@ -150,3 +162,116 @@ def test_nothing_is_said_where_the_run_names_its_structure_or_speaks_wire_2(
                            **{"num-rounds": 1, **overrides})
     assert summary["rounds_completed"] == 1 and summary["problems"] == []
     assert said(grid, "train") == [None, None]
+
+
+def test_the_fingerprints_structure_holds_when_another_site_answers_first(folders, tmp_path):
+    """The fingerprint found 'vessel'. The vessel sites' round-1 replies
+    fail and a 'membrane' site that missed the fingerprint answers round 1
+    alone: it is left out (the round skipped, too few sites), and rounds 2
+    and 3 train the vessel sites; the structure is not set by who answers
+    first."""
+    def fails_round_1(node, msg, deliver):
+        if msg.content[wire.CONFIG].get(wire.SERVER_ROUND) == 1 and \
+                msg.metadata.message_type.endswith("train"):
+            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                                 reason="transient"), reply_to=msg)
+        return deliver()
+
+    def missed_the_fingerprint(node, msg, deliver):
+        return None if msg.metadata.message_type.endswith("query") else deliver()
+
+    _, summary, rows = run(tmp_path, [("hospital-a", folders["vessel"]),
+                                      ("hospital-c", folders["Vessel"]),
+                                      ("hospital-b", folders["membrane"])], "switch",
+                           faults={100: fails_round_1, 101: fails_round_1,
+                                   102: missed_the_fingerprint}, **{"num-rounds": 3})
+    assert summary["stopped"] is None and summary["site_structure"] == "vessel"
+    assert [r["trained"] for r in rows] == [[], ["hospital-a", "hospital-c"],
+                                            ["hospital-a", "hospital-c"]]
+    assert all(any(f.startswith("update from hospital-b left out") for f in r["failures"])
+               for r in rows)
+
+
+def test_a_resumed_run_keeps_its_structure(folders, tmp_path):
+    """Round 1 learned 'vessel' (kept in the checkpoint). Resumed with two
+    'membrane' sites (no fingerprint: the harmonisation is kept), they are
+    left out and the round is skipped: the vessel model is not trained on
+    membranes."""
+    _, first, _ = run(tmp_path, [("hospital-a", folders["vessel"]),
+                                 ("hospital-c", folders["Vessel"])], "resumed",
+                      **{"num-rounds": 1})
+    assert first["rounds_completed"] == 1 and first["site_structure"] == "vessel"
+    _, summary, rows = run(tmp_path, [("hospital-b", folders["membrane"]),
+                                      ("hospital-d", folders["membrane2"])], "resumed",
+                           **{"resume": True, "num-rounds": 2})
+    assert summary["site_structure"] == "vessel"
+    assert rows[-1]["trained"] == [] and not rows[-1]["aggregated"]
+    assert sum(f.startswith(("update from hospital-b left out", "update from hospital-d "
+                             "left out")) for f in rows[-1]["failures"]) == 2
+    assert rows[-1]["dice"] == {}  # their scores of the vessel model count nowhere
+
+
+def test_two_nodes_under_one_name_are_told_apart(folders, tmp_path):
+    """Structures are recorded by node, not by the (self-reported) name: a
+    'membrane' node that gives the name of a 'vessel' site does not hide."""
+    _, summary, _ = run(tmp_path, [("hospital-a", folders["membrane"]),
+                                   ("hospital-a", folders["vessel"]),
+                                   ("hospital-c", folders["Vessel"])], "clash",
+                        harmonise="off")
+    assert summary["rounds_completed"] == 0
+    assert summary["stopped"].startswith(
+        "structures: the sites' label maps name different structures (hospital-a "
+        "'membrane'; hospital-a, hospital-c 'vessel')")
+
+
+def test_a_hostile_structure_note_is_one_bounded_line(folders, tmp_path):
+    """A fingerprint reply is not cut by the declared keys: its note is read
+    as text of one line, at most 64 characters, before it reaches a message,
+    the log or summary.json."""
+    hostile = "\x1b[31m" + "x" * 100_000 + "\nINFO : fake log line"
+
+    def lie(node, msg, deliver):
+        reply = deliver()
+        if msg.metadata.message_type.endswith("query"):
+            reply.content[wire.SITE][wire.STRUCTURE] = hostile
+        return reply
+
+    _, summary, _ = run(tmp_path, [("hospital-a", folders["vessel"]),
+                                   ("hospital-c", folders["Vessel"])], "hostile",
+                        faults={101: lie})
+    stopped = summary["stopped"]
+    assert stopped.startswith("structures: ") and stopped.isprintable()
+    assert len(stopped) < 600 and "fake log line" not in stopped
+
+
+def test_under_dp_a_site_left_out_for_its_structure_does_not_count_as_answering(
+        folders, tmp_path):
+    """DP's noise is calibrated to every sampled site: a round with one of
+    them left out for its structure is skipped, not aggregated from fewer
+    updates with the noise of more."""
+    _, summary, rows = run(tmp_path, [("hospital-a", folders["vessel"]),
+                                      ("hospital-c", folders["Vessel"]),
+                                      ("hospital-b", folders["membrane"])], "dp",
+                           faults={102: late},
+                           **{"num-rounds": 2, "dp": "server-adaptive",
+                              "dp-noise-multiplier": 1.0, "dp-clipping-norm": 0.5})
+    assert [r["aggregated"] for r in rows] == [False, False]
+    assert "round skipped: 2 of the 3 sites needed (DP: its noise is calibrated to every " \
+           "sampled site) answered round 2; the model is unchanged" in rows[1]["failures"]
+
+
+def test_a_note_is_not_read_where_the_run_names_its_structure(folders, tmp_path):
+    """A run that names its structure learns it at every site by name: a
+    stray note (an older or a hostile site's) neither stops it nor leaves a
+    site out."""
+    def stray(node, msg, deliver):
+        reply = deliver()
+        if not reply.has_error():
+            reply.content[wire.SITE][wire.STRUCTURE] = "membrane"
+        return reply
+
+    _, summary, rows = run(tmp_path, [("hospital-a", folders["vessel"]),
+                                      ("hospital-c", folders["Vessel"])], "stray",
+                           faults={101: stray}, structures="vessel")
+    assert summary["stopped"] is None and summary["site_structure"] is None
+    assert all(r["trained"] == ["hospital-a", "hospital-c"] for r in rows)

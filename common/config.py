@@ -30,6 +30,7 @@ STRATEGIES = ("fedavg", "fedprox", "fednova", "fedadam")
 # rules (FedMedian, FedTrimmedAvg, Krum, MultiKrum, Bulyan); docs/robustness.md.
 AGGREGATIONS = ("mean", "median", "trimmed-mean", "krum", "multi-krum", "bulyan")
 LR_SCHEDULES = ("cosine", "constant")
+OPTIMIZERS = ("adam", "sgd")
 HARMONISE = ("auto", "intensity", "off")
 DP_MODES = ("off", "server-fixed", "server-adaptive", "client-fixed", "client-adaptive")
 
@@ -216,7 +217,12 @@ class RunSettings:
                                        "stops (resumable)", at_least(1))
     local_epochs: int = setting(1, "passes over a site's training cases per round",
                                 at_least(1))
-    learning_rate: float = setting(1e-3, "the sites' Adam learning rate", positive())
+    optimizer: str = setting("adam", "the sites' optimiser: adam, or sgd (SGD with Nesterov "
+                                     "momentum, as nnU-Net trains)", one_of(*OPTIMIZERS))
+    sgd_momentum: float = setting(0.99, "momentum of optimizer = sgd (nnU-Net's)",
+                                  within(0, 1, high_open=True))
+    learning_rate: float = setting(1e-3, "the sites' learning rate (nnU-Net's SGD: 0.01)",
+                                   positive())
     lr_schedule: str = setting("cosine", "learning rate over the run's rounds",
                                one_of(*LR_SCHEDULES))
     lr_min_ratio: float = setting(0.01, "the cosine ends at learning-rate x this",
@@ -254,8 +260,9 @@ class RunSettings:
                                           "(as nnU-Net)")
     sw_overlap: float = setting(0.5, "sliding windows overlap (nnU-Net's half-patch step)",
                                 within(0, 1, high_open=True))
-    keep_optimizer_state: bool = setting(True, "a site's Adam moments carry over to its next "
-                                               "round (they stay at the site)")
+    keep_optimizer_state: bool = setting(True, "a site's optimiser state (Adam's moments, "
+                                               "SGD's momentum) carries over to its next "
+                                               "round (it stays at the site)")
     mixed_precision: bool = setting(True, "fp16 on a CUDA GPU, bf16 on a CPU with bf16 "
                                           "instructions, else fp32; weights stay fp32")
     transfer_precision: str = setting("float32", "how the weights cross the wire, both ways: "

@@ -184,7 +184,7 @@ def train(
     per_loader_batch = max(1, settings.patches_per_image // settings.batch_size)
     model.to(device).train()
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
+    optimizer = make_optimizer(model, settings)
     if optimizer_state and not load_optimizer_arrays(optimizer, optimizer_state):
         log.warning("the saved optimiser state does not fit this model; starting afresh")
     start_weights = [p.detach().clone() for p in model.parameters()] if proximal_mu else []
@@ -242,6 +242,16 @@ def train(
         raise TrainingDivergedError(f"no training step of {steps} gave a finite loss")
     return TrainResult(len(cases), float(np.mean(losses)), steps, seconds,
                        optimizer_arrays(optimizer) if settings.keep_optimizer_state else {})
+
+
+def make_optimizer(model: torch.nn.Module, settings: RunSettings) -> torch.optim.Optimizer:
+    """The sites' optimiser (``optimizer``): Adam, or SGD with Nesterov
+    momentum ``sgd-momentum`` (nnU-Net's). Its learning rate is set each step
+    by :func:`learning_rate_at`."""
+    if settings.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=settings.learning_rate,
+                               momentum=settings.sgd_momentum, nesterov=settings.sgd_momentum > 0)
+    return torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
 
 
 def _steps(loader, batch_size: int, parts: int):

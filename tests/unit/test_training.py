@@ -11,6 +11,7 @@ from common.training import (
     evaluate,
     learning_rate_at,
     low_precision,
+    make_optimizer,
     predict,
     train,
     training_items,
@@ -161,6 +162,31 @@ def test_optimiser_state_round_trips_and_a_misfit_is_refused():
     fresh = torch.optim.Adam(other.parameters())
     assert not load_optimizer_arrays(fresh, saved)
     assert not fresh.state
+
+
+def test_sgd_trains_with_nesterov_momentum_carried_between_rounds(site):
+    """``optimizer = sgd``: SGD with Nesterov momentum (nnU-Net's), whose
+    momentum a site keeps between rounds as it keeps Adam's moments; the loss
+    falls and the weights stay finite."""
+    settings = RunSettings.from_run_config({"model-channels": "8,16", "patch-size": 32,
+                                            "batch-size": 4, "optimizer": "sgd",
+                                            "learning-rate": 0.01, "sgd-momentum": 0.9,
+                                            "local-epochs": 3, "mixed-precision": False})
+    optimizer = make_optimizer(build_model(settings.model), settings)
+    assert isinstance(optimizer, torch.optim.SGD)
+    assert optimizer.defaults["nesterov"] and optimizer.defaults["momentum"] == 0.9
+    torch.manual_seed(0)
+    model = build_model(settings.model)
+    first = train(model, site[0], settings, torch.device("cpu"), seed=0)
+    buffers = {k: v for k, v in first.optimizer_state.items() if k.endswith("momentum_buffer")}
+    assert buffers and all(np.isfinite(v).all() and np.abs(v).sum() > 0
+                           for v in buffers.values())
+    second = train(model, site[0], settings, torch.device("cpu"), seed=1,
+                   optimizer_state=first.optimizer_state)
+    assert second.mean_loss < first.mean_loss
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    with pytest.raises(ConfigError, match="'optimizer' must be one of"):
+        RunSettings.from_run_config({"optimizer": "adagrad"})
 
 
 def test_fedprox_term_is_half_mu_times_the_squared_distance_to_the_start(site, monkeypatch):

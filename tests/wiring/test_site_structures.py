@@ -20,6 +20,10 @@ from common import wire
 from server.runs import read_metrics
 from tests.grid import federation, run_server
 
+# The attacks and edge cases run in the slow set (the default suite stays under
+# 8 minutes); the stops, the agreement and the late site in the default one.
+SLOW = pytest.mark.slow
+
 TINY = {"model-channels": "8,16", "patch-size": 32, "batch-size": 2, "patches-per-image": 1,
         "num-rounds": 2, "min-nodes": 2, "test-time-flips": False, "mixed-precision": False}
 
@@ -142,6 +146,7 @@ def test_a_site_joining_later_with_another_structure_is_left_out(folders, tmp_pa
                     row["failures"])
 
 
+@SLOW
 def test_a_secure_round_cannot_leave_one_out_so_it_stops(folders, tmp_path):
     _, summary, _ = run(tmp_path, [("hospital-a", folders["vessel"]),
                                    ("hospital-b", folders["membrane"]),
@@ -153,6 +158,7 @@ def test_a_secure_round_cannot_leave_one_out_so_it_stops(folders, tmp_path):
         "'membrane'; hospital-a, hospital-c 'vessel')")
 
 
+@SLOW
 @pytest.mark.parametrize("overrides", [{"structures": "vessel"}, {"fedseg-wire": 2}],
                          ids=["named", "wire-2"])
 def test_nothing_is_said_where_the_run_names_its_structure_or_speaks_wire_2(
@@ -164,6 +170,7 @@ def test_nothing_is_said_where_the_run_names_its_structure_or_speaks_wire_2(
     assert said(grid, "train") == [None, None]
 
 
+@SLOW
 def test_the_fingerprints_structure_holds_when_another_site_answers_first(folders, tmp_path):
     """The fingerprint found 'vessel'. The vessel sites' round-1 replies
     fail and a 'membrane' site that missed the fingerprint answers round 1
@@ -192,6 +199,7 @@ def test_the_fingerprints_structure_holds_when_another_site_answers_first(folder
                for r in rows)
 
 
+@SLOW
 def test_a_resumed_run_keeps_its_structure(folders, tmp_path):
     """Round 1 learned 'vessel' (kept in the checkpoint). Resumed with two
     'membrane' sites (no fingerprint: the harmonisation is kept), they are
@@ -211,6 +219,7 @@ def test_a_resumed_run_keeps_its_structure(folders, tmp_path):
     assert rows[-1]["dice"] == {}  # their scores of the vessel model count nowhere
 
 
+@SLOW
 def test_two_nodes_under_one_name_are_told_apart(folders, tmp_path):
     """Structures are recorded by node, not by the (self-reported) name: a
     'membrane' node that gives the name of a 'vessel' site does not hide."""
@@ -224,6 +233,7 @@ def test_two_nodes_under_one_name_are_told_apart(folders, tmp_path):
         "'membrane'; hospital-a, hospital-c 'vessel')")
 
 
+@SLOW
 def test_a_hostile_structure_note_is_one_bounded_line(folders, tmp_path):
     """A fingerprint reply is not cut by the declared keys: its note is read
     as text of one line, at most 64 characters, before it reaches a message,
@@ -244,6 +254,7 @@ def test_a_hostile_structure_note_is_one_bounded_line(folders, tmp_path):
     assert len(stopped) < 600 and "fake log line" not in stopped
 
 
+@SLOW
 def test_under_dp_a_site_left_out_for_its_structure_does_not_count_as_answering(
         folders, tmp_path):
     """DP's noise is calibrated to every sampled site: a round with one of
@@ -260,6 +271,7 @@ def test_under_dp_a_site_left_out_for_its_structure_does_not_count_as_answering(
            "sampled site) answered round 2; the model is unchanged" in rows[1]["failures"]
 
 
+@SLOW
 def test_a_note_is_not_read_where_the_run_names_its_structure(folders, tmp_path):
     """A run that names its structure learns it at every site by name: a
     stray note (an older or a hostile site's) neither stops it nor leaves a

@@ -129,6 +129,7 @@ class SiteAlgorithm:
         # sets it directly. ``modality``: this site's, read once.
         self.harmonisation: Harmonisation | None = None
         self._modality: str | None = None
+        self._own_structure: tuple[str | None] | None = None  # (name,) once read
 
     @property
     def modality(self) -> str:
@@ -153,9 +154,11 @@ class SiteAlgorithm:
         None without a map, or in a run that names its structures."""
         if self.data_dir is None or self.settings.named_structures:
             return None
-        from common.data.labels import scored_at_site
+        if self._own_structure is None:  # read once a run, not every round
+            from common.data.labels import scored_at_site
 
-        return scored_at_site(self.data_dir, self.settings)[0]
+            self._own_structure = (scored_at_site(self.data_dir, self.settings)[0],)
+        return self._own_structure[0]
 
     def preparation(self) -> Preparation:
         """How this site's cases become model inputs in this run."""

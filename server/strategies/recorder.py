@@ -276,8 +276,8 @@ class SiteRecorder(StrategyWrapper):
         # the secure sum holds every site's update: one that learns another structure
         # cannot be left out of it, so the run stops
         self.other_structures(server_round, secure=True)
-        if self.structure is None and rec.structures and not result.halted:
-            self.structure = next(iter(rec.structures.values()))[1]
+        if not result.halted:
+            self.fix_structure(rec)
         rec.bytes_down += result.bytes_down
         rec.bytes_up += result.bytes_up
         if result.halted:
@@ -392,6 +392,12 @@ class SiteRecorder(StrategyWrapper):
         self.excluded |= others
         return others
 
+    def fix_structure(self, rec: RoundRecord) -> None:
+        """After an aggregated round, the run's structure where none was
+        fixed yet: the one its sites said (they agree, or the round stopped)."""
+        if self.structure is None and rec.structures:
+            self.structure = next(iter(rec.structures.values()))[1]
+
     def aggregate_train(self, server_round, replies):
         replies = self._received(server_round, replies, "train")
         others = self.other_structures(server_round)
@@ -408,8 +414,8 @@ class SiteRecorder(StrategyWrapper):
         self.short_rounds = 0
         arrays, metrics = super().aggregate_train(server_round, replies)
         rec.aggregated = arrays is not None
-        if rec.aggregated and self.structure is None and rec.structures:
-            self.structure = next(s for n, (_, s) in rec.structures.items() if n not in others)
+        if rec.aggregated:
+            self.fix_structure(rec)
         return arrays, metrics
 
     def short_round(self, server_round: int, answered: int, needed: int, rule: str

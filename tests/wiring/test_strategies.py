@@ -401,7 +401,7 @@ def test_a_site_shares_its_local_model_only_where_its_policy_allows(synthetic_si
         RunSettings.from_run_config({"cross-site": True, "secure-aggregation": True})
 
 
-@pytest.mark.parametrize("strategy", ["fedavg", "fednova"])
+@pytest.mark.parametrize("strategy", ["fedavg", pytest.param("fednova", marks=pytest.mark.slow)])
 def test_server_learning_rate_moves_the_model_eta_times_the_aggregate(sites, tmp_path,
                                                                       strategy):
     """One round from the same model and the same site updates: with

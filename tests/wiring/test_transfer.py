@@ -127,6 +127,7 @@ def test_every_dp_mode_runs_at_float16(sites, tmp_path, monkeypatch, mode):
         assert all(0.9 * norm <= length <= norm for length in lengths), lengths
 
 
+@SLOW  # the default suite's 8 minutes (6:29 to 7:36 on the 2-core machine)
 def test_secure_aggregation_at_float16_halves_the_download_only(sites, tmp_path,
                                                                monkeypatch):
     """SecAgg+ quantises each site's float32 update to integers and masks them:
@@ -161,6 +162,7 @@ def test_cross_site_at_float16_scores_each_local_model(sites, tmp_path):
     assert {a.dtype for a in weights_sent(grid, "evaluate")} == {np.dtype(np.float16)}
 
 
+@SLOW  # the default suite's 8 minutes
 def test_a_global_model_beyond_float16s_range_stops_the_run_resumable(sites, tmp_path):
     """A float32 run resumed at float16 whose model cannot be carried: the
     server stops before sending it (never as infinity), names the weight and

@@ -21,6 +21,7 @@ Anything else is refused.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -84,12 +85,13 @@ def keep_model(models_dir: Path, site: str, settings: RunSettings,
         folder = folder / f"round-{at_round:03d}"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "final_model.pt"
-    torch.save({k: torch.as_tensor(np.asarray(v)) for k, v in weights.items()}, path)
     rounds = at_round if at_round is not None else int(
         round_config.get(wire.SERVER_ROUND, 0)) + int(round_config.get(wire.ROUNDS_DONE, 0))
+    set_aside(folder, (run_id, rounds))
+    torch.save({k: torch.as_tensor(np.asarray(v)) for k, v in weights.items()}, path)
     federation = round_config.get(wire.FEDERATION_DICE)
     card = {
-        "run": run, "site": site, "rounds": rounds,
+        "run": run, "flower_run_id": run_id, "site": site, "rounds": rounds,
         "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "fedseg_version": fedseg_version(),
         "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
@@ -109,6 +111,40 @@ def keep_model(models_dir: Path, site: str, settings: RunSettings,
     log.info("kept the final model of run %s in %s (sha256 %s)", run, folder,
              card["sha256"][:16])
     return path
+
+
+def set_aside(folder: Path, this: tuple[int, int]) -> Path | None:
+    """Move a model kept earlier in ``folder`` (another run of the same name,
+    or an earlier part of this one) to ``folder/earlier-<its saved time>/``
+    instead of writing over it: a site never loses a model it kept. ``this``:
+    the Flower run and round of the model about to be kept; the same model
+    kept again (a repeated request) is written over. The folder the earlier
+    model went to, or None."""
+    import json
+
+    files = [folder / n for n in ("final_model.pt", "model-card.json")]
+    if not files[0].exists():
+        return None
+    try:
+        card = json.loads(files[1].read_text())
+        if (card.get("flower_run_id"), card.get("rounds")) == this:
+            return None
+        stamp = str(card["saved"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(files[0].stat().st_mtime))
+    stamp = "".join(c for c in stamp if c.isalnum() or c in "-+T")
+    aside = folder / f"earlier-{stamp}"
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = folder / f"earlier-{stamp}-{n}"
+    aside.mkdir()
+    for f in files:
+        if f.exists():
+            f.replace(aside / f.name)
+    log.warning("run %s: a model was already kept in %s (saved %s); it is now in %s",
+                folder.name, folder, stamp, aside)
+    return aside
 
 
 def structure_note(algo, run_config: Mapping[str, Any]) -> dict[str, str]:

@@ -203,3 +203,34 @@ def test_a_simulation_worker_holds_one_sites_cases_at_a_time(synthetic_sites, mo
         ("hospital-a", "train", True, 1)]
     assert all(x["sites_held"] == 1 and x["pid"] > 0 and x["peak_rss_mb"] > 0 for x in lines)
     cache.clear()
+
+
+def test_a_site_never_writes_over_a_model_it_kept_under_the_same_run_name(tmp_path):
+    """Two runs of one name (every `fedseg bench quality` names its run
+    'fedavg'): the second's model goes where the first's was, and the first
+    moves to earlier-<its saved time>/ with its card, byte for byte. The same
+    model kept again (a repeated request of one run and round) is written over."""
+    import json
+
+    import numpy as np
+
+    from client.service import keep_model
+    from common import wire
+
+    settings = RunSettings.from_run_config({"run-name": "fedavg"})
+    first = {"w": np.zeros(3, np.float32)}
+    path = keep_model(tmp_path, "site-1", settings, first, {wire.SERVER_ROUND: 2}, {}, run_id=7)
+    kept = path.read_bytes(), (path.parent / "model-card.json").read_text()
+    assert keep_model(tmp_path, "site-1", settings, first, {wire.SERVER_ROUND: 2}, {},
+                      run_id=7) == path
+    assert list(path.parent.glob("earlier-*")) == []  # the same save again
+    second = {"w": np.ones(3, np.float32)}
+    keep_model(tmp_path, "site-1", settings, second, {wire.SERVER_ROUND: 2}, {}, run_id=8)
+    assert torch.equal(torch.load(path, weights_only=True)["w"], torch.ones(3))
+    assert json.loads((path.parent / "model-card.json").read_text())["flower_run_id"] == 8
+    [aside] = path.parent.glob("earlier-*")
+    assert ((aside / "final_model.pt").read_bytes(), (aside / "model-card.json").read_text()
+            ) == kept
+    third = {"w": np.full(3, 2, np.float32)}  # a third in the same second: its own folder
+    keep_model(tmp_path, "site-1", settings, third, {wire.SERVER_ROUND: 2}, {}, run_id=9)
+    assert len(list(path.parent.glob("earlier-*"))) == 2

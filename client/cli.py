@@ -337,6 +337,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     saved = load_model(Path(args.model))
     site = Path(args.site_dir)  # its labels as the model's structures, as a run reads them
     out = _evaluate_csv(args.csv, saved.sha256, site, args.split)  # before the scoring
+    if not any(_split_size(site, s) for s in ("training", "test")):  # before its label map
+        from common.data.site import list_cases
+
+        list_cases(site, "training" if args.split == "all" else args.split)  # what it lacks
     found, left_out, unlabelled = evaluation_cases(
         site, args.split, site_classes(site, saved.settings),
         volumes=saved.settings.model.spatial_dims == 3)

@@ -427,6 +427,15 @@ def test_evaluate_split_chooses_among_training_and_test_cases(tmp_path, capsys, 
     (nothing / "dataset.json").write_text(json.dumps({"labels": LABELS, "training": []}))
     code, text, _ = evaluate(capsys, model_3d, nothing, csv, "--split", "all")
     assert code != 0 and "holds no training case" in text and "--split" not in text, text
+    # an empty folder, or one listing no case and no label map: the folder's
+    # lack is said, not the label map's
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    code, text, _ = evaluate(capsys, model_3d, bare, csv)
+    assert code == 2 and "has no dataset.json" in text and "label map" not in text, text
+    (bare / "dataset.json").write_text(json.dumps({"training": [], "test": []}))
+    code, text, _ = evaluate(capsys, model_3d, bare, csv, "--split", "all")
+    assert code == 2 and "label map" not in text and "no" in text, text
 
 
 def test_evaluate_says_which_cases_it_could_not_score_and_fails(tmp_path, capsys, model_3d):

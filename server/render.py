@@ -3,6 +3,7 @@ problems. Rendering only; the numbers come from the run folder."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from rich.markup import escape
@@ -13,11 +14,18 @@ from common.console import console
 from common.wire import SCORES as METRICS
 
 
+def site_order(name: str) -> tuple:
+    """Sites in the order a person counts them: site-2 before site-10."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part)
+                 for part in re.split(r"(\d+)", name))
+
+
 def round_line(row: dict[str, Any]) -> None:
     def fmt(v: float | None) -> str:
         return "  n/a" if v is None else f"{v:.3f}"
 
-    sites = " ".join(f"{s} {fmt(d)}" for s, d in row["dice"].items())
+    sites = (" ".join(f"{s} {fmt(row['dice'][s])}" for s in sorted(row["dice"], key=site_order))
+             or "not scored this round")
     fails = f"  [red]{len(row['failures'])} failure(s)[/]" if row["failures"] else ""
     console.print(
         f"round {row['round']:>3}  Dice [bold cyan]{fmt(row['dice_mean'])}[/]  ({sites})  "
@@ -32,7 +40,9 @@ def summary_table(summary: dict[str, Any]) -> Table:
     structure."""
     structures = summary.get("structures", [])
     several = len(structures) > 1
-    table = Table(title=f"run {summary['run']}: round {summary['final']['round']}"
+    final = summary["final"]["round"]
+    table = Table(title=f"run {summary['run']}: "
+                        + (f"round {final}" if final is not None else "no round was scored")
                         + (", mean over structures, then each" if several else ""))
     table.add_column("site")
     for m in METRICS:
@@ -43,7 +53,7 @@ def summary_table(summary: dict[str, Any]) -> Table:
     overall = summary["final"]["overall"]
     taking_part = summary.get("participation", {})
     done = summary["rounds_completed"]
-    sites = sorted(set(rows) | set(taking_part))
+    sites = sorted(set(rows) | set(taking_part), key=site_order)
     for site in sites:
         vals = rows.get(site, {})
         trained = taking_part.get(site, {}).get("rounds_trained")
@@ -89,6 +99,12 @@ def workers_line(workers: dict[str, Any] | None, rows: list[dict[str, Any]]) -> 
                       f"round {first} {seconds[0]:.1f} s (first reads of the sites' cases), "
                       f"last {seconds[-1]:.1f} s",
                       soft_wrap=True)
+    elif seconds:  # too few rounds for a median without the first's and last's extras
+        console.print("round time: " + ", ".join(
+            f"round {r.get('round', i + 1)} {t:.1f} s" for i, (r, t) in
+            enumerate(zip(timed, seconds, strict=True)))
+            + " (the first holds the reads of the sites' cases; a median needs 3 rounds)",
+            soft_wrap=True)
     if not workers:
         return
     peaks = list(workers["peak_rss_mb"].values())

@@ -201,3 +201,34 @@ def test_after_a_resume_the_closing_lines_count_only_the_resumed_part(tmp_path, 
     said = " ".join(capsys.readouterr().out.split())
     assert "median 2.5 s (rounds 4-5); round 3 9.0 s (first reads" in said
     assert "ran in 2 process(es)" in said and "500-510 MB" in said
+
+
+def test_round_lines_and_the_final_table_count_sites_in_order_and_say_what_is_missing(
+        capsys):
+    """Sites as a person counts them (site-2 before site-10); a round no site
+    scored, a run that scored no round and a run too short for a median round
+    time each say so instead of printing 'None' or empty brackets."""
+    from rich.console import Console
+
+    from server.render import round_line, summary_table, workers_line
+
+    row = {"round": 1, "dice": {"site-10": 0.5, "site-2": 0.6, "site-1": 0.7},
+           "dice_mean": 0.6, "train_loss": 0.3, "seconds": 2.0, "failures": []}
+    round_line(row)
+    said = " ".join(capsys.readouterr().out.split())
+    assert "(site-1 0.700 site-2 0.600 site-10 0.500)" in said, said
+    round_line({**row, "dice": {}, "dice_mean": None})
+    said = " ".join(capsys.readouterr().out.split())
+    assert "(not scored this round)" in said and "()" not in said, said
+    summary = {"run": "r", "structures": [], "rounds_completed": 0,
+               "final": {"round": None, "sites": {}, "overall": {}},
+               "participation": {"site-10": {"rounds_trained": 0},
+                                 "site-2": {"rounds_trained": 0}}}
+    out = Console(width=200, record=True)
+    out.print(summary_table(summary))
+    text = out.export_text()
+    assert "no round was scored" in text and "None" not in text, text
+    assert text.index("site-2") < text.index("site-10")
+    workers_line(None, [{"round": 1, "seconds": 9.0}, {"round": 2, "seconds": 3.0}])
+    said = " ".join(capsys.readouterr().out.split())
+    assert "round 1 9.0 s, round 2 3.0 s" in said and "median needs 3 rounds" in said, said

@@ -194,7 +194,9 @@ class RunSettings:
     num_rounds: int = setting(5, "federated rounds", at_least(1))
     fraction_train: float = setting(1.0, "share of connected sites that train each round",
                                     within(0, 1, low_open=True))
-    fraction_evaluate: float = setting(1.0, "share of connected sites that score the model",
+    fraction_evaluate: float = setting(1.0, "share of connected sites that score the final "
+                                            "model; an earlier round's model is scored by the "
+                                            "sites the next round trains (fraction-train)",
                                        within(0, 1))
     evaluate_every: int = setting(1, "rounds between the sites scoring the model (and always "
                                      "the last)", at_least(1))

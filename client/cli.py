@@ -427,7 +427,9 @@ def _evaluate_csv(given: str | None, sha256: str, site: Path, split: str) -> Pat
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="hospital: segment new images with a saved model")
-    p.add_argument("model", help="final_model.pt of a run folder (its summary.json beside it)")
+    p.add_argument("model", help="a final_model.pt: a run folder's (its summary.json beside it), a "
+                   "site's kept copy (its model-card.json beside it) or a bench "
+                   "method's (self-contained)")
     p.add_argument("inputs", nargs="*", metavar="INPUT",
                    help="DICOM series folders, NIfTI files, PNG/JPEG images")
     p.add_argument("--out", help="a new (or empty) folder for the results")
@@ -444,7 +446,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("evaluate", help="hospital: score a saved model on a site's test cases "
                                         "(or a held-out folder's: --split)")
-    p.add_argument("model", help="final_model.pt of a run folder (its summary.json beside it)")
+    p.add_argument("model", help="a final_model.pt: a run folder's (its summary.json beside it), a "
+                   "site's kept copy (its model-card.json beside it) or a bench "
+                   "method's (self-contained)")
     p.add_argument("site_dir", metavar="SITE_DIR")
     p.add_argument("--split", choices=EVALUATE_SPLITS, default="test",
                    help="the cases to score: the folder's test cases (default), its "

@@ -268,6 +268,12 @@ def cmd_partition(args: argparse.Namespace) -> int:
     console.print(table)
     console.print(f"wrote {args.out}/ ({result['files']} to the source's files, nothing "
                   f"copied) and {Path(args.out) / 'partition.json'}", soft_wrap=True)
+    untested = [site["name"] for site in result["sites"] if not site["test"]]
+    if untested and args.test_fraction > 0:
+        console.print(f"[yellow]note:[/] {len(untested)} site(s) hold a single case and so no "
+                      f"test case ({', '.join(untested[:5])}{' ...' * (len(untested) > 5)}): "
+                      "they train, but cannot score a model; fewer --sites gives each one "
+                      "to test on", soft_wrap=True)
     return 0
 
 

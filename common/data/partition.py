@@ -137,6 +137,9 @@ def read_source(dataset_dir: Path) -> Source:
         form, pairs = "nnunet", _nnunet_listed(root, spec)
     elif (root / "imagesTr").is_dir():
         form, pairs = ("nnunet" if spec else "folders"), _folder_pairs(root, spec)
+    elif isinstance(spec.get("training"), list):
+        raise EmptyDatasetError(f"dataset folder {root} has no case: the 'training' list of "
+                                f"its dataset.json is empty")
     else:
         raise EmptyDatasetError(
             f"dataset folder {root} has no case: neither a dataset.json with a 'training' "
@@ -517,7 +520,10 @@ def partition(dataset_dir: Path, out: Path, sites: int, *, split: str = "even",
     if out.is_symlink() and not out.exists():
         raise ConfigError(f"output folder {out} is a symbolic link to nothing; give a new "
                           f"folder")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output folder {out} is a file, not a folder; give a new folder "
+                          f"(nothing is overwritten)")
+    if out.exists() and any(out.iterdir()):
         raise ConfigError(f"output folder {out} exists and is not empty; give a new folder "
                           f"(nothing is overwritten)")
     source = read_source(Path(dataset_dir))

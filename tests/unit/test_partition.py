@@ -240,6 +240,10 @@ def test_refuses_bad_counts_and_a_used_output_folder(tmp_path, toy):
     with pytest.raises(ConfigError, match="exists and is not empty"):
         partition(toy, tmp_path / "used", 2)
     assert [p.name for p in (tmp_path / "used").iterdir()] == ["notes.txt"]
+    (tmp_path / "afile").write_text("mine")
+    with pytest.raises(ConfigError, match="is a file, not a folder"):
+        partition(toy, tmp_path / "afile", 2)
+    assert (tmp_path / "afile").read_text() == "mine"
     (tmp_path / "empty").mkdir()
     assert partition(toy, tmp_path / "empty", 11, test_fraction=0.5)["sites"][0] == {
         "name": "site-1", "folder": "site-1", "site": 1, "cases": 1, "training": 1, "test": 0}
@@ -335,6 +339,10 @@ def test_refuses_a_dataset_without_cases(tmp_path):
         partition(tmp_path / "nothing", tmp_path / "o", 2)
     with pytest.raises(EmptyDatasetError, match="does not exist"):
         partition(tmp_path / "absent", tmp_path / "o", 2)
+    (tmp_path / "listed").mkdir()
+    (tmp_path / "listed" / "dataset.json").write_text('{"name": "x", "training": []}')
+    with pytest.raises(EmptyDatasetError, match="'training' list of its dataset.json is empty"):
+        partition(tmp_path / "listed", tmp_path / "o", 2)
     assert not (tmp_path / "o").exists()
 
 
@@ -391,6 +399,12 @@ def test_cli(tmp_path, toy, capsys):
     assert (tmp_path / "out" / "a" / "dataset.json").is_file()
     assert main(["partition", str(toy), str(tmp_path / "out"), "--sites", "2"]) == 2
     assert "exists and is not empty" in " ".join(capsys.readouterr().out.split())
+    # sites of a single case cannot hold one out to test on: said, named
+    assert main(["partition", str(toy), str(tmp_path / "many"), "--sites", "11"]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert "11 site(s) hold a single case and so no test case (site-1, site-2" in said, said
+    assert main(["partition", str(toy), str(tmp_path / "few"), "--sites", "2"]) == 0
+    assert "no test case" not in " ".join(capsys.readouterr().out.split())
 
 
 # ----------------------------------------------------------------- real data

@@ -162,6 +162,16 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     for folder in folders:
         if not folder.is_dir():
             raise FedsegError(f"site folder {folder} does not exist")
+    if not args.resume:  # each site's label map against the run's structures, before Ray
+        from common.config import RunSettings
+        from common.data.labels import LabelMapError, site_classes
+
+        settings = RunSettings.from_run_config(overrides)
+        for folder in folders:
+            try:
+                site_classes(folder, settings)
+            except LabelMapError as exc:
+                raise ConfigError(f"site folder {folder}: {exc}") from None
     overrides.setdefault("min-nodes", min(2, len(folders)))
     summary = _run([Site(n, f) for n, f in zip(names, folders, strict=True)], run_dir,
                    overrides, resume=bool(args.resume), node=node, threads=args.threads,

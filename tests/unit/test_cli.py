@@ -35,6 +35,24 @@ def test_simulate_refuses_bad_settings_at_once(tmp_path, args, says):
     assert not (tmp_path / "run").exists()
 
 
+def test_simulate_refuses_a_structure_a_sites_label_map_lacks_at_once(tmp_path):
+    """Each site folder's label map is read against the run's structures
+    before Ray starts, as each site would read it after."""
+    import json
+
+    site = tmp_path / "site-1"
+    site.mkdir()
+    (site / "dataset.json").write_text(json.dumps(
+        {"labels": {"0": "background", "1": "Anterior", "2": "Posterior"}, "training": []}))
+    start = time.monotonic()
+    proc = fedseg("simulate", str(site), "--config", "structures=Anterior,Nope",
+                  "--out", str(tmp_path / "run"))
+    said = " ".join(proc.stdout.split())
+    assert proc.returncode == 2, said + proc.stderr
+    assert f"site folder {site}: the site's label map has no 'Nope'" in said, said
+    assert time.monotonic() - start < 30 and not (tmp_path / "run").exists()
+
+
 def test_run_and_bench_refuse_a_mistyped_key(tmp_path):
     for cmd in (["run", "--state", str(tmp_path / "fed")], ["bench", "quality", str(tmp_path)],
                 ["demo"]):

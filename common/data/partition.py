@@ -476,20 +476,22 @@ def _place(target: Path, link: Path, site_dir: Path) -> tuple[str, bool]:
 
 def _link_names(cases: list[SourceCase]) -> dict[tuple[str, str], str]:
     """(case id, image|label) -> the file name the case's file takes at its
-    site: the source's own, except where two cases' files share a name (one
-    name in two source folders): then the case id with the name's tail
-    (``.nii.gz``, ``_0000.nii.gz``), case ids being unique."""
+    site: an image its source name, except where two cases' images share a
+    name (one name in two source folders): then the case id with the name's
+    tail (``.nii.gz``, ``_0000.nii.gz``), case ids being unique. A label
+    always takes its case id with its own tail, so it sits beside its image's
+    name and no two labels meet (the Decathlon's and nnU-Net's labels are
+    named so already)."""
     names = {}
-    for key in ("image", "label"):
-        counts: dict[str, int] = {}
-        for case in cases:
-            name = getattr(case, key).name
-            counts[name] = counts.get(name, 0) + 1
-        for case in cases:
-            name = getattr(case, key).name
-            if counts[name] > 1 or (key == "image" and case_key(name) != case.case_id):
-                name = case.case_id + name[len(case_key(name)):]
-            names[case.case_id, key] = name
+    counts: dict[str, int] = {}
+    for case in cases:
+        counts[case.image.name] = counts.get(case.image.name, 0) + 1
+    for case in cases:
+        image, label = case.image.name, case.label.name
+        if counts[image] > 1 or case_key(image) != case.case_id:
+            image = case.case_id + image[len(case_key(image)):]
+        names[case.case_id, "image"] = image
+        names[case.case_id, "label"] = case.case_id + label[len(case_key(label)):]
     return names
 
 

@@ -381,12 +381,18 @@ def test_one_file_name_in_two_folders_becomes_two_cases(tmp_path):
     root = tmp_path / "src"
     for i, patient in enumerate(("p1", "p2", "p3")):
         _volume(root / patient / "image.nii.gz", i, label=False)
-        _volume(root / patient / "seg.nii.gz", i, label=True)
+        _volume(root / patient / f"{patient}_seg.nii.gz", i, label=True)  # distinct names
     (root / "dataset.json").write_text(json.dumps({"labels": LABELS_MSD, "training": [
-        {"image": f"{p}/image.nii.gz", "label": f"{p}/seg.nii.gz"} for p in ("p1", "p2", "p3")]}))
+        {"image": f"{p}/image.nii.gz", "label": f"{p}/{p}_seg.nii.gz"}
+        for p in ("p1", "p2", "p3")]}))
     partition(root, tmp_path / "out", 1, test_fraction=0)
     ids = sorted(c.case_id for c in load_site(tmp_path / "out" / "site-1", "training"))
     assert ids == ["image", "image-2", "image-3"]
+    # each label named as its image is, so a person sees the pairs in the folders
+    site = tmp_path / "out" / "site-1"
+    assert sorted(p.name for p in (site / "labelsTr").iterdir()) == sorted(
+        p.name for p in (site / "imagesTr").iterdir()) == [
+        "image-2.nii.gz", "image-3.nii.gz", "image.nii.gz"]
 
 
 def test_cli(tmp_path, toy, capsys):

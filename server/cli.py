@@ -14,6 +14,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rich.markup import escape
 from rich.table import Table
 
 # ``main`` is the program's entry point ([project.scripts]), so it is the one place
@@ -163,21 +164,35 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         if not folder.is_dir():
             raise FedsegError(f"site folder {folder} does not exist")
     if not args.resume:  # each site's label map against the run's structures, before Ray
-        from common.config import RunSettings
-        from common.data.labels import LabelMapError, site_classes
-
-        settings = RunSettings.from_run_config(overrides)
-        for folder in folders:
-            try:
-                site_classes(folder, settings)
-            except LabelMapError as exc:
-                raise ConfigError(f"site folder {folder}: {exc}") from None
+        _check_label_maps(folders, overrides)
     overrides.setdefault("min-nodes", min(2, len(folders)))
     summary = _run([Site(n, f) for n, f in zip(names, folders, strict=True)], run_dir,
                    overrides, resume=bool(args.resume), node=node, threads=args.threads,
                    ray_address=args.ray_address or os.environ.get("RAY_ADDRESS") or None,
                    gpus_per_site=args.gpus_per_site)
     return _exit_code(summary)
+
+
+def _check_label_maps(folders: list[Path], overrides: dict[str, Any]) -> None:
+    """Each site folder's label map read against the run's structures, as its
+    site will read it: where no site could train, a ConfigError naming each
+    folder before Ray starts; where some can, each one that cannot is named
+    now, and the run goes on without it, as a federation does."""
+    from common.config import RunSettings
+    from common.data.labels import LabelMapError, site_classes
+
+    settings = RunSettings.from_run_config(overrides)
+    refused = []
+    for folder in folders:
+        try:
+            site_classes(folder, settings)
+        except LabelMapError as exc:
+            refused.append(f"site folder {folder}: {exc}")
+    if refused and len(refused) == len(folders):
+        raise ConfigError("; ".join(refused))
+    for line in refused:
+        console.print(f"[yellow]note:[/] {escape(line)}; that site will refuse to train",
+                      soft_wrap=True)
 
 
 def _scanners(spacings: str | None, offsets: str | None, sites: int

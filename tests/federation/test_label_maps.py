@@ -62,6 +62,8 @@ def test_a_site_whose_map_names_another_structure_is_refused_by_name(
     out = tmp_path / "labels-disagree"
     proc = simulate([folders["a"], folders["tumour"]], out, "min-nodes=1")
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]  # a problem
+    said = " ".join(proc.stdout.split())  # named before the run starts, then refused by it
+    assert f"note: site folder {folders['tumour']}: the site's label map has no" in said, said
 
     (row,) = read_metrics(out)
     assert row["trained"] == ["hospital-a"]  # the model never saw hospital-b's labels

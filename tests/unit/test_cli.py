@@ -51,6 +51,17 @@ def test_simulate_refuses_a_structure_a_sites_label_map_lacks_at_once(tmp_path):
     assert proc.returncode == 2, said + proc.stderr
     assert f"site folder {site}: the site's label map has no 'Nope'" in said, said
     assert time.monotonic() - start < 30 and not (tmp_path / "run").exists()
+    # where another site can train, the run goes on without this one (as a
+    # federation does; tests/federation/test_label_maps.py), named at once:
+    # here the other folder cannot be read either, so nothing starts
+    other = tmp_path / "site-2"
+    other.mkdir()
+    (other / "dataset.json").write_text(json.dumps({"labels": {"0": "background"},
+                                                    "training": []}))
+    proc = fedseg("simulate", str(site), str(other), "--config", "structures=Anterior,Nope",
+                  "--out", str(tmp_path / "run"))
+    said = " ".join(proc.stdout.split())
+    assert proc.returncode == 2 and f"site folder {other}:" in said, said
 
 
 def test_run_and_bench_refuse_a_mistyped_key(tmp_path):

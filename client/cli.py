@@ -66,7 +66,9 @@ def cmd_node_models(args: argparse.Namespace) -> int:
                       "./fedseg-site-NAME)")
         return 2
     folder = SiteState(Path(args.state or f"fedseg-site-{args.name}").resolve(), None).models
-    cards = sorted(folder.glob("*/model-card.json"))
+    # each run's model, then any kept before it under the same run name
+    cards = sorted([*folder.glob("*/model-card.json"), *folder.glob("*/earlier-*/model-card.json")],
+                   key=lambda p: (p.relative_to(folder).parts[0], len(p.parts), p.parent.name))
     if not cards:
         console.print(f"no models kept in {folder}")
         return 0
@@ -77,7 +79,8 @@ def cmd_node_models(args: argparse.Namespace) -> int:
         card = json.loads(path.read_text())
         fed, here = card.get("federation_dice"), card.get("site_scores", {}).get("dice")
         of = card.get("federation_dice_round")  # the round before the model's own
-        table.add_row(card["run"], str(card["rounds"]), card["saved"],
+        earlier = " (earlier)" if path.parent.name.startswith("earlier-") else ""
+        table.add_row(card["run"] + earlier, str(card["rounds"]), card["saved"],
                       "" if fed is None else f"{fed:.3f}" + (f" (round {of})" if of else ""),
                       "" if here is None else f"{here:.3f}",
                       card["sha256"][:16], str(path.with_name("final_model.pt")))

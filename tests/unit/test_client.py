@@ -205,7 +205,8 @@ def test_a_simulation_worker_holds_one_sites_cases_at_a_time(synthetic_sites, mo
     cache.clear()
 
 
-def test_a_site_never_writes_over_a_model_it_kept_under_the_same_run_name(tmp_path):
+def test_a_site_never_writes_over_a_model_it_kept_under_the_same_run_name(tmp_path,
+                                                                          monkeypatch):
     """Two runs of one name (every `fedseg bench quality` names its run
     'fedavg'): the second's model goes where the first's was, and the first
     moves to earlier-<its saved time>/ with its card, byte for byte. The same
@@ -218,19 +219,33 @@ def test_a_site_never_writes_over_a_model_it_kept_under_the_same_run_name(tmp_pa
     from common import wire
 
     settings = RunSettings.from_run_config({"run-name": "fedavg"})
+    models = tmp_path / "state" / "models"  # a site's state, as `fedseg node` keeps it
     first = {"w": np.zeros(3, np.float32)}
-    path = keep_model(tmp_path, "site-1", settings, first, {wire.SERVER_ROUND: 2}, {}, run_id=7)
+    path = keep_model(models, "site-1", settings, first, {wire.SERVER_ROUND: 2}, {}, run_id=7)
     kept = path.read_bytes(), (path.parent / "model-card.json").read_text()
-    assert keep_model(tmp_path, "site-1", settings, first, {wire.SERVER_ROUND: 2}, {},
+    assert keep_model(models, "site-1", settings, first, {wire.SERVER_ROUND: 2}, {},
                       run_id=7) == path
     assert list(path.parent.glob("earlier-*")) == []  # the same save again
     second = {"w": np.ones(3, np.float32)}
-    keep_model(tmp_path, "site-1", settings, second, {wire.SERVER_ROUND: 2}, {}, run_id=8)
+    keep_model(models, "site-1", settings, second, {wire.SERVER_ROUND: 2}, {}, run_id=8)
     assert torch.equal(torch.load(path, weights_only=True)["w"], torch.ones(3))
     assert json.loads((path.parent / "model-card.json").read_text())["flower_run_id"] == 8
     [aside] = path.parent.glob("earlier-*")
     assert ((aside / "final_model.pt").read_bytes(), (aside / "model-card.json").read_text()
             ) == kept
     third = {"w": np.full(3, 2, np.float32)}  # a third in the same second: its own folder
-    keep_model(tmp_path, "site-1", settings, third, {wire.SERVER_ROUND: 2}, {}, run_id=9)
+    keep_model(models, "site-1", settings, third, {wire.SERVER_ROUND: 2}, {}, run_id=9)
     assert len(list(path.parent.glob("earlier-*"))) == 2
+    # fedseg node models lists the run's model, then the ones set aside
+    from rich.console import Console
+
+    import common.console
+    from server.cli import main
+
+    wide = Console(width=250, record=True)
+    monkeypatch.setattr(common.console.console, "print", wide.print)
+    assert main(["node", "models", "--state", str(tmp_path / "state")]) == 0
+    listed = wide.export_text()
+    rows = [line for line in listed.splitlines() if "fedavg" in line]
+    assert len(rows) == 3, listed
+    assert "(earlier)" not in rows[0] and all("fedavg (earlier)" in r for r in rows[1:])

@@ -103,7 +103,9 @@ def test_simulate_starts_from_a_preset_with_typed_settings_over_it(tmp_path, mon
 
     monkeypatch.setattr(server.cli, "_run", run)
     site = tmp_path / "site-1"
-    site.mkdir()
+    site.mkdir()  # its label map names the preset's structures, read before the run
+    (site / "dataset.json").write_text(
+        '{"labels": {"0": "background", "1": "Anterior", "2": "Posterior"}, "training": []}')
     assert server.cli.main(["simulate", str(site), "--preset", "hippocampus",
                             "--rounds", "3", "--config", "patch-size=24"]) == 0
     assert (seen["model-spatial-dims"], seen["model-channels"], seen["num-rounds"],

@@ -273,9 +273,12 @@ def _split_size(site: Path, split: str) -> int:
         return 0
 
 
-def evaluation_cases(site: Path, split: str, classes, volumes: bool = False):
+def evaluation_cases(site: Path, split: str, classes_of, volumes: bool = False):
     """The usable cases of ``split`` (``test``, ``training`` or ``all``: both)
-    of a folder to score a model on, and the cases left out. A split that
+    of a folder to score a model on, and the cases left out; ``classes_of()``
+    reads the folder's label map against the model's structures, once the
+    folder is known to list cases (an empty folder is said to be one, not a
+    folder without a label map). A split that
     lists no case, or none usable, while the folder's other split has cases
     is a :class:`ConfigError` naming the ``--split`` to use: a held-out folder
     in the Decathlon's form lists its (labelled) cases under ``training``,
@@ -294,6 +297,7 @@ def evaluation_cases(site: Path, split: str, classes, volumes: bool = False):
         if hint:
             raise ConfigError(f"{site} lists no {split} case; {hint}")
         list_cases(site, chosen[0])  # raises, saying what the folder lacks
+    classes = classes_of()
     cases, left_out = [], []
     unlabelled = []  # test images listed without a label (the Decathlon's test lists)
     for s in (s for s in chosen if sizes[s]):
@@ -340,12 +344,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     saved = load_model(Path(args.model))
     site = Path(args.site_dir)  # its labels as the model's structures, as a run reads them
     out = _evaluate_csv(args.csv, saved.sha256, site, args.split)  # before the scoring
-    if not any(_split_size(site, s) for s in ("training", "test")):  # before its label map
-        from common.data.site import list_cases
-
-        list_cases(site, "training" if args.split == "all" else args.split)  # what it lacks
     found, left_out, unlabelled = evaluation_cases(
-        site, args.split, site_classes(site, saved.settings),
+        site, args.split, lambda: site_classes(site, saved.settings),
         volumes=saved.settings.model.spatial_dims == 3)
     from common.data.harmonise import site_modality
     from common.data.site import list_cases

@@ -320,7 +320,7 @@ class RunSettings:
             if check is not None and not check.ok(value):
                 raise ConfigError(f"setting '{key_of(f.name)}' must be {check.says}, "
                                   f"got {value!r}")
-        if "/" in self.run_name or "\\" in self.run_name or self.run_name == "..":
+        if "/" in self.run_name or "\\" in self.run_name or self.run_name in (".", ".."):
             raise ConfigError("setting 'run-name' is a name, not a path")
         model = self.model  # checks model-channels and structures
         from common.data.harmonise import parse_spacing

@@ -86,3 +86,11 @@ def test_node_settings_are_checked(monkeypatch):
                                          "threads": 3})
     assert (site.name, site.data_dir, site.threads, site.device) == ("a", Path("/srv/site"),
                                                                     3, "auto")
+
+
+@pytest.mark.parametrize("name", [".", "..", "a/b", "..\\x"])
+def test_a_run_name_that_is_a_path_is_refused(name):
+    """A site keeps a run's model in models/RUN-NAME/: a coordinator's '.' would
+    put it in models/ itself, '..' and separators outside it."""
+    with pytest.raises(ConfigError, match="setting 'run-name' is a name, not a path"):
+        RunSettings.from_run_config({"run-name": name})

@@ -249,3 +249,25 @@ def test_a_site_never_writes_over_a_model_it_kept_under_the_same_run_name(tmp_pa
     rows = [line for line in listed.splitlines() if "fedavg" in line]
     assert len(rows) == 3, listed
     assert "(earlier)" not in rows[0] and all("fedavg (earlier)" in r for r in rows[1:])
+
+
+def test_a_model_cards_saved_time_cannot_send_the_earlier_model_out_of_its_folder(tmp_path):
+    """The folder an earlier model moves to is named from its card's 'saved'
+    text: a card edited to hold a path still keeps it inside the run's folder."""
+    import json
+
+    import numpy as np
+
+    from client.service import keep_model
+    from common import wire
+
+    settings = RunSettings.from_run_config({"run-name": "r"})
+    path = keep_model(tmp_path, "s", settings, {"w": np.zeros(2, np.float32)},
+                      {wire.SERVER_ROUND: 1}, {}, run_id=1)
+    card = path.parent / "model-card.json"
+    card.write_text(json.dumps({**json.loads(card.read_text()), "saved": "../../../etc/x"}))
+    keep_model(tmp_path, "s", settings, {"w": np.ones(2, np.float32)},
+               {wire.SERVER_ROUND: 1}, {}, run_id=2)
+    [aside] = path.parent.glob("earlier-*")
+    assert aside.parent == path.parent and aside.name == "earlier-etcx"
+    assert sorted(p.name for p in tmp_path.rglob("final_model.pt")) == ["final_model.pt"] * 2

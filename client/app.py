@@ -27,10 +27,12 @@ of the exception text, which could hold a path or a patient value.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 import flwr.compat.common.recorddict_compat as compat
@@ -78,6 +80,16 @@ OPTIMIZER_STATE = "fedseg-optimizer"  # context.state key: Adam's moments betwee
 _CURRENT: dict[str, Any] = {}  # "key": (run, node, site, folder, policy, models), "service"
 
 
+def simulated_site_state(name: str, data_dir: Path) -> Path:
+    """A simulated site's own state folder (its kept models and prepared
+    cases): ``$FEDSEG_HOME/sites/<name>-<8 hex of its folder's path>``.
+    The path's hash keeps apart sites of one name from two folders
+    (``hippo3/site-1`` and ``hippo20/site-1``), which would otherwise set
+    aside each other's models and evict each other's prepared cases."""
+    digest = hashlib.sha256(str(Path(data_dir).resolve()).encode()).hexdigest()[:8]
+    return fedseg_home() / "sites" / f"{name}-{digest}"
+
+
 class InProcessSite:
     """The site's service in this process (simulation)."""
 
@@ -101,7 +113,7 @@ class InProcessSite:
             fedseg_home() / "synthetic", site.partition_id, settings.synthetic_train_cases,
             settings.synthetic_test_cases, settings.seed)
         policy = SitePolicy(share_local_model=settings.cross_site)  # the user's consent
-        state = fedseg_home() / "sites" / site.name  # the site's state in a simulation
+        state = simulated_site_state(site.name, data_dir)
         models = state / "models"
         key = (self.context.run_id, self.context.node_id, site.name, data_dir, policy, models)
         if _CURRENT.get("key") != key:

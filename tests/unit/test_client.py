@@ -205,6 +205,32 @@ def test_a_simulation_worker_holds_one_sites_cases_at_a_time(synthetic_sites, mo
     cache.clear()
 
 
+def test_simulated_sites_of_one_name_from_two_folders_keep_apart_state(
+        synthetic_sites, model, tmp_path, monkeypatch):
+    """``hippo3/site-1`` and ``hippo20/site-1``: two simulated sites of one
+    name keep their prepared cases and models in two state folders, where
+    one folder named by the site's name alone held both; the same folder,
+    reached through a link, is the same site."""
+    from client.app import simulated_site_state
+
+    monkeypatch.setenv("FEDSEG_HOME", str(tmp_path / "home"))
+    a, b = synthetic_sites[0], synthetic_sites[1]
+    linked = tmp_path / "linked"
+    linked.symlink_to(a, target_is_directory=True)
+    assert simulated_site_state("site-1", a) != simulated_site_state("site-1", b)
+    assert simulated_site_state("site-1", linked) == simulated_site_state("site-1", a)
+    assert simulated_site_state("site-1", a).name.startswith("site-1-")
+    train_handler(message(MessageType.TRAIN, model), context(a, "site-1"))
+    ctx_b = context(b, "site-1")
+    ctx_b.node_id = 8
+    train_handler(message(MessageType.TRAIN, model), ctx_b)
+    states = sorted((tmp_path / "home" / "sites").iterdir())
+    assert states == sorted([simulated_site_state("site-1", a),
+                             simulated_site_state("site-1", b)])
+    for state in states:  # each site's prepared cases in its own folder
+        assert any((state / "prepared").rglob("index.json")), state
+
+
 def test_a_site_never_writes_over_a_model_it_kept_under_the_same_run_name(tmp_path,
                                                                           monkeypatch):
     """Two runs of one name (every `fedseg bench quality` names its run

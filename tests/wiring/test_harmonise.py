@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from client.app import simulated_site_state
 from common import wire
 from common.data.synthetic import ORGAN_LESION, write_site
 from server.runs import read_metrics
@@ -78,8 +79,8 @@ def test_the_run_fixes_a_target_spacing_from_fingerprints_and_every_message_carr
                           == fixed for m in rounds)
     assert grid.sent.index(queries[-1]) < grid.sent.index(rounds[0])  # before any training
     # the sites' kept models and the run's carry it: predict resamples by it and back
-    card = json.loads((tmp_path / "home" / "sites" / "hospital-a" / "models" / "spaced" /
-                       "model-card.json").read_text())
+    card = json.loads((simulated_site_state("hospital-a", spaced_sites[0][1]) / "models"
+                       / "spaced" / "model-card.json").read_text())
     assert Harmonisation.from_dict(card["harmonisation"]) == fixed
     model = load_model(tmp_path / "spaced" / "final_model.pt")
     assert model.harmonisation == fixed

@@ -351,13 +351,15 @@ def test_under_dp_a_round_missing_a_sampled_site_is_skipped_with_the_reason(site
 
 
 def test_every_site_keeps_the_final_model_with_its_card(sites, tmp_path, monkeypatch):
+    from client.app import simulated_site_state
     from common.inference import load_model
 
     monkeypatch.setenv("FEDSEG_HOME", str(tmp_path / "home"))
     _, summary, rows = run(sites, tmp_path, "kept", **{"keep-model-every": 1})
     final = torch.load(tmp_path / "kept" / "final_model.pt", weights_only=True)
-    for name, _ in sites:
-        folder = tmp_path / "home" / "sites" / name / "models" / "kept"
+    for name, data_dir in sites:
+        folder = simulated_site_state(name, data_dir) / "models" / "kept"
+        assert folder.is_relative_to(tmp_path / "home" / "sites")
         card = json.loads((folder / "model-card.json").read_text())
         assert card["run"] == "kept" and card["site"] == name and card["rounds"] == 2
         assert card["federation_dice"] == pytest.approx(rows[0]["dice_mean"])

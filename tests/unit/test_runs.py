@@ -59,6 +59,37 @@ def test_rounds_summary_and_plot(tmp_path):
     assert all(torch.equal(final[k], v) for k, v in state(2).items())
 
 
+def test_the_report_is_drawn_after_scored_rounds_and_every_redraw_seconds(tmp_path,
+                                                                          monkeypatch):
+    """Unscored rounds of a long run do not each redraw report.html and
+    dice.png (matplotlib, about 0.3 s a round between one round and the
+    next): a scored round draws both, an unscored one the report only once
+    REDRAW_SECONDS have passed, and the end of the run draws both."""
+    import server.runs as runs
+
+    clock = [1000.0]
+    monkeypatch.setattr(runs.time, "monotonic", lambda: clock[0])
+    drawn: list[str] = []
+    monkeypatch.setattr(RunFolder, "report", lambda self, summary=None: drawn.append("report"))
+    monkeypatch.setattr(RunFolder, "plot", lambda self: drawn.append("plot"))
+    run = RunFolder.open(tmp_path, RunSettings.from_run_config({**CFG, "num-rounds": 9}))
+    unscored = RoundRecord(train=round_record(0, 0).train, evaluate={}, aggregated=True)
+    run.record_round(1, arrays(1), unscored)
+    assert drawn == ["report"]  # the first round: the page exists from the start
+    for r in (2, 3, 4):
+        clock[0] += 5
+        run.record_round(r, arrays(r), unscored)
+    assert drawn == ["report"]
+    clock[0] += runs.REDRAW_SECONDS
+    run.record_round(5, arrays(5), unscored)
+    assert drawn == ["report"] * 2
+    clock[0] += 1
+    run.record_round(6, arrays(6), round_record(0.5, 0.7))
+    assert drawn == ["report"] * 2 + ["plot", "report"]
+    run.finish(None)
+    assert drawn[-2:] == ["plot", "report"]
+
+
 def test_resume_continues_after_the_last_saved_round(tmp_path):
     settings = RunSettings.from_run_config(CFG)
     run = RunFolder.open(tmp_path, settings)

@@ -160,6 +160,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     names = args.names.split(",") if args.names else [f.resolve().name for f in folders]
     if len(names) != len(folders):
         raise FedsegError(f"--names gives {len(names)} names for {len(folders)} site folders")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:  # a site's scores, and its kept model, go by its name
+        clash = "; ".join(f"{n}: " + ", ".join(str(f) for f, m in zip(folders, names,
+                                                                        strict=True) if m == n)
+                          for n in twice)
+        raise FedsegError(f"two site folders would be named alike ({clash}); a site is "
+                          "named by its folder's name: give each its own with --names "
+                          "NAME,NAME,...")
     for folder in folders:
         if not folder.is_dir():
             raise FedsegError(f"site folder {folder} does not exist")

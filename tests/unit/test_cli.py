@@ -75,6 +75,29 @@ def test_simulate_refuses_a_structure_a_sites_label_map_lacks_at_once(tmp_path, 
     assert str(both) not in said
 
 
+def test_simulate_refuses_two_site_folders_of_one_name_and_says_how_to_name_them(
+        tmp_path, monkeypatch, capsys):
+    """hippo3/site-1 and hippo3-skewed/site-1 would both be 'site-1' (scores and
+    kept models go by a site's name): refused at once, naming both folders and
+    --names; with --names they run."""
+    import server.cli
+
+    started = []
+    monkeypatch.setattr(server.cli, "_run", lambda sites, *a, **k: started.append(sites) or {
+        "rounds_completed": 1, "rounds_planned": 1})
+    monkeypatch.setattr(server.cli, "_check_label_maps", lambda *a, **k: None)
+    a, b = tmp_path / "even" / "site-1", tmp_path / "skewed" / "site-1"
+    a.mkdir(parents=True)
+    b.mkdir(parents=True)
+    code = server.cli.main(["simulate", str(a), str(b), "--out", str(tmp_path / "run")])
+    said = " ".join(capsys.readouterr().out.split())
+    assert code == 2 and not started, said
+    assert f"site-1: {a}, {b}" in said and "--names" in said, said
+    code = server.cli.main(["simulate", str(a), str(b), "--names", "even-1,skewed-1",
+                            "--out", str(tmp_path / "run")])
+    assert code == 0 and [s.name for s in started[0]] == ["even-1", "skewed-1"]
+
+
 def test_run_and_bench_refuse_a_mistyped_key(tmp_path):
     for cmd in (["run", "--state", str(tmp_path / "fed")], ["bench", "quality", str(tmp_path)],
                 ["demo"]):

@@ -305,9 +305,10 @@ class RunFolder:
         """During a run, draw ``dice.png`` after a scored round (only those move
         it) and ``report.html`` after a scored round or once
         :data:`REDRAW_SECONDS` have passed since it was last drawn; ``finish``
-        draws both. Drawing them (matplotlib) took about 0.3 s of CPU a round,
-        on the path between one round and the next: a tenth of a 3-second round
-        of a 3D run on 2 cores, where the sites' training shares those cores."""
+        draws both. Drawing them (matplotlib) after every round sat on the path
+        between one round and the next, and grew with the run (the report holds
+        every round): 0.3 s a round early on, 0.5 to 1 s by round 256 of a 3D
+        run on 2 cores (docs/performance.md, "Between rounds")."""
         now = time.monotonic()
         if scored:
             self.plot()

@@ -150,7 +150,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     preset = PRESETS[args.preset]  # the benchmark's measured settings, beneath the typed ones
     overrides = preset | run_overrides(args, base=preset)  # checked before anything starts
     node = node_overrides(args)
-    from server.simulation import Site
+    from server.simulation import Site, check_site_names
 
     if args.resume:
         run_dir = Path(args.resume)
@@ -160,21 +160,15 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     names = args.names.split(",") if args.names else [f.resolve().name for f in folders]
     if len(names) != len(folders):
         raise FedsegError(f"--names gives {len(names)} names for {len(folders)} site folders")
-    twice = sorted({n for n in names if names.count(n) > 1})
-    if twice:  # a site's scores, and its kept model, go by its name
-        clash = "; ".join(f"{n}: " + ", ".join(str(f) for f, m in zip(folders, names,
-                                                                        strict=True) if m == n)
-                          for n in twice)
-        raise FedsegError(f"two site folders would be named alike ({clash}); a site is "
-                          "named by its folder's name: give each its own with --names "
-                          "NAME,NAME,...")
+    sites = [Site(n, f) for n, f in zip(names, folders, strict=True)]
+    check_site_names(sites)  # before the label maps are read; simulate() checks it too
     for folder in folders:
         if not folder.is_dir():
             raise FedsegError(f"site folder {folder} does not exist")
     if not args.resume:  # each site's label map against the run's structures, before Ray
         _check_label_maps(folders, overrides)
     overrides.setdefault("min-nodes", min(2, len(folders)))
-    summary = _run([Site(n, f) for n, f in zip(names, folders, strict=True)], run_dir,
+    summary = _run(sites, run_dir,
                    overrides, resume=bool(args.resume), node=node, threads=args.threads,
                    ray_address=args.ray_address or os.environ.get("RAY_ADDRESS") or None,
                    gpus_per_site=args.gpus_per_site)

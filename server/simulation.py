@@ -109,6 +109,19 @@ def cpu_slots(sites: int, cores: int, threads_per_client: int) -> int:
     return sites if slots < sites <= slots * 3 // 2 else slots
 
 
+def check_site_names(sites: Sequence[Site]) -> None:
+    """Refuse two sites of one name (a site's scores and its kept model go by
+    its name), naming the clashing folders and ``--names``."""
+    names = [s.name for s in sites]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        clash = "; ".join(f"{n}: " + ", ".join(str(s.data_dir) for s in sites if s.name == n)
+                          for n in twice)
+        raise ConfigError(f"two site folders would be named alike ({clash}); a site is "
+                          "named by its folder's name: give each its own with --names "
+                          "NAME,NAME,...")
+
+
 def simulate(
     sites: Sequence[Site],
     run_dir: Path,
@@ -138,9 +151,7 @@ def simulate(
     if not sites:
         raise ConfigError("a simulation needs at least one site folder")
     check_run_overrides(run_config)  # a bad setting fails here, not in Flower
-    names = [s.name for s in sites]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"site names must be unique, got {names}")
+    check_site_names(sites)
     home = fedseg_home()
     run_dir = Path(run_dir).resolve()
     run_dir.parent.mkdir(parents=True, exist_ok=True)

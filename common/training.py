@@ -209,14 +209,12 @@ def train(
                 with _autocast(device, dtype):
                     logits = model(image)
                 loss = loss_fn(logits.float(), label)
-                if proximal_mu:
-                    loss = loss + proximal_mu / 2 * sum(
-                        (p - p0).pow(2).sum()
-                        for p, p0 in zip(model.parameters(), start_weights, strict=True))
                 scaler.scale(loss).backward()
                 scaler.unscale_(optimizer)
-                norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP))
                 value = float(loss.detach())
+                if proximal_mu:
+                    value += _add_proximal_gradient(model, start_weights, proximal_mu)
+                norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP))
                 if math.isfinite(value) and math.isfinite(norm):
                     nonfinite = 0
                     losses.append(value)
@@ -242,6 +240,24 @@ def train(
         raise TrainingDivergedError(f"no training step of {steps} gave a finite loss")
     return TrainResult(len(cases), float(np.mean(losses)), steps, seconds,
                        optimizer_arrays(optimizer) if settings.keep_optimizer_state else {})
+
+
+@torch.no_grad()
+def _add_proximal_gradient(model: torch.nn.Module, start: list[torch.Tensor],
+                           mu: float) -> float:
+    """FedProx's term ``mu/2 * ||w - w_start||^2``: add its gradient,
+    ``mu * (w - w_start)``, to each parameter's (unscaled) gradient, and
+    return its value for the reported loss. The same update as adding the
+    term to the loss before ``backward``, without differentiating it: that
+    took 14% of a FedProx round of the hippocampus U-Net's training, this
+    takes a few fused operations."""
+    params = list(model.parameters())
+    for p in params:
+        if p.grad is None:  # a parameter the loss did not reach still feels the term
+            p.grad = torch.zeros_like(p)
+    diffs = torch._foreach_sub(params, start)
+    torch._foreach_add_([p.grad for p in params], diffs, alpha=mu)
+    return mu / 2 * float(sum(n.square() for n in torch._foreach_norm(diffs)))
 
 
 def make_optimizer(model: torch.nn.Module, settings: RunSettings) -> torch.optim.Optimizer:

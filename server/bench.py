@@ -161,10 +161,84 @@ def _baseline(settings: RunSettings, name: str, train_cases: list[Case],
     return SiteAlgorithm(settings, name, device=device, train_cases=train_cases)
 
 
+@dataclasses.dataclass
+class BaselineJob:
+    """One model of a baseline: local-only at one site (``name`` the site's),
+    or pooled (``name`` "pooled"), trained and scored on ``tests``, its final
+    model kept at ``keep``; ``flips``: also score it with test-time flips the
+    other way (the pooled model). ``threads``: the torch threads of the process
+    it runs in (None: as they are)."""
+
+    method: str
+    name: str
+    settings: RunSettings
+    train_cases: list[Case]
+    tests: dict[str, list[Case]]
+    keep: Path
+    harmonisation: Harmonisation | None
+    flips: bool = False
+    threads: int | None = None
+
+
+def run_baseline(job: BaselineJob) -> dict[str, Any]:
+    """Train and score one baseline model (in this process or a worker's):
+    its final per-site scores, its Dice curve, the flip comparison if asked,
+    and when it started and ended (``time.time()``)."""
+    started = time.time()
+    if job.threads:
+        torch.set_num_threads(job.threads)
+    device = pick_device(os.environ.get("FEDSEG_DEVICE", "auto"))
+    algo = _baseline(job.settings, job.name, job.train_cases, device)
+    scores, curve = _centralised(algo, job.tests)
+    _keep(algo, job.keep, job.harmonisation)
+    flips = _with_and_without_flips(algo, job.tests, scores) if job.flips else {}
+    return {"scores": scores, "curve": curve, "flips": flips, "started": started,
+            "ended": time.time()}
+
+
+def baseline_workers(requested: int | None, jobs: int, device: torch.device,
+                     cores: int | None = None) -> tuple[int, int | None]:
+    """How many processes train the baseline models side by side, and the
+    torch threads of each (None: in this process, as they are). On a CPU,
+    one process a core by default: two 1-thread trainings on 2 cores did 1.2
+    to 1.4 x the steps of one 2-thread training (docs/benchmarks.md). On a
+    GPU one at a time, on the GPU. ``requested``: 1 keeps them in this process."""
+    cores = cores or os.cpu_count() or 1
+    if requested is None:
+        requested = 1 if device.type == "cuda" else cores
+    workers = max(1, min(requested, jobs))
+    if workers == 1:
+        return 1, None
+    return workers, max(1, cores // workers)
+
+
+def run_baselines(jobs: list[BaselineJob], workers: int) -> list[dict[str, Any]]:
+    """Every job's :func:`run_baseline` result, in order: in this process
+    one after another (``workers`` 1), else in ``workers`` fresh processes
+    (spawned: a forked child of a process whose torch already ran threads
+    can hang) side by side, the longest first."""
+    if workers <= 1 or len(jobs) <= 1:
+        return [run_baseline(job) for job in jobs]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    order = sorted(range(len(jobs)), key=lambda i: -len(jobs[i].train_cases))
+    with ProcessPoolExecutor(max_workers=workers,
+                             mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {i: pool.submit(run_baseline, jobs[i]) for i in order}
+        return [futures[i].result() for i in range(len(jobs))]
+
+
 def quality(sites: list[Site], out: Path, overrides: dict[str, Any], *, rounds: int,
             local_epochs: int, methods: tuple[str, ...] = METHODS,
-            on_result: Callable[[str, dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Run every method; write ``quality.json``, ``quality.md`` and ``dice.png`` to ``out``."""
+            on_result: Callable[[str, dict[str, Any]], None] | None = None,
+            baseline_jobs: int | None = 1) -> dict[str, Any]:
+    """Run every method; write ``quality.json``, ``quality.md`` and ``dice.png`` to ``out``.
+
+    Local-only and pooled go first, side by side in ``baseline_jobs``
+    processes (None: :func:`baseline_workers`' choice; 1: in this process,
+    one after another); then each federated method alone on the machine."""
+    began = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     settings = RunSettings.from_run_config({**overrides, "num-rounds": rounds,
@@ -189,30 +263,46 @@ def quality(sites: list[Site], out: Path, overrides: dict[str, Any], *, rounds: 
         if on_result:
             on_result(method, results[method])
 
+    jobs: list[BaselineJob] = []
+    if "local" in methods:
+        alone = (train_sets, tests) if all(h == federation for h in own.values()) \
+            else read_sites(sites, settings, own)[:2]  # each site on its own fingerprint
+        jobs += [BaselineJob("local", name, settings, alone[0][name], {name: alone[1][name]},
+                             out / "local" / name / "final_model.pt",
+                             federation if alone[0] is train_sets else own[name])
+                 for name in train_sets]
+    if "pooled" in methods:
+        jobs.append(BaselineJob("pooled", "pooled", settings,
+                                [c for cases in train_sets.values() for c in cases], tests,
+                                out / "pooled" / "final_model.pt", federation, flips=True))
+    workers, threads = baseline_workers(baseline_jobs, len(jobs), device)
+    for job in jobs:
+        job.threads = threads
+    if jobs:
+        log.info("baselines: %d model(s) in %s", len(jobs),
+                 "this process" if workers == 1 else
+                 f"{workers} processes side by side, {threads} thread(s) each")
+    done = dict(zip(((j.method, j.name) for j in jobs), run_baselines(jobs, workers),
+                    strict=True))
+
+    def ran(method: str) -> list[dict[str, Any]]:
+        return [r for (m, _), r in done.items() if m == method]
+
     for method in methods:
         start = time.perf_counter()
         if method == "local":
-            per_site, curve_sites = {}, {}
-            alone = (train_sets, tests) if all(h == federation for h in own.values()) \
-                else read_sites(sites, settings, own)[:2]  # each site on its own fingerprint
-            for name in train_sets:
-                algo = _baseline(settings, name, alone[0][name], device)
-                scores, curve = _centralised(algo, {name: alone[1][name]})
-                _keep(algo, out / "local" / name / "final_model.pt",
-                      federation if alone[0] is train_sets else own[name])
-                per_site[name] = scores[name]
-                curve_sites[name] = curve
-            curve = [{"round": r["round"], "dice": {n: curve_sites[n][i]["dice"][n]
-                                                    for n in curve_sites}}
-                     for i, r in enumerate(next(iter(curve_sites.values())))]
-            record(method, per_site, time.perf_counter() - start, curve)
+            per_site = {name: done["local", name]["scores"][name] for name in train_sets}
+            curves_by_site = {name: done["local", name]["curve"] for name in train_sets}
+            curve = [{"round": r["round"], "dice": {n: curves_by_site[n][i]["dice"][n]
+                                                    for n in curves_by_site}}
+                     for i, r in enumerate(next(iter(curves_by_site.values())))]
+            record(method, per_site, max(r["ended"] for r in ran(method))
+                   - min(r["started"] for r in ran(method)), curve)
         elif method == "pooled":
-            pooled = [c for cases in train_sets.values() for c in cases]
-            algo = _baseline(settings, "pooled", pooled, device)
-            per_site, curve = _centralised(algo, tests)
-            _keep(algo, out / "pooled" / "final_model.pt", federation)
-            record(method, per_site, time.perf_counter() - start, curve)
-            flips = _with_and_without_flips(algo, tests, per_site)
+            result = done["pooled", "pooled"]
+            record(method, result["scores"], result["ended"] - result["started"],
+                   result["curve"])
+            flips = result["flips"]
         else:
             run_dir = out / method
             config = {**overrides, "num-rounds": rounds, "local-epochs": local_epochs,
@@ -223,6 +313,8 @@ def quality(sites: list[Site], out: Path, overrides: dict[str, Any], *, rounds: 
             record(method, summary["final"]["sites"], time.perf_counter() - start, curve)
     dtype = low_precision(device, settings)
     report = {"machine": machine(), "precision": str(dtype or torch.float32).split(".")[-1],
+              "seconds": round(time.perf_counter() - began, 1),
+              "baselines": {"processes": workers, "threads": threads},
               "rounds": rounds, "local_epochs": local_epochs,
               "epochs_per_site": epochs, "settings": settings.to_run_config(),
               "cases": {name: {"training": len(train_sets[name]), "test": len(tests[name]),
@@ -266,8 +358,12 @@ def markdown(report: dict[str, Any]) -> str:
     if flips.get("dice_with") is not None and flips.get("dice_without") is not None:
         lines += ["", f"Test-time flips ({flips['spatial_dims']}D, the pooled model): mean Dice "
                       f"{flips['dice_with']:.3f} with, {flips['dice_without']:.3f} without."]
-    total = sum(r["seconds"] for r in results.values()) / 60
-    lines += ["", f"Total wall time: {total:.1f} min.", ""]
+    side = report.get("baselines") or {}
+    if side.get("processes", 1) > 1 and {"local", "pooled"} & set(results):
+        lines += ["", f"Local-only and pooled trained side by side in {side['processes']} "
+                      f"processes of {side['threads']} thread(s): their wall times overlap."]
+    total = report.get("seconds") or sum(r["seconds"] for r in results.values())
+    lines += ["", f"Total wall time: {total / 60:.1f} min.", ""]
     lines += [f"- {site}: {text}" for site, text in federation_vs_references(results).items()]
     return "\n".join(lines) + "\n"
 

@@ -338,6 +338,8 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
     missing = [str(f) for f in folders if not f.is_dir()]
     if missing:
         raise FedsegError(f"site folder(s) not found: {', '.join(missing)}")
+    if args.baseline_jobs is not None and args.baseline_jobs < 1:
+        raise FedsegError(f"--baseline-jobs must be 1 or more, not {args.baseline_jobs}")
     from server.bench import METHODS, STRATEGIES, quality
     from server.simulation import Site
 
@@ -362,7 +364,7 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
 
     report = quality([Site(f.resolve().name, f) for f in folders], out, overrides,
                      rounds=rounds, local_epochs=local_epochs, methods=methods,
-                     on_result=show)
+                     on_result=show, baseline_jobs=args.baseline_jobs)
     console.print((out / "quality.md").read_text(), soft_wrap=True)
     console.print(f"machine: {report['machine']}; written {out}/quality.md, quality.json, "
                   f"dice.png", soft_wrap=True)
@@ -489,6 +491,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                         "64 rounds of 1 epoch, scoring every 16), none")
     b.add_argument("--no-retina-defaults", dest="retina_defaults", action="store_false",
                    help="the same as --preset none")
+    b.add_argument("--baseline-jobs", type=int, metavar="N",
+                   help="processes that train the local-only and pooled models side by side "
+                        "before the federated methods run (default: one a CPU core, 1 on a "
+                        "GPU; 1 trains them in this process, one after another)")
     add_run_options(b)
     b.set_defaults(func=cmd_bench_quality)
     b = bsub.add_parser("transfer", help="bytes per site per round by model and "

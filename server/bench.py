@@ -34,7 +34,7 @@ from common.data.harmonise import Harmonisation, parse_spacing
 from common.data.harmonise import combine as harmonise_sites
 from common.data.labels import scored_at_site, structure_disagreement
 from common.data.site import Case
-from common.errors import ConfigError
+from common.errors import ConfigError, FedsegError
 from common.metrics import METRICS, combine
 from common.model import pick_device
 from common.site_algorithm import ROUNDS_IN_CALL, SiteAlgorithm
@@ -201,7 +201,7 @@ def baseline_workers(requested: int | None, jobs: int, device: torch.device,
     """How many processes train the baseline models side by side, and the
     torch threads of each (None: in this process, as they are). On a CPU,
     one process a core by default: two 1-thread trainings on 2 cores did 1.2
-    to 1.4 x the steps of one 2-thread training (docs/benchmarks.md). On a
+    to 1.4 x the steps of one 2-thread training (docs/performance.md). On a
     GPU one at a time, on the GPU. ``requested``: 1 keeps them in this process."""
     cores = cores or os.cpu_count() or 1
     if requested is None:
@@ -221,12 +221,19 @@ def run_baselines(jobs: list[BaselineJob], workers: int) -> list[dict[str, Any]]
         return [run_baseline(job) for job in jobs]
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
     order = sorted(range(len(jobs)), key=lambda i: -len(jobs[i].train_cases))
-    with ProcessPoolExecutor(max_workers=workers,
-                             mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {i: pool.submit(run_baseline, jobs[i]) for i in order}
-        return [futures[i].result() for i in range(len(jobs))]
+    try:
+        with ProcessPoolExecutor(max_workers=workers,
+                                 mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {i: pool.submit(run_baseline, jobs[i]) for i in order}
+            return [futures[i].result() for i in range(len(jobs))]
+    except BrokenProcessPool as exc:
+        raise FedsegError("a process training the baselines stopped without a word (each "
+                          "holds its own copy of the cases it trains on: out of memory?); "
+                          "--baseline-jobs 1 trains them in this process, one after "
+                          "another") from exc
 
 
 def quality(sites: list[Site], out: Path, overrides: dict[str, Any], *, rounds: int,

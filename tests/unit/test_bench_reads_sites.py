@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -143,3 +144,71 @@ def test_sites_naming_different_structures_are_not_compared_as_one(tmp_path, cap
         "dark": "membrane = value 0", "bare": "foreground = any value but 0 (no label map)"}
     assert "bare have no label map: their non-zero values are scored as the membrane" in (
         caplog.text)
+
+
+def test_baselines_side_by_side_train_the_models_they_train_one_after_another(tmp_path):
+    """``--baseline-jobs``: local-only and pooled trained in worker processes
+    side by side give the same models and scores as in this process, at the
+    same threads; the report says they overlapped and its total is the
+    table's own wall time, not the sum of overlapping ones."""
+    sites = [Site(name, _site(tmp_path, name, {"0": "background", "1": "membrane"}, 1, 0))
+             for name in ("a", "b")]
+    overrides = {"model-channels": "8,16", "patch-size": 16, "batch-size": 4,
+                 "structures": "membrane", "evaluate-every": 1}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each worker of two on this machine's cores
+    try:
+        alone = server.bench.quality(sites, tmp_path / "alone", overrides, rounds=2,
+                                     local_epochs=1, methods=("local", "pooled"))
+    finally:
+        torch.set_num_threads(threads)
+    began = time.perf_counter()
+    side = server.bench.quality(sites, tmp_path / "side", overrides, rounds=2, local_epochs=1,
+                                methods=("local", "pooled"), baseline_jobs=2)
+    elapsed = time.perf_counter() - began
+    assert alone["baselines"] == {"processes": 1, "threads": None}
+    assert side["baselines"]["processes"] == 2
+    for method in ("local", "pooled"):
+        for site in ("a", "b"):
+            assert side["results"][method]["sites"][site] == pytest.approx(
+                alone["results"][method]["sites"][site], abs=1e-6, nan_ok=True)
+    for kept in ("pooled", "local/a", "local/b"):
+        one, two = (load_model(tmp_path / run / kept / "final_model.pt").model.state_dict()
+                    for run in ("alone", "side"))
+        assert all(torch.allclose(v, two[k], atol=1e-6) for k, v in one.items())
+    assert side["test_time_flips"]["dice_with"] == pytest.approx(
+        alone["test_time_flips"]["dice_with"], abs=1e-6)
+    table = (tmp_path / "side" / "quality.md").read_text()
+    assert "trained side by side in 2 processes of" in table
+    assert f"Total wall time: {side['seconds'] / 60:.1f} min." in table
+    # the table's own clock: it holds each method's time, and the call held it
+    assert max(r["seconds"] for r in side["results"].values()) <= side["seconds"] <= elapsed
+
+
+def test_the_baselines_share_the_cpu_cores_and_leave_a_gpu_to_one():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    workers = server.bench.baseline_workers
+    assert workers(None, 4, cpu, cores=2) == (2, 1)  # pooled + 3 local-only models
+    assert workers(None, 4, cpu, cores=16) == (4, 4)
+    assert workers(None, 1, cpu, cores=16) == (1, None)  # --methods pooled: in this process
+    assert workers(None, 4, cuda, cores=16) == (1, None)
+    assert workers(1, 4, cpu, cores=16) == (1, None)
+    assert workers(3, 4, cpu, cores=2) == (3, 1)
+
+
+class _DiesWhenUnpickled:
+    """In a worker's hands, ends that worker at once, as the kernel's
+    out-of-memory killer would."""
+
+    def __reduce__(self):
+        import os
+
+        return os._exit, (3,)
+
+
+def test_a_baseline_worker_that_dies_is_said_with_the_way_round_it(tmp_path):
+    settings = RunSettings.from_run_config({"model-channels": "8,16"})
+    job = server.bench.BaselineJob("local", "a", settings, [_DiesWhenUnpickled()], {},
+                                   tmp_path / "a.pt", None)
+    with pytest.raises(server.bench.FedsegError, match="--baseline-jobs 1 trains them"):
+        server.bench.run_baselines([job, job], workers=2)

@@ -257,7 +257,7 @@ def _add_proximal_gradient(model: torch.nn.Module, start: list[torch.Tensor],
             p.grad = torch.zeros_like(p)
     diffs = torch._foreach_sub(params, start)
     torch._foreach_add_([p.grad for p in params], diffs, alpha=mu)
-    return mu / 2 * float(sum(n.square() for n in torch._foreach_norm(diffs)))
+    return mu / 2 * float(torch.stack(torch._foreach_norm(diffs)).square().sum())
 
 
 def make_optimizer(model: torch.nn.Module, settings: RunSettings) -> torch.optim.Optimizer:

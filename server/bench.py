@@ -292,19 +292,16 @@ def quality(sites: list[Site], out: Path, overrides: dict[str, Any], *, rounds: 
     done = dict(zip(((j.method, j.name) for j in jobs), run_baselines(jobs, workers),
                     strict=True))
 
-    def ran(method: str) -> list[dict[str, Any]]:
-        return [r for (m, _), r in done.items() if m == method]
-
     for method in methods:
         start = time.perf_counter()
         if method == "local":
-            per_site = {name: done["local", name]["scores"][name] for name in train_sets}
-            curves_by_site = {name: done["local", name]["curve"] for name in train_sets}
-            curve = [{"round": r["round"], "dice": {n: curves_by_site[n][i]["dice"][n]
-                                                    for n in curves_by_site}}
-                     for i, r in enumerate(next(iter(curves_by_site.values())))]
-            record(method, per_site, max(r["ended"] for r in ran(method))
-                   - min(r["started"] for r in ran(method)), curve)
+            ran = {name: done["local", name] for name in train_sets}
+            per_site = {name: r["scores"][name] for name, r in ran.items()}
+            curve = [{"round": r["round"], "dice": {n: ran[n]["curve"][i]["dice"][n]
+                                                    for n in ran}}
+                     for i, r in enumerate(next(iter(ran.values()))["curve"])]
+            record(method, per_site, max(r["ended"] for r in ran.values())
+                   - min(r["started"] for r in ran.values()), curve)
         elif method == "pooled":
             result = done["pooled", "pooled"]
             record(method, result["scores"], result["ended"] - result["started"],

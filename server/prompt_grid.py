@@ -7,6 +7,11 @@ Grid's public ``push_messages`` / ``pull_messages`` instead, checking after
 50 ms and then less often, up to every 250 ms: a reply is seen within a
 quarter second, at a few requests a second to the SuperLink's local port.
 Everything else is the wrapped grid's.
+
+A simulation's grid (``InMemoryGrid``) reads replies from the same
+process's memory every 100 ms; there a check costs microseconds, so the
+ServerApp checks every 10 ms. A 256-round simulation whose rounds take 1.5 s
+saves about 50 ms a round on average (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from flwr.serverapp import Grid
 
 FIRST_WAIT = 0.05
 LONGEST_WAIT = 0.25
+IN_MEMORY_WAIT = 0.01  # a simulation's replies are in this process's memory
 
 
 class DelegatingGrid(Grid):
@@ -59,12 +65,17 @@ class DelegatingGrid(Grid):
 
 
 class PromptGrid(DelegatingGrid):
+    def __init__(self, inner: Grid, first_wait: float = FIRST_WAIT,
+                 longest_wait: float = LONGEST_WAIT) -> None:
+        super().__init__(inner)
+        self.first_wait, self.longest_wait = first_wait, longest_wait
+
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:
         pending = set(self.inner.push_messages(messages))
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
-        wait = FIRST_WAIT
+        wait = self.first_wait
         while pending:
             got = list(self.inner.pull_messages(pending))
             replies.extend(got)
@@ -72,13 +83,18 @@ class PromptGrid(DelegatingGrid):
             if not pending or (deadline is not None and time.monotonic() >= deadline):
                 break
             time.sleep(wait)
-            wait = min(wait * 1.5, LONGEST_WAIT)
+            wait = min(wait * 1.5, self.longest_wait)
         return replies
 
 
 def prompt(grid: Grid) -> Grid:
     """``grid`` made prompt where it is Flower's deployment grid (the one with
-    the 3 s poll); any other grid (the simulation's, a test's) as it is."""
+    the 3 s poll) or a simulation's (100 ms); any other grid (a test's) as it is."""
+    from flwr.superlink.grid import InMemoryGrid
     from flwr.superlink.grid.http_grid import HttpGrid
 
-    return PromptGrid(grid) if isinstance(grid, HttpGrid) else grid
+    if isinstance(grid, HttpGrid):
+        return PromptGrid(grid)
+    if isinstance(grid, InMemoryGrid):
+        return PromptGrid(grid, IN_MEMORY_WAIT, IN_MEMORY_WAIT)
+    return grid

@@ -286,6 +286,26 @@ def test_the_prompt_grid_returns_each_reply_as_it_comes():
     assert len(replies) == 1 and 0.9 < time.monotonic() - start < 1.5
 
 
+def test_a_simulations_grid_is_checked_every_10_ms_and_a_tests_left_alone():
+    """A simulation's replies are in the ServerApp's own process: its grid is
+    checked every 10 ms, not on Flower's 100 ms; a grid of another kind (a
+    test's) is used as it is."""
+    from flwr.superlink.grid import InMemoryGrid
+
+    from server.prompt_grid import IN_MEMORY_WAIT, PromptGrid, prompt
+
+    class Factory:
+        def state(self):
+            return object()
+
+    inner = InMemoryGrid(state_factory=Factory())
+    grid = prompt(inner)
+    assert isinstance(grid, PromptGrid) and grid.inner is inner
+    assert grid.first_wait == grid.longest_wait == IN_MEMORY_WAIT == 0.01
+    other = object()
+    assert prompt(other) is other
+
+
 def test_a_run_cannot_make_the_worker_build_a_giant_model_or_batch(synthetic_sites):
     """What a hostile run config declares is bounded by the site, before
     anything is allocated: a U-Net of ~4e9 parameters, a batch of 10^9 voxels."""

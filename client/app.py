@@ -74,8 +74,9 @@ OPTIMIZER_STATE = "fedseg-optimizer"  # context.state key: Adam's moments betwee
 # In a simulation: the service of the site this process served last, kept
 # while the process lives. A simulation's worker process serves many sites one
 # after another; another site's message replaces the service and drops the
-# last site's prepared cases first, so a process holds one site's model and
-# data at a time however many sites the simulation has. What a site keeps
+# last site's prepared cases first (parking only the handles of its cases on
+# disk: common.data.cache), so a process holds one site's model and data at a
+# time however many sites the simulation has. What a site keeps
 # between its rounds (Adam's moments) travels in the node's context.state.
 _CURRENT: dict[str, Any] = {}  # "key": (run, node, site, folder, policy, models), "service"
 
@@ -183,6 +184,7 @@ def worker_line(context: Context, kind: str, round_config: Mapping[str, Any], ok
         "node": context.node_id, "pid": os.getpid(), "host": socket.gethostname(),
         "ray_node": ray_node, "seconds": round(seconds, 3),
         "sites_held": len(cache.folders_held()), "sites_held_peak": cache.peak_folders(),
+        "sites_parked": len(cache.folders_parked()),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
     try:

@@ -16,11 +16,17 @@ reads them, so its memory does not grow with the site; a changed case is
 prepared again alone, and a new process (a restarted node, the next run with
 the same preparation) finds the cases already prepared.
 
-A simulation's worker process serves many sites one after another; it keeps
-only the site it serves now (:func:`keep_only`, called by the ClientApp), so
-its memory does not grow with the number of sites. :func:`folders_held` and
-:func:`peak_folders` say how many sites' cases the process holds, and held at
-most (its log line per message, ``client/app.py``).
+A simulation's worker process serves many sites one after another; it holds
+the cases of only the site it serves now (:func:`keep_only`, called by the
+ClientApp), so its memory does not grow with the number of sites.
+:func:`folders_held` and :func:`peak_folders` say how many sites' cases the
+process holds, and held at most (its log line per message, ``client/app.py``).
+Of the other sites it keeps, at most ``MAX_PARKED`` lists, only the
+handles of cases prepared on disk (a case's name, spacing, shape and the
+stored files' sizes: no array, nothing mapped): a worker that serves a site
+again, as Flower's simulation engine makes it do in most rounds, then finds
+its cases without listing and opening the store again (0.07 of the 0.10 s
+a switch cost, docs/performance.md). :func:`folders_parked` names them.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from common.data.transforms import Preparation, prepared
 log = logging.getLogger(__name__)
 
 MAX_ENTRIES = 4  # training + test, for two input-channel settings or folders
+MAX_PARKED = 16  # lists of handles of cases on disk, of sites not served now
 
 _Key = tuple[str, str, str, str, str | None, str]
 _Signature = tuple[tuple[str, int, int], ...]
@@ -46,6 +53,7 @@ Progress = Callable[[int, int], None]  # (cases done, cases listed)
 # The last read through a store: its folder, cases prepared then, cases reused
 last_store_read: dict[str, str | int] = {}
 _peak = 0  # the most site folders whose cases this process held at once
+_serving: str | None = None  # the folder keep_only named last (a simulation's worker)
 
 
 def _files(path: Path) -> list[Path]:
@@ -94,6 +102,7 @@ def load_prepared(site_dir: Path, split: str, channels: Preparation | str,
     hit = _cache.get(key)
     if hit is not None and hit[0] == signature and (store is None or _intact(hit[1])):
         _cache.move_to_end(key)
+        _note_peak()
         return list(hit[1]), list(hit[2])
     _cache.pop(key, None)
     on_case = None
@@ -120,12 +129,18 @@ def load_prepared(site_dir: Path, split: str, channels: Preparation | str,
         last_store_read.update(folder=str(stored.folder), written=stored.written,
                                reused=stored.reused)
     _cache[key] = (signature, cases, read.left_out)
-    while len(_cache) > MAX_ENTRIES:
-        _cache.popitem(last=False)
-    global _peak
-    _peak = max(_peak, len(folders_held()))
+    for on_disk, most in ((False, MAX_ENTRIES), (True, MAX_PARKED)):
+        kind = [k for k in _cache if (k[4] is not None) == on_disk]  # oldest first
+        for old in kind[:max(0, len(kind) - most)]:
+            del _cache[old]
+    _note_peak()
     log.info("prepared %d %s cases (kept for the next rounds)", len(cases), split)
     return list(cases), list(read.left_out)
+
+
+def _note_peak() -> None:
+    global _peak
+    _peak = max(_peak, len(folders_held()))
 
 
 def _intact(cases: list[Case]) -> bool:
@@ -134,15 +149,29 @@ def _intact(cases: list[Case]) -> bool:
 
 
 def keep_only(site_dir: Path | None) -> None:
-    """Forget the cases of every folder but ``site_dir`` (None: of every folder)."""
-    keep = str(Path(site_dir).resolve()) if site_dir is not None else None
-    for key in [k for k in _cache if k[0] != keep]:
+    """Serve ``site_dir`` from now on: forget the cases of every other folder
+    held in memory, and park the handles of those on disk (None: forget every
+    folder's, parked or not)."""
+    global _serving
+    if site_dir is None:
+        _serving = None
+        _cache.clear()
+        return
+    _serving = str(Path(site_dir).resolve())
+    for key in [k for k in _cache if k[0] != _serving and k[4] is None]:
         del _cache[key]
 
 
 def folders_held() -> list[str]:
-    """The site folders whose prepared cases this process holds now."""
-    return sorted({key[0] for key in _cache})
+    """The site folders whose prepared cases this process holds now: in
+    memory, or on disk for the folder it serves (parked ones are not held)."""
+    return sorted({key[0] for key in _cache if key[4] is None or _serving in (None, key[0])})
+
+
+def folders_parked() -> list[str]:
+    """The other sites' folders whose handles of cases on disk are kept."""
+    held = set(folders_held())
+    return sorted({key[0] for key in _cache} - held)
 
 
 def peak_folders() -> int:
@@ -152,4 +181,6 @@ def peak_folders() -> int:
 
 def clear() -> None:
     """Forget every kept case."""
+    global _serving
+    _serving = None
     _cache.clear()

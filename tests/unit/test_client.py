@@ -179,7 +179,9 @@ def test_a_simulation_worker_holds_one_sites_cases_at_a_time(synthetic_sites, mo
     """A simulation's worker process answers for many sites one after another:
     another site's message drops the last site's service and prepared cases
     before its own are read, and each message leaves a line in the worker log
-    saying so (sites held now and at most, process, peak memory)."""
+    saying so (sites held now and at most, process, peak memory). Of the
+    site it left it keeps only the handles of the cases on disk (no array),
+    so coming back to it reads neither its folder nor its store again."""
     import json
 
     from common.config import SIM_WORKERS_ENV
@@ -188,20 +190,62 @@ def test_a_simulation_worker_holds_one_sites_cases_at_a_time(synthetic_sites, mo
     log = tmp_path / "workers.jsonl"
     monkeypatch.setenv(SIM_WORKERS_ENV, str(log))
     cache.clear()
+    reads = []
+    real_read = cache.read_site
+    monkeypatch.setattr(cache, "read_site", lambda d, split, **kw: (
+        reads.append((Path(d).name, split)), real_read(d, split, **kw))[1])
     a, b = synthetic_sites[0], synthetic_sites[1]
     ctx_a, ctx_b = context(a, "hospital-a"), context(b, "hospital-b")
     ctx_b.node_id = 8
     train_handler(message(MessageType.TRAIN, model), ctx_a)
-    assert cache.folders_held() == [str(a.resolve())]
+    assert cache.folders_held() == [str(a.resolve())] and cache.folders_parked() == []
     evaluate_handler(message(MessageType.EVALUATE, model), ctx_b)
     assert cache.folders_held() == [str(b.resolve())]  # site a's cases are gone
+    assert cache.folders_parked() == [str(a.resolve())]  # but for their handles
+    parked = [c for k, (_, cases, _) in cache._cache.items() if k[0] == str(a.resolve())
+              for c in cases]
+    assert parked and all(type(c).__name__ == "StoredCase" and not vars(c).get("image")
+                          for c in parked)
     train_handler(message(MessageType.TRAIN, model), ctx_a)
     assert cache.folders_held() == [str(a.resolve())]
+    assert cache.folders_parked() == [str(b.resolve())]
+    assert reads == [(a.name, "training"), (b.name, "test")]  # a's cases not read again
     lines = [json.loads(x) for x in log.read_text().splitlines()]
     assert [(x["site"], x["kind"], x["ok"], x["round"]) for x in lines] == [
         ("hospital-a", "train", True, 1), ("hospital-b", "evaluate", True, 1),
         ("hospital-a", "train", True, 1)]
     assert all(x["sites_held"] == 1 and x["pid"] > 0 and x["peak_rss_mb"] > 0 for x in lines)
+    assert [x["sites_parked"] for x in lines] == [0, 1, 1]
+    cache.clear()
+
+
+def test_a_sites_parked_handles_are_bounded_and_a_changed_case_is_read_again(tmp_path):
+    """At most ``MAX_PARKED`` lists of handles stay, the oldest going first;
+    a parked site whose files changed is read again when it is served."""
+    import os
+
+    from common.data import cache
+    from common.data.synthetic import write_federation
+
+    cache.clear()
+    folders = write_federation(tmp_path / "sites", 3, n_train=2, n_test=1, seed=5)
+    store = tmp_path / "prepared"
+    old = cache.MAX_PARKED
+    try:
+        cache.MAX_PARKED = 2
+        for f in folders:
+            cache.keep_only(f)
+            cache.load_prepared(f, "training", "grey", store=store / f.name)
+        assert cache.folders_held() == [str(folders[2].resolve())]
+        assert cache.folders_parked() == [str(folders[1].resolve())]  # folders[0] went
+    finally:
+        cache.MAX_PARKED = old
+    image = next(p for p in sorted((folders[1] / "imagesTr").rglob("*")) if p.is_file())
+    st = image.stat()
+    os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    cache.keep_only(folders[1])
+    cache.load_prepared(folders[1], "training", "grey", store=store / folders[1].name)
+    assert cache.last_store_read["reused"] == 1 and cache.last_store_read["written"] == 1
     cache.clear()
 
 

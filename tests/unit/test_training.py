@@ -464,6 +464,34 @@ def test_test_time_flips_mirror_only_along_axes_training_mirrors(dims, monkeypat
     assert len(set(flipped)) == 2 ** len(used) - 1  # every set of those axes, once
 
 
+def test_a_patch_is_turned_and_mirrored_into_each_of_the_8_symmetries_alike():
+    """The augmentation draws each symmetry of the square in the mirrored
+    plane with probability 1/8 (image and label alike), and nothing else."""
+    from collections import Counter
+
+    from monai.transforms import Compose
+
+    from common.data.transforms import mirror_transforms
+
+    square = np.arange(9, dtype=np.float32).reshape(1, 3, 3, 1)  # C x X x Y x Z
+    symmetries = set()
+    for k in range(4):
+        turned = np.rot90(square, k, axes=(1, 2))
+        symmetries |= {turned.tobytes(), np.flip(turned, 1).tobytes()}
+    assert len(symmetries) == 8
+    augment = Compose(mirror_transforms(("image", "label")))
+    augment.set_random_state(0)
+    drawn: Counter = Counter()
+    n = 4000
+    for _ in range(n):
+        out = augment({"image": torch.as_tensor(square), "label": torch.as_tensor(square)})
+        image = np.asarray(out["image"])
+        assert np.array_equal(image, np.asarray(out["label"]))
+        drawn[image.tobytes()] += 1
+    assert set(drawn) == symmetries
+    assert all(abs(c / n - 1 / 8) < 0.02 for c in drawn.values()), sorted(drawn.values())
+
+
 @pytest.mark.parametrize("batch, per_image", [(4, 8), (2, 8), (8, 8), (16, 8), (8, 2)])
 def test_a_step_takes_exactly_batch_size_patches(site, batch, per_image):
     """batch-size 4 with 8 patches an image once trained batches of 8 without

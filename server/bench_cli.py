@@ -486,9 +486,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="measured settings for the task (docs/benchmarks.md), under any "
                         "given here: retina (RGB input, 96-px patches, 8 per image, batch 16, "
                         "learning rate 2e-3, scoring every 30 rounds), hippocampus (3D "
-                        "U-Net of 4 levels, 1 residual unit each, Anterior,Posterior, "
-                        "32-voxel patches, 2 per image a round, batch 8, learning rate 2e-3, "
-                        "64 rounds of 1 epoch, scoring every 16), none")
+                        "U-Net of 5 levels, 8 to 128 channels, 1 residual unit each, "
+                        "Anterior,Posterior, 32-voxel patches, 1 per image a round, batch 8, "
+                        "learning rate 2e-3, 256 rounds of 1 epoch, scoring every 128), none")
     b.add_argument("--no-retina-defaults", dest="retina_defaults", action="store_false",
                    help="the same as --preset none")
     b.add_argument("--baseline-jobs", type=int, metavar="N",

@@ -27,10 +27,12 @@ from server.presets import HIPPOCAMPUS
 from server.wire import content_bytes
 
 # The models of docs/performance.md's table: the default 2D U-Net and the 3D
-# U-Net of the hippocampus benchmark (server/presets.py), with 2 and
-# with 1 residual units per level.
-HIPPOCAMPUS_MODEL = {k: v for k, v in HIPPOCAMPUS.items()
-                     if k in ("model-spatial-dims", "model-channels", "structures")}
+# U-Net of the hippocampus benchmark's preset until commit 119351c (4 levels,
+# 16 to 128 channels; the preset's half-width 5-level U-Net has 0.61 M
+# parameters where this one has 0.60 M), with 2 and with 1 residual units per level.
+HIPPOCAMPUS_MODEL = {**{k: v for k, v in HIPPOCAMPUS.items()
+                        if k in ("model-spatial-dims", "structures")},
+                     "model-channels": "16,32,64,128"}
 MODELS: dict[str, dict[str, Any]] = {
     "2D U-Net (default)": {},
     "3D U-Net, hippocampus (2 res units)": {**HIPPOCAMPUS_MODEL, "model-res-units": 2},

@@ -108,18 +108,18 @@ def test_run_and_bench_refuse_a_mistyped_key(tmp_path):
 
 
 def test_bench_checks_typed_settings_with_its_preset_beneath(tmp_path):
-    """A 24-voxel patch fits the hippocampus preset's 4-level U-Net (a multiple
-    of 8), not the default 5 levels: the check sees the preset, and still
-    refuses what the preset's U-Net cannot take."""
+    """A 24-voxel patch fits the hippocampus preset's U-Net once it is given
+    4 levels (a multiple of 8), not the preset's 5: the check sees the preset
+    beneath the typed settings, and refuses what the U-Net cannot take."""
     missing = str(tmp_path / "no-site")
     fits = fedseg("bench", "quality", missing, "--preset", "hippocampus",
-                  "--config", "patch-size=24")
+                  "--config", "patch-size=24", "--config", "model-channels=16,32,64,128")
     assert fits.returncode == 2
     assert "site folder(s) not found" in fits.stdout, fits.stdout + fits.stderr
     odd = fedseg("bench", "quality", missing, "--preset", "hippocampus",
-                 "--config", "patch-size=20")
+                 "--config", "patch-size=24")
     assert odd.returncode == 2
-    assert "patch-size must be a multiple of 8 for 4 U-Net levels, got 20" in " ".join(
+    assert "patch-size must be a multiple of 16 for 5 U-Net levels, got 24" in " ".join(
         odd.stdout.split())
 
 
@@ -141,12 +141,12 @@ def test_simulate_starts_from_a_preset_with_typed_settings_over_it(tmp_path, mon
     (site / "dataset.json").write_text(
         '{"labels": {"0": "background", "1": "Anterior", "2": "Posterior"}, "training": []}')
     assert server.cli.main(["simulate", str(site), "--preset", "hippocampus",
-                            "--rounds", "3", "--config", "patch-size=24"]) == 0
+                            "--rounds", "3", "--config", "patch-size=48"]) == 0
     assert (seen["model-spatial-dims"], seen["model-channels"], seen["num-rounds"],
-            seen["patch-size"]) == (3, "16,32,64,128", 3, 24)
+            seen["patch-size"], seen["patches-per-image"]) == (3, "8,16,32,64,128", 3, 48, 1)
     seen.clear()
     assert server.cli.main(["simulate", str(site), "--preset", "hippocampus",
-                            "--config", "patch-size=20"]) == 2 and not seen
+                            "--config", "patch-size=24"]) == 2 and not seen
 
 
 def test_the_hospitals_commands_live_apart_from_the_coordinators():

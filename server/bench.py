@@ -38,7 +38,7 @@ from common.errors import ConfigError, FedsegError
 from common.metrics import METRICS, combine
 from common.model import pick_device
 from common.site_algorithm import ROUNDS_IN_CALL, SiteAlgorithm
-from common.training import evaluate, low_precision
+from common.training import cpu_has_bf16, evaluate, low_precision
 from common.wire import eval_metrics
 from server.runs import read_metrics
 from server.simulation import Site, simulate
@@ -50,10 +50,23 @@ METHODS = ("local", "pooled", "fedavg", "fedprox", "fednova")  # the default tab
 
 
 
+def cpu_name() -> str:
+    """The CPU's model as the system names it ("AMD EPYC 7B13", "Intel(R)
+    Xeon(R) Processor"): two "2-core" machines may differ 1.5 times in speed."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return " ".join(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return platform.processor() or "CPU of unknown model"
+
+
 def machine() -> str:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{platform.machine()}, {os.cpu_count()} cores, {gpu}, Python "
-            f"{platform.python_version()}, torch {torch.__version__}")
+    bf16 = "native bf16" if cpu_has_bf16() else "no native bf16"
+    return (f"{platform.machine()}, {cpu_name()} ({bf16}), {os.cpu_count()} cores, {gpu}, "
+            f"Python {platform.python_version()}, torch {torch.__version__}")
 
 
 def _centralised(algo: SiteAlgorithm, tests: dict[str, list[Case]]

@@ -21,12 +21,14 @@ the cases of only the site it serves now (:func:`keep_only`, called by the
 ClientApp), so its memory does not grow with the number of sites.
 :func:`folders_held` and :func:`peak_folders` say how many sites' cases the
 process holds, and held at most (its log line per message, ``client/app.py``).
-Of the other sites it keeps, at most ``MAX_PARKED`` lists, only the
-handles of cases prepared on disk (a case's name, spacing, shape and the
-stored files' sizes: no array, nothing mapped): a worker that serves a site
-again, as Flower's simulation engine makes it do in most rounds, then finds
-its cases without listing and opening the store again (a switch took
-0.044 s instead of 0.10, docs/performance.md). :func:`folders_parked` names them.
+Of the other sites it keeps only the handles of cases prepared on disk (a
+case's name, spacing, shapes, the stored files' sizes and stamps: no array,
+nothing mapped), at most ``MAX_PARKED`` lists and ``MAX_PARKED_FILES``
+source files among them: a worker that serves a site again, as Flower's
+simulation engine makes it do in most rounds, then checks that site's files
+and its stored files (a stat each) and takes the handles, without reading a
+case or opening a stored array (a switch took 0.044 s instead of 0.10,
+docs/performance.md). :func:`folders_parked` names them.
 """
 
 from __future__ import annotations
@@ -44,7 +46,12 @@ from common.data.transforms import Preparation, prepared
 log = logging.getLogger(__name__)
 
 MAX_ENTRIES = 4  # training + test, for two input-channel settings or folders
-MAX_PARKED = 16  # lists of handles of cases on disk, of sites not served now
+# Of sites a simulation's worker does not serve now, lists of handles of cases
+# on disk: at most this many, and their folders' files at most this many
+# (about 0.7 kB a file, its line of the signature with its handle's share:
+# at most about 35 MB of handles in all; docs/performance.md)
+MAX_PARKED = 16
+MAX_PARKED_FILES = 50_000
 
 _Key = tuple[str, str, str, str, str | None, str]
 _Signature = tuple[tuple[str, int, int], ...]
@@ -129,13 +136,27 @@ def load_prepared(site_dir: Path, split: str, channels: Preparation | str,
         last_store_read.update(folder=str(stored.folder), written=stored.written,
                                reused=stored.reused)
     _cache[key] = (signature, cases, read.left_out)
-    for on_disk, most in ((False, MAX_ENTRIES), (True, MAX_PARKED)):
-        kind = [k for k in _cache if (k[4] is not None) == on_disk]  # oldest first
-        for old in kind[:max(0, len(kind) - most)]:
-            del _cache[old]
+    _trim()
     _note_peak()
     log.info("prepared %d %s cases (kept for the next rounds)", len(cases), split)
     return list(cases), list(read.left_out)
+
+
+def _held(key: _Key) -> bool:
+    """Cases in this process's memory, or on disk for the folder it serves."""
+    return key[4] is None or _serving in (None, key[0])
+
+
+def _trim() -> None:
+    """The oldest entries out: past ``MAX_ENTRIES`` held, past ``MAX_PARKED``
+    parked or ``MAX_PARKED_FILES`` files in parked lists."""
+    held = [k for k in _cache if _held(k)]  # oldest first
+    for key in held[:max(0, len(held) - MAX_ENTRIES)]:
+        del _cache[key]
+    parked = [k for k in _cache if not _held(k)]
+    files = sum(len(_cache[k][0]) for k in parked)
+    while parked and (len(parked) > MAX_PARKED or files > MAX_PARKED_FILES):
+        files -= len(_cache.pop(parked.pop(0))[0])
 
 
 def _note_peak() -> None:
@@ -160,12 +181,13 @@ def keep_only(site_dir: Path | None) -> None:
     _serving = str(Path(site_dir).resolve())
     for key in [k for k in _cache if k[0] != _serving and k[4] is None]:
         del _cache[key]
+    _trim()
 
 
 def folders_held() -> list[str]:
     """The site folders whose prepared cases this process holds now: in
     memory, or on disk for the folder it serves (parked ones are not held)."""
-    return sorted({key[0] for key in _cache if key[4] is None or _serving in (None, key[0])})
+    return sorted({key[0] for key in _cache if _held(key)})
 
 
 def folders_parked() -> list[str]:

@@ -170,8 +170,10 @@ class StoredCase(Case):
         self.case_id = meta["case_id"]
         self.spacing = tuple(float(v) for v in meta["spacing"])
         self.prepared = prepared
+        meta = {k: v for k, v in meta.items() if k != "signature"}  # the store's, not the case's
         self._store, self._key, self._meta = store, key, meta
         self._counts = np.asarray(meta["plane_counts"], dtype=np.int64)
+        self._stamp = store.stamp(key, meta)  # the stored files this handle reads
 
     def __repr__(self) -> str:
         return (f"StoredCase({self.case_id!r}, shape={tuple(self._meta['shape'])}, "
@@ -311,14 +313,26 @@ class CaseStore:
             return False
         return True
 
-    def intact(self, case: StoredCase) -> bool:
-        """Whether a case's stored files still have the sizes recorded (a stat
-        each, for a read served from memory)."""
+    def stamp(self, key: str, meta: dict[str, Any]) -> tuple | None:
+        """Inode, modification time and size of each of a case's stored files
+        (None: one is missing). Every write replaces a file by renaming
+        (``_atomic_write``), so a case prepared again, by this process or any
+        other, has another stamp even where its sizes and times came back."""
         try:
-            return all(self.path(case._key, kind).stat().st_size == size
-                       for kind, size in case._meta["sizes"].items())
+            return tuple((st.st_ino, st.st_mtime_ns, st.st_size) for st in (
+                self.path(key, kind).stat() for kind in sorted(meta["sizes"])))
         except OSError:
-            return False
+            return None
+
+    def intact(self, case: StoredCase) -> bool:
+        """Whether a case's stored files are still the very files its handle
+        was made from, at the sizes recorded (a stat each, for a read served
+        from memory)."""
+        now = self.stamp(case._key, case._meta)
+        return (now is not None and now == case._stamp
+                and all(size == st[2] for size, st in
+                        zip((case._meta["sizes"][k] for k in sorted(case._meta["sizes"])),
+                            now, strict=True)))
 
     def forget(self, key: str) -> None:
         """Drop a case: its commit first, then its arrays."""
@@ -400,6 +414,7 @@ class CaseStore:
                  "cases": [{"key": k, "case_id": c, "signature": s} for k, c, s in self.seen]}
         _atomic_write(self.folder / "index.json",
                       lambda fh: fh.write(json.dumps(index, indent=1).encode()))
+        self.seen = []  # written: the handles that outlive this read need none of it
         self._evict()
 
     def _evict(self) -> None:

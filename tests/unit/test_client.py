@@ -181,7 +181,7 @@ def test_a_simulation_worker_holds_one_sites_cases_at_a_time(synthetic_sites, mo
     before its own are read, and each message leaves a line in the worker log
     saying so (sites held now and at most, process, peak memory). Of the
     site it left it keeps only the handles of the cases on disk (no array),
-    so coming back to it reads neither its folder nor its store again."""
+    so coming back to it reads none of its cases again."""
     import json
 
     from common.config import SIM_WORKERS_ENV
@@ -219,9 +219,12 @@ def test_a_simulation_worker_holds_one_sites_cases_at_a_time(synthetic_sites, mo
     cache.clear()
 
 
-def test_a_sites_parked_handles_are_bounded_and_a_changed_case_is_read_again(tmp_path):
-    """At most ``MAX_PARKED`` lists of handles stay, the oldest going first;
-    a parked site whose files changed is read again when it is served."""
+def test_a_sites_parked_handles_are_bounded_and_a_changed_case_is_read_again(tmp_path,
+                                                                            monkeypatch):
+    """At most ``MAX_PARKED`` lists of handles, and ``MAX_PARKED_FILES``
+    files among them, stay, the oldest going first; a node that serves no
+    simulation keeps its ``MAX_ENTRIES`` as before; a parked site whose files
+    changed is read again when it is served."""
     import os
 
     from common.data import cache
@@ -230,22 +233,68 @@ def test_a_sites_parked_handles_are_bounded_and_a_changed_case_is_read_again(tmp
     cache.clear()
     folders = write_federation(tmp_path / "sites", 3, n_train=2, n_test=1, seed=5)
     store = tmp_path / "prepared"
-    old = cache.MAX_PARKED
-    try:
-        cache.MAX_PARKED = 2
-        for f in folders:
-            cache.keep_only(f)
-            cache.load_prepared(f, "training", "grey", store=store / f.name)
-        assert cache.folders_held() == [str(folders[2].resolve())]
-        assert cache.folders_parked() == [str(folders[1].resolve())]  # folders[0] went
-    finally:
-        cache.MAX_PARKED = old
+
+    def serve(folder, split="training"):
+        cache.keep_only(folder)
+        return cache.load_prepared(folder, split, "grey", store=store / folder.name)[0]
+
+    monkeypatch.setattr(cache, "MAX_PARKED", 1)
+    for f in folders:
+        serve(f)
+    assert cache.folders_held() == [str(folders[2].resolve())]
+    assert cache.folders_parked() == [str(folders[1].resolve())]  # folders[0] went
+    monkeypatch.setattr(cache, "MAX_PARKED", 16)
+    monkeypatch.setattr(cache, "MAX_PARKED_FILES", 1)  # fewer than one site's files
+    serve(folders[0])
+    assert cache.folders_parked() == []
+    monkeypatch.undo()
+
     image = next(p for p in sorted((folders[1] / "imagesTr").rglob("*")) if p.is_file())
     st = image.stat()
     os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    cache.keep_only(folders[1])
-    cache.load_prepared(folders[1], "training", "grey", store=store / folders[1].name)
+    serve(folders[2])
+    serve(folders[1])
     assert cache.last_store_read["reused"] == 1 and cache.last_store_read["written"] == 1
+
+    cache.clear()  # a hospital's node: no site served, every entry held, 4 at most
+    for f in folders:
+        for split in ("training", "test"):
+            cache.load_prepared(f, split, "grey", store=store / f.name)
+    assert len(cache._cache) == cache.MAX_ENTRIES and cache.folders_parked() == []
+    cache.clear()
+
+
+def test_a_parked_handle_whose_stored_files_were_replaced_is_not_served(tmp_path):
+    """Another process may prepare a parked site's case again (its worker
+    served the site meanwhile); where the source files came back with their
+    old sizes and times, only the stored files' stamps tell: the handle made
+    from the replaced files is not served, the store is read again."""
+    import os
+
+    from common.data import cache
+    from common.data.synthetic import write_federation
+
+    cache.clear()
+    a, b = write_federation(tmp_path / "sites", 2, n_train=2, n_test=1, seed=5)
+    store = tmp_path / "prepared"
+
+    def serve(folder):
+        cache.keep_only(folder)
+        return cache.load_prepared(folder, "training", "grey", store=store / folder.name)[0]
+
+    first = serve(a)
+    serve(b)
+    label = first[0]._store.path(first[0]._key, "label")
+    st = label.stat()
+    copy = label.with_name("replaced.tmp")
+    copy.write_bytes(label.read_bytes())
+    os.replace(copy, label)  # as the store writes: a new file under the old name
+    os.utime(label, ns=(st.st_atime_ns, st.st_mtime_ns))
+    again = serve(a)
+    assert again[0] is not first[0] and again[1] is not first[1]
+    assert cache.last_store_read["reused"] == len(first)
+    serve(b)
+    assert serve(a)[0] is again[0]  # untouched, the parked handles are served as they are
     cache.clear()
 
 

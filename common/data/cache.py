@@ -165,7 +165,7 @@ def _note_peak() -> None:
 
 
 def _intact(cases: list[Case]) -> bool:
-    """Whether every stored case's files still have the sizes written."""
+    """Whether every stored case's files are still the ones it was read from."""
     return all(case._store.intact(case) for case in cases if hasattr(case, "_store"))
 
 
